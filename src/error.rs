@@ -1,0 +1,143 @@
+//! The crate's one error type. Every variant carries the values that were wrong.
+
+use crate::dtype::DType;
+use crate::shape::Layout;
+
+/// Everything that can go wrong in this crate. A call that returns an error leaves the layer's
+/// parameters, running statistics and counter exactly as they were.
+#[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // fields: the values named in each message
+pub enum Error {
+    /// The input does not have 2 to 5 dimensions.
+    #[error("batch norm input must have 2 to 5 dimensions (N, C, ...), got {got}")]
+    Rank { got: usize },
+
+    /// A shape or layer with no channels.
+    #[error("batch norm input must have at least one channel (C = 0)")]
+    ZeroChannels,
+
+    /// The element count overflows `usize`.
+    #[error("tensor of shape {dims:?} has more elements than fit in usize")]
+    TooLarge { dims: Vec<usize> },
+
+    /// The input's channel count differs from the layer's.
+    #[error("input has {got} channels, the layer has {expected}")]
+    ChannelMismatch { expected: usize, got: usize },
+
+    /// A tensor (e.g. `dy`) has another logical shape than `x`.
+    #[error("{what} has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch {
+        what: &'static str,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+
+    /// A tensor (e.g. `dy`) has another memory layout than `x`.
+    #[error("{what} is {got}, expected {expected} like the input")]
+    LayoutMismatch {
+        what: &'static str,
+        expected: Layout,
+        got: Layout,
+    },
+
+    /// A tensor has another dtype than expected.
+    #[error("{what} has dtype {got}, expected {expected}")]
+    DTypeMismatch {
+        what: &'static str,
+        expected: DType,
+        got: DType,
+    },
+
+    /// A buffer holds the wrong number of elements.
+    #[error("{what} holds {got} elements, needs {needed}")]
+    BufferLength {
+        what: &'static str,
+        needed: usize,
+        got: usize,
+    },
+
+    /// Training with one value per channel: the variance is undefined (PyTorch refuses it too).
+    #[error("expected more than 1 value per channel when training, got input of shape {dims:?}")]
+    SingleValuePerChannel { dims: Vec<usize> },
+
+    /// `eps` negative, NaN or infinite.
+    #[error("eps must be finite and non-negative, got {eps}")]
+    InvalidEps { eps: f32 },
+
+    /// `momentum` (or an average factor) outside `[0, 1]`, or NaN.
+    #[error("momentum must be in [0, 1], got {momentum}")]
+    InvalidMomentum { momentum: f32 },
+
+    /// A running variance that is negative, NaN or infinite.
+    #[error("running_var[{channel}] is {value}: a variance must be finite and non-negative")]
+    InvalidRunningVar { channel: usize, value: f32 },
+
+    /// The call needs running statistics the layer does not keep.
+    #[error(
+        "{what} needs running statistics, but the layer was built with track_running_stats = false"
+    )]
+    NoRunningStats { what: &'static str },
+
+    /// The call needs the layer in eval mode.
+    #[error("{what} needs the layer in eval mode; call eval() first")]
+    TrainingMode { what: &'static str },
+
+    /// The call needs affine parameters the layer does not have.
+    #[error("{what} needs affine parameters, but the layer was built with affine = false")]
+    NotAffine { what: &'static str },
+
+    /// A backward without the saved statistics of its own forward.
+    #[error("backward needs the saved statistics of a training forward, but {reason}")]
+    MissingSavedStats { reason: &'static str },
+
+    /// A fold whose shapes or parameters do not fit.
+    #[error("cannot fold: {reason}")]
+    InvalidFold { reason: String },
+
+    /// A state file lacks a key.
+    #[error("state key `{key}` is missing")]
+    StateKeyMissing { key: String },
+
+    /// A state file key has the wrong shape or dtype, or bad values.
+    #[error("state key `{key}` is malformed: {reason}")]
+    StateKeyMalformed { key: String, reason: String },
+
+    /// A state file that cannot be read or written.
+    #[error("state file: {0}")]
+    StateFile(String),
+
+    /// libcuda could not be loaded.
+    #[error("no CUDA driver: libcuda could not be loaded")]
+    NoDriver,
+
+    /// No CUDA device with that ordinal.
+    #[error("no CUDA device with ordinal {ordinal}: the driver reports {count}")]
+    NoDevice { ordinal: usize, count: usize },
+
+    /// A device allocation failed.
+    #[error("out of device memory allocating {bytes} bytes")]
+    OutOfMemory { bytes: usize },
+
+    /// An entry point is missing from the PTX (a build problem).
+    #[error("kernel `{name}` is missing from the compiled PTX")]
+    MissingKernel { name: &'static str },
+
+    /// The crate was built without nvcc, so it has no GPU kernels.
+    #[error("this build has no CUDA kernels: nvcc was not found when the crate was compiled")]
+    KernelsNotBuilt,
+
+    /// A valid request this crate does not support.
+    #[error("{what}: {reason}")]
+    Unsupported { what: &'static str, reason: String },
+
+    /// Any other CUDA driver error.
+    #[error("CUDA driver error: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+
+    /// A file error.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// `Result` with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
