@@ -1,0 +1,345 @@
+//! The stateful CPU layer, `torch.nn.BatchNorm{1,2,3}d` on host buffers.
+
+use super::{
+    backward_inference, backward_training, forward_inference, forward_training, Gradients,
+    RunningStats, RunningUpdate, SavedStats,
+};
+use crate::config::BatchNormConfig;
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::shape::TensorDesc;
+use crate::validate::{self, Buffers};
+
+/// A batch-norm layer with PyTorch's state and rules, on the CPU.
+///
+/// State: f32 `weight` and `bias` (1 and 0 at creation, absent when `affine = false`),
+/// `running_mean` and `running_var` (0 and 1, absent when `track_running_stats = false`) and
+/// `num_batches_tracked`. A new layer is in training mode.
+///
+/// - Training: normalizes with the batch statistics; when tracking, increments the counter
+///   (also for an empty batch) and updates the running statistics with factor `momentum`, or
+///   `1 / num_batches_tracked` (after the increment) when `momentum` is `None`.
+/// - Eval: normalizes with the running statistics; without them (`track_running_stats = false`)
+///   with the batch statistics, as PyTorch does, and the counter stays.
+///
+/// A call that returns an error leaves every parameter, running statistic and the counter
+/// bitwise as they were.
+///
+/// ```
+/// use batchnorm_cuda::{reference::BatchNorm, BatchNormConfig, TensorDesc};
+///
+/// let mut bn = BatchNorm::new(BatchNormConfig::new(3))?;
+/// let desc = TensorDesc::nchw(2, 3, 4, 4)?;
+/// let x: Vec<f32> = (0..desc.numel()).map(|i| (i % 7) as f32).collect();
+/// let (y, cache) = bn.forward(&x, &desc)?;
+/// let grads = bn.backward(&cache, &x, &y)?;
+/// assert_eq!(bn.num_batches_tracked(), 1);
+/// assert_eq!(grads.dx.len(), x.len());
+/// # Ok::<(), batchnorm_cuda::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct BatchNorm {
+    config: BatchNormConfig,
+    weight: Option<Vec<f32>>,
+    bias: Option<Vec<f32>>,
+    running_mean: Option<Vec<f32>>,
+    running_var: Option<Vec<f32>>,
+    num_batches_tracked: u64,
+    training: bool,
+}
+
+/// Which statistics a forward normalized with, as its backward needs them.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CachedStats {
+    /// Batch statistics (training, or eval without running statistics): training backward.
+    Batch(SavedStats),
+    /// The running statistics at the time of the forward (eval): eval backward.
+    Running {
+        /// `running_mean`, one per channel.
+        mean: Vec<f32>,
+        /// `running_var`, one per channel.
+        var: Vec<f32>,
+    },
+}
+
+/// What [`BatchNorm::backward`] needs from its forward: the input's descriptor and the
+/// statistics used. The backward reads the layer's weight as it is then.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ForwardCache {
+    desc: TensorDesc,
+    stats: CachedStats,
+}
+
+impl ForwardCache {
+    /// The descriptor of the forward's input.
+    pub fn desc(&self) -> &TensorDesc {
+        &self.desc
+    }
+
+    /// The statistics the forward normalized with.
+    pub fn stats(&self) -> &CachedStats {
+        &self.stats
+    }
+}
+
+/// Gradients from [`BatchNorm::backward`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grads<T> {
+    /// Input gradient, in the memory order of `x`.
+    pub dx: Vec<T>,
+    /// Weight gradient, when the layer is affine.
+    pub dweight: Option<Vec<f32>>,
+    /// Bias gradient, when the layer is affine.
+    pub dbias: Option<Vec<f32>>,
+}
+
+/// Replaces a per-channel state buffer with `values` after checking, in this order, that the
+/// layer has it (else `missing`), its length, and the values themselves with `check`.
+fn set_channels(
+    slot: &mut Option<Vec<f32>>,
+    what: &'static str,
+    values: &[f32],
+    missing: Error,
+    check: fn(&[f32]) -> Result<()>,
+) -> Result<()> {
+    let current = slot.as_mut().ok_or(missing)?;
+    validate::buffer(what, current.len(), values.len())?;
+    check(values)?;
+    current.copy_from_slice(values);
+    Ok(())
+}
+
+/// Any finite or non-finite value is a valid weight, bias or mean.
+fn any_values(_: &[f32]) -> Result<()> {
+    Ok(())
+}
+
+impl BatchNorm {
+    /// A layer in training mode with PyTorch's initial state for `config`.
+    ///
+    /// Errors: those of [`BatchNormConfig::validate`].
+    pub fn new(config: BatchNormConfig) -> Result<Self> {
+        config.validate()?;
+        let c = config.num_features;
+        let (affine, track) = (config.affine, config.track_running_stats);
+        Ok(Self {
+            config,
+            weight: affine.then(|| vec![1.0; c]),
+            bias: affine.then(|| vec![0.0; c]),
+            running_mean: track.then(|| vec![0.0; c]),
+            running_var: track.then(|| vec![1.0; c]),
+            num_batches_tracked: 0,
+            training: true,
+        })
+    }
+
+    /// The layer's configuration.
+    pub fn config(&self) -> &BatchNormConfig {
+        &self.config
+    }
+
+    /// Training mode: batch statistics, running statistics updated.
+    pub fn train(&mut self) {
+        self.training = true;
+    }
+
+    /// Eval mode: running statistics (batch statistics without them).
+    pub fn eval(&mut self) {
+        self.training = false;
+    }
+
+    /// Whether the layer is in training mode.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// The scale, `None` when not affine.
+    pub fn weight(&self) -> Option<&[f32]> {
+        self.weight.as_deref()
+    }
+
+    /// The shift, `None` when not affine.
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
+    /// The running mean, `None` without running statistics.
+    pub fn running_mean(&self) -> Option<&[f32]> {
+        self.running_mean.as_deref()
+    }
+
+    /// The running variance, `None` without running statistics.
+    pub fn running_var(&self) -> Option<&[f32]> {
+        self.running_var.as_deref()
+    }
+
+    /// Training forwards counted so far (0 without running statistics).
+    pub fn num_batches_tracked(&self) -> u64 {
+        self.num_batches_tracked
+    }
+
+    /// Sets the scale. Errors: [`Error::NotAffine`], [`Error::BufferLength`] unless `C` values.
+    pub fn set_weight(&mut self, weight: &[f32]) -> Result<()> {
+        let missing = Error::NotAffine { what: "set_weight" };
+        set_channels(&mut self.weight, "weight", weight, missing, any_values)
+    }
+
+    /// Sets the shift. Errors: [`Error::NotAffine`], [`Error::BufferLength`] unless `C` values.
+    pub fn set_bias(&mut self, bias: &[f32]) -> Result<()> {
+        let missing = Error::NotAffine { what: "set_bias" };
+        set_channels(&mut self.bias, "bias", bias, missing, any_values)
+    }
+
+    /// Sets the running mean. Errors: [`Error::NoRunningStats`], [`Error::BufferLength`].
+    pub fn set_running_mean(&mut self, mean: &[f32]) -> Result<()> {
+        let missing = Error::NoRunningStats {
+            what: "set_running_mean",
+        };
+        set_channels(
+            &mut self.running_mean,
+            "running_mean",
+            mean,
+            missing,
+            any_values,
+        )
+    }
+
+    /// Sets the running variance. Errors, in this order: [`Error::NoRunningStats`],
+    /// [`Error::BufferLength`], [`Error::InvalidRunningVar`] for a negative or non-finite value.
+    pub fn set_running_var(&mut self, var: &[f32]) -> Result<()> {
+        let missing = Error::NoRunningStats {
+            what: "set_running_var",
+        };
+        set_channels(
+            &mut self.running_var,
+            "running_var",
+            var,
+            missing,
+            validate::running_var,
+        )
+    }
+
+    /// Sets the counter (e.g. when loading a checkpoint). Errors: [`Error::NoRunningStats`].
+    pub fn set_num_batches_tracked(&mut self, count: u64) -> Result<()> {
+        if !self.config.track_running_stats {
+            return Err(Error::NoRunningStats {
+                what: "set_num_batches_tracked",
+            });
+        }
+        self.num_batches_tracked = count;
+        Ok(())
+    }
+
+    /// Whether a forward in the current mode normalizes with batch statistics.
+    fn uses_batch_stats(&self) -> bool {
+        self.training || !self.config.track_running_stats
+    }
+
+    /// Normalizes `x` (laid out as `desc`) and returns `y` with the cache for [`Self::backward`].
+    /// Updates the running statistics and the counter in training mode (see [`BatchNorm`]).
+    ///
+    /// Errors: [`Error::ChannelMismatch`] unless `desc` has the layer's `C`; then those of
+    /// [`forward_training`] or [`forward_inference`].
+    pub fn forward<T: Element>(
+        &mut self,
+        x: &[T],
+        desc: &TensorDesc,
+    ) -> Result<(Vec<T>, ForwardCache)> {
+        validate::channels(self.config.num_features, desc)?;
+        Buffers {
+            x: x.len(),
+            ..Default::default()
+        }
+        .check(desc)?;
+        let mut y = vec![T::default(); x.len()];
+        let cfg = self.config;
+        let stats = match (
+            self.uses_batch_stats(),
+            &self.running_mean,
+            &self.running_var,
+        ) {
+            (false, Some(mean), Some(var)) => {
+                let running = RunningStats { mean, var };
+                forward_inference(
+                    x,
+                    desc,
+                    self.weight(),
+                    self.bias(),
+                    running,
+                    cfg.eps,
+                    &mut y,
+                )?;
+                CachedStats::Running {
+                    mean: mean.clone(),
+                    var: var.clone(),
+                }
+            }
+            _ => {
+                let counting = self.training && cfg.track_running_stats;
+                let batches_after = self.num_batches_tracked.saturating_add(1);
+                let running = match (
+                    counting,
+                    self.running_mean.as_deref_mut(),
+                    self.running_var.as_deref_mut(),
+                ) {
+                    (true, Some(mean), Some(var)) => Some(RunningUpdate {
+                        mean,
+                        var,
+                        factor: cfg.average_factor(batches_after),
+                        var_update: cfg.running_var_update,
+                    }),
+                    _ => None,
+                };
+                let (weight, bias) = (self.weight.as_deref(), self.bias.as_deref());
+                let saved = forward_training(x, desc, weight, bias, running, cfg.eps, &mut y)?;
+                if counting {
+                    self.num_batches_tracked = batches_after;
+                }
+                CachedStats::Batch(saved)
+            }
+        };
+        Ok((y, ForwardCache { desc: *desc, stats }))
+    }
+
+    /// Gradients of the forward that produced `cache`, for its input `x` and the gradient `dy`
+    /// of its output (both laid out as `cache.desc()`): the training backward after batch
+    /// statistics, the eval backward after running statistics. `dweight` and `dbias` are given
+    /// when the layer is affine.
+    ///
+    /// Errors: [`Error::ChannelMismatch`], [`Error::BufferLength`].
+    pub fn backward<T: Element>(
+        &self,
+        cache: &ForwardCache,
+        x: &[T],
+        dy: &[T],
+    ) -> Result<Grads<T>> {
+        let desc = &cache.desc;
+        validate::channels(self.config.num_features, desc)?;
+        Buffers {
+            x: x.len(),
+            dy: Some(dy.len()),
+            ..Default::default()
+        }
+        .check(desc)?;
+        let c = desc.channels();
+        let mut dx = vec![T::default(); x.len()];
+        let affine = self.config.affine;
+        let (mut dweight, mut dbias) = (affine.then(|| vec![0.0; c]), affine.then(|| vec![0.0; c]));
+        let grads = Gradients {
+            dx: Some(&mut dx),
+            dweight: dweight.as_deref_mut(),
+            dbias: dbias.as_deref_mut(),
+            accumulate: false,
+        };
+        match &cache.stats {
+            CachedStats::Batch(saved) => {
+                backward_training(x, dy, desc, self.weight(), saved, grads)?
+            }
+            CachedStats::Running { mean, var } => {
+                let running = RunningStats { mean, var };
+                backward_inference(x, dy, desc, self.weight(), running, self.config.eps, grads)?
+            }
+        }
+        Ok(Grads { dx, dweight, dbias })
+    }
+}

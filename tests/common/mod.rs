@@ -1,0 +1,329 @@
+//! Shared by the integration tests, CPU and GPU: the golden-case loader ([`golden`]), the
+//! tolerance table of `shared/golden/FORMAT.md` (in one place: [`tolerance`]), a comparator
+//! that reports the worst error ([`compare`], [`assert_close`], [`Checks`]) and the GPU tests'
+//! device helpers ([`gpu`]).
+//!
+//! Each test crate uses a part of this module.
+#![allow(dead_code)]
+
+pub mod golden;
+pub mod gpu;
+
+#[allow(unused_imports)] // each test crate uses some
+pub use golden::{batchnorm_cases, fold_cases, BnInputs, Case, FoldInputs, Stored};
+
+use batchnorm_cuda::{DType, Element};
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+/// Calls a generic function with the element type of a run-time [`DType`]:
+/// `with_dtype!(case.dtype(), check(case, checks))` calls `check::<f32>`, `check::<f16>` or
+/// `check::<bf16>`.
+#[allow(unused_macros)] // each test crate uses some of this module
+macro_rules! with_dtype {
+    ($dtype:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            batchnorm_cuda::DType::F32 => $f::<f32>($($arg),*),
+            batchnorm_cuda::DType::F16 => $f::<half::f16>($($arg),*),
+            batchnorm_cuda::DType::BF16 => $f::<half::bf16>($($arg),*),
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use with_dtype;
+
+/// An acceptance bound for one element of a result.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Tol {
+    /// `|got - expect| <= atol + rtol * |expect|`.
+    Elementwise { atol: f64, rtol: f64 },
+    /// `|got - expect| <= atol + rtol * max |expect|` over the whole tensor (sums over a channel,
+    /// whose small entries are differences of large terms).
+    OfMax { atol: f64, rtol: f64 },
+    /// `got` within one unit in the last place of `dtype` of `expect`: one rounding of the exact
+    /// value.
+    OneRounding(DType),
+}
+
+/// What a compared tensor is, for [`tolerance`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quantity {
+    /// `y` or `dx`: stored in the activation dtype.
+    Activation,
+    /// Running or saved statistics (f32).
+    Statistic,
+    /// `dweight`, `dbias` (f32 sums over a channel).
+    ParamGrad,
+    /// A folded weight or bias, stored in the layer's dtype.
+    Folded,
+}
+
+impl Quantity {
+    /// The quantity of a golden batch-norm tensor, by its name without `expect.`.
+    pub fn of(name: &str) -> Self {
+        match name {
+            "y" | "dx" => Quantity::Activation,
+            "dweight" | "dbias" => Quantity::ParamGrad,
+            _ => Quantity::Statistic,
+        }
+    }
+}
+
+/// The tolerance table of `shared/golden/FORMAT.md` and `shared/golden/fold/FORMAT.md`.
+pub fn tolerance(dtype: DType, quantity: Quantity) -> Tol {
+    match (quantity, dtype) {
+        (Quantity::Activation, DType::F32) => Tol::Elementwise {
+            atol: 1e-4,
+            rtol: 1e-4,
+        },
+        (Quantity::Activation, DType::F16) => Tol::Elementwise {
+            atol: 4e-3,
+            rtol: 2e-3,
+        },
+        (Quantity::Activation, DType::BF16) => Tol::Elementwise {
+            atol: 3e-2,
+            rtol: 1.6e-2,
+        },
+        // Statistics are accumulated in f32 whatever the activation dtype.
+        (Quantity::Statistic, _) => Tol::Elementwise {
+            atol: 1e-4,
+            rtol: 1e-4,
+        },
+        (Quantity::ParamGrad, _) => Tol::OfMax {
+            atol: 1e-4,
+            rtol: 1e-4,
+        },
+        (Quantity::Folded, DType::F32) => Tol::Elementwise {
+            atol: 1e-7,
+            rtol: 1e-6,
+        },
+        (Quantity::Folded, half) => Tol::OneRounding(half),
+    }
+}
+
+/// The tolerance for the golden batch-norm tensor `name` of a case with activations `dtype`.
+pub fn tolerance_for(name: &str, dtype: DType) -> Tol {
+    tolerance(dtype, Quantity::of(name))
+}
+
+/// One unit in the last place of `dtype` at `x` (the spacing of the binade, subnormals included).
+pub fn ulp(dtype: DType, x: f64) -> f64 {
+    let (mantissa_bits, min_exponent) = match dtype {
+        DType::F32 => (23, -126),
+        DType::F16 => (10, -14),
+        DType::BF16 => (7, -126),
+    };
+    let exponent = if x == 0.0 {
+        min_exponent
+    } else {
+        (x.abs().log2().floor() as i32).max(min_exponent)
+    };
+    2f64.powi(exponent - mantissa_bits)
+}
+
+/// Widens activations (or anything [`Element`]) to f64.
+pub fn widen<T: Element>(values: &[T]) -> Vec<f64> {
+    values.iter().map(|v| v.to_f64()).collect()
+}
+
+/// Widens f32 values to f64.
+pub fn widen_f32(values: &[f32]) -> Vec<f64> {
+    values.iter().map(|&v| f64::from(v)).collect()
+}
+
+/// The outcome of a successful comparison.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Report {
+    /// Largest `|got - expect|` over the finite elements.
+    pub worst: f64,
+    /// Largest `|got - expect| / bound`: how much of the tolerance was used (at most 1).
+    pub worst_ratio: f64,
+    /// Elements compared.
+    pub len: usize,
+}
+
+/// Compares `got` with `expect` element by element under `tol`. A NaN expected must be a NaN, an
+/// infinity the same infinity, a finite value a finite value within the bound. On failure the
+/// message names the number of bad elements and the first few, and the worst error.
+pub fn compare(got: &[f64], expect: &[f64], tol: Tol) -> Result<Report, String> {
+    if got.len() != expect.len() {
+        return Err(format!("{} elements, expected {}", got.len(), expect.len()));
+    }
+    let max_abs = expect
+        .iter()
+        .filter(|e| e.is_finite())
+        .fold(0.0f64, |m, e| m.max(e.abs()));
+    let bound = |e: f64| match tol {
+        Tol::Elementwise { atol, rtol } => atol + rtol * e.abs(),
+        Tol::OfMax { atol, rtol } => atol + rtol * max_abs,
+        Tol::OneRounding(dtype) => ulp(dtype, e),
+    };
+    let mut report = Report {
+        len: got.len(),
+        ..Report::default()
+    };
+    let (mut bad, mut first) = (0usize, String::new());
+    for (i, (&g, &e)) in got.iter().zip(expect).enumerate() {
+        let ok = if e.is_nan() {
+            g.is_nan()
+        } else if e.is_infinite() {
+            g == e
+        } else if g.is_finite() {
+            let err = (g - e).abs();
+            report.worst = report.worst.max(err);
+            report.worst_ratio = report.worst_ratio.max(err / bound(e));
+            err <= bound(e)
+        } else {
+            false
+        };
+        if !ok {
+            bad += 1;
+            if bad <= 5 {
+                let _ = write!(first, " [{i}] got {g:e} expected {e:e};");
+            }
+        }
+    }
+    if bad == 0 {
+        Ok(report)
+    } else {
+        Err(format!(
+            "{bad} of {} elements outside {tol:?}:{first} worst |err| {:.3e} ({:.2}x the bound)",
+            got.len(),
+            report.worst,
+            report.worst_ratio
+        ))
+    }
+}
+
+/// [`compare`], panicking with `what` and the message on failure; returns the report.
+#[track_caller]
+pub fn assert_close(what: &str, got: &[f64], expect: &[f64], tol: Tol) -> Report {
+    compare(got, expect, tol).unwrap_or_else(|msg| panic!("{what}: {msg}"))
+}
+
+/// The checks of one golden case: every comparison records its worst error, failures are
+/// collected rather than panicking at once, and [`Checks::finish`] fails a case whose expected
+/// tensors were not all compared.
+#[derive(Debug)]
+pub struct Checks {
+    label: String,
+    expected: BTreeSet<String>,
+    checked: BTreeSet<String>,
+    lines: Vec<String>,
+    failures: Vec<String>,
+}
+
+impl Checks {
+    /// Checks for `case`, labelled `label` (e.g. `functional`, `layer`).
+    pub fn new(case: &Case, label: &str) -> Self {
+        Self {
+            label: format!("{label} {}", case.name),
+            expected: case.expected_names().into_iter().collect(),
+            checked: BTreeSet::new(),
+            lines: Vec::new(),
+            failures: Vec::new(),
+        }
+    }
+
+    /// Compares a result with `expect.{name}` under `tol`. A result with no expectation is a
+    /// failure (the case should have recorded one), and so is an expectation with no result.
+    pub fn compare(&mut self, case: &Case, name: &str, got: Option<Vec<f64>>, tol: Tol) {
+        self.checked.insert(name.to_owned());
+        match (got, case.expect(name)) {
+            (Some(got), Some(expect)) => match compare(&got, &expect, tol) {
+                Ok(report) => self.lines.push(format!(
+                    "{name} {:.2e} ({:.2} of tol)",
+                    report.worst, report.worst_ratio
+                )),
+                Err(msg) => self.failures.push(format!("{name}: {msg}")),
+            },
+            (None, Some(_)) => self
+                .failures
+                .push(format!("{name}: expected, but not produced")),
+            (Some(_), None) => self.failures.push(format!(
+                "{name}: produced, but the case has no expect.{name}"
+            )),
+            (None, None) => {}
+        }
+    }
+
+    /// Records an exact (integer) comparison.
+    pub fn equal<V: PartialEq + std::fmt::Debug>(&mut self, name: &str, got: V, expect: V) {
+        if got == expect {
+            self.lines.push(format!("{name} = {got:?}"));
+        } else {
+            self.failures
+                .push(format!("{name}: got {got:?}, expected {expect:?}"));
+        }
+    }
+
+    /// Records a failure.
+    pub fn fail(&mut self, message: impl Into<String>) {
+        self.failures.push(message.into());
+    }
+
+    /// Records a passing check that compares no tensor (an expected error, say).
+    pub fn note(&mut self, message: impl Into<String>) {
+        self.lines.push(message.into());
+    }
+
+    /// The case's summary line and its failures (empty when it passed).
+    pub fn finish(mut self) -> (String, Vec<String>) {
+        let unchecked: Vec<&String> = self.expected.difference(&self.checked).collect();
+        if !unchecked.is_empty() {
+            self.failures
+                .push(format!("expected tensors never compared: {unchecked:?}"));
+        }
+        if self.lines.is_empty() && self.failures.is_empty() {
+            self.failures.push("nothing was checked".into());
+        }
+        let status = if self.failures.is_empty() {
+            "ok  "
+        } else {
+            "FAIL"
+        };
+        let line = format!("{status} {}: {}", self.label, self.lines.join(", "));
+        (
+            line,
+            self.failures
+                .iter()
+                .map(|f| format!("{}: {f}", self.label))
+                .collect(),
+        )
+    }
+}
+
+/// Runs `check` on every case, prints one line per case (each compared tensor with its worst
+/// error) and panics at the end listing every failure, so one bad case does not hide the
+/// others. A case whose check panics fails too.
+pub fn run_all(cases: &[Case], label: &str, check: impl Fn(&Case, &mut Checks)) {
+    let (mut lines, mut failures) = (Vec::new(), Vec::new());
+    for case in cases {
+        let mut checks = Checks::new(case, label);
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(case, &mut checks)));
+        if let Err(panic) = outcome {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            checks.fail(format!("panicked: {msg}"));
+        }
+        let (line, case_failures) = checks.finish();
+        lines.push(line);
+        failures.extend(case_failures);
+    }
+    println!(
+        "{}\n{label}: {} cases, {} failures",
+        lines.join("\n"),
+        cases.len(),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} golden failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
