@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (no cargo there): every staged test binary with the GPU tests included,
+# optionally under compute-sanitizer, and the benchmark comparison with PyTorch. Staged by
+# scripts/gpu-run.sh as .gpu-run/run.sh. Logs go to $OUT (or .gpu-run/out).
+set -uo pipefail
+stage=$(cd "$(dirname "$0")" && pwd)
+out=${OUT:-$stage/out}
+mkdir -p "$out"
+sanitize=0 bench=0 quick=0
+for arg in "$@"; do
+  case "$arg" in
+    --sanitize) sanitize=1 ;;
+    --bench) bench=1 ;;
+    --quick) quick=1 ;;
+  esac
+done
+export BATCHNORM_GOLDEN_DIR="$stage/golden"
+export RUST_BACKTRACE=1
+[ "$quick" = 1 ] && export PROPTEST_CASES=16
+
+{
+  date -u +%Y-%m-%dT%H:%MZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+} | tee "$out/device.txt"
+
+failed=0
+for t in "$stage"/tests/*; do
+  echo "=== $(basename "$t")" | tee -a "$out/tests.log"
+  "$t" --include-ignored --test-threads=1 2>&1 | tee -a "$out/tests.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || failed=1
+done
+grep -E "^test result|^=== " "$out/tests.log" > "$out/tests-summary.txt"
+
+if [ "$sanitize" = 1 ]; then
+  export PROPTEST_CASES=8 BATCHNORM_SANITIZE=1
+  for tool in memcheck racecheck initcheck synccheck; do
+    for t in "$stage"/tests/gpu_*; do
+      echo "=== $tool $(basename "$t")" | tee -a "$out/sanitizer.log"
+      compute-sanitizer --tool "$tool" --error-exitcode 9 "$t" --include-ignored --test-threads=1 \
+        >>"$out/sanitizer.log" 2>&1
+      echo "exit $?" | tee -a "$out/sanitizer.log"
+    done
+  done
+  grep -E "^=== |^exit |ERROR SUMMARY" "$out/sanitizer.log" > "$out/sanitizer-summary.txt"
+fi
+
+if [ "$bench" = 1 ] && [ -x "$stage/bench/gpu_bench" ]; then
+  "$stage/bench/gpu_bench" --out "$out" 2>&1 | tee "$out/bench.log"
+  if [ -f "$stage/bench/pytorch_bench.py" ]; then
+    python3 "$stage/bench/pytorch_bench.py" --ours "$out/ours.json" --out "$out" 2>&1 | tee -a "$out/bench.log"
+  fi
+fi
+echo "GPU run finished; failures: $failed"
+exit $failed

@@ -1,0 +1,604 @@
+//! Stateless batch-norm calls over borrowed device memory, like cuDNN: a [`TensorDesc`] says the
+//! shape and layout, the caller owns every buffer, work is queued on the [`GpuContext`]'s stream
+//! and nothing synchronizes the host. Each function validates everything before it launches,
+//! so an error leaves every buffer untouched.
+//!
+//! Activations are `T` ([`Element`]: f32, f16, bf16) in the layout of the descriptor; parameters,
+//! statistics and gradients of parameters are f32, each `[C]`.
+
+use super::context::GpuContext;
+use super::kernels::{Family, IndexWidth};
+use super::launch::{self, Launch, Traversal};
+use super::params::{
+    BackwardElementwiseParams, BackwardReduceParams, FoldParams, NormalizeParams, StatsParams,
+};
+use super::workspace::Workspace;
+use crate::config::{validate_eps, validate_momentum, RunningVarUpdate};
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::fold::FoldSpec;
+use crate::shape::TensorDesc;
+use crate::validate::{self, Buffers};
+use cudarc::driver::{
+    CudaFunction, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
+    PushKernelArg, SyncOnDrop,
+};
+
+/// The running statistics a training forward updates in place:
+/// `r = (1 - factor) * r + factor * batch`.
+#[derive(Debug)]
+pub struct RunningUpdate<'a> {
+    /// `[C]` running mean.
+    pub mean: CudaViewMut<'a, f32>,
+    /// `[C]` running variance.
+    pub var: CudaViewMut<'a, f32>,
+    /// Weight of the batch: `momentum`, or `1 / num_batches_tracked` for the cumulative average.
+    pub factor: f32,
+    /// Unbiased (PyTorch) or biased (Keras) batch variance into `var`.
+    pub var_update: RunningVarUpdate,
+}
+
+/// Running statistics read by eval-mode calls.
+#[derive(Debug)]
+pub struct RunningStats<'a> {
+    /// `[C]` running mean.
+    pub mean: CudaView<'a, f32>,
+    /// `[C]` running variance.
+    pub var: CudaView<'a, f32>,
+}
+
+/// Where a training forward writes the batch statistics its backward needs.
+#[derive(Debug)]
+pub struct SavedStatsMut<'a> {
+    /// `[C]` batch mean.
+    pub mean: CudaViewMut<'a, f32>,
+    /// `[C]` `1 / sqrt(biased_var + eps)`.
+    pub invstd: CudaViewMut<'a, f32>,
+}
+
+/// The batch statistics a training forward saved, read by its backward.
+#[derive(Debug)]
+pub struct SavedStats<'a> {
+    /// `[C]` batch mean.
+    pub mean: CudaView<'a, f32>,
+    /// `[C]` `1 / sqrt(biased_var + eps)`.
+    pub invstd: CudaView<'a, f32>,
+}
+
+/// Which gradients a backward writes. Any may be absent (output masks); `accumulate` adds the
+/// parameter gradients into the given buffers instead of overwriting them (micro-batches).
+#[derive(Debug)]
+pub struct GradientsMut<'a, T> {
+    /// Gradient of the input, same shape and layout as `x`; overwritten.
+    pub dx: Option<CudaViewMut<'a, T>>,
+    /// `[C]` gradient of the weight: `sum(dy * x_hat)`.
+    pub dweight: Option<CudaViewMut<'a, f32>>,
+    /// `[C]` gradient of the bias: `sum(dy)`.
+    pub dbias: Option<CudaViewMut<'a, f32>>,
+    /// Add into `dweight` and `dbias` instead of overwriting them.
+    pub accumulate: bool,
+}
+
+/// Training forward: batch statistics (a split Welford reduction whose last block per channel
+/// also writes `saved` and updates `running`), then `y = (x - mean) * (weight * invstd) + bias`.
+/// Two launches.
+///
+/// - `x`, `y`: `desc.numel()` elements of `T` in `desc`'s memory order; `y` is overwritten.
+/// - `weight`, `bias`: `C` values each, or `None` for 1 and 0.
+/// - `saved`: receives the batch mean and `1 / sqrt(biased_var + eps)` for the backward.
+///
+/// An empty batch (`N * spatial == 0`) writes nothing and leaves the statistics as they are.
+/// Errors, checked before anything is queued (as [`crate::reference::forward_training`] does):
+/// [`Error::BufferLength`], [`Error::InvalidEps`], [`Error::InvalidMomentum`],
+/// [`Error::SingleValuePerChannel`].
+#[allow(clippy::too_many_arguments)]
+pub fn forward_training<T: Element>(
+    gpu: &GpuContext,
+    workspace: &mut Workspace,
+    x: &CudaView<'_, T>,
+    desc: &TensorDesc,
+    weight: Option<&CudaView<'_, f32>>,
+    bias: Option<&CudaView<'_, f32>>,
+    running: Option<RunningUpdate<'_>>,
+    eps: f32,
+    y: &mut CudaViewMut<'_, T>,
+    saved: SavedStatsMut<'_>,
+) -> Result<()> {
+    Buffers {
+        x: x.len(),
+        y: Some(y.len()),
+        weight: weight.map(|w| w.len()),
+        bias: bias.map(|b| b.len()),
+        running_mean: running.as_ref().map(|r| r.mean.len()),
+        running_var: running.as_ref().map(|r| r.var.len()),
+        save_mean: Some(saved.mean.len()),
+        save_invstd: Some(saved.invstd.len()),
+        ..Default::default()
+    }
+    .check(desc)?;
+    validate_eps(eps)?;
+    if let Some(r) = &running {
+        validate_momentum(r.factor)?;
+    }
+    validate::batch_statistics(desc)?;
+    check_grid(desc)?;
+    if desc.numel() == 0 {
+        return Ok(());
+    }
+
+    let c = desc.channels();
+    let g = desc.geometry();
+    let stream = gpu.stream();
+    let reduce = launch::reduction(&g, T::DTYPE, gpu.sm_count());
+    let scratch = workspace.reserve(gpu, 3 * c * reduce.splits as usize, c)?;
+    let (factor, unbiased) = running.as_ref().map_or((0.0, 0), |r| {
+        (
+            r.factor,
+            (r.var_update == RunningVarUpdate::Unbiased) as i32,
+        )
+    });
+    let (mut running_mean, mut running_var) = running.map(|r| (r.mean, r.var)).unzip();
+    let (mut save_mean, mut save_invstd) = (saved.mean, saved.invstd);
+    let mut guards = Guards::new(stream);
+    let stats = StatsParams {
+        x: guards.read(x),
+        partials: guards.write(scratch.partials),
+        semaphores: guards.write(scratch.semaphores),
+        save_mean: guards.write(&mut save_mean),
+        save_invstd: guards.write(&mut save_invstd),
+        running_mean: guards.write_opt(running_mean.as_mut()),
+        running_var: guards.write_opt(running_var.as_mut()),
+        g: g.into(),
+        eps,
+        factor,
+        unbiased,
+        splits: reduce.splits as i32,
+    };
+    let family = pick(&g, Family::StatsPlanar, Family::StatsRows);
+    launch(
+        stream,
+        gpu.kernels().get(family, T::DTYPE, index_width(desc)),
+        reduce,
+        &stats,
+    )?;
+
+    let normalize = NormalizeParams {
+        x: stats.x,
+        y: guards.write(y),
+        mean: stats.save_mean,
+        var_or_invstd: stats.save_invstd,
+        weight: guards.read_opt(weight),
+        bias: guards.read_opt(bias),
+        g: g.into(),
+        eps,
+        stat_is_var: 0,
+    };
+    launch_elementwise::<T, _>(
+        gpu,
+        desc,
+        Family::NormalizePlanar,
+        Family::NormalizeRows,
+        &normalize,
+    )
+}
+
+/// Eval forward with the running statistics, one launch:
+/// `y = (x - running_mean) * (weight / sqrt(running_var + eps)) + bias`.
+///
+/// Shapes as in [`forward_training`]. Errors: [`Error::BufferLength`], [`Error::InvalidEps`].
+#[allow(clippy::too_many_arguments)]
+pub fn forward_inference<T: Element>(
+    gpu: &GpuContext,
+    x: &CudaView<'_, T>,
+    desc: &TensorDesc,
+    weight: Option<&CudaView<'_, f32>>,
+    bias: Option<&CudaView<'_, f32>>,
+    running: &RunningStats<'_>,
+    eps: f32,
+    y: &mut CudaViewMut<'_, T>,
+) -> Result<()> {
+    Buffers {
+        x: x.len(),
+        y: Some(y.len()),
+        weight: weight.map(|w| w.len()),
+        bias: bias.map(|b| b.len()),
+        running_mean: Some(running.mean.len()),
+        running_var: Some(running.var.len()),
+        ..Default::default()
+    }
+    .check(desc)?;
+    validate_eps(eps)?;
+    check_grid(desc)?;
+    if desc.numel() == 0 {
+        return Ok(());
+    }
+    let mut guards = Guards::new(gpu.stream());
+    let params = NormalizeParams {
+        x: guards.read(x),
+        y: guards.write(y),
+        mean: guards.read(&running.mean),
+        var_or_invstd: guards.read(&running.var),
+        weight: guards.read_opt(weight),
+        bias: guards.read_opt(bias),
+        g: desc.geometry().into(),
+        eps,
+        stat_is_var: 1,
+    };
+    launch_elementwise::<T, _>(
+        gpu,
+        desc,
+        Family::NormalizePlanar,
+        Family::NormalizeRows,
+        &params,
+    )
+}
+
+/// Training backward from the statistics its forward saved: one split reduction of `sum(dy)`
+/// and `sum(dy * x_hat)` per channel (which also writes `dweight` and `dbias`), then one
+/// elementwise pass `dx = weight * invstd * (dy - sum(dy) / m - x_hat * sum(dy * x_hat) / m)`.
+/// `x` and `dy` are read twice, `dx` written once.
+///
+/// Errors: [`Error::BufferLength`], [`Error::SingleValuePerChannel`].
+#[allow(clippy::too_many_arguments)]
+pub fn backward_training<T: Element>(
+    gpu: &GpuContext,
+    workspace: &mut Workspace,
+    x: &CudaView<'_, T>,
+    dy: &CudaView<'_, T>,
+    desc: &TensorDesc,
+    weight: Option<&CudaView<'_, f32>>,
+    saved: &SavedStats<'_>,
+    grads: GradientsMut<'_, T>,
+) -> Result<()> {
+    Buffers {
+        save_mean: Some(saved.mean.len()),
+        save_invstd: Some(saved.invstd.len()),
+        ..backward_buffers(x, dy, weight, &grads)
+    }
+    .check(desc)?;
+    validate::batch_statistics(desc)?;
+    let stats = Normalization {
+        mean: &saved.mean,
+        var_or_invstd: &saved.invstd,
+        eps: 0.0,
+        training: true,
+    };
+    backward(gpu, workspace, x, dy, desc, weight, &stats, grads)
+}
+
+/// Eval-mode backward with the running statistics (constants of the forward):
+/// `dx = dy * weight / sqrt(running_var + eps)` in one pass, and one reduction for `dweight`
+/// and `dbias` when they are asked for.
+///
+/// Errors: [`Error::BufferLength`], [`Error::InvalidEps`].
+#[allow(clippy::too_many_arguments)]
+pub fn backward_inference<T: Element>(
+    gpu: &GpuContext,
+    workspace: &mut Workspace,
+    x: &CudaView<'_, T>,
+    dy: &CudaView<'_, T>,
+    desc: &TensorDesc,
+    weight: Option<&CudaView<'_, f32>>,
+    running: &RunningStats<'_>,
+    eps: f32,
+    grads: GradientsMut<'_, T>,
+) -> Result<()> {
+    Buffers {
+        running_mean: Some(running.mean.len()),
+        running_var: Some(running.var.len()),
+        ..backward_buffers(x, dy, weight, &grads)
+    }
+    .check(desc)?;
+    validate_eps(eps)?;
+    let stats = Normalization {
+        mean: &running.mean,
+        var_or_invstd: &running.var,
+        eps,
+        training: false,
+    };
+    backward(gpu, workspace, x, dy, desc, weight, &stats, grads)
+}
+
+fn backward_buffers<T>(
+    x: &CudaView<'_, T>,
+    dy: &CudaView<'_, T>,
+    weight: Option<&CudaView<'_, f32>>,
+    grads: &GradientsMut<'_, T>,
+) -> Buffers {
+    Buffers {
+        x: x.len(),
+        dy: Some(dy.len()),
+        dx: grads.dx.as_ref().map(|d| d.len()),
+        weight: weight.map(|w| w.len()),
+        dweight: grads.dweight.as_ref().map(|d| d.len()),
+        dbias: grads.dbias.as_ref().map(|d| d.len()),
+        ..Default::default()
+    }
+}
+
+/// The statistics a backward normalizes with: saved batch ones (`var_or_invstd` is invstd) or
+/// running ones (`var_or_invstd` is the variance, `eps` added on the device).
+struct Normalization<'s, 'a> {
+    mean: &'s CudaView<'a, f32>,
+    var_or_invstd: &'s CudaView<'a, f32>,
+    eps: f32,
+    training: bool,
+}
+
+/// The shared body of both backwards, after validation.
+#[allow(clippy::too_many_arguments)]
+fn backward<T: Element>(
+    gpu: &GpuContext,
+    workspace: &mut Workspace,
+    x: &CudaView<'_, T>,
+    dy: &CudaView<'_, T>,
+    desc: &TensorDesc,
+    weight: Option<&CudaView<'_, f32>>,
+    stats: &Normalization<'_, '_>,
+    grads: GradientsMut<'_, T>,
+) -> Result<()> {
+    check_grid(desc)?;
+    let GradientsMut {
+        mut dx,
+        mut dweight,
+        mut dbias,
+        accumulate,
+    } = grads;
+    if desc.numel() == 0 {
+        // Empty batch: the sums are 0, so fresh gradients are 0 and accumulated ones unchanged.
+        if !accumulate {
+            for buffer in [dweight.as_mut(), dbias.as_mut()].into_iter().flatten() {
+                gpu.stream().memset_zeros(buffer)?;
+            }
+        }
+        return Ok(());
+    }
+
+    let c = desc.channels();
+    let g = desc.geometry();
+    let stream = gpu.stream();
+    let index = index_width(desc);
+    let wants_params = dweight.is_some() || dbias.is_some();
+    // Training dx needs the sums; eval dx does not.
+    let needs_reduction = wants_params || (stats.training && dx.is_some());
+    let reduce = launch::reduction(&g, T::DTYPE, gpu.sm_count());
+    let scratch = workspace.reserve(gpu, 2 * c * reduce.splits as usize, c)?;
+    let mut guards = Guards::new(stream);
+    let x_ptr = guards.read(x);
+    let dy_ptr = guards.read(dy);
+    let mean = guards.read(stats.mean);
+    let var_or_invstd = guards.read(stats.var_or_invstd);
+    let stat_is_var = (!stats.training) as i32;
+    let mut coef = 0;
+    if needs_reduction {
+        if stats.training {
+            coef = guards.write(scratch.coef);
+        }
+        let params = BackwardReduceParams {
+            x: x_ptr,
+            dy: dy_ptr,
+            mean,
+            var_or_invstd,
+            partials: guards.write(scratch.partials),
+            semaphores: guards.write(scratch.semaphores),
+            dweight: guards.write_opt(dweight.as_mut()),
+            dbias: guards.write_opt(dbias.as_mut()),
+            coef,
+            g: g.into(),
+            eps: stats.eps,
+            stat_is_var,
+            accumulate: accumulate as i32,
+            splits: reduce.splits as i32,
+        };
+        let family = pick(&g, Family::BackwardReducePlanar, Family::BackwardReduceRows);
+        launch(
+            stream,
+            gpu.kernels().get(family, T::DTYPE, index),
+            reduce,
+            &params,
+        )?;
+    }
+    if let Some(dx) = dx.as_mut() {
+        let params = BackwardElementwiseParams {
+            x: x_ptr,
+            dy: dy_ptr,
+            dx: guards.write(dx),
+            mean,
+            var_or_invstd,
+            weight: guards.read_opt(weight),
+            coef,
+            g: g.into(),
+            eps: stats.eps,
+            stat_is_var,
+        };
+        launch_elementwise::<T, _>(
+            gpu,
+            desc,
+            Family::BackwardDxPlanar,
+            Family::BackwardDxRows,
+            &params,
+        )?;
+    }
+    Ok(())
+}
+
+/// The batch norm a [`fold`] folds: its running statistics, optional affine parameters and eps.
+#[derive(Debug)]
+pub struct FoldBatchNorm<'a> {
+    /// `[C_out]` running mean.
+    pub running_mean: CudaView<'a, f32>,
+    /// `[C_out]` running variance.
+    pub running_var: CudaView<'a, f32>,
+    /// Optional `[C_out]` weight (1 when absent).
+    pub weight: Option<CudaView<'a, f32>>,
+    /// Optional `[C_out]` bias (0 when absent).
+    pub bias: Option<CudaView<'a, f32>>,
+    /// The batch norm's epsilon.
+    pub eps: f32,
+}
+
+/// Folds an eval-mode batch norm into the convolution or linear layer before it:
+/// `W' = W * s` along the output channel, `b' = (b - running_mean) * s + bias`, with
+/// `s = weight / sqrt(running_var + eps)`, computed in f64 and rounded once to `T`.
+///
+/// `weight` is read from `weight_in` (or, when `None`, from `weight_out` itself: in place) and
+/// written to `weight_out`, in the memory order of `spec`; `conv_bias` is the layer's own bias
+/// (`None` when it has none) and `bias_out` receives the folded bias `[C_out]`.
+pub fn fold<T: Element>(
+    gpu: &GpuContext,
+    spec: &FoldSpec,
+    weight_in: Option<&CudaView<'_, T>>,
+    weight_out: &mut CudaViewMut<'_, T>,
+    conv_bias: Option<&CudaView<'_, T>>,
+    bias_out: &mut CudaViewMut<'_, T>,
+    bn: &FoldBatchNorm<'_>,
+) -> Result<()> {
+    let map = spec.map();
+    let c_out = map.c_out;
+    validate_eps(bn.eps)?;
+    if let Some(w) = weight_in {
+        validate::buffer("weight", map.numel, w.len())?;
+    }
+    validate::buffer("weight_out", map.numel, weight_out.len())?;
+    validate::buffer("bias_out", c_out, bias_out.len())?;
+    if let Some(b) = conv_bias {
+        validate::buffer("conv_bias", c_out, b.len())?;
+    }
+    let per_channel = [
+        ("bn.running_mean", Some(bn.running_mean.len())),
+        ("bn.running_var", Some(bn.running_var.len())),
+        ("bn.weight", bn.weight.as_ref().map(|w| w.len())),
+        ("bn.bias", bn.bias.as_ref().map(|b| b.len())),
+    ];
+    for (what, len) in per_channel {
+        if let Some(len) = len {
+            validate::buffer(what, c_out, len)?;
+        }
+    }
+
+    let stream = gpu.stream();
+    let mut guards = Guards::new(stream);
+    let weight_out_ptr = guards.write(weight_out);
+    let params = FoldParams {
+        weight_in: weight_in.map_or(weight_out_ptr, |w| guards.read(w)),
+        weight_out: weight_out_ptr,
+        conv_bias: guards.read_opt(conv_bias),
+        bias_out: guards.write(bias_out),
+        bn_weight: guards.read_opt(bn.weight.as_ref()),
+        bn_bias: guards.read_opt(bn.bias.as_ref()),
+        running_mean: guards.read(&bn.running_mean),
+        running_var: guards.read(&bn.running_var),
+        numel: map.numel as u64,
+        c_out: c_out as u64,
+        group_stride: map.group_stride as u64,
+        inner_stride: map.inner_stride as u64,
+        c_out_per_group: map.c_out_per_group as u64,
+        eps: bn.eps,
+    };
+    let work = map.numel.max(c_out) as u64;
+    launch(
+        stream,
+        gpu.kernels().fold(T::DTYPE),
+        launch::flat(work, gpu.sm_count()),
+        &params,
+    )
+}
+
+/// The planar reductions put channels on `gridDim.y`, which CUDA caps at 65535.
+fn check_grid(desc: &TensorDesc) -> Result<()> {
+    let g = desc.geometry();
+    if Traversal::of(&g) == Traversal::Planar && g.channels > 65_535 {
+        return Err(Error::Unsupported {
+            what: "channels-first input with a spatial extent",
+            reason: format!("{} channels; at most 65535 (use channels-last)", g.channels),
+        });
+    }
+    Ok(())
+}
+
+fn index_width(desc: &TensorDesc) -> IndexWidth {
+    IndexWidth::for_numel(desc.numel())
+}
+
+fn pick(g: &crate::shape::Geometry, planar: Family, rows: Family) -> Family {
+    match Traversal::of(g) {
+        Traversal::Planar => planar,
+        Traversal::Rows => rows,
+    }
+}
+
+fn launch_elementwise<T: Element, P: DeviceRepr>(
+    gpu: &GpuContext,
+    desc: &TensorDesc,
+    planar: Family,
+    rows: Family,
+    params: &P,
+) -> Result<()> {
+    let g = desc.geometry();
+    let function = gpu
+        .kernels()
+        .get(pick(&g, planar, rows), T::DTYPE, index_width(desc));
+    launch(
+        gpu.stream(),
+        function,
+        launch::elementwise(&g, T::DTYPE, gpu.sm_count()),
+        params,
+    )
+}
+
+/// The one launch of the crate.
+fn launch<P: DeviceRepr>(
+    stream: &CudaStream,
+    function: &CudaFunction,
+    shape: Launch,
+    params: &P,
+) -> Result<()> {
+    // SAFETY: every kernel takes exactly one parameter struct whose #[repr(C)] mirror is `P`
+    // (layouts checked in params.rs); the caller validated every buffer length against the
+    // descriptor and the launch shape comes from `launch`, whose grids stay within the
+    // kernels' assumptions (256 threads, channel tiles covering C, splits <= MAX_SPLITS). The
+    // device pointers in `params` are kept alive and ordered by the caller's `Guards`.
+    unsafe {
+        stream
+            .launch_builder(function)
+            .arg(params)
+            .launch(shape.config())
+    }?;
+    Ok(())
+}
+
+/// Raw device pointers for a launch's parameter struct, with the cudarc guards that order the
+/// buffers' other uses after the launch (they record events when dropped, after the launch).
+struct Guards<'a> {
+    stream: &'a CudaStream,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Guards<'a> {
+    fn new(stream: &'a CudaStream) -> Self {
+        Self {
+            stream,
+            guards: Vec::new(),
+        }
+    }
+
+    fn read<T>(&mut self, buffer: &'a impl DevicePtr<T>) -> u64 {
+        let (ptr, guard) = buffer.device_ptr(self.stream);
+        self.guards.push(guard);
+        ptr
+    }
+
+    fn write<T>(&mut self, buffer: &'a mut impl DevicePtrMut<T>) -> u64 {
+        let (ptr, guard) = buffer.device_ptr_mut(self.stream);
+        self.guards.push(guard);
+        ptr
+    }
+
+    fn read_opt<T>(&mut self, buffer: Option<&'a impl DevicePtr<T>>) -> u64 {
+        buffer.map_or(0, |b| self.read(b))
+    }
+
+    fn write_opt<T>(&mut self, buffer: Option<&'a mut impl DevicePtrMut<T>>) -> u64 {
+        buffer.map_or(0, |b| self.write(b))
+    }
+}

@@ -1,0 +1,431 @@
+//! The stateful layer: `nn.BatchNorm1d/2d/3d` on the GPU.
+
+use super::context::{alloc_error, GpuContext};
+use super::functional::{
+    self, GradientsMut, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
+};
+use super::workspace::Workspace;
+use crate::config::BatchNormConfig;
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::reference::SavedStats as SavedStatsHost;
+use crate::shape::TensorDesc;
+use crate::state::LayerState;
+use crate::validate;
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+
+/// A batch-norm layer whose parameters, gradients, running statistics and scratch live on one
+/// GPU, with PyTorch's semantics (`nn.BatchNorm1d/2d/3d`: the layer takes any rank from 2 to 5).
+///
+/// * `weight`/`bias` (when `affine`) start at 1 and 0; their gradients accumulate across
+///   `backward` calls until [`BatchNorm::zero_grad`], like `.grad` in PyTorch.
+/// * `running_mean`/`running_var` (when `track_running_stats`) start at 0 and 1.
+/// * `num_batches_tracked` is kept on the host: it is an exact integer the host always knows,
+///   so the cumulative-average factor needs no device round trip.
+///
+/// Steady-state `forward` and `backward` calls neither allocate nor synchronize the host. A
+/// failed call leaves parameters, running statistics and the counter as they were.
+#[derive(Debug)]
+pub struct BatchNorm {
+    gpu: GpuContext,
+    config: BatchNormConfig,
+    training: bool,
+    weight: Option<CudaSlice<f32>>,
+    bias: Option<CudaSlice<f32>>,
+    grad_weight: Option<CudaSlice<f32>>,
+    grad_bias: Option<CudaSlice<f32>>,
+    running_mean: Option<CudaSlice<f32>>,
+    running_var: Option<CudaSlice<f32>>,
+    num_batches_tracked: u64,
+    saved_mean: CudaSlice<f32>,
+    saved_invstd: CudaSlice<f32>,
+    workspace: Workspace,
+    /// Counts forwards, so that a backward can tell whether the saved statistics are its own.
+    forwards: u64,
+}
+
+/// What a forward hands to its backward: the shape, dtype and which statistics normalized it.
+/// The saved batch statistics themselves stay in the layer (no allocation per call), so a
+/// backward must come before the layer's next forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwardCache {
+    desc: TensorDesc,
+    dtype: DType,
+    batch_stats: bool,
+    forward: u64,
+}
+
+impl ForwardCache {
+    /// Shape and layout of the forward's input.
+    pub fn desc(&self) -> &TensorDesc {
+        &self.desc
+    }
+
+    /// Whether the forward normalized with batch statistics (training, or no running stats).
+    pub fn used_batch_stats(&self) -> bool {
+        self.batch_stats
+    }
+}
+
+impl BatchNorm {
+    /// A layer on `gpu`'s device, in training mode, with PyTorch's initial values.
+    pub fn new(gpu: &GpuContext, config: BatchNormConfig) -> Result<Self> {
+        config.validate()?;
+        let c = config.num_features;
+        let filled = |value: f32| -> Result<CudaSlice<f32>> {
+            gpu.stream()
+                .clone_htod(&vec![value; c])
+                .map_err(alloc_error(c * 4))
+        };
+        let optional = |wanted: bool, value: f32| wanted.then(|| filled(value)).transpose();
+        Ok(Self {
+            gpu: gpu.clone(),
+            config,
+            training: true,
+            weight: optional(config.affine, 1.0)?,
+            bias: optional(config.affine, 0.0)?,
+            grad_weight: optional(config.affine, 0.0)?,
+            grad_bias: optional(config.affine, 0.0)?,
+            running_mean: optional(config.track_running_stats, 0.0)?,
+            running_var: optional(config.track_running_stats, 1.0)?,
+            num_batches_tracked: 0,
+            saved_mean: filled(0.0)?,
+            saved_invstd: filled(0.0)?,
+            workspace: Workspace::new(),
+            forwards: 0,
+        })
+    }
+
+    /// The layer's configuration.
+    pub fn config(&self) -> &BatchNormConfig {
+        &self.config
+    }
+
+    /// The context the layer's buffers live in.
+    pub fn gpu(&self) -> &GpuContext {
+        &self.gpu
+    }
+
+    /// Training mode: batch statistics, running statistics updated.
+    pub fn train(&mut self) {
+        self.training = true;
+    }
+
+    /// Eval mode: running statistics (batch statistics when `track_running_stats` is false).
+    pub fn eval(&mut self) {
+        self.training = false;
+    }
+
+    /// Whether the layer is in training mode.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// Batch-norm forward of `x` (shape and layout `desc`) into `y`.
+    ///
+    /// Training mode normalizes with the batch statistics and, when tracking, updates the
+    /// running statistics and increments `num_batches_tracked` (also for an empty batch, as
+    /// PyTorch does). Eval mode normalizes with the running statistics in one launch.
+    pub fn forward<T: Element>(
+        &mut self,
+        desc: &TensorDesc,
+        x: &CudaView<'_, T>,
+        y: &mut CudaViewMut<'_, T>,
+    ) -> Result<ForwardCache> {
+        validate::channels(self.config.num_features, desc)?;
+        let weight = self.weight.as_ref().map(|w| w.as_view());
+        let bias = self.bias.as_ref().map(|b| b.as_view());
+        let batch_stats = self.training || !self.config.track_running_stats;
+        let eps = self.config.eps;
+        if batch_stats {
+            let track = self.training && self.config.track_running_stats;
+            let factor = self.config.average_factor(self.num_batches_tracked + 1);
+            let running = match (&mut self.running_mean, &mut self.running_var) {
+                (Some(mean), Some(var)) if track => Some(RunningUpdate {
+                    mean: mean.as_view_mut(),
+                    var: var.as_view_mut(),
+                    factor,
+                    var_update: self.config.running_var_update,
+                }),
+                _ => None,
+            };
+            let saved = SavedStatsMut {
+                mean: self.saved_mean.as_view_mut(),
+                invstd: self.saved_invstd.as_view_mut(),
+            };
+            functional::forward_training(
+                &self.gpu,
+                &mut self.workspace,
+                x,
+                desc,
+                weight.as_ref(),
+                bias.as_ref(),
+                running,
+                eps,
+                y,
+                saved,
+            )?;
+            if track {
+                self.num_batches_tracked += 1;
+            }
+        } else {
+            let running = self.running_stats("eval forward")?;
+            functional::forward_inference(
+                &self.gpu,
+                x,
+                desc,
+                weight.as_ref(),
+                bias.as_ref(),
+                &running,
+                eps,
+                y,
+            )?;
+        }
+        self.forwards += 1;
+        Ok(ForwardCache {
+            desc: *desc,
+            dtype: T::DTYPE,
+            batch_stats,
+            forward: self.forwards,
+        })
+    }
+
+    /// Backward of the forward that returned `cache`: writes `dx` when given, and adds the
+    /// parameter gradients into the layer's `grad_weight`/`grad_bias` (when affine).
+    ///
+    /// After an eval-mode forward this is the eval-mode backward (running statistics are
+    /// constants). `x` and `dy` have the forward's shape and layout.
+    pub fn backward<T: Element>(
+        &mut self,
+        cache: &ForwardCache,
+        x: &CudaView<'_, T>,
+        dy: &CudaView<'_, T>,
+        dx: Option<CudaViewMut<'_, T>>,
+    ) -> Result<()> {
+        if cache.forward != self.forwards {
+            return Err(Error::MissingSavedStats {
+                reason: "another forward of this layer ran since the one this backward belongs to",
+            });
+        }
+        if cache.dtype != T::DTYPE {
+            return Err(Error::DTypeMismatch {
+                what: "x",
+                expected: cache.dtype,
+                got: T::DTYPE,
+            });
+        }
+        let grads = GradientsMut {
+            dx,
+            dweight: self.grad_weight.as_mut().map(|g| g.as_view_mut()),
+            dbias: self.grad_bias.as_mut().map(|g| g.as_view_mut()),
+            accumulate: true,
+        };
+        let weight = self.weight.as_ref().map(|w| w.as_view());
+        let (gpu, workspace, desc) = (&self.gpu, &mut self.workspace, &cache.desc);
+        if cache.batch_stats {
+            let saved = SavedStats {
+                mean: self.saved_mean.as_view(),
+                invstd: self.saved_invstd.as_view(),
+            };
+            functional::backward_training(
+                gpu,
+                workspace,
+                x,
+                dy,
+                desc,
+                weight.as_ref(),
+                &saved,
+                grads,
+            )
+        } else {
+            let (Some(mean), Some(var)) = (&self.running_mean, &self.running_var) else {
+                return Err(Error::NoRunningStats {
+                    what: "eval backward",
+                });
+            };
+            let running = RunningStats {
+                mean: mean.as_view(),
+                var: var.as_view(),
+            };
+            let eps = self.config.eps;
+            functional::backward_inference(
+                gpu,
+                workspace,
+                x,
+                dy,
+                desc,
+                weight.as_ref(),
+                &running,
+                eps,
+                grads,
+            )
+        }
+    }
+
+    /// Sets the parameter gradients to zero (PyTorch's `zero_grad`).
+    pub fn zero_grad(&mut self) -> Result<()> {
+        let stream = self.gpu.stream().clone();
+        for grad in [self.grad_weight.as_mut(), self.grad_bias.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            stream.memset_zeros(grad)?;
+        }
+        Ok(())
+    }
+
+    /// The number of training forwards that updated the running statistics.
+    pub fn num_batches_tracked(&self) -> u64 {
+        self.num_batches_tracked
+    }
+
+    /// Sets the counter (loading a checkpoint).
+    pub fn set_num_batches_tracked(&mut self, value: u64) {
+        self.num_batches_tracked = value;
+    }
+
+    /// A host copy of the weight (`None` when not affine). Synchronizes the stream.
+    pub fn weight(&self) -> Result<Option<Vec<f32>>> {
+        self.to_host(self.weight.as_ref())
+    }
+
+    /// A host copy of the bias (`None` when not affine).
+    pub fn bias(&self) -> Result<Option<Vec<f32>>> {
+        self.to_host(self.bias.as_ref())
+    }
+
+    /// A host copy of the accumulated weight gradient (`None` when not affine).
+    pub fn grad_weight(&self) -> Result<Option<Vec<f32>>> {
+        self.to_host(self.grad_weight.as_ref())
+    }
+
+    /// A host copy of the accumulated bias gradient (`None` when not affine).
+    pub fn grad_bias(&self) -> Result<Option<Vec<f32>>> {
+        self.to_host(self.grad_bias.as_ref())
+    }
+
+    /// A host copy of the running mean (`None` without running statistics).
+    pub fn running_mean(&self) -> Result<Option<Vec<f32>>> {
+        self.to_host(self.running_mean.as_ref())
+    }
+
+    /// A host copy of the running variance (`None` without running statistics).
+    pub fn running_var(&self) -> Result<Option<Vec<f32>>> {
+        self.to_host(self.running_var.as_ref())
+    }
+
+    /// Replaces the weight; [`Error::NotAffine`] when the layer has none.
+    pub fn set_weight(&mut self, values: &[f32]) -> Result<()> {
+        let c = self.config.num_features;
+        validate::buffer("weight", c, values.len())?;
+        let target = self
+            .weight
+            .as_mut()
+            .ok_or(Error::NotAffine { what: "set_weight" })?;
+        Ok(self.gpu.stream().memcpy_htod(values, target)?)
+    }
+
+    /// Replaces the bias; [`Error::NotAffine`] when the layer has none.
+    pub fn set_bias(&mut self, values: &[f32]) -> Result<()> {
+        let c = self.config.num_features;
+        validate::buffer("bias", c, values.len())?;
+        let target = self
+            .bias
+            .as_mut()
+            .ok_or(Error::NotAffine { what: "set_bias" })?;
+        Ok(self.gpu.stream().memcpy_htod(values, target)?)
+    }
+
+    /// Replaces both running statistics (checked first: lengths, a finite non-negative
+    /// variance); [`Error::NoRunningStats`] when the layer keeps none.
+    pub fn set_running_stats(&mut self, mean: &[f32], var: &[f32]) -> Result<()> {
+        let c = self.config.num_features;
+        validate::buffer("running_mean", c, mean.len())?;
+        validate::buffer("running_var", c, var.len())?;
+        validate::running_var(var)?;
+        let (Some(dst_mean), Some(dst_var)) = (&mut self.running_mean, &mut self.running_var)
+        else {
+            return Err(Error::NoRunningStats {
+                what: "set_running_stats",
+            });
+        };
+        let stream = self.gpu.stream();
+        stream.memcpy_htod(mean, dst_mean)?;
+        stream.memcpy_htod(var, dst_var)?;
+        Ok(())
+    }
+
+    /// A host copy of the batch statistics the forward of `cache` saved for its backward
+    /// (`None` after an eval-mode forward, which normalizes with the running statistics).
+    pub fn saved_stats(&self, cache: &ForwardCache) -> Result<Option<SavedStatsHost>> {
+        if cache.forward != self.forwards {
+            return Err(Error::MissingSavedStats {
+                reason: "another forward of this layer ran since the one asked about",
+            });
+        }
+        if !cache.batch_stats {
+            return Ok(None);
+        }
+        let stream = self.gpu.stream();
+        Ok(Some(SavedStatsHost {
+            mean: stream.clone_dtoh(&self.saved_mean)?,
+            invstd: stream.clone_dtoh(&self.saved_invstd)?,
+        }))
+    }
+
+    /// A host copy of the whole state, with PyTorch's names (see [`LayerState`]).
+    pub fn state(&self) -> Result<LayerState> {
+        Ok(LayerState {
+            weight: self.weight()?,
+            bias: self.bias()?,
+            running_mean: self.running_mean()?,
+            running_var: self.running_var()?,
+            num_batches_tracked: self.num_batches_tracked,
+        })
+    }
+
+    /// Replaces the whole state after checking it against the layer's configuration (which
+    /// buffers exist, their lengths, a finite non-negative `running_var`): on error nothing
+    /// changes.
+    pub fn load_state(&mut self, state: &LayerState) -> Result<()> {
+        state.check(&self.config)?;
+        let stream = self.gpu.stream().clone();
+        let pairs = [
+            (&mut self.weight, &state.weight),
+            (&mut self.bias, &state.bias),
+            (&mut self.running_mean, &state.running_mean),
+            (&mut self.running_var, &state.running_var),
+        ];
+        for (device, host) in pairs {
+            if let (Some(device), Some(host)) = (device, host) {
+                stream.memcpy_htod(host, device)?;
+            }
+        }
+        self.num_batches_tracked = state.num_batches_tracked;
+        Ok(())
+    }
+
+    /// Borrowed device views of the parameters, for optimizers that update them in place.
+    pub fn parameters_mut(&mut self) -> Option<(CudaViewMut<'_, f32>, CudaViewMut<'_, f32>)> {
+        Some((
+            self.weight.as_mut()?.as_view_mut(),
+            self.bias.as_mut()?.as_view_mut(),
+        ))
+    }
+
+    fn running_stats(&self, what: &'static str) -> Result<RunningStats<'_>> {
+        match (&self.running_mean, &self.running_var) {
+            (Some(mean), Some(var)) => Ok(RunningStats {
+                mean: mean.as_view(),
+                var: var.as_view(),
+            }),
+            _ => Err(Error::NoRunningStats { what }),
+        }
+    }
+
+    fn to_host(&self, buffer: Option<&CudaSlice<f32>>) -> Result<Option<Vec<f32>>> {
+        buffer
+            .map(|b| Ok(self.gpu.stream().clone_dtoh(b)?))
+            .transpose()
+    }
+}

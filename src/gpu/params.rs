@@ -1,0 +1,139 @@
+//! `#[repr(C)]` mirrors of the kernels' parameter structs (`kernels/*.cu`). Each kernel takes
+//! one of these by value; device pointers travel as `u64`, 0 meaning "absent".
+
+use crate::shape::Geometry;
+use cudarc::driver::DeviceRepr;
+
+/// `struct Geometry` of `kernels/common.cuh`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GeometryParams {
+    pub outer: u64,
+    pub channels: u64,
+    pub inner: u64,
+}
+
+impl From<Geometry> for GeometryParams {
+    fn from(g: Geometry) -> Self {
+        Self {
+            outer: g.outer as u64,
+            channels: g.channels as u64,
+            inner: g.inner as u64,
+        }
+    }
+}
+
+/// `struct StatsParams` of `kernels/bn_stats.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StatsParams {
+    pub x: u64,
+    pub partials: u64,
+    pub semaphores: u64,
+    pub save_mean: u64,
+    pub save_invstd: u64,
+    pub running_mean: u64,
+    pub running_var: u64,
+    pub g: GeometryParams,
+    pub eps: f32,
+    pub factor: f32,
+    pub unbiased: i32,
+    pub splits: i32,
+}
+
+/// `struct NormalizeParams` of `kernels/bn_normalize.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NormalizeParams {
+    pub x: u64,
+    pub y: u64,
+    pub mean: u64,
+    pub var_or_invstd: u64,
+    pub weight: u64,
+    pub bias: u64,
+    pub g: GeometryParams,
+    pub eps: f32,
+    pub stat_is_var: i32,
+}
+
+/// `struct BackwardReduceParams` of `kernels/bn_backward.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BackwardReduceParams {
+    pub x: u64,
+    pub dy: u64,
+    pub mean: u64,
+    pub var_or_invstd: u64,
+    pub partials: u64,
+    pub semaphores: u64,
+    pub dweight: u64,
+    pub dbias: u64,
+    pub coef: u64,
+    pub g: GeometryParams,
+    pub eps: f32,
+    pub stat_is_var: i32,
+    pub accumulate: i32,
+    pub splits: i32,
+}
+
+/// `struct BackwardElementwiseParams` of `kernels/bn_backward.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BackwardElementwiseParams {
+    pub x: u64,
+    pub dy: u64,
+    pub dx: u64,
+    pub mean: u64,
+    pub var_or_invstd: u64,
+    pub weight: u64,
+    pub coef: u64,
+    pub g: GeometryParams,
+    pub eps: f32,
+    pub stat_is_var: i32,
+}
+
+/// `struct FoldParams` of `kernels/bn_fold.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FoldParams {
+    pub weight_in: u64,
+    pub weight_out: u64,
+    pub conv_bias: u64,
+    pub bias_out: u64,
+    pub bn_weight: u64,
+    pub bn_bias: u64,
+    pub running_mean: u64,
+    pub running_var: u64,
+    pub numel: u64,
+    pub c_out: u64,
+    pub group_stride: u64,
+    pub inner_stride: u64,
+    pub c_out_per_group: u64,
+    pub eps: f32,
+}
+
+// SAFETY: plain-old-data structs of integers and floats with the C layout the kernels declare;
+// the pointers they carry are checked by the functional layer before a launch.
+unsafe impl DeviceRepr for StatsParams {}
+unsafe impl DeviceRepr for NormalizeParams {}
+unsafe impl DeviceRepr for BackwardReduceParams {}
+unsafe impl DeviceRepr for BackwardElementwiseParams {}
+unsafe impl DeviceRepr for FoldParams {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::size_of;
+
+    /// The sizes the C compiler gives the same structs (pointers and u64 are 8 bytes; the
+    /// trailing 4-byte fields are padded to 8).
+    #[test]
+    fn layouts_match_the_c_structs() {
+        assert_eq!(size_of::<GeometryParams>(), 24);
+        assert_eq!(size_of::<StatsParams>(), 7 * 8 + 24 + 16);
+        assert_eq!(size_of::<NormalizeParams>(), 6 * 8 + 24 + 8);
+        assert_eq!(size_of::<BackwardReduceParams>(), 9 * 8 + 24 + 16);
+        assert_eq!(size_of::<BackwardElementwiseParams>(), 7 * 8 + 24 + 8);
+        assert_eq!(size_of::<FoldParams>(), 13 * 8 + 8);
+    }
+}

@@ -1,0 +1,575 @@
+//! GPU forward (training and eval) against the CPU reference. Every test needs a CUDA device:
+//! run with `--include-ignored` on a GPU machine (`scripts/gpu-run.sh`).
+
+mod common;
+
+use batchnorm_cuda::gpu::functional::{self, RunningStats, RunningUpdate, SavedStatsMut};
+use batchnorm_cuda::gpu::{self, GpuContext, Workspace};
+use batchnorm_cuda::reference;
+use batchnorm_cuda::{BatchNormConfig, DType, Element, Error, Layout, TensorDesc};
+use common::gpu::*;
+use common::{widen, widen_f32};
+use half::{bf16, f16};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+
+/// Per-dtype bounds for outputs (FORMAT.md of the golden cases).
+fn output_tolerance(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F32 => (1e-4, 1e-4),
+        DType::F16 => (4e-3, 2e-3),
+        DType::BF16 => (3e-2, 1.6e-2),
+    }
+}
+
+/// Statistics are f32 whatever the input dtype.
+const STATS_TOL: (f64, f64) = (1e-5, 1e-5);
+
+struct Outcome {
+    y: f64,
+    stats: f64,
+    running: f64,
+}
+
+/// One training forward (with a running update) and one eval forward on the GPU and on the
+/// CPU reference; returns the worst tolerance ratios.
+fn compare_forward<T: Element>(
+    gpu: &GpuContext,
+    desc: &TensorDesc,
+    seed: u64,
+    mean: f64,
+    spread: f64,
+) -> Outcome {
+    let (n, c) = (desc.numel(), desc.channels());
+    let x: Vec<T> = random(seed, n, mean, spread);
+    let weight = random_f32(seed + 1, c, 0.5, 1.5);
+    let bias = random_f32(seed + 2, c, -0.5, 0.5);
+    let run_mean0 = random_f32(seed + 3, c, -0.1, 0.1);
+    let run_var0 = random_f32(seed + 4, c, 0.5, 2.0);
+    let eps = 1e-5;
+
+    // CPU reference.
+    let (mut ref_mean, mut ref_var) = (run_mean0.clone(), run_var0.clone());
+    let mut ref_y = vec![T::default(); n];
+    let running = reference::RunningUpdate::pytorch(&mut ref_mean, &mut ref_var, 0.1);
+    let saved = reference::forward_training(
+        &x,
+        desc,
+        Some(&weight),
+        Some(&bias),
+        Some(running),
+        eps,
+        &mut ref_y,
+    )
+    .expect("reference training forward");
+    let mut ref_eval = vec![T::default(); n];
+    let running = reference::RunningStats {
+        mean: &ref_mean,
+        var: &ref_var,
+    };
+    reference::forward_inference(
+        &x,
+        desc,
+        Some(&weight),
+        Some(&bias),
+        running,
+        eps,
+        &mut ref_eval,
+    )
+    .expect("reference eval forward");
+
+    // GPU.
+    let mut ws = Workspace::new();
+    let dx = upload(gpu, &x);
+    let (dw, db) = (upload(gpu, &weight), upload(gpu, &bias));
+    let (mut d_mean, mut d_var) = (upload(gpu, &run_mean0), upload(gpu, &run_var0));
+    let mut dy = zeros::<T>(gpu, n);
+    let (mut s_mean, mut s_invstd) = (zeros::<f32>(gpu, c), zeros::<f32>(gpu, c));
+    functional::forward_training(
+        gpu,
+        &mut ws,
+        &dx.as_view(),
+        desc,
+        Some(&dw.as_view()),
+        Some(&db.as_view()),
+        Some(RunningUpdate {
+            mean: d_mean.as_view_mut(),
+            var: d_var.as_view_mut(),
+            factor: 0.1,
+            var_update: Default::default(),
+        }),
+        eps,
+        &mut dy.as_view_mut(),
+        SavedStatsMut {
+            mean: s_mean.as_view_mut(),
+            invstd: s_invstd.as_view_mut(),
+        },
+    )
+    .expect("GPU training forward");
+    let mut d_eval = zeros::<T>(gpu, n);
+    let running = RunningStats {
+        mean: d_mean.as_view(),
+        var: d_var.as_view(),
+    };
+    functional::forward_inference(
+        gpu,
+        &dx.as_view(),
+        desc,
+        Some(&dw.as_view()),
+        Some(&db.as_view()),
+        &running,
+        eps,
+        &mut d_eval.as_view_mut(),
+    )
+    .expect("GPU eval forward");
+
+    let (atol, rtol) = output_tolerance(T::DTYPE);
+    let y = worst_ratio(&widen(&download(gpu, &dy)), &widen(&ref_y), atol, rtol).max(worst_ratio(
+        &widen(&download(gpu, &d_eval)),
+        &widen(&ref_eval),
+        atol,
+        rtol,
+    ));
+    let (sa, sr) = STATS_TOL;
+    let stats = worst_ratio(
+        &widen_f32(&download(gpu, &s_mean)),
+        &widen_f32(&saved.mean),
+        sa,
+        sr,
+    )
+    .max(worst_ratio(
+        &widen_f32(&download(gpu, &s_invstd)),
+        &widen_f32(&saved.invstd),
+        sa,
+        sr,
+    ));
+    let running = worst_ratio(
+        &widen_f32(&download(gpu, &d_mean)),
+        &widen_f32(&ref_mean),
+        sa,
+        sr,
+    )
+    .max(worst_ratio(
+        &widen_f32(&download(gpu, &d_var)),
+        &widen_f32(&ref_var),
+        sa,
+        sr,
+    ));
+    Outcome { y, stats, running }
+}
+
+fn compare_any(
+    gpu: &GpuContext,
+    dtype: DType,
+    desc: &TensorDesc,
+    seed: u64,
+    mean: f64,
+    spread: f64,
+) -> Outcome {
+    match dtype {
+        DType::F32 => compare_forward::<f32>(gpu, desc, seed, mean, spread),
+        DType::F16 => compare_forward::<f16>(gpu, desc, seed, mean, spread),
+        DType::BF16 => compare_forward::<bf16>(gpu, desc, seed, mean, spread),
+    }
+}
+
+fn assert_within(what: &str, o: &Outcome) {
+    println!(
+        "{what}: worst ratio y {:.3} stats {:.3} running {:.3}",
+        o.y, o.stats, o.running
+    );
+    assert!(
+        o.y <= 1.0 && o.stats <= 1.0 && o.running <= 1.0,
+        "{what} out of tolerance"
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_context_loads_every_kernel() {
+    let gpu = gpu();
+    println!(
+        "device: {} ({} SMs), {} PTX modules",
+        gpu.device_name().unwrap(),
+        gpu.sm_count(),
+        gpu::ptx::MODULES.len()
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_forward_matches_reference_on_awkward_shapes() {
+    let gpu = gpu();
+    for (i, desc) in awkward_shapes().iter().enumerate() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let o = compare_any(&gpu, dtype, desc, 100 + i as u64, 0.3, 2.0);
+            assert_within(&format!("{desc} {dtype}"), &o);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_forward_random_shapes_property() {
+    let gpu = gpu();
+    let shape = (
+        1usize..=5,
+        1usize..=40,
+        proptest::collection::vec(1usize..=24, 0..=3),
+        any::<bool>(),
+        0usize..3,
+        any::<u64>(),
+    );
+    let mut runner = TestRunner::new(Config::default());
+    runner
+        .run(&shape, |(n, c, spatial, last, dtype, seed)| {
+            let mut dims = vec![n + 1, c];
+            dims.extend(spatial);
+            let layout = if last {
+                Layout::ChannelsLast
+            } else {
+                Layout::ChannelsFirst
+            };
+            let desc = TensorDesc::new(&dims, layout).unwrap();
+            let dtype = [DType::F32, DType::F16, DType::BF16][dtype];
+            let o = compare_any(&gpu, dtype, &desc, seed, 1.0, 3.0);
+            prop_assert!(
+                o.y <= 1.0 && o.stats <= 1.0 && o.running <= 1.0,
+                "{desc} {dtype}: y {} stats {} running {}",
+                o.y,
+                o.stats,
+                o.running
+            );
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Mean 1000, spread 0.1 in f32: a sum-of-squares variance would be noise.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_large_mean_small_spread_keeps_the_variance() {
+    let gpu = gpu();
+    for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+        let desc = TensorDesc::new(&[16, 3, 64, 64], layout).unwrap();
+        let o = compare_any(&gpu, DType::F32, &desc, 7, 1000.0, 0.1);
+        assert_within(&format!("shifted {desc}"), &o);
+    }
+}
+
+/// Few channels and many values: the reduction is split over many blocks.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_long_reductions_split_across_blocks() {
+    let gpu = gpu();
+    for dims in [[64usize, 2, 128, 128], [4, 4, 256, 256]] {
+        for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+            let desc = TensorDesc::new(&dims, layout).unwrap();
+            let o = compare_any(&gpu, DType::F16, &desc, 11, -2.0, 1.0);
+            assert_within(&format!("{desc}"), &o);
+        }
+    }
+}
+
+/// Saved statistics of a training forward, as host vectors.
+fn training_stats<T: Element>(
+    gpu: &GpuContext,
+    desc: &TensorDesc,
+    x: &[T],
+) -> (Vec<T>, Vec<f32>, Vec<f32>) {
+    let c = desc.channels();
+    let mut ws = Workspace::new();
+    let dx = upload(gpu, x);
+    let mut y = zeros::<T>(gpu, x.len());
+    let (mut mean, mut invstd) = (zeros::<f32>(gpu, c), zeros::<f32>(gpu, c));
+    functional::forward_training(
+        gpu,
+        &mut ws,
+        &dx.as_view(),
+        desc,
+        None,
+        None,
+        None,
+        1e-5,
+        &mut y.as_view_mut(),
+        SavedStatsMut {
+            mean: mean.as_view_mut(),
+            invstd: invstd.as_view_mut(),
+        },
+    )
+    .unwrap();
+    (
+        download(gpu, &y),
+        download(gpu, &mean),
+        download(gpu, &invstd),
+    )
+}
+
+/// Reorders an NCHW-ordered host tensor to channels-last memory order.
+fn to_channels_last<T: Copy>(x: &[T], desc: &TensorDesc) -> Vec<T> {
+    let (first, last) = (
+        desc.geometry(),
+        desc.with_layout(Layout::ChannelsLast).geometry(),
+    );
+    let (n, c, s) = (desc.batch(), desc.channels(), desc.spatial());
+    let mut out = x.to_vec();
+    for b in 0..n {
+        for ch in 0..c {
+            for i in 0..s {
+                out[last.offset(b * s + i, ch, 0)] = x[first.offset(b, ch, i)];
+            }
+        }
+    }
+    out
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_layouts_give_the_same_statistics() {
+    let gpu = gpu();
+    let desc = TensorDesc::nchw(8, 24, 17, 19).unwrap();
+    let x: Vec<f32> = random(5, desc.numel(), 0.5, 2.0);
+    let (_, mean_first, invstd_first) = training_stats(&gpu, &desc, &x);
+    let desc_last = desc.with_layout(Layout::ChannelsLast);
+    let (_, mean_last, invstd_last) =
+        training_stats(&gpu, &desc_last, &to_channels_last(&x, &desc));
+    let (a, r) = STATS_TOL;
+    assert!(worst_ratio(&widen_f32(&mean_first), &widen_f32(&mean_last), a, r) <= 1.0);
+    assert!(worst_ratio(&widen_f32(&invstd_first), &widen_f32(&invstd_last), a, r) <= 1.0);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_training_forward_is_bitwise_deterministic() {
+    let gpu = gpu();
+    for desc in [
+        TensorDesc::nchw(32, 4, 56, 56).unwrap(),
+        TensorDesc::nhwc(32, 64, 28, 28).unwrap(),
+    ] {
+        let x: Vec<f16> = random(9, desc.numel(), 0.0, 3.0);
+        let first = training_stats(&gpu, &desc, &x);
+        for run in 1..50 {
+            let again = training_stats(&gpu, &desc, &x);
+            assert!(
+                again
+                    .0
+                    .iter()
+                    .zip(&first.0)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+                    && again
+                        .1
+                        .iter()
+                        .zip(&first.1)
+                        .all(|(a, b)| a.to_bits() == b.to_bits())
+                    && again
+                        .2
+                        .iter()
+                        .zip(&first.2)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{desc}: run {run} differs from run 0"
+            );
+        }
+    }
+}
+
+/// A view whose start is one element past a 16-byte boundary must take the scalar path and
+/// still be right.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_unaligned_views_fall_back_to_scalar_code() {
+    let gpu = gpu();
+    for desc in [
+        TensorDesc::nchw(4, 8, 16, 16).unwrap(),
+        TensorDesc::nhwc(4, 8, 16, 16).unwrap(),
+    ] {
+        let n = desc.numel();
+        let x: Vec<f32> = random(21, n + 1, 0.0, 1.0);
+        let mut ref_y = vec![0f32; n];
+        let saved = reference::forward_training(&x[1..], &desc, None, None, None, 1e-5, &mut ref_y)
+            .unwrap();
+        let dx = upload(&gpu, &x);
+        let mut y = zeros::<f32>(&gpu, n + 1);
+        let (mut mean, mut invstd) = (zeros::<f32>(&gpu, 8), zeros::<f32>(&gpu, 8));
+        let mut ws = Workspace::new();
+        functional::forward_training(
+            &gpu,
+            &mut ws,
+            &dx.slice(1..),
+            &desc,
+            None,
+            None,
+            None,
+            1e-5,
+            &mut y.slice_mut(1..),
+            SavedStatsMut {
+                mean: mean.as_view_mut(),
+                invstd: invstd.as_view_mut(),
+            },
+        )
+        .unwrap();
+        let y = download(&gpu, &y);
+        assert!(
+            worst_ratio(&widen(&y[1..]), &widen(&ref_y), 1e-4, 1e-4) <= 1.0,
+            "{desc}"
+        );
+        assert_eq!(y[0], 0.0, "{desc}: wrote before the view");
+        assert!(
+            worst_ratio(
+                &widen_f32(&download(&gpu, &mean)),
+                &widen_f32(&saved.mean),
+                1e-5,
+                1e-5
+            ) <= 1.0
+        );
+    }
+}
+
+/// The layer over 10 training steps (momentum 0.1 and the cumulative average) then eval,
+/// against the CPU layer step by step.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_layer_running_stats_track_reference_over_10_steps() {
+    let gpu = gpu();
+    for momentum in [Some(0.1), None] {
+        let config = BatchNormConfig::new(6).momentum(momentum);
+        let mut cpu = reference::BatchNorm::new(config).unwrap();
+        let mut layer = gpu::BatchNorm::new(&gpu, config).unwrap();
+        let desc = TensorDesc::nchw(4, 6, 5, 7).unwrap();
+        for step in 0..10u64 {
+            let x: Vec<f32> = random(
+                1000 + step,
+                desc.numel(),
+                step as f64 * 0.1,
+                1.0 + step as f64,
+            );
+            let (ref_y, _) = cpu.forward(&x, &desc).unwrap();
+            let dx = upload(&gpu, &x);
+            let mut y = zeros::<f32>(&gpu, desc.numel());
+            layer
+                .forward(&desc, &dx.as_view(), &mut y.as_view_mut())
+                .unwrap();
+            assert!(
+                worst_ratio(&widen(&download(&gpu, &y)), &widen(&ref_y), 1e-4, 1e-4) <= 1.0,
+                "step {step}"
+            );
+            let rm = layer.running_mean().unwrap().unwrap();
+            let rv = layer.running_var().unwrap().unwrap();
+            assert!(
+                worst_ratio(
+                    &widen_f32(&rm),
+                    &widen_f32(cpu.running_mean().unwrap()),
+                    1e-5,
+                    1e-5
+                ) <= 1.0
+            );
+            assert!(
+                worst_ratio(
+                    &widen_f32(&rv),
+                    &widen_f32(cpu.running_var().unwrap()),
+                    1e-5,
+                    1e-5
+                ) <= 1.0
+            );
+            assert_eq!(layer.num_batches_tracked(), cpu.num_batches_tracked());
+        }
+        cpu.eval();
+        layer.eval();
+        let x: Vec<f32> = random(77, desc.numel(), 0.5, 2.0);
+        let (ref_y, _) = cpu.forward(&x, &desc).unwrap();
+        let dx = upload(&gpu, &x);
+        let mut y = zeros::<f32>(&gpu, desc.numel());
+        layer
+            .forward(&desc, &dx.as_view(), &mut y.as_view_mut())
+            .unwrap();
+        assert!(worst_ratio(&widen(&download(&gpu, &y)), &widen(&ref_y), 1e-4, 1e-4) <= 1.0);
+    }
+}
+
+/// Bad inputs give the CPU path's error, and leave the layer as it was.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_bad_inputs_give_the_cpu_errors() {
+    let gpu = gpu();
+    let config = BatchNormConfig::new(4);
+    let mut cpu = reference::BatchNorm::new(config).unwrap();
+    let mut layer = gpu::BatchNorm::new(&gpu, config).unwrap();
+    let cases: Vec<(TensorDesc, usize)> = vec![
+        (TensorDesc::nchw(2, 3, 4, 4).unwrap(), 96), // channel mismatch
+        (TensorDesc::new(&[1, 4], Layout::ChannelsFirst).unwrap(), 4), // one value per channel
+        (
+            TensorDesc::new(&[1, 4, 1, 1], Layout::ChannelsLast).unwrap(),
+            4,
+        ), // one value per channel
+        (TensorDesc::nchw(2, 4, 4, 4).unwrap(), 100), // x too long
+    ];
+    for (desc, len) in cases {
+        let x = vec![1.0f32; len];
+        let cpu_err = cpu.forward(&x, &desc).unwrap_err();
+        let dx = upload(&gpu, &x);
+        let mut y = zeros::<f32>(&gpu, len);
+        let gpu_err = layer
+            .forward(&desc, &dx.as_view(), &mut y.as_view_mut())
+            .unwrap_err();
+        assert_eq!(gpu_err.to_string(), cpu_err.to_string(), "{desc}");
+        assert_eq!(layer.num_batches_tracked(), 0);
+        assert_eq!(layer.running_mean().unwrap().unwrap(), vec![0.0; 4]);
+        assert_eq!(layer.running_var().unwrap().unwrap(), vec![1.0; 4]);
+    }
+    assert!(matches!(
+        layer.set_running_stats(&[0.0; 4], &[1.0, -1.0, 1.0, 1.0]),
+        Err(Error::InvalidRunningVar { channel: 1, .. })
+    ));
+}
+
+/// An empty batch is not an error: nothing is written, the statistics stay, the counter moves.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_empty_batch_keeps_the_statistics() {
+    let gpu = gpu();
+    let mut layer = gpu::BatchNorm::new(&gpu, BatchNormConfig::new(3)).unwrap();
+    let desc = TensorDesc::nchw(0, 3, 4, 4).unwrap();
+    let x = zeros::<f32>(&gpu, 1);
+    let mut y = zeros::<f32>(&gpu, 1);
+    layer
+        .forward(&desc, &x.slice(0..0), &mut y.slice_mut(0..0))
+        .unwrap();
+    assert_eq!(layer.running_mean().unwrap().unwrap(), vec![0.0; 3]);
+    assert_eq!(layer.running_var().unwrap().unwrap(), vec![1.0; 3]);
+    assert_eq!(layer.num_batches_tracked(), 1);
+}
+
+/// NaN in one channel stays in that channel; a constant channel gives y = bias exactly.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_nan_and_constant_channels_stay_contained() {
+    let gpu = gpu();
+    for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+        let desc = TensorDesc::new(&[4, 3, 8, 8], layout).unwrap();
+        let g = desc.geometry();
+        let mut x: Vec<f32> = random(3, desc.numel(), 0.0, 1.0);
+        g.for_each_offset(1, |i| x[i] = 2.5);
+        let mut first = true;
+        g.for_each_offset(2, |i| {
+            if first {
+                x[i] = f32::NAN;
+                first = false;
+            }
+        });
+        let bias = [0.25f32, -0.75, 0.5];
+        let mut layer = gpu::BatchNorm::new(&gpu, BatchNormConfig::new(3)).unwrap();
+        layer.set_bias(&bias).unwrap();
+        let dx = upload(&gpu, &x);
+        let mut y = zeros::<f32>(&gpu, desc.numel());
+        layer
+            .forward(&desc, &dx.as_view(), &mut y.as_view_mut())
+            .unwrap();
+        let y = download(&gpu, &y);
+        g.for_each_offset(0, |i| {
+            assert!(y[i].is_finite(), "{desc}: channel 0 caught the NaN")
+        });
+        g.for_each_offset(1, |i| assert_eq!(y[i], bias[1], "{desc}: constant channel"));
+        g.for_each_offset(2, |i| assert!(y[i].is_nan()));
+        let rm = layer.running_mean().unwrap().unwrap();
+        assert!(rm[0].is_finite() && rm[1].is_finite() && rm[2].is_nan());
+    }
+}
