@@ -2,12 +2,13 @@
 
 use super::context::{alloc_error, GpuContext};
 use super::functional::{
-    self, GradientsMut, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
+    self, FoldBatchNorm, GradientsMut, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
 };
 use super::workspace::Workspace;
 use crate::config::BatchNormConfig;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
+use crate::fold::FoldSpec;
 use crate::reference::SavedStats as SavedStatsHost;
 use crate::shape::TensorDesc;
 use crate::state::LayerState;
@@ -279,9 +280,16 @@ impl BatchNorm {
         self.num_batches_tracked
     }
 
-    /// Sets the counter (loading a checkpoint).
-    pub fn set_num_batches_tracked(&mut self, value: u64) {
+    /// Sets the counter (loading a checkpoint); [`Error::NoRunningStats`] when the layer keeps
+    /// no running statistics.
+    pub fn set_num_batches_tracked(&mut self, value: u64) -> Result<()> {
+        if !self.config.track_running_stats {
+            return Err(Error::NoRunningStats {
+                what: "set_num_batches_tracked",
+            });
+        }
         self.num_batches_tracked = value;
+        Ok(())
     }
 
     /// A host copy of the weight (`None` when not affine). Synchronizes the stream.
@@ -403,6 +411,45 @@ impl BatchNorm {
         }
         self.num_batches_tracked = state.num_batches_tracked;
         Ok(())
+    }
+
+    /// Folds this eval-mode layer into the convolution or linear layer before it, on the device
+    /// (see [`functional::fold`]): reads the layer's weight from `weight_in` (or from
+    /// `weight_out` itself when `None`: in place), writes the folded weight to `weight_out` and
+    /// the folded bias to `bias_out`.
+    ///
+    /// Errors: [`Error::TrainingMode`] in training mode, [`Error::NoRunningStats`] without
+    /// running statistics, [`Error::ChannelMismatch`] when `spec`'s output channels differ from
+    /// the layer's, then those of [`functional::fold`].
+    pub fn fold_into<T: Element>(
+        &self,
+        spec: &FoldSpec,
+        weight_in: Option<&CudaView<'_, T>>,
+        weight_out: &mut CudaViewMut<'_, T>,
+        conv_bias: Option<&CudaView<'_, T>>,
+        bias_out: &mut CudaViewMut<'_, T>,
+    ) -> Result<()> {
+        if self.training {
+            return Err(Error::TrainingMode { what: "fold" });
+        }
+        let running = self.running_stats("fold")?;
+        let c = self.config.num_features;
+        if spec.c_out() != c {
+            return Err(Error::ChannelMismatch {
+                expected: c,
+                got: spec.c_out(),
+            });
+        }
+        let bn = FoldBatchNorm {
+            running_mean: running.mean,
+            running_var: running.var,
+            weight: self.weight.as_ref().map(|w| w.as_view()),
+            bias: self.bias.as_ref().map(|b| b.as_view()),
+            eps: self.config.eps,
+        };
+        functional::fold(
+            &self.gpu, spec, weight_in, weight_out, conv_bias, bias_out, &bn,
+        )
     }
 
     /// Borrowed device views of the parameters, for optimizers that update them in place.

@@ -1,13 +1,15 @@
 //! The stateful CPU layer, `torch.nn.BatchNorm{1,2,3}d` on host buffers.
 
 use super::{
-    backward_inference, backward_training, forward_inference, forward_training, Gradients,
-    RunningStats, RunningUpdate, SavedStats,
+    backward_inference, backward_training, fold, forward_inference, forward_training,
+    FoldBatchNorm, Folded, Gradients, RunningStats, RunningUpdate, SavedStats,
 };
 use crate::config::BatchNormConfig;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
+use crate::fold::FoldSpec;
 use crate::shape::TensorDesc;
+use crate::state::LayerState;
 use crate::validate::{self, Buffers};
 
 /// A batch-norm layer with PyTorch's state and rules, on the CPU.
@@ -228,6 +230,68 @@ impl BatchNorm {
         }
         self.num_batches_tracked = count;
         Ok(())
+    }
+
+    /// A copy of the whole state, with PyTorch's names (see [`LayerState`]).
+    pub fn state(&self) -> LayerState {
+        LayerState {
+            weight: self.weight.clone(),
+            bias: self.bias.clone(),
+            running_mean: self.running_mean.clone(),
+            running_var: self.running_var.clone(),
+            num_batches_tracked: self.num_batches_tracked,
+        }
+    }
+
+    /// Replaces the whole state after checking it against the configuration
+    /// ([`LayerState::check`]); on error nothing changes.
+    pub fn load_state(&mut self, state: &LayerState) -> Result<()> {
+        state.check(&self.config)?;
+        self.weight.clone_from(&state.weight);
+        self.bias.clone_from(&state.bias);
+        self.running_mean.clone_from(&state.running_mean);
+        self.running_var.clone_from(&state.running_var);
+        self.num_batches_tracked = state.num_batches_tracked;
+        Ok(())
+    }
+
+    /// Folds this eval-mode layer into the convolution or linear layer before it (see
+    /// [`fold`]): returns the folded weight (memory order of `spec`) and bias.
+    ///
+    /// Errors: [`Error::TrainingMode`] in training mode (a fold freezes the running statistics),
+    /// [`Error::NoRunningStats`] without them, [`Error::ChannelMismatch`] when the layer's
+    /// output channels differ from the batch norm's, then those of [`fold`].
+    pub fn fold_into<T: Element>(
+        &self,
+        spec: &FoldSpec,
+        weight: &[T],
+        bias: Option<&[T]>,
+    ) -> Result<Folded<T>> {
+        let (mean, var) = self.fold_stats(spec)?;
+        let bn = FoldBatchNorm {
+            running_mean: mean,
+            running_var: var,
+            weight: self.weight.as_deref(),
+            bias: self.bias.as_deref(),
+            eps: self.config.eps,
+        };
+        fold(spec, weight, bias, &bn)
+    }
+
+    fn fold_stats(&self, spec: &FoldSpec) -> Result<(&[f32], &[f32])> {
+        if self.training {
+            return Err(Error::TrainingMode { what: "fold" });
+        }
+        let (Some(mean), Some(var)) = (&self.running_mean, &self.running_var) else {
+            return Err(Error::NoRunningStats { what: "fold" });
+        };
+        if spec.c_out() != self.config.num_features {
+            return Err(Error::ChannelMismatch {
+                expected: self.config.num_features,
+                got: spec.c_out(),
+            });
+        }
+        Ok((mean, var))
     }
 
     /// Whether a forward in the current mode normalizes with batch statistics.
