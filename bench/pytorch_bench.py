@@ -1,0 +1,535 @@
+#!/usr/bin/env python3
+"""PyTorch side of the batchnorm-cuda benchmark.
+
+Times PyTorch's batch norm on the rows of our `ours.json` (written by examples/gpu_bench.rs), so
+both sides run the same shapes, dtypes and layouts, with the same method, and merges the two into
+`comparison.json` and `comparison.md`. Without `--ours` (or when that file is missing) it times a
+built-in copy of the same suite, so it can run alone.
+
+    python3 bench/pytorch_bench.py --ours OUT/ours.json --out OUT
+    python3 bench/pytorch_bench.py --out OUT [--quick] [--filter bn_fwd/f16]
+    python3 bench/pytorch_bench.py --self-test     # table code on fake timings, no GPU or torch
+
+Method (as in gpu_bench): CUDA events around each call; WARMUP untimed calls first; before every
+timed run a 256 MiB buffer is zeroed so the L2 starts cold; the median over MIN_RUNS..MAX_RUNS
+runs (as many as fit in TARGET_MS of GPU time). Each row is timed twice: with cuDNN enabled
+(`torch.backends.cudnn.enabled = True`: PyTorch's own dispatch then decides; in the versions read
+for ANCHORS.md it picks cuDNN only for f32, or f16 with f32 weights, on inputs of 3 or more
+dimensions) and with cuDNN disabled (PyTorch's native CUDA kernels). Where the installed torch
+exposes `torch._C._select_batch_norm_backend`, the backend it picks is recorded per row.
+
+- training forward: `F.batch_norm(x, running_mean, running_var, weight, bias, training=True,
+  momentum=0.1, eps=1e-5)`, no autograd graph;
+- eval forward: the same with `training=False`;
+- backward: the training forward is run once with `x`, `weight`, `bias` requiring grad, outside
+  the timed region; each timed run is one `torch.autograd.grad(y, (x, weight, bias), dy,
+  retain_graph=True)`: the batch-norm backward kernels (dx, dweight, dbias) plus autograd's own
+  small overhead;
+- fold: `torch.nn.utils.fusion.fuse_conv_bn_weights` / `fuse_linear_bn_weights` under
+  `torch.no_grad()` (a few elementwise ops; one row, reported as native).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+WARMUP = 3
+MIN_RUNS = 20
+MAX_RUNS = 200
+TARGET_MS = 30.0
+FLUSH_BYTES = 256 << 20
+COPY_BYTES = 1 << 30
+COPY_RUNS = 30
+EPS = 1e-5
+MOMENTUM = 0.1
+OPS = ("bn_fwd", "bn_eval", "bn_bwd", "bn_fold")
+# Passes over the tensor (minimal model, practical model), as in gpu_bench.
+PASSES = {"bn_fwd": (2, 3), "bn_eval": (2, 2), "bn_bwd": (3, 5), "bn_fold": (2, 2)}
+DTYPES = ("f32", "f16", "bf16")
+SIZES = {"f32": 4, "f16": 2, "bf16": 2}
+
+# The distinct (C, H, W) of ResNet-50's batch norms; keep in sync with examples/gpu_bench.rs.
+RESNET50_CHW = [
+    (64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28), (512, 28, 28),
+    (256, 28, 28), (256, 14, 14), (1024, 14, 14), (512, 14, 14), (512, 7, 7), (2048, 7, 7),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# The suite
+
+
+def dims_name(dims):
+    return "x".join(str(d) for d in dims)
+
+
+def bn_cases(quick):
+    if quick:
+        return [("resnet50", [32, 256, 56, 56]), ("resnet50", [32, 2048, 7, 7]),
+                ("small_c", [256, 4, 112, 112]), ("bn1d", [4096, 1024])]
+    cases = [("resnet50", [n, c, h, w]) for n in (32, 128) for (c, h, w) in RESNET50_CHW]
+    cases += [("small_c", d) for d in ([256, 2, 112, 112], [256, 4, 112, 112], [256, 16, 112, 112],
+                                       [32, 4, 64, 64, 64], [8, 32, 64, 64, 64])]
+    cases += [("wide", [256, 2048, 7, 7]), ("bn1d", [4096, 1024])]
+    return cases
+
+
+def fold_cases(quick):
+    cases = [("conv", [64, 3, 7, 7], 1), ("conv", [256, 64, 1, 1], 1), ("conv", [512, 512, 3, 3], 1)]
+    if not quick:
+        cases += [("conv", [2048, 1024, 1, 1], 1), ("conv", [512, 1, 3, 3], 512),
+                  ("conv_transpose", [512, 256, 4, 4], 1), ("linear", [1000, 2048], 1)]
+    return cases
+
+
+def default_rows(quick):
+    """The rows gpu_bench would write, without its measurements."""
+    rows = []
+    for suite, dims in bn_cases(quick):
+        layouts = ["channels_first"] if len(dims) == 2 else ["channels_first", "channels_last"]
+        for layout in layouts:
+            for dtype in DTYPES:
+                for op in ("bn_fwd", "bn_eval", "bn_bwd"):
+                    rows.append({"name": f"{op}/{dtype}/{dims_name(dims)}/{layout}", "op": op,
+                                 "suite": suite, "dtype": dtype, "layout": layout, "shape": dims})
+    for kind, shape, groups in fold_cases(quick):
+        for dtype in DTYPES:
+            g = f"_g{groups}" if groups > 1 else ""
+            rows.append({"name": f"bn_fold/{dtype}/{kind}{g}/{dims_name(shape)}", "op": "bn_fold",
+                         "suite": "fold", "dtype": dtype, "layout": None, "shape": shape,
+                         "fold_kind": kind, "groups": groups})
+    return rows
+
+
+def numel(shape):
+    return math.prod(shape)
+
+
+def fold_c_out(row):
+    shape = row["shape"]
+    return shape[1] * row.get("groups", 1) if row.get("fold_kind") == "conv_transpose" else shape[0]
+
+
+def row_bytes(row):
+    """(minimal, practical) bytes, computed the way gpu_bench does."""
+    size = SIZES[row["dtype"]]
+    n = numel(row["shape"])
+    if row["op"] == "bn_fold":
+        b = 2 * n * size + fold_c_out(row) * (16 + size)
+        return b, b
+    lo, hi = PASSES[row["op"]]
+    return lo * n * size, hi * n * size
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing (torch imported lazily, so --self-test and --help run without it)
+
+
+class Timer:
+    def __init__(self, torch, method):
+        self.torch = torch
+        self.warmup = int(method.get("warmup", WARMUP))
+        self.min_runs = int(method.get("min_runs", MIN_RUNS))
+        self.max_runs = int(method.get("max_runs", MAX_RUNS))
+        self.target_ms = float(method.get("target_ms_per_op", TARGET_MS))
+        self.flush = torch.empty(int(method.get("l2_flush_bytes", FLUSH_BYTES)), dtype=torch.uint8,
+                                 device="cuda")
+        self.events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                       for _ in range(self.max_runs)]
+        start, end = self.events[0]
+        self.flush.zero_()
+        start.record()
+        self.flush.zero_()
+        end.record()
+        torch.cuda.synchronize()
+        self.flush_ms = start.elapsed_time(end)
+
+    def time(self, fn):
+        """Median, min and 90th percentile (us) of `fn` over cold-L2 runs."""
+        torch = self.torch
+        start, end = self.events[0]
+        self.flush.zero_()
+        start.record()
+        for _ in range(self.warmup):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        estimate = start.elapsed_time(end) / self.warmup
+        runs = max(self.min_runs, min(self.max_runs, int(self.target_ms / (estimate + self.flush_ms))))
+        for start, end in self.events[:runs]:
+            self.flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return summarize([s.elapsed_time(e) for s, e in self.events[:runs]])
+
+
+def summarize(ms):
+    ms = sorted(ms)
+    n = len(ms)
+    median = ms[n // 2] if n % 2 else 0.5 * (ms[n // 2 - 1] + ms[n // 2])
+    p90 = ms[min(n, max(1, math.ceil(0.9 * n))) - 1]
+    return {"median_us": median * 1e3, "min_us": ms[0] * 1e3, "p90_us": p90 * 1e3, "runs": n}
+
+
+def copy_bandwidth(torch):
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(WARMUP):
+        dst.copy_(src)
+    ms = []
+    for _ in range(COPY_RUNS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        ms.append(start.elapsed_time(end))
+    t = summarize(ms)
+    del src, dst
+    return 2 * COPY_BYTES / (t["median_us"] * 1e-6) / 1e9
+
+
+def torch_dtype(torch, name):
+    return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def make_input(torch, shape, layout, dtype, mean, std):
+    """Per-channel shifted and scaled normal values (never zeros), in the row's layout."""
+    c = shape[1]
+    view = [1, c] + [1] * (len(shape) - 2)
+    ch = torch.arange(c, device="cuda", dtype=torch.float32)
+    x = torch.randn(shape, device="cuda") * std(ch).view(view) + mean(ch).view(view)
+    x = x.to(dtype)
+    if layout == "channels_last" and len(shape) == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "channels_last" and len(shape) == 5:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+def selected_backend(torch, *args):
+    fn = getattr(torch._C, "_select_batch_norm_backend", None)
+    if fn is None:
+        return None
+    try:
+        return str(fn(*args)).split(".")[-1]
+    except Exception:  # the private API changes between versions; the timing does not need it
+        return None
+
+
+def bench_bn(torch, timer, row, cudnn):
+    """Times one batch-norm row with cuDNN enabled or disabled; returns (timing, backend)."""
+    F = torch.nn.functional
+    shape, layout, op = row["shape"], row["layout"], row["op"]
+    dtype = torch_dtype(torch, row["dtype"])
+    c = shape[1]
+    x = make_input(torch, shape, layout, dtype, lambda ch: (ch * 7 % 13) * 0.5 - 3.0,
+                   lambda ch: 0.5 + (ch * 5 % 11) * 0.1)
+    weight = torch.rand(c, device="cuda") * 0.5 + 0.75
+    bias = torch.rand(c, device="cuda") - 0.5
+    running_mean = torch.zeros(c, device="cuda")
+    running_var = torch.ones(c, device="cuda")
+    training = op != "bn_eval"
+    with torch.backends.cudnn.flags(enabled=cudnn):
+        backend = selected_backend(torch, x, weight, bias, running_mean, running_var, training, EPS)
+        if op == "bn_fwd":
+            def fn():
+                F.batch_norm(x, running_mean, running_var, weight, bias, True, MOMENTUM, EPS)
+        elif op == "bn_eval":
+            def fn():
+                F.batch_norm(x, running_mean, running_var, weight, bias, False, MOMENTUM, EPS)
+        else:
+            dy = make_input(torch, shape, layout, dtype, lambda ch: 0.1 * ((ch * 7 % 13) * 0.5 - 3.0),
+                            lambda ch: torch.ones_like(ch))
+            x.requires_grad_(True)
+            weight.requires_grad_(True)
+            bias.requires_grad_(True)
+            y = F.batch_norm(x, running_mean, running_var, weight, bias, True, MOMENTUM, EPS)
+
+            def fn():
+                torch.autograd.grad(y, (x, weight, bias), dy, retain_graph=True)
+        timing = timer.time(fn)
+    return timing, backend
+
+
+def bench_fold(torch, timer, row):
+    from torch.nn.utils import fusion
+
+    dtype = torch_dtype(torch, row["dtype"])
+    kind, shape = row["fold_kind"], row["shape"]
+    c = fold_c_out(row)
+    w = (torch.randn(shape, device="cuda") * 0.05).to(dtype)
+    rm = torch.rand(c, device="cuda") - 0.5
+    rv = torch.rand(c, device="cuda") + 0.5
+    bn_w = torch.rand(c, device="cuda") * 0.5 + 0.75
+    bn_b = torch.rand(c, device="cuda") - 0.5
+    if kind == "linear":
+        # Older torch needs a bias tensor; the fold of a missing bias is the fold of zeros.
+        lin_b = torch.zeros(c, device="cuda", dtype=dtype)
+
+        def fn():
+            with torch.no_grad():
+                fusion.fuse_linear_bn_weights(w, lin_b, rm, rv, EPS, bn_w, bn_b)
+    else:
+        transpose = kind == "conv_transpose"
+
+        def fn():
+            with torch.no_grad():
+                fusion.fuse_conv_bn_weights(w, None, rm, rv, EPS, bn_w, bn_b, transpose=transpose)
+    return timer.time(fn)
+
+
+# ------------------------------------------------------------------------------------------------
+# Merging and writing
+
+
+def geomean(values):
+    values = [v for v in values if v is not None and v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def merge(row, ours_copy_gbs, torch_copy_gbs):
+    """One comparison row from a gpu_bench row (or a default row) and the torch timings."""
+    bytes_min, _ = row_bytes(row)
+    ours = row.get("time_us")
+    cudnn = (row.get("torch_cudnn") or {}).get("median_us")
+    native = (row.get("torch_native") or {}).get("median_us")
+    candidates = [(t, name) for t, name in ((cudnn, "cudnn_enabled"), (native, "cudnn_disabled"))
+                  if t is not None]
+    best, best_name = min(candidates) if candidates else (None, None)
+    copy = ours_copy_gbs or torch_copy_gbs
+
+    def frac(t):
+        return bytes_min / (t * 1e-6) / 1e9 / copy if t and copy else None
+
+    return {
+        "name": row["name"], "op": row["op"], "suite": row.get("suite"), "dtype": row["dtype"],
+        "layout": row.get("layout"), "shape": row["shape"],
+        "ours_us": ours, "ours_ok": row.get("ok"), "ours_rel_err": row.get("rel_err"),
+        "ours_error": row.get("error"),
+        "torch_cudnn_enabled_us": cudnn, "torch_cudnn_disabled_us": native,
+        "torch_backend_cudnn_enabled": row.get("torch_cudnn_backend"),
+        "torch_backend_cudnn_disabled": row.get("torch_native_backend"),
+        "torch_error": row.get("torch_error"),
+        "best_torch_us": best, "best_torch": best_name,
+        "speedup_vs_best_torch": best / ours if best and ours else None,
+        "ours_frac_copy_min": frac(ours), "best_torch_frac_copy_min": frac(best),
+        "bytes_min": bytes_min,
+    }
+
+
+def fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def write_outputs(out_dir, header, rows, fake=False):
+    merged = [merge(r, header.get("ours_copy_gbs"), header.get("torch_copy_gbs")) for r in rows]
+    geo = {op: geomean([m["speedup_vs_best_torch"] for m in merged if m["op"] == op]) for op in OPS}
+    counts = {op: sum(1 for m in merged if m["op"] == op and m["speedup_vs_best_torch"]) for op in OPS}
+    doc = {"schema": 1, "header": header, "geomean_speedup_vs_best_torch": geo, "rows": merged}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "comparison.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+
+    h = header
+    md = []
+    if fake:
+        md += ["**FAKE TIMINGS: output of `--self-test`, not a measurement.**", ""]
+    md += ["# batchnorm-cuda vs PyTorch", ""]
+    md += [f"- date: {h.get('date')}",
+           f"- device: {h.get('device')}, driver {h.get('driver')}",
+           f"- torch {h.get('torch')}, CUDA {h.get('torch_cuda')}, cuDNN {h.get('cudnn')}",
+           f"- ours: {h.get('ours_file') or 'not given (PyTorch only)'}"
+           + (f", measured {h.get('ours_date')} on {h.get('ours_device')}" if h.get("ours_date") else ""),
+           f"- copy yardstick: ours {fmt(h.get('ours_copy_gbs'), '.0f') or '-'} GB/s, "
+           f"torch {fmt(h.get('torch_copy_gbs'), '.0f') or '-'} GB/s (1 GiB device-to-device, read + write)",
+           ""]
+    md += ["Times are medians in us, CUDA events, L2 flushed before every run. `cuDNN on`: PyTorch with "
+           "`cudnn.enabled = True`, its own dispatch choosing cuDNN or not (the backend column says what "
+           "it chose, when torch exposes it); `cuDNN off`: PyTorch's native kernels. Speedup = best PyTorch time / our time (> 1: we are faster). "
+           "% copy: minimal-model bytes (fwd 2 passes, eval 2, bwd 3) / time / copy bandwidth. Backward "
+           "times one `torch.autograd.grad` call.", ""]
+    md += ["## Geometric-mean speedup over the best PyTorch backend", "", "| op | rows | speedup |",
+           "| --- | ---: | ---: |"]
+    for op in OPS:
+        if counts[op]:
+            md.append(f"| {op} | {counts[op]} | {geo[op]:.2f}x |")
+    md.append("")
+    for op in OPS:
+        op_rows = [m for m in merged if m["op"] == op]
+        if not op_rows:
+            continue
+        md += [f"## {op}", "",
+               "| name | ours us | cuDNN on us | cuDNN off us | speedup | ours % copy | best torch % copy "
+               "| torch backend (cuDNN on) | ours check |",
+               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+        for m in op_rows:
+            check = "" if m["ours_ok"] is None else ("ok" if m["ours_ok"] else "**FAILED**")
+            if m["ours_error"]:
+                check = "error"
+            md.append(
+                f"| {m['name']} | {fmt(m['ours_us'], '.1f')} | {fmt(m['torch_cudnn_enabled_us'], '.1f')} "
+                f"| {fmt(m['torch_cudnn_disabled_us'], '.1f')} "
+                f"| {fmt(m['speedup_vs_best_torch'], '.2f')}{'x' if m['speedup_vs_best_torch'] else ''} "
+                f"| {fmt(m['ours_frac_copy_min'] and 100 * m['ours_frac_copy_min'], '.0f')} "
+                f"| {fmt(m['best_torch_frac_copy_min'] and 100 * m['best_torch_frac_copy_min'], '.0f')} "
+                f"| {m['torch_backend_cudnn_enabled'] or ''} | {check} |")
+        md.append("")
+    with open(os.path.join(out_dir, "comparison.md"), "w") as f:
+        f.write("\n".join(md))
+    return doc
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def driver_version():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def utc_now():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def load_ours(path):
+    """gpu_bench's document, or None when no path was given or the file is missing."""
+    if not path:
+        return None
+    if not os.path.exists(path):
+        print(f"pytorch_bench: {path} not found (did gpu_bench run?); timing the default suite",
+              file=sys.stderr)
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run(args):
+    ours = load_ours(args.ours)
+    rows = ours["rows"] if ours else default_rows(args.quick)
+    if args.filter:
+        rows = [r for r in rows if args.filter in r["name"]]
+    try:
+        import torch
+    except ImportError:
+        print("pytorch_bench: PyTorch is not installed (`pip install torch`); nothing to benchmark. "
+              "`--self-test` checks the table code without it.", file=sys.stderr)
+        return 3
+    if not torch.cuda.is_available():
+        print("pytorch_bench: torch sees no CUDA device; nothing to benchmark.", file=sys.stderr)
+        return 3
+
+    torch.backends.cudnn.benchmark = False
+    header = {
+        "date": utc_now(), "device": torch.cuda.get_device_name(0), "driver": driver_version(),
+        "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "python": sys.version.split()[0],
+        "ours_file": args.ours if ours else None,
+        "ours_date": ours.get("date") if ours else None,
+        "ours_device": ours.get("device") if ours else None,
+        "ours_copy_gbs": ours.get("copy_gbs") if ours else None,
+        "method": {"warmup": WARMUP, "min_runs": MIN_RUNS, "max_runs": MAX_RUNS,
+                   "target_ms_per_op": TARGET_MS, "l2_flush_bytes": FLUSH_BYTES,
+                   **((ours or {}).get("method") or {})},
+    }
+    torch.manual_seed(0)
+    header["torch_copy_gbs"] = copy_bandwidth(torch)
+    print(f"{header['device']}: torch copy {header['torch_copy_gbs']:.0f} GB/s; torch {header['torch']}, "
+          f"cuDNN {header['cudnn']}; {len(rows)} rows")
+    timer = Timer(torch, header["method"])
+    for row in rows:  # filled in place: the merge reads the torch_* keys
+        try:
+            if row["op"] == "bn_fold":
+                row["torch_native"] = bench_fold(torch, timer, row)
+            else:
+                row["torch_cudnn"], row["torch_cudnn_backend"] = bench_bn(torch, timer, row, True)
+                row["torch_native"], row["torch_native_backend"] = bench_bn(torch, timer, row, False)
+        except Exception as e:  # one failing row (OOM, unsupported) must not lose the others
+            row["torch_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        m = merge(row, header["ours_copy_gbs"], header["torch_copy_gbs"])
+        print(f"{m['name']:<48} ours {fmt(m['ours_us'], '9.1f') or '        -'} us  "
+              f"cuDNN on {fmt(m['torch_cudnn_enabled_us'], '9.1f') or '        -'} us  "
+              f"off {fmt(m['torch_cudnn_disabled_us'], '9.1f') or '        -'} us  "
+              f"speedup {fmt(m['speedup_vs_best_torch'], '.2f') or '-'}"
+              + (f"  ERROR {m['torch_error']}" if m["torch_error"] else ""), flush=True)
+    doc = write_outputs(args.out, header, rows)
+    print("geometric-mean speedup over the best PyTorch backend: "
+          + ", ".join(f"{op} {v:.2f}x" for op, v in doc["geomean_speedup_vs_best_torch"].items() if v))
+    print(f"wrote {os.path.join(args.out, 'comparison.json')} and {os.path.join(args.out, 'comparison.md')}")
+    return 0
+
+
+def self_test(ours_path=None):
+    """Runs the merge and table code on fake timings in a temporary directory; no torch needed.
+    With `--ours` (e.g. from `gpu_bench --dry-run`), also checks that gpu_bench's suite is this
+    script's default suite, row for row, and fakes timings on its rows."""
+    ours = load_ours(ours_path)
+    quick = bool(ours["quick"]) if ours else True
+    rows = default_rows(quick)
+    if ours:
+        names = [r["name"] for r in ours["rows"]]
+        assert names == [r["name"] for r in rows], "gpu_bench's suite and the default suite differ"
+        for mine, theirs in zip(rows, ours["rows"]):
+            assert row_bytes(mine) == (theirs["bytes_min"], theirs["bytes_practical"]), mine["name"]
+        rows = ours["rows"]
+    for k, row in enumerate(rows):
+        if row["op"] != "bn_fold":
+            row["torch_cudnn"] = {"median_us": 100.0 + k}
+            row["torch_cudnn_backend"] = "Cudnn" if row["dtype"] != "bf16" else "Native"
+        row["torch_native"] = {"median_us": 120.0 + k}
+        row["time_us"] = None if k == 1 else 50.0 + k
+        row["ok"] = k != 2
+        row["error"] = "fake error" if k == 1 else None
+    header = {"date": utc_now(), "device": "FAKE", "driver": None, "torch": None, "torch_cuda": None,
+              "cudnn": None, "ours_copy_gbs": 3000.0, "torch_copy_gbs": 2900.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        doc = write_outputs(tmp, header, rows, fake=True)
+        with open(os.path.join(tmp, "comparison.json")) as f:
+            assert json.load(f)["rows"][0]["name"] == rows[0]["name"]
+        with open(os.path.join(tmp, "comparison.md")) as f:
+            md = f.read()
+    m0 = doc["rows"][0]
+    assert m0["best_torch_us"] == 100.0 and abs(m0["speedup_vs_best_torch"] - 2.0) < 1e-12, m0
+    assert doc["rows"][1]["speedup_vs_best_torch"] is None
+    bytes_min = 2 * numel(rows[0]["shape"]) * 4
+    assert abs(m0["ours_frac_copy_min"] - bytes_min / 50e-6 / 1e9 / 3000.0) < 1e-12
+    assert abs(geomean([2.0, 8.0]) - 4.0) < 1e-12 and geomean([None]) is None
+    assert len(default_rows(quick=False)) == (24 + 5 + 1) * 2 * 3 * 3 + 1 * 3 * 3 + 7 * 3
+    print(md)
+    print(f"self-test passed on {len(rows)} rows" + (f" of {ours_path}" if ours else "")
+          + " (fake timings above; nothing was measured)")
+    return 0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ours", help="ours.json from examples/gpu_bench.rs (its rows are timed)")
+    parser.add_argument("--out", default=".", help="directory for comparison.json and comparison.md")
+    parser.add_argument("--quick", action="store_true", help="small default suite (without --ours)")
+    parser.add_argument("--filter", help="only rows whose name contains this text")
+    parser.add_argument("--self-test", action="store_true", help="check the table code on fake timings")
+    args = parser.parse_args()
+    if args.self_test:
+        return self_test(args.ours)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
