@@ -94,6 +94,10 @@ pub enum Error {
     #[error("cannot fold: {reason}")]
     InvalidFold { reason: String },
 
+    /// A reference convolution whose shapes or parameters do not fit (`reference::conv`).
+    #[error("invalid convolution: {reason}")]
+    InvalidConv { reason: String },
+
     /// A state file lacks a key.
     #[error("state key `{key}` is missing")]
     StateKeyMissing { key: String },

@@ -9,6 +9,7 @@
 //! | [`BatchNorm`] | a stateful layer like `torch.nn.BatchNorm{1,2,3}d` |
 //! | [`fold`], [`fold_in_place`] | conv / linear + batch-norm folding for inference |
 //! | [`exact`] | the training forward and backward entirely in f64, for gradient checks |
+//! | [`conv`] | convolution, transposed convolution and linear layer by direct loops in f64, to check a fold end to end |
 //!
 //! Activations (`x`, `y`, `dy`, `dx`) are any [`Element`] (f32, f16, bf16), stored in the
 //! memory order of their [`TensorDesc`]; parameters, statistics and their gradients are f32.
@@ -35,6 +36,7 @@
 //! # Ok::<(), batchnorm_cuda::Error>(())
 //! ```
 
+pub mod conv;
 pub mod exact;
 mod fold;
 mod layer;
