@@ -17,7 +17,7 @@ rm -rf "$stage"
 mkdir -p "$stage/tests" "$stage/bench"
 
 # Test binaries (release: a debug one is ~25 MB and what travels is capped at 64 MiB).
-cargo test --release --no-run --message-format=json 2>/dev/null \
+cargo test --release --no-run --message-format=json-render-diagnostics \
   | python3 -c '
 import json, sys
 for line in sys.stdin:
