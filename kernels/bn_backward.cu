@@ -1,0 +1,223 @@
+// bn_backward.cu: batch-norm backward, two launches (reduce, then dx).
+//
+// bn_backward_reduce_planar_<dt>_<ix>  grid (splits, min(C, 65535)), block 256     } the split
+// bn_backward_reduce_rows_<dt>_<ix>    grid (ceil(C/(bx*VEC)), splits), block (bx,by) } reduction
+//   of bn_stats (common.cuh), with per-channel state (sum dy, sum dy*(x - mean)) in f32: 16-byte
+//   vector sums by a fixed pairwise tree, then thread -> warp -> block -> partials[c][split][2]
+//   -> last block (split order). The last block writes dweight = invstd * sum dy*(x - mean) and
+//   dbias = sum dy (= or +=), and coef[c] = (sum dy / m, sum dy*xhat / m) for the dx pass.
+//   Shared memory: planar 2*8 floats; rows 2*VEC*256 floats (8 KB f32, 16 KB f16/bf16).
+// bn_backward_dx_planar_<dt>_<ix>      grid (blocks), block 256          } the traversals of
+// bn_backward_dx_rows_<dt>_<ix>        grid (ceil(C/(bx*VEC)), row_blocks) } bn_normalize
+//   dx = w*invstd * (dy - coef0 - xhat*coef1), xhat = (x - mean)*invstd, evaluated as
+//   (dy - coef0 - (x - mean)*(coef1*invstd)) * (w*invstd) (PyTorch's grad_mean / proj_scale /
+//   grad_scale). coef == null: eval-mode backward dx = dy * (w*invstd), x is not read.
+//   dx may alias dy. No shared memory.
+#include "common.cuh"
+
+struct BackwardReduceParams {
+  const void* x;
+  const void* dy;
+  const float* mean;
+  const float* var_or_invstd;
+  float* partials;
+  unsigned int* semaphores;
+  float* dweight;
+  float* dbias;
+  float* coef;
+  bn::Geometry g;
+  float eps;
+  int stat_is_var;
+  int accumulate;
+  int splits;
+};
+
+struct BackwardElementwiseParams {
+  const void* x;
+  const void* dy;
+  void* dx;
+  const float* mean;
+  const float* var_or_invstd;
+  const float* weight;
+  const float* coef;
+  bn::Geometry g;
+  float eps;
+  int stat_is_var;
+};
+
+namespace bn {
+
+struct BackwardReduce {
+  typedef BackwardReduceParams Params;
+  static constexpr int PF = 2;  // (sum dy, sum dy*(x - mean))
+  template <int K> using State = Sums2<K>;
+
+  template <typename T, typename I> struct PlanarAcc {
+    static constexpr int VEC = Vec<T>::N;
+    struct Frag {
+      Pack<T> x, dy;
+    };
+    const Raw<T>* x;
+    const Raw<T>* dy;
+    float mean;
+    Sums2<1> st;
+    __device__ __forceinline__ PlanarAcc(const Params& p, u64 c)
+        : x(static_cast<const Raw<T>*>(p.x)), dy(static_cast<const Raw<T>*>(p.dy)), mean(p.mean[c]),
+          st(Sums2<1>::empty()) {}
+    template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
+      load_slots<T, V, STEP>(fr.x, x, s);
+      load_slots<T, V, STEP>(fr.dy, dy, s);
+    }
+    template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
+      if (s.cnt <= 0) return;
+      float xv[VEC], g[VEC], gx[VEC];
+      unpack(fr.x, xv);
+      unpack(fr.dy, g);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        g[k] = k < s.cnt ? g[k] : 0.f;  // masked slots: explicit 0 (also for a non-finite mean)
+        gx[k] = k < s.cnt ? g[k] * (xv[k] - mean) : 0.f;
+      }
+      st.a(0) += tree_sum(g);
+      st.b(0) += tree_sum(gx);
+    }
+  };
+
+  template <typename T, typename I> struct RowsAcc {
+    static constexpr int VEC = Vec<T>::N;
+    struct Frag {
+      Pack<T> x, dy;
+    };
+    const Raw<T>* x;
+    const Raw<T>* dy;
+    float mean[VEC];
+    Sums2<VEC> st;
+    __device__ __forceinline__ RowsAcc(const Params& p, const RowsColumn& rc)
+        : x(static_cast<const Raw<T>*>(p.x)), dy(static_cast<const Raw<T>*>(p.dy)), st(Sums2<VEC>::empty()) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) mean[k] = k < rc.cnt ? p.mean[rc.c0 + k] : 0.f;
+    }
+    template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
+      load_slots<T, V, STEP>(fr.x, x, s);
+      load_slots<T, V, STEP>(fr.dy, dy, s);
+    }
+    // Masked channels read x = dy = 0 and mean 0: they add zeros, and are never written.
+    template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
+      if (s.cnt <= 0) return;
+      float xv[VEC], g[VEC];
+      unpack(fr.x, xv);
+      unpack(fr.dy, g);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        st.a(k) += g[k];
+        st.b(k) = fmaf(g[k], xv[k] - mean[k], st.b(k));
+      }
+    }
+  };
+
+  static __device__ __forceinline__ bool vec_ok(const Params& p) { return aligned16(p.x) && aligned16(p.dy); }
+
+  template <int K> static __device__ __forceinline__ void store_partial(float* dst, const Sums2<K>& s, int k) {
+    dst[0] = s.a(k);
+    dst[1] = s.b(k);
+  }
+  template <int K> static __device__ __forceinline__ void load_partial(Sums2<K>& s, const float* src, int k) {
+    s.a(k) = __ldcg(src + 0);
+    s.b(k) = __ldcg(src + 1);
+  }
+
+  template <typename T> static __device__ __forceinline__ void finalize(const Params& p, u64 c, const Sums2<1>& s) {
+    const float sum_dy = s.a(0), sum_dy_xmu = s.b(0);
+    const float invstd = invstd_of(p.var_or_invstd, c, p.stat_is_var, p.eps);
+    const float gw = sum_dy_xmu * invstd;
+    if (p.dweight) p.dweight[c] = p.accumulate ? p.dweight[c] + gw : gw;
+    if (p.dbias) p.dbias[c] = p.accumulate ? p.dbias[c] + sum_dy : sum_dy;
+    if (p.coef) {
+      const float inv_m = (float)div_d(1.0, (double)(p.g.outer * p.g.inner));  // PyTorch's norm_fct = 1.0 / m
+      p.coef[2 * c] = sum_dy * inv_m;
+      p.coef[2 * c + 1] = sum_dy_xmu * inv_m * invstd;
+    }
+  }
+};
+
+// dx with batch statistics: coef = (sum dy / m, sum dy*xhat / m) from the reduce.
+struct DxTrainOp {
+  struct Coef {
+    float mean, grad_mean, proj, scale;
+  };
+  const float* mean;
+  const float* var_or_invstd;
+  const float* weight;
+  const float* sums;  // BackwardElementwiseParams::coef
+  float eps;
+  int stat_is_var;
+  __device__ __forceinline__ Coef coef(u64 c) const {
+    const float invstd = invstd_of(var_or_invstd, c, stat_is_var, eps);
+    Coef k;
+    k.mean = mean[c];
+    k.grad_mean = sums[2 * c];
+    k.proj = sums[2 * c + 1] * invstd;  // xhat*coef1 = (x - mean)*(coef1*invstd)
+    k.scale = load_or(weight, c, 1.0f) * invstd;
+    return k;
+  }
+  __device__ __forceinline__ float apply(const Coef& k, float x, float dy) const {
+    return (dy - k.grad_mean - (x - k.mean) * k.proj) * k.scale;
+  }
+};
+
+// Eval-mode dx (running statistics are constants): dx = dy * (w*invstd); input 0 is dy.
+struct DxEvalOp {
+  struct Coef {
+    float scale;
+  };
+  const float* var_or_invstd;
+  const float* weight;
+  float eps;
+  int stat_is_var;
+  __device__ __forceinline__ Coef coef(u64 c) const {
+    Coef k;
+    k.scale = load_or(weight, c, 1.0f) * invstd_of(var_or_invstd, c, stat_is_var, eps);
+    return k;
+  }
+  __device__ __forceinline__ float apply(const Coef& k, float dy, float) const { return dy * k.scale; }
+};
+
+template <bool ROWS, typename T, typename I> __device__ __forceinline__ void backward_dx(const BackwardElementwiseParams& p) {
+  if (p.coef) {
+    DxTrainOp op;
+    op.mean = p.mean;
+    op.var_or_invstd = p.var_or_invstd;
+    op.weight = p.weight;
+    op.sums = p.coef;
+    op.eps = p.eps;
+    op.stat_is_var = p.stat_is_var;
+    if (ROWS) map_rows<T, I, 2, rows_unroll<T, 2>()>(p.g, p.x, p.dy, p.dx, op);
+    else map_planar<T, I, 2, 2>(p.g, p.x, p.dy, p.dx, op);
+  } else {
+    DxEvalOp op;
+    op.var_or_invstd = p.var_or_invstd;
+    op.weight = p.weight;
+    op.eps = p.eps;
+    op.stat_is_var = p.stat_is_var;
+    if (ROWS) map_rows<T, I, 1, rows_unroll<T, 1>()>(p.g, p.dy, nullptr, p.dx, op);
+    else map_planar<T, I, 1, 4>(p.g, p.dy, nullptr, p.dx, op);
+  }
+}
+
+template <typename T, typename I> __device__ __forceinline__ void backward_dx_planar(const BackwardElementwiseParams& p) {
+  backward_dx<false, T, I>(p);
+}
+template <typename T, typename I> __device__ __forceinline__ void backward_dx_rows(const BackwardElementwiseParams& p) {
+  backward_dx<true, T, I>(p);
+}
+
+}  // namespace bn
+
+#define BN_BACKWARD_ENTRIES(dt, T, ix, I)                                                                      \
+  BN_KERNEL(bn_backward_reduce_planar_##dt##_##ix, BackwardReduceParams,                                      \
+            bn::split_reduce_planar<bn::BackwardReduce, T, I, 2>)                                              \
+  BN_KERNEL(bn_backward_reduce_rows_##dt##_##ix, BackwardReduceParams, bn::split_reduce_rows<bn::BackwardReduce, T, I, bn::rows_unroll<T, 2>()>) \
+  BN_KERNEL(bn_backward_dx_planar_##dt##_##ix, BackwardElementwiseParams, bn::backward_dx_planar<T, I>)       \
+  BN_KERNEL(bn_backward_dx_rows_##dt##_##ix, BackwardElementwiseParams, bn::backward_dx_rows<T, I>)
+
+BN_FOR_EACH_TYPE(BN_BACKWARD_ENTRIES)

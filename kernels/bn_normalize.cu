@@ -1,0 +1,76 @@
+// bn_normalize.cu: y = (x - mean[c]) * (weight[c] * invstd[c]) + bias[c]  (training forward
+// second pass, and the whole eval forward).
+//
+// bn_normalize_planar_<dt>_<ix>  (inner > 1)   grid (blocks), block 256: the grid's warps split
+//   all outer*C*chunks warp units into contiguous ranges; the channel of each unit is tracked
+//   incrementally (no division per unit or element) and its coefficients are loaded per unit.
+// bn_normalize_rows_<dt>_<ix>    (inner == 1)  grid (ceil(C / (bx*VEC)), row_blocks), block
+//   (bx, by): each thread computes the coefficients of its VEC channels once, then strides rows.
+// No shared memory. 16-byte loads/stores when inner % VEC == 0 (planar) / C % VEC == 0 (rows)
+// and x, y are 16-byte aligned; scalar otherwise. y may equal x (every element is read and then
+// written by the same thread). Not x*a + b with b = bias - mean*a: that cancels for large means;
+// a constant channel gives (x - mean) == 0 and y == bias exactly.
+#include "common.cuh"
+
+struct NormalizeParams {
+  const void* x;
+  void* y;
+  const float* mean;
+  const float* var_or_invstd;
+  const float* weight;
+  const float* bias;
+  bn::Geometry g;
+  float eps;
+  int stat_is_var;
+};
+
+namespace bn {
+
+struct NormalizeOp {
+  struct Coef {
+    float mean, scale, bias;
+  };
+  const float* mean;
+  const float* var_or_invstd;
+  const float* weight;
+  const float* bias;
+  float eps;
+  int stat_is_var;
+  __device__ __forceinline__ Coef coef(u64 c) const {
+    Coef k;
+    k.mean = mean[c];
+    k.scale = load_or(weight, c, 1.0f) * invstd_of(var_or_invstd, c, stat_is_var, eps);
+    k.bias = load_or(bias, c, 0.0f);
+    return k;
+  }
+  __device__ __forceinline__ float apply(const Coef& k, float x, float) const {
+    return (x - k.mean) * k.scale + k.bias;
+  }
+};
+
+__device__ __forceinline__ NormalizeOp normalize_op(const NormalizeParams& p) {
+  NormalizeOp op;
+  op.mean = p.mean;
+  op.var_or_invstd = p.var_or_invstd;
+  op.weight = p.weight;
+  op.bias = p.bias;
+  op.eps = p.eps;
+  op.stat_is_var = p.stat_is_var;
+  return op;
+}
+
+template <typename T, typename I> __device__ __forceinline__ void normalize_planar(const NormalizeParams& p) {
+  map_planar<T, I, 1, 4>(p.g, p.x, nullptr, p.y, normalize_op(p));
+}
+
+template <typename T, typename I> __device__ __forceinline__ void normalize_rows(const NormalizeParams& p) {
+  map_rows<T, I, 1, rows_unroll<T, 1>()>(p.g, p.x, nullptr, p.y, normalize_op(p));
+}
+
+}  // namespace bn
+
+#define BN_NORMALIZE_ENTRIES(dt, T, ix, I)                                            \
+  BN_KERNEL(bn_normalize_planar_##dt##_##ix, NormalizeParams, bn::normalize_planar<T, I>) \
+  BN_KERNEL(bn_normalize_rows_##dt##_##ix, NormalizeParams, bn::normalize_rows<T, I>)
+
+BN_FOR_EACH_TYPE(BN_NORMALIZE_ENTRIES)

@@ -1,0 +1,791 @@
+// common.cuh: the one home of the shared kernel machinery (see /tmp/spec/KERNEL_ABI.md).
+//
+//   dtypes      Dtype<T>: raw 16/32-bit storage, f32 conversions; Pack<T>: one 16-byte vector.
+//   reductions  Welford<K> (one state, one Chan merge, exact when either count is 0) and Sums2<K>;
+//               warp_reduce / block_reduce (1-D block) / block_reduce_y (2-D block, over y).
+//   traversals  walk_planar (warp units over [outer, C, inner] planes) and walk_rows (inner == 1),
+//               each calling a functor's load() for UNROLL slices, then its consume().
+//   split reduction + last-block finalize: split_reduce_planar / split_reduce_rows, shared by
+//               bn_stats.cu and bn_backward.cu through a small policy type.
+//   BN_FOR_EACH_TYPE / BN_KERNEL: stamp the extern "C" entry points per dtype x index width.
+//
+// Assumptions everywhere: 256 threads per block (blockDim.x == 256 for planar/1-D kernels,
+// blockDim.x * blockDim.y == 256 for rows kernels, so both are powers of two); I is the element
+// index type, unsigned int when numel < 2^31, else unsigned long long. All arithmetic is f32, no
+// fast math: every division and square root whose result is compared with PyTorch is IEEE
+// (div.rn / sqrt.rn); only the Welford merge weights use div_count (see there).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace bn {
+
+typedef unsigned long long u64;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFull = 0xffffffffu;
+
+struct Geometry {
+  u64 outer, channels, inner;
+};
+
+// ------------------------------------------------------------------------------------------------
+// dtypes
+// ------------------------------------------------------------------------------------------------
+template <typename T> struct Dtype;
+template <> struct Dtype<float> {
+  typedef unsigned int Raw;
+  static __device__ __forceinline__ float to_f(Raw r) { return __uint_as_float(r); }
+  static __device__ __forceinline__ Raw from_f(float f) { return __float_as_uint(f); }
+  static __device__ __forceinline__ double to_d(Raw r) { return (double)__uint_as_float(r); }
+  static __device__ __forceinline__ Raw from_d(double d) { return __float_as_uint((float)d); }
+};
+template <> struct Dtype<__half> {
+  typedef unsigned short Raw;
+  static __device__ __forceinline__ float to_f(Raw r) { return __half2float(__ushort_as_half(r)); }
+  static __device__ __forceinline__ Raw from_f(float f) { return __half_as_ushort(__float2half_rn(f)); }
+  static __device__ __forceinline__ double to_d(Raw r) { return (double)to_f(r); }
+  // cvt.rn.f16.f64: one rounding from double (not through f32).
+  static __device__ __forceinline__ Raw from_d(double d) { return __half_as_ushort(__double2half(d)); }
+};
+template <> struct Dtype<__nv_bfloat16> {
+  typedef unsigned short Raw;
+  static __device__ __forceinline__ float to_f(Raw r) { return __bfloat162float(__ushort_as_bfloat16(r)); }
+  static __device__ __forceinline__ Raw from_f(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+  static __device__ __forceinline__ double to_d(Raw r) { return (double)to_f(r); }
+  // Single rounding from double (round-to-odd to f32 first below sm_90: no double rounding).
+  static __device__ __forceinline__ Raw from_d(double d) { return __bfloat16_as_ushort(__double2bfloat16(d)); }
+};
+template <typename T> using Raw = typename Dtype<T>::Raw;
+
+// Elements per 16-byte vector: 4 for f32, 8 for f16/bf16.
+template <typename T> struct Vec { static constexpr int N = 16 / (int)sizeof(T); };
+
+// One thread's VEC elements ("slots"), loaded as one 16-byte vector or slot by slot.
+template <typename T> union Pack {
+  uint4 u;
+  Raw<T> r[Vec<T>::N];
+};
+
+// The slots of one thread in one unit (planar) or row (rows): slot k lives at off + k*STEP
+// (STEP = 1 for vector loads and for rows, 32 for planar scalar loads), slots [0, cnt) are valid
+// (always a prefix), c is the channel of the unit (planar walks; 0 for rows).
+template <typename I> struct Slice {
+  I off;
+  int cnt;
+  unsigned c;
+};
+
+template <typename T, bool V, int STEP, typename I>
+__device__ __forceinline__ void load_slots(Pack<T>& p, const Raw<T>* src, const Slice<I>& s) {
+  p.u = make_uint4(0u, 0u, 0u, 0u);  // invalid slots read as 0
+  if (V) {
+    if (s.cnt > 0) p.u = *reinterpret_cast<const uint4*>(src + s.off);
+  } else {
+#pragma unroll
+    for (int k = 0; k < Vec<T>::N; ++k)
+      if (k < s.cnt) p.r[k] = src[s.off + (I)(k * STEP)];
+  }
+}
+
+template <typename T, bool V, int STEP, typename I>
+__device__ __forceinline__ void store_slots(Raw<T>* dst, const Pack<T>& p, const Slice<I>& s) {
+  if (V) {
+    if (s.cnt > 0) *reinterpret_cast<uint4*>(dst + s.off) = p.u;
+  } else {
+#pragma unroll
+    for (int k = 0; k < Vec<T>::N; ++k)
+      if (k < s.cnt) dst[s.off + (I)(k * STEP)] = p.r[k];
+  }
+}
+
+template <typename T> __device__ __forceinline__ void unpack(const Pack<T>& p, float (&v)[Vec<T>::N]) {
+#pragma unroll
+  for (int k = 0; k < Vec<T>::N; ++k) v[k] = Dtype<T>::to_f(p.r[k]);
+}
+
+template <typename T> __device__ __forceinline__ void pack(Pack<T>& p, const float (&v)[Vec<T>::N]) {
+#pragma unroll
+  for (int k = 0; k < Vec<T>::N; ++k) p.r[k] = Dtype<T>::from_f(v[k]);
+}
+
+// Unsigned 64-bit a / b (b > 0) without div.u64, which ptxas turns into a subroutine call whose
+// register saves show up as spills: div.u32 when both fit in 32 bits (always, in practice), else
+// restoring binary long division. Only used a few times per thread, before the main loop.
+__device__ __forceinline__ u64 udiv(u64 a, u64 b) {
+  if (((a | b) >> 32) == 0) return (unsigned)a / (unsigned)b;
+  if (a < b) return 0;
+  const int sh = __clzll(b) - __clzll(a);  // 0 <= sh < 64: b << sh does not overflow
+  u64 d = b << sh, q = 0;
+  for (int i = 0; i <= sh; ++i) {
+    q <<= 1;
+    if (a >= d) {
+      a -= d;
+      q |= 1;
+    }
+    d >>= 1;
+  }
+  return q;
+}
+
+__device__ __forceinline__ u64 umod(u64 a, u64 b) { return a - udiv(a, b) * b; }
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<u64>(p) & 15u) == 0;
+}
+
+// Nullable per-channel parameter with an identity default.
+__device__ __forceinline__ float load_or(const float* p, u64 c, float dflt) { return p ? p[c] : dflt; }
+
+// Bit-identical to IEEE 1.0f / sqrtf(x) (sqrt.rn then rcp.rn, what nvcc emits for it) but
+// without the slow-path subroutine calls ptxas attaches to sqrt.rn.f32 / rcp.rn.f32, whose
+// register saves cost stack frames in the elementwise kernels. It runs ptxas's own fast-path
+// sequences (MUFU.RSQ + 2 FFMA; MUFU.RCP + 2 FFMA), which are exact on their ranges
+// (sqrt: x in [2^-101, FLT_MAX]; rcp: biased exponent in [1, 252]); a positive x < 2^-100 is
+// scaled by 2^126 (sqrt by 2^63, exact), so the sqrt lies in [2^-75, 2^64], inside the rcp range.
+// Specials as IEEE: +-0 -> +-Inf, +Inf -> +0, negative or NaN -> NaN.
+__device__ __forceinline__ float invsqrt_rn(float x) {
+  const bool tiny = x < 0x1p-100f;
+  const float xs = tiny ? x * 0x1p126f : x;
+  float r;
+  asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(xs));
+  const float s0 = xs * r;
+  float s = fmaf(fmaf(-s0, s0, xs), r * 0.5f, s0);  // sqrt.rn(xs)
+  if (tiny) s *= 0x1p-63f;
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(s));
+  float q = fmaf(y, -fmaf(y, s, -1.0f), y);  // rcp.rn(s)
+  const float inf = __int_as_float(0x7f800000);
+  if (!(x > 0.f) || x == inf) q = x == 0.f ? copysignf(inf, x) : (x == inf ? 0.f : __int_as_float(0x7fffffff));
+  return q;
+}
+
+// invstd from the stored statistic: save_invstd as is, or 1/sqrt(running_var + eps).
+__device__ __forceinline__ float invstd_of(const float* var_or_invstd, u64 c, int stat_is_var, float eps) {
+  const float v = var_or_invstd[c];
+  return stat_is_var ? invsqrt_rn(v + eps) : v;
+}
+
+// a / b for the internals of the Welford merges (weights nb/n, means of partial vectors), where
+// b > 0 is a count (an integer below 2^24 in practice): hardware reciprocal, one Newton step, one
+// residual correction. Within an ulp of div.rn (exact when the quotient is representable, e.g. b
+// a power of two) but without div.rn's slow-path subroutine, whose call costs registers in the
+// hot loops. Everything compared with PyTorch (var, invstd, running stats) uses IEEE / and sqrtf.
+__device__ __forceinline__ float div_count(float a, float b) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(b));
+  y = fmaf(fmaf(-b, y, 1.0f), y, y);
+  const float q = a * y;
+  return fmaf(fmaf(-q, b, a), y, q);
+}
+
+// a / b in double for the per-channel scalars of the finalize steps (b > 0 normal, a finite or
+// not): hardware reciprocal estimate, two Newton steps, one residual correction. Relative error
+// below 2^-52, exact when the quotient is representable; no div.rn.f64 subroutine call (a call
+// in a kernel makes ptxas keep the values live across it in stack slots). Rounded to f32 it gives
+// the IEEE f32 quotient of f32 operands (double carries more than 2*24+2 bits, and a quotient of
+// two 24-bit numbers is never a f32 rounding midpoint), and PyTorch's
+// static_cast<float>(double(m) / double(m - 1)) for every m (see bn_stats.cu).
+__device__ __forceinline__ double div_d(double a, double b) {
+  double y;
+  asm("rcp.approx.ftz.f64 %0, %1;" : "=d"(y) : "d"(b));
+  y = fma(fma(-b, y, 1.0), y, y);
+  y = fma(fma(-b, y, 1.0), y, y);
+  const double q = a * y;
+  if (!(fabs(q) <= 1.7976931348623157e308)) return q;  // Inf or NaN: as IEEE, no NaN from Inf - Inf
+  return fma(fma(-q, b, a), y, q);
+}
+
+// Fixed pairwise tree (N a power of two): deterministic, and exact for equal inputs (every
+// level adds two equal values: a multiplication by 2).
+template <int N> __device__ __forceinline__ float tree_sum(const float (&v)[N]) {
+  float t[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) t[k] = v[k];
+#pragma unroll
+  for (int w = N / 2; w >= 1; w /= 2)
+#pragma unroll
+    for (int k = 0; k < w; ++k) t[k] = t[k] + t[k + w];
+  return t[0];
+}
+
+// ------------------------------------------------------------------------------------------------
+// Reduction states. Each is a small float array v[NF] so that shuffles and shared-memory moves
+// are written once (warp_reduce, block_reduce*), with a static merge() and empty().
+// ------------------------------------------------------------------------------------------------
+
+// Welford state of K channels that share one count (K = 1 planar; K = VEC for rows, where every
+// channel of a thread has seen the same rows). v = [n, mean[0..K), m2[0..K)].
+template <int K> struct Welford {
+  static constexpr int NF = 1 + 2 * K;
+  float v[NF];
+  __device__ __forceinline__ float& n() { return v[0]; }
+  __device__ __forceinline__ float n() const { return v[0]; }
+  __device__ __forceinline__ float& mean(int k) { return v[1 + k]; }
+  __device__ __forceinline__ float mean(int k) const { return v[1 + k]; }
+  __device__ __forceinline__ float& m2(int k) { return v[1 + K + k]; }
+  __device__ __forceinline__ float m2(int k) const { return v[1 + K + k]; }
+
+  static __device__ __forceinline__ Welford empty() {
+    Welford s;
+#pragma unroll
+    for (int i = 0; i < NF; ++i) s.v[i] = 0.f;
+    return s;
+  }
+  // One value per channel (a row of the rows traversal).
+  static __device__ __forceinline__ Welford sample(const float (&x)[K]) {
+    Welford s;
+    s.n() = 1.f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      s.mean(k) = x[k];
+      s.m2(k) = 0.f;
+    }
+    return s;
+  }
+  // Channel k of a state parked in shared memory as v[i] = src[i * stride].
+  static __device__ __forceinline__ Welford<1> channel(const float* src, int stride, int k) {
+    Welford<1> r;
+    r.n() = src[0];
+    r.mean(0) = src[(1 + k) * stride];
+    r.m2(0) = src[(1 + K + k) * stride];
+    return r;
+  }
+  // THE Chan et al. merge: with n = na + nb and w = nb / n (0 when both are empty),
+  //   mean = ma + (mb - ma) * w,   m2 = m2a + m2b + (mb - ma)^2 * na * w.
+  // Either side may be empty: an empty state is all zeros and gives w = 0 (b empty) or w = 1
+  // exactly (a empty), so the result is the other side bit for bit (if its mean is finite; a
+  // non-finite mean becomes NaN, as in PyTorch's Welford, and stays in its channel). Equal means
+  // give d = 0, so a constant channel keeps its value as the exact mean. No select of whole
+  // states: only two states are live, which keeps the K = 8 rows reductions in registers.
+  static __device__ __forceinline__ Welford merge(const Welford& a, const Welford& b) {
+    Welford r;
+    r.n() = a.n() + b.n();
+    const float w = r.n() > 0.f ? div_count(b.n(), r.n()) : 0.f;
+    const float naw = a.n() * w;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const float d = b.mean(k) - a.mean(k);
+      r.mean(k) = fmaf(d, w, a.mean(k));
+      r.m2(k) = (a.m2(k) + b.m2(k)) + d * d * naw;
+    }
+    return r;
+  }
+};
+
+// Statistics of one thread's N slots, of which [0, cnt) are valid (1 <= cnt <= N): shifted by the
+// first value (exact differences for clustered data, exact mean for a constant vector), so one
+// division per vector at most (none for a full vector: 1/N is a power of two).
+template <int N> __device__ __forceinline__ Welford<1> vec_welford(const float (&x)[N], int cnt) {
+  const float pivot = x[0];
+  float d[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) d[k] = k < cnt ? x[k] - pivot : 0.f;
+  const float s = tree_sum(d);
+  float mean;
+  if (cnt == N) mean = pivot + s * (1.0f / N);
+  else mean = pivot + div_count(s, (float)cnt);
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const float e = k < cnt ? x[k] - mean : 0.f;
+    d[k] = e * e;
+  }
+  Welford<1> r;
+  r.n() = (float)cnt;
+  r.mean(0) = mean;
+  r.m2(0) = tree_sum(d);
+  return r;
+}
+
+// Two plain sums per channel (backward: sum dy, sum dy*(x - mean)). v = [a[0..K), b[0..K)].
+template <int K> struct Sums2 {
+  static constexpr int NF = 2 * K;
+  float v[NF];
+  __device__ __forceinline__ float& a(int k) { return v[k]; }
+  __device__ __forceinline__ float a(int k) const { return v[k]; }
+  __device__ __forceinline__ float& b(int k) { return v[K + k]; }
+  __device__ __forceinline__ float b(int k) const { return v[K + k]; }
+  static __device__ __forceinline__ Sums2 empty() {
+    Sums2 s;
+#pragma unroll
+    for (int i = 0; i < NF; ++i) s.v[i] = 0.f;
+    return s;
+  }
+  static __device__ __forceinline__ Sums2<1> channel(const float* src, int stride, int k) {
+    Sums2<1> r;
+    r.a(0) = src[k * stride];
+    r.b(0) = src[(K + k) * stride];
+    return r;
+  }
+  static __device__ __forceinline__ Sums2 merge(const Sums2& x, const Sums2& y) {
+    Sums2 r;
+#pragma unroll
+    for (int i = 0; i < NF; ++i) r.v[i] = x.v[i] + y.v[i];
+    return r;
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Warp and block reductions (fixed order: deterministic).
+// ------------------------------------------------------------------------------------------------
+
+// Shuffle-down tree over offsets hi, hi/2, ..., lo (powers of two). Lane l < lo ends with the
+// merge of lanes l, l+lo, l+2lo, ... < l + 2hi. All 32 lanes must call it.
+template <class S> __device__ __forceinline__ S warp_reduce(S s, unsigned hi, unsigned lo) {
+  for (unsigned off = hi; off >= lo; off >>= 1) {
+    S o;
+#pragma unroll
+    for (int i = 0; i < S::NF; ++i) o.v[i] = __shfl_down_sync(kFull, s.v[i], off);
+    s = S::merge(s, o);
+  }
+  return s;
+}
+
+// Whole 1-D block (blockDim == (256, 1, 1)); the result is valid in thread 0.
+// sm: S::NF * kWarps floats. Callers separate two uses of sm by a __syncthreads().
+template <class S> __device__ __forceinline__ S block_reduce(S s, float* sm) {
+  const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  s = warp_reduce(s, 16, 1);
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < S::NF; ++i) sm[i * kWarps + warp] = s.v[i];
+  }
+  __syncthreads();
+  if (warp == 0) {
+    S t = S::empty();
+    if (lane < kWarps) {
+#pragma unroll
+      for (int i = 0; i < S::NF; ++i) t.v[i] = sm[i * kWarps + lane];
+    }
+    s = warp_reduce(t, kWarps / 2, 1);
+  }
+  return s;
+}
+
+// Over threadIdx.y of a (bx, by) block, bx * by == 256: the result for column tx is valid in
+// thread (tx, 0). sm: S::NF * kThreads floats. Callers separate two uses by a __syncthreads().
+template <class S> __device__ __forceinline__ S block_reduce_y(S s, float* sm) {
+  const unsigned bx = blockDim.x, tx = threadIdx.x, ty = threadIdx.y;
+  // 1) bx < 32: a warp holds 32/bx consecutive rows of the same bx columns; shuffle them down to
+  //    the warp's first row (offsets 16 .. bx, multiples of bx: same column).
+  if (bx < 32) s = warp_reduce(s, 16, bx);
+  // 2) the first row of each warp group parks its state; row 0 merges the groups in order.
+  //    rows per group = 32/bx (bx < 32) or 1: a power of two, so shifts and masks.
+  const unsigned lg = bx < 32 ? 5u - (unsigned)(__ffs(bx) - 1) : 0u;
+  const unsigned groups = blockDim.y >> lg;  // min(by, 8)
+  const unsigned g = ty >> lg;
+  if (g > 0 && (ty & ((1u << lg) - 1u)) == 0) {
+#pragma unroll
+    for (int i = 0; i < S::NF; ++i) sm[i * kThreads + (g - 1) * bx + tx] = s.v[i];  // < 7*bx+bx <= 256
+  }
+  __syncthreads();
+  if (ty == 0) {
+    for (unsigned h = 1; h < groups; ++h) {
+      S t;
+#pragma unroll
+      for (int i = 0; i < S::NF; ++i) t.v[i] = sm[i * kThreads + (h - 1) * bx + tx];
+      s = S::merge(s, t);
+    }
+  }
+  return s;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Traversals.
+// ------------------------------------------------------------------------------------------------
+// A functor F visited by a walk provides:
+//   typedef ... Frag;                                   registers of one slice (loaded data)
+//   template <bool V, int STEP> void load(Frag&, const Slice<I>&);
+//   template <bool V, int STEP> void consume(Frag&, const Slice<I>&);
+// The walk calls load() for UNROLL slices, then consume() for each: UNROLL independent 16-byte
+// loads (per input) in flight per thread.
+
+// Slices per iteration: UNROLL_V on the vector path; half as many on the scalar path, where each
+// slice already has VEC independent loads in flight and each 16-bit element takes a register.
+template <int UNROLL_V, bool V> __host__ __device__ constexpr int unroll_for() {
+  return V ? UNROLL_V : (UNROLL_V + 1) / 2;
+}
+
+// Planar: the warp units of a set of planes. Unit u = (q = u / chunks, k = u % chunks) covers
+// elements [k*CH, min((k+1)*CH, inner)) of plane q, which starts at base + q*plane_stride and
+// belongs to channel q % mod; CH = 32*VEC.
+//   stats/backward (one channel c): base = c*inner, plane_stride = C*inner, mod = 1.
+//   normalize/dx (all planes):      base = 0,       plane_stride = inner,   mod = C.
+template <typename I> struct PlanarSpan {
+  u64 units;       // planes * chunks
+  I chunks;        // units per plane, ceil(inner / CH)
+  I inner;         // elements per plane
+  I base;          // offset of plane 0
+  I plane_stride;  // offset between consecutive planes
+  unsigned mod;    // channel = plane % mod
+};
+
+// Warp w of W takes the contiguous units [w*per + min(w, extra), +per + (w < extra)) with
+// per = units / W, extra = units % W (balanced to one unit), walking them in order: consecutive
+// 512-byte chunks of a plane, then the next plane. Lane slots: vector path elements
+// k*CH + lane*VEC + [0, VEC); scalar path k*CH + lane + 32*s (each load instruction of the warp
+// reads 32 consecutive elements). Divisions only here, at the start; none per unit.
+template <typename I> struct PlanarCursor {
+  I left;       // units still to visit
+  I coff;       // k*CH of the current unit
+  I poff;       // offset of the current plane, plus this lane's first slot
+  unsigned c;   // channel of the current plane
+};
+
+template <typename T, typename I, int UNROLL_V, bool V, class F>
+__device__ __forceinline__ void walk_planar_impl(F& f, const PlanarSpan<I>& sp, PlanarCursor<I> cur) {
+  constexpr int UNROLL = unroll_for<UNROLL_V, V>();
+  constexpr int VEC = Vec<T>::N;
+  constexpr int STEP = V ? 1 : 32;
+  constexpr unsigned CH = 32u * VEC;
+  const unsigned lane = threadIdx.x & 31;
+  const I wrap = sp.chunks * (I)CH;  // coff runs over 0, CH, ..., wrap - CH
+  cur.poff += V ? (I)(lane * VEC) : (I)lane;
+  for (; cur.left > 0; cur.left -= cur.left < (I)UNROLL ? cur.left : (I)UNROLL) {
+    Slice<I> sl[UNROLL];
+    typename F::Frag fr[UNROLL];
+#pragma unroll
+    for (int j = 0; j < UNROLL; ++j) {
+      int cnt = 0;
+      if ((I)j < cur.left) {
+        const I rem = sp.inner - cur.coff;  // > 0: the last chunk of a plane starts below inner
+        const unsigned nv = rem < (I)CH ? (unsigned)rem : CH;  // elements of this unit
+        if (V) cnt = lane * VEC < nv ? VEC : 0;  // inner % VEC == 0: whole vectors
+        else cnt = lane < nv ? min(VEC, (int)((nv - lane + 31) >> 5)) : 0;
+      }
+      sl[j].off = cur.poff + cur.coff;  // past the end when cnt == 0: never dereferenced
+      sl[j].cnt = cnt;
+      sl[j].c = cur.c;
+      cur.coff += (I)CH;  // next unit
+      if (cur.coff == wrap) {
+        cur.coff = 0;
+        cur.poff += sp.plane_stride;
+        if (++cur.c == sp.mod) cur.c = 0;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < UNROLL; ++j) f.template load<V, STEP>(fr[j], sl[j]);
+#pragma unroll
+    for (int j = 0; j < UNROLL; ++j) f.template consume<V, STEP>(fr[j], sl[j]);
+  }
+}
+
+// vec is uniform over the grid (inner % VEC and pointer alignment), so the branch never diverges.
+template <typename T, typename I, int UNROLL, class F>
+__device__ __forceinline__ void walk_planar(F& f, bool vec, const PlanarSpan<I>& sp, u64 warp, u64 warps) {
+  constexpr unsigned CH = 32u * Vec<T>::N;
+  const u64 per = udiv(sp.units, warps), extra = sp.units - per * warps;
+  const u64 begin = warp * per + (warp < extra ? warp : extra);  // <= units: no overflow
+  PlanarCursor<I> cur;
+  cur.left = (I)(per + (warp < extra ? 1 : 0));
+  // If left == 0, begin may be == units and the cursor past the end: never used.
+  const u64 q = udiv(begin, sp.chunks);
+  cur.coff = (I)(begin - q * sp.chunks) * (I)CH;
+  cur.poff = sp.base + (I)q * sp.plane_stride;
+  cur.c = (unsigned)umod(q, sp.mod);
+  if (vec) walk_planar_impl<T, I, UNROLL, true>(f, sp, cur);
+  else walk_planar_impl<T, I, UNROLL, false>(f, sp, cur);
+}
+
+template <typename T, typename I> __device__ __forceinline__ I planar_chunks(I inner) {
+  constexpr unsigned CH = 32u * Vec<T>::N;
+  return (inner + (I)(CH - 1)) / (I)CH;
+}
+
+// Rows (inner == 1): this thread owns channels [c0, c0 + cnt) of every row r0, r0 + rstride, ...
+// Row r's slots start at r*C + c0. Vector path: C % VEC == 0, so cnt is VEC or 0 and every row
+// start is 16-byte aligned; scalar path: slots k < cnt = min(VEC, C - c0) loaded one by one.
+template <typename T, typename I, int UNROLL_V, bool V, class F>
+__device__ __forceinline__ void walk_rows_impl(F& f, I rows, I C, I c0, int cnt, I r0, I rstride) {
+  constexpr int UNROLL = unroll_for<UNROLL_V, V>();
+  // r < rows < 2^31 (i32) and UNROLL*rstride <= 4*65535*256 < 2^27: r never wraps.
+  for (I r = r0; r < rows; r += (I)UNROLL * rstride) {
+    Slice<I> sl[UNROLL];
+    typename F::Frag fr[UNROLL];
+#pragma unroll
+    for (int j = 0; j < UNROLL; ++j) {
+      const I rr = r + (I)j * rstride;
+      sl[j].off = rr * C + c0;  // garbage past the end (cnt = 0): never dereferenced
+      sl[j].cnt = rr < rows ? cnt : 0;
+      sl[j].c = 0;
+    }
+#pragma unroll
+    for (int j = 0; j < UNROLL; ++j) f.template load<V, 1>(fr[j], sl[j]);
+#pragma unroll
+    for (int j = 0; j < UNROLL; ++j) f.template consume<V, 1>(fr[j], sl[j]);
+  }
+}
+
+template <typename T, typename I, int UNROLL, class F>
+__device__ __forceinline__ void walk_rows(F& f, bool vec, I rows, I C, I c0, int cnt, I r0, I rstride) {
+  if (vec) walk_rows_impl<T, I, UNROLL, true>(f, rows, C, c0, cnt, r0, rstride);
+  else walk_rows_impl<T, I, UNROLL, false>(f, rows, C, c0, cnt, r0, rstride);
+}
+
+// Rows per iteration for rows kernels with NIN inputs. A rows thread keeps VEC channels of state
+// or coefficients in registers (up to 4*8 floats for dx in 16-bit types, 2*8 sums for the
+// backward reduce), so its data registers are budgeted: UNROLL*NIN 16-byte loads per iteration
+// = 2 for 16-bit types, 4 for f32. With >= 4 resident blocks that is >= 32 KB in flight per SM.
+template <typename T, int NIN> __host__ __device__ constexpr int rows_unroll() {
+  return (sizeof(T) == 2 ? 2 : 4) / NIN;
+}
+
+// This thread's rows column: channels [c0, c0 + VEC), valid prefix cnt.
+struct RowsColumn {
+  u64 c0;
+  int cnt;
+};
+template <typename T> __device__ __forceinline__ RowsColumn rows_column(u64 C) {
+  constexpr int VEC = Vec<T>::N;
+  RowsColumn rc;
+  rc.c0 = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+  rc.cnt = rc.c0 < C ? (int)min((u64)VEC, C - rc.c0) : 0;  // C % VEC == 0 on the vector path: VEC or 0
+  return rc;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Split reduction + last-block finalize (bn_stats, bn_backward reduce).
+// ------------------------------------------------------------------------------------------------
+// Publish-then-count: every thread fences its partial writes, thread 0 counts the block in;
+// the block that sees splits-1 arrivals before it is the last of its group and fences again
+// (acquire) before reading the partials with __ldcg (L2: never a stale L1 line). The last block
+// resets the semaphore at once: every block of the group has already counted itself in, so
+// nothing else touches it in this launch, and it is zero again for the next one.
+__device__ __forceinline__ bool arrive_last(unsigned* sem, unsigned splits, int* flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    const bool last = atomicAdd(sem, 1u) == splits - 1u;
+    if (last) *sem = 0u;
+    *flag = last;
+  }
+  __syncthreads();
+  const bool last = *flag != 0;
+  if (last) __threadfence();
+  return last;
+}
+
+// A policy P provides:
+//   typedef Params;  static constexpr int PF (floats per partial);  template <int K> State;
+//   template <T, I> PlanarAcc (ctor (p, c)) and RowsAcc (ctor (p, RowsColumn)): walk functors
+//       with a member `st` (State<1> / State<VEC>);
+//   static bool vec_ok(p) (16-byte alignment of the inputs);
+//   store_partial(float* dst, const State<K>&, k), load_partial(State<K>&, const float* src, k)
+//       (src read with __ldcg), finalize<T>(p, c, const State<1>&) (one channel);
+//   State<K>::channel(src, stride, k) (channel k of a state parked in shared memory).
+
+// grid (splits, min(C, 65535)), block 256: block (s, y) reduces channels c = y, y + gridDim.y, ...
+// The splits*8 warps of channel c split its outer*chunks units into contiguous ranges (warp
+// s*8 + w takes range s*8 + w); partial to partials[c][s]; the last block of channel c merges
+// partials[c][0..splits) (thread t: splits t, t+256, ... in order, then the block tree) and
+// finalizes c.
+template <class P, typename T, typename I, int UNROLL>
+__device__ __forceinline__ void split_reduce_planar(const typename P::Params& p) {
+  typedef typename P::template State<1> S;
+  constexpr int VEC = Vec<T>::N;
+  constexpr int PF = P::PF;
+  __shared__ float red[S::NF * kWarps];
+  __shared__ int last_flag;
+  const I C = (I)p.g.channels, inner = (I)p.g.inner;
+  const unsigned splits = (unsigned)p.splits;
+  const bool vec = inner % (I)VEC == 0 && P::vec_ok(p);
+  PlanarSpan<I> sp;
+  sp.chunks = planar_chunks<T>(inner);
+  sp.units = p.g.outer * (u64)sp.chunks;
+  sp.inner = inner;
+  sp.plane_stride = C * inner;
+  sp.mod = 1u;
+  for (u64 c = blockIdx.y; c < (u64)C; c += gridDim.y) {
+    typename P::template PlanarAcc<T, I> acc(p, c);
+    sp.base = (I)c * inner;
+    walk_planar<T, I, UNROLL>(acc, vec, sp, (u64)blockIdx.x * kWarps + (threadIdx.x >> 5), (u64)splits * kWarps);
+    S s = block_reduce(acc.st, red);
+    // 32-bit partial offsets: the workspace holds C*splits*PF < 2^32 floats.
+    if (threadIdx.x == 0) P::store_partial(p.partials + ((unsigned)c * splits + blockIdx.x) * PF, s, 0);
+    if (arrive_last(p.semaphores + c, splits, &last_flag)) {  // syncs: red is free again
+      S t = S::empty();
+      for (unsigned i = threadIdx.x; i < splits; i += kThreads) {
+        S q = S::empty();
+        P::load_partial(q, p.partials + ((unsigned)c * splits + i) * PF, 0);
+        t = S::merge(t, q);
+      }
+      t = block_reduce(t, red);
+      if (threadIdx.x == 0) P::template finalize<T>(p, c, t);
+    }
+    __syncthreads();  // red and last_flag are reused by the next channel
+  }
+}
+
+// grid (ceil(C / (bx*VEC)), splits), block (bx, by), bx*by = 256: thread (tx, ty) of block
+// (X, s) owns channels [c0, c0+VEC), c0 = (X*bx + tx)*VEC, rows ty + s*by + k*splits*by.
+// Reduced over ty; partials[c][s]; semaphore X; the last block merges partials[c][0..splits)
+// (thread (tx, ty): splits ty, ty+by, ... in order, then the same y tree) and finalizes.
+template <class P, typename T, typename I, int UNROLL>
+__device__ __forceinline__ void split_reduce_rows(const typename P::Params& p) {
+  constexpr int VEC = Vec<T>::N;
+  constexpr int PF = P::PF;
+  typedef typename P::template State<VEC> S;
+  __shared__ float red[S::NF * kThreads];
+  __shared__ int last_flag;
+  const I C = (I)p.g.channels, rows = (I)p.g.outer;
+  const unsigned splits = (unsigned)p.splits;
+  const RowsColumn rc = rows_column<T>(p.g.channels);
+  const bool vec = C % (I)VEC == 0 && P::vec_ok(p);
+  typename P::template RowsAcc<T, I> acc(p, rc);
+  walk_rows<T, I, UNROLL>(acc, vec, rows, C, (I)rc.c0, rc.cnt, (I)(blockIdx.y * blockDim.y + threadIdx.y),
+                          (I)(gridDim.y * blockDim.y));
+  S s = block_reduce_y(acc.st, red);
+  // Partials of channel c0 + k, split i at (c0*splits + i)*PF + k*splits*PF: 32-bit offsets
+  // (the workspace holds C*splits*PF < 2^32 floats), one base per split, a stride per channel.
+  const unsigned kstride = splits * PF;
+  if (threadIdx.y == 0) {
+    const unsigned base = ((unsigned)rc.c0 * splits + blockIdx.y) * PF;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      if (k < rc.cnt) P::store_partial(p.partials + base + k * kstride, s, k);
+  }
+  if (arrive_last(p.semaphores + blockIdx.x, splits, &last_flag)) {
+    S t = S::empty();
+    for (unsigned i = threadIdx.y; i < splits; i += blockDim.y) {
+      S q = S::empty();
+      const float* src = p.partials + ((unsigned)rc.c0 * splits + i) * PF;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k)
+        if (k < rc.cnt) P::load_partial(q, src + k * kstride, k);
+      t = S::merge(t, q);
+    }
+    t = block_reduce_y(t, red);
+    // Park the column results in red, then finalize one channel per thread (threads (tx, ty)
+    // take channels c0 + ty, c0 + ty + by, ...): few registers live in the finalize.
+    __syncthreads();
+    if (threadIdx.y == 0) {
+#pragma unroll
+      for (int i = 0; i < S::NF; ++i) red[i * kThreads + threadIdx.x] = t.v[i];
+    }
+    __syncthreads();
+    for (int k = threadIdx.y; k < rc.cnt; k += blockDim.y)
+      P::template finalize<T>(p, rc.c0 + k, S::channel(red + threadIdx.x, kThreads, k));
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Elementwise maps (bn_normalize, bn_backward dx): out = op.apply(coef(c), in0, in1).
+// An Op provides: typedef Coef; Coef coef(u64 c) const; float apply(const Coef&, float a, float b)
+// const (b unused when NIN == 1). Coef{} (zero) is used for masked channels of a rows column.
+// ------------------------------------------------------------------------------------------------
+template <typename T, typename I, int NIN, class Op> struct PlanarMap {
+  static constexpr int VEC = Vec<T>::N;
+  struct Frag {
+    Pack<T> in[NIN];
+    typename Op::Coef cf;
+  };
+  const Raw<T>* in[NIN];
+  Raw<T>* out;
+  Op op;
+  template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
+#pragma unroll
+    for (int i = 0; i < NIN; ++i) load_slots<T, V, STEP>(fr.in[i], in[i], s);
+    fr.cf = op.coef(s.c);  // c < C even for an idle slice: always a valid read
+  }
+  template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) const {
+    if (s.cnt <= 0) return;
+    float a[VEC], b[VEC], y[VEC];
+    unpack(fr.in[0], a);
+    if (NIN > 1) unpack(fr.in[NIN - 1], b);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) y[k] = op.apply(fr.cf, a[k], NIN > 1 ? b[k] : 0.f);
+    Pack<T> o;
+    pack(o, y);
+    store_slots<T, V, STEP>(out, o, s);
+  }
+};
+
+template <typename T, typename I, int NIN, class Op> struct RowsMap {
+  static constexpr int VEC = Vec<T>::N;
+  struct Frag {
+    Pack<T> in[NIN];
+  };
+  const Raw<T>* in[NIN];
+  Raw<T>* out;
+  Op op;
+  typename Op::Coef cf[VEC];  // per-thread coefficients, computed once
+  __device__ __forceinline__ void init(const RowsColumn& rc) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) cf[k] = k < rc.cnt ? op.coef(rc.c0 + k) : typename Op::Coef{};
+  }
+  template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
+#pragma unroll
+    for (int i = 0; i < NIN; ++i) load_slots<T, V, STEP>(fr.in[i], in[i], s);
+  }
+  template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) const {
+    if (s.cnt <= 0) return;
+    float a[VEC], b[VEC], y[VEC];
+    unpack(fr.in[0], a);
+    if (NIN > 1) unpack(fr.in[NIN - 1], b);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) y[k] = op.apply(cf[k], a[k], NIN > 1 ? b[k] : 0.f);
+    Pack<T> o;
+    pack(o, y);
+    store_slots<T, V, STEP>(out, o, s);
+  }
+};
+
+// grid (blocks), block 256: grid-stride over all warp units of all outer*C planes.
+template <typename T, typename I, int NIN, int UNROLL, class Op>
+__device__ __forceinline__ void map_planar(const Geometry& g, const void* in0, const void* in1, void* out,
+                                           const Op& op) {
+  constexpr int VEC = Vec<T>::N;
+  const I C = (I)g.channels, inner = (I)g.inner;
+  PlanarSpan<I> sp;
+  sp.chunks = planar_chunks<T>(inner);
+  sp.units = g.outer * g.channels * (u64)sp.chunks;
+  sp.inner = inner;
+  sp.base = 0;
+  sp.plane_stride = inner;
+  sp.mod = (unsigned)C;
+  PlanarMap<T, I, NIN, Op> f;
+  f.in[0] = static_cast<const Raw<T>*>(in0);
+  if (NIN > 1) f.in[NIN - 1] = static_cast<const Raw<T>*>(in1);
+  f.out = static_cast<Raw<T>*>(out);
+  f.op = op;
+  const bool vec = inner % (I)VEC == 0 && aligned16(in0) && (NIN == 1 || aligned16(in1)) && aligned16(out);
+  walk_planar<T, I, UNROLL>(f, vec, sp, (u64)blockIdx.x * kWarps + (threadIdx.x >> 5), (u64)gridDim.x * kWarps);
+}
+
+// grid (ceil(C / (bx*VEC)), row_blocks), block (bx, by), bx*by = 256.
+template <typename T, typename I, int NIN, int UNROLL, class Op>
+__device__ __forceinline__ void map_rows(const Geometry& g, const void* in0, const void* in1, void* out,
+                                         const Op& op) {
+  constexpr int VEC = Vec<T>::N;
+  const I C = (I)g.channels;
+  const RowsColumn rc = rows_column<T>(g.channels);
+  RowsMap<T, I, NIN, Op> f;
+  f.in[0] = static_cast<const Raw<T>*>(in0);
+  if (NIN > 1) f.in[NIN - 1] = static_cast<const Raw<T>*>(in1);
+  f.out = static_cast<Raw<T>*>(out);
+  f.op = op;
+  f.init(rc);
+  const bool vec = C % (I)VEC == 0 && aligned16(in0) && (NIN == 1 || aligned16(in1)) && aligned16(out);
+  walk_rows<T, I, UNROLL>(f, vec, (I)g.outer, C, (I)rc.c0, rc.cnt, (I)(blockIdx.y * blockDim.y + threadIdx.y),
+                          (I)(gridDim.y * blockDim.y));
+}
+
+}  // namespace bn
+
+// ------------------------------------------------------------------------------------------------
+// Entry-point stamping: X(dtype suffix, T, index suffix, I) for the 3 dtypes x 2 index widths.
+// ------------------------------------------------------------------------------------------------
+#define BN_FOR_EACH_TYPE(X)                                                                         \
+  X(f32, float, i32, unsigned int)                                                                 \
+  X(f32, float, i64, unsigned long long)                                                           \
+  X(f16, __half, i32, unsigned int)                                                                \
+  X(f16, __half, i64, unsigned long long)                                                          \
+  X(bf16, __nv_bfloat16, i32, unsigned int)                                                        \
+  X(bf16, __nv_bfloat16, i64, unsigned long long)
+
+// One entry point: ONE params struct by value, forwarded to a device template (the variadic
+// tail is the template-id, commas included).
+#define BN_KERNEL(name, Params, ...) \
+  extern "C" __global__ void __launch_bounds__(bn::kThreads) name(const Params p) { __VA_ARGS__(p); }
