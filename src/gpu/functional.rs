@@ -15,7 +15,7 @@ use super::params::{
 use super::workspace::Workspace;
 use crate::config::{validate_eps, validate_momentum, RunningVarUpdate};
 use crate::dtype::Element;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::fold::FoldSpec;
 use crate::shape::TensorDesc;
 use crate::validate::{self, Buffers};
@@ -121,7 +121,6 @@ pub fn forward_training<T: Element>(
         validate_momentum(r.factor)?;
     }
     validate::batch_statistics(desc)?;
-    check_grid(desc)?;
     if desc.numel() == 0 {
         return Ok(());
     }
@@ -208,7 +207,6 @@ pub fn forward_inference<T: Element>(
     }
     .check(desc)?;
     validate_eps(eps)?;
-    check_grid(desc)?;
     if desc.numel() == 0 {
         return Ok(());
     }
@@ -337,7 +335,6 @@ fn backward<T: Element>(
     stats: &Normalization<'_, '_>,
     grads: GradientsMut<'_, T>,
 ) -> Result<()> {
-    check_grid(desc)?;
     let GradientsMut {
         mut dx,
         mut dweight,
@@ -502,18 +499,6 @@ pub fn fold<T: Element>(
         launch::flat(work, gpu.sm_count()),
         &params,
     )
-}
-
-/// The planar reductions put channels on `gridDim.y`, which CUDA caps at 65535.
-fn check_grid(desc: &TensorDesc) -> Result<()> {
-    let g = desc.geometry();
-    if Traversal::of(&g) == Traversal::Planar && g.channels > 65_535 {
-        return Err(Error::Unsupported {
-            what: "channels-first input with a spatial extent",
-            reason: format!("{} channels; at most 65535 (use channels-last)", g.channels),
-        });
-    }
-    Ok(())
 }
 
 fn index_width(desc: &TensorDesc) -> IndexWidth {

@@ -78,29 +78,37 @@ fn units_per_plane(inner: u64, vec: u64) -> u64 {
 }
 
 /// Blocks per channel group so that the grid has about `BLOCKS_PER_SM` blocks per SM, but no
-/// more than keep each warp busy with a few units.
-fn splits_for(groups: u64, units_per_group: u64, sm_count: u32) -> u32 {
+/// more than keep each warp busy with a few units, and few enough that the kernels' 32-bit
+/// workspace offsets (`C * splits * 3` floats) cannot overflow.
+fn splits_for(groups: u64, units_per_group: u64, channels: u64, sm_count: u32) -> u32 {
     let target = (sm_count * BLOCKS_PER_SM) as u64;
     let wanted = target.div_ceil(groups.max(1));
     let useful = units_per_group
         .div_ceil(WARPS_PER_BLOCK * MIN_UNITS_PER_WARP)
         .max(1);
-    wanted.min(useful).clamp(1, MAX_SPLITS as u64) as u32
+    let addressable = u32::MAX as u64 / (PARTIAL_FLOATS * channels.max(1));
+    wanted
+        .min(useful)
+        .min(addressable)
+        .clamp(1, MAX_SPLITS as u64) as u32
 }
+
+/// Floats per channel and split of the largest partial (Welford: count, mean, m2).
+const PARTIAL_FLOATS: u64 = 3;
 
 /// A split per-channel reduction (statistics, backward sums).
 ///
-/// Planar: grid `(splits, C)`, one warp unit per warp iteration. Rows: grid
-/// `(channel tiles, splits)` with [`rows_block`].
+/// Planar: grid `(splits, min(C, 65535))`, block rows looping over the channels `y, y + 65535,
+/// ...` (CUDA caps `gridDim.y`). Rows: grid `(channel tiles, splits)` with [`rows_block`].
 pub fn reduction(g: &Geometry, dtype: DType, sm_count: u32) -> Launch {
     let vec = vector_width(dtype);
     let channels = g.channels as u64;
     match Traversal::of(g) {
         Traversal::Planar => {
             let units = g.outer as u64 * units_per_plane(g.inner as u64, vec);
-            let splits = splits_for(channels, units, sm_count);
+            let splits = splits_for(channels, units, channels, sm_count);
             Launch {
-                grid: (splits, channels as u32, 1),
+                grid: (splits, channels.min(MAX_GRID_Y) as u32, 1),
                 block: (BLOCK_THREADS, 1, 1),
                 splits,
             }
@@ -110,7 +118,7 @@ pub fn reduction(g: &Geometry, dtype: DType, sm_count: u32) -> Launch {
             let tiles = channels.div_ceil(bx as u64 * vec);
             // A row of a tile is one "unit" for one warp row of the block.
             let row_units = (g.outer as u64).div_ceil(by as u64) * WARPS_PER_BLOCK;
-            let splits = splits_for(tiles, row_units, sm_count).min(MAX_GRID_Y as u32);
+            let splits = splits_for(tiles, row_units, channels, sm_count).min(MAX_GRID_Y as u32);
             Launch {
                 grid: (tiles as u32, splits, 1),
                 block: (bx, by, 1),
@@ -186,6 +194,7 @@ mod tests {
             &[1, 4, 64, 64, 64],
             &[7, 17, 33],
             &[1, 65_535, 3],
+            &[2, 70_000, 3],
             &[3, 200_000],
             &[32, 64, 1024, 1100],
         ] {
@@ -210,9 +219,10 @@ mod tests {
                 let l = reduction(&g, dtype, H100_SMS);
                 check_block(&l);
                 assert!((1..=MAX_SPLITS).contains(&l.splits));
+                assert!((g.channels as u64) * l.splits as u64 * PARTIAL_FLOATS <= u32::MAX as u64);
                 match Traversal::of(&g) {
                     Traversal::Planar => {
-                        assert_eq!(l.grid.1 as usize, g.channels);
+                        assert_eq!(l.grid.1 as u64, (g.channels as u64).min(MAX_GRID_Y));
                         assert_eq!(l.grid.0, l.splits);
                     }
                     Traversal::Rows => {

@@ -14,6 +14,7 @@ use crate::shape::TensorDesc;
 use crate::state::LayerState;
 use crate::validate;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A batch-norm layer whose parameters, gradients, running statistics and scratch live on one
 /// GPU, with PyTorch's semantics (`nn.BatchNorm1d/2d/3d`: the layer takes any rank from 2 to 5).
@@ -41,9 +42,14 @@ pub struct BatchNorm {
     saved_mean: CudaSlice<f32>,
     saved_invstd: CudaSlice<f32>,
     workspace: Workspace,
+    /// Tells this layer's caches from another's.
+    id: u64,
     /// Counts forwards, so that a backward can tell whether the saved statistics are its own.
     forwards: u64,
 }
+
+/// Source of [`BatchNorm`] ids.
+static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(0);
 
 /// What a forward hands to its backward: the shape, dtype and which statistics normalized it.
 /// The saved batch statistics themselves stay in the layer (no allocation per call), so a
@@ -53,6 +59,7 @@ pub struct ForwardCache {
     desc: TensorDesc,
     dtype: DType,
     batch_stats: bool,
+    layer: u64,
     forward: u64,
 }
 
@@ -73,10 +80,17 @@ impl BatchNorm {
     pub fn new(gpu: &GpuContext, config: BatchNormConfig) -> Result<Self> {
         config.validate()?;
         let c = config.num_features;
+        // The device buffer first: a size the device cannot hold is `Error::OutOfMemory` here,
+        // before a host buffer of that size is made (which would abort the process).
         let filled = |value: f32| -> Result<CudaSlice<f32>> {
-            gpu.stream()
-                .clone_htod(&vec![value; c])
-                .map_err(alloc_error(c * 4))
+            let stream = gpu.stream();
+            let mut buffer = stream
+                .alloc_zeros::<f32>(c)
+                .map_err(alloc_error(c.saturating_mul(4)))?;
+            if value != 0.0 {
+                stream.memcpy_htod(&vec![value; c], &mut buffer)?;
+            }
+            Ok(buffer)
         };
         let optional = |wanted: bool, value: f32| wanted.then(|| filled(value)).transpose();
         Ok(Self {
@@ -93,6 +107,7 @@ impl BatchNorm {
             saved_mean: filled(0.0)?,
             saved_invstd: filled(0.0)?,
             workspace: Workspace::new(),
+            id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
             forwards: 0,
         })
     }
@@ -140,7 +155,9 @@ impl BatchNorm {
         let eps = self.config.eps;
         if batch_stats {
             let track = self.training && self.config.track_running_stats;
-            let factor = self.config.average_factor(self.num_batches_tracked + 1);
+            // Saturating, as the CPU layer: a counter at u64::MAX must not wrap to 0 (factor 1/0).
+            let batches_after = self.num_batches_tracked.saturating_add(1);
+            let factor = self.config.average_factor(batches_after);
             let running = match (&mut self.running_mean, &mut self.running_var) {
                 (Some(mean), Some(var)) if track => Some(RunningUpdate {
                     mean: mean.as_view_mut(),
@@ -167,7 +184,7 @@ impl BatchNorm {
                 saved,
             )?;
             if track {
-                self.num_batches_tracked += 1;
+                self.num_batches_tracked = batches_after;
             }
         } else {
             let running = self.running_stats("eval forward")?;
@@ -187,6 +204,7 @@ impl BatchNorm {
             desc: *desc,
             dtype: T::DTYPE,
             batch_stats,
+            layer: self.id,
             forward: self.forwards,
         })
     }
@@ -203,11 +221,7 @@ impl BatchNorm {
         dy: &CudaView<'_, T>,
         dx: Option<CudaViewMut<'_, T>>,
     ) -> Result<()> {
-        if cache.forward != self.forwards {
-            return Err(Error::MissingSavedStats {
-                reason: "another forward of this layer ran since the one this backward belongs to",
-            });
-        }
+        self.check_cache(cache)?;
         if cache.dtype != T::DTYPE {
             return Err(Error::DTypeMismatch {
                 what: "x",
@@ -366,11 +380,7 @@ impl BatchNorm {
     /// A host copy of the batch statistics the forward of `cache` saved for its backward
     /// (`None` after an eval-mode forward, which normalizes with the running statistics).
     pub fn saved_stats(&self, cache: &ForwardCache) -> Result<Option<SavedStatsHost>> {
-        if cache.forward != self.forwards {
-            return Err(Error::MissingSavedStats {
-                reason: "another forward of this layer ran since the one asked about",
-            });
-        }
+        self.check_cache(cache)?;
         if !cache.batch_stats {
             return Ok(None);
         }
@@ -458,6 +468,18 @@ impl BatchNorm {
             self.weight.as_mut()?.as_view_mut(),
             self.bias.as_mut()?.as_view_mut(),
         ))
+    }
+
+    /// The saved statistics in the layer are those of `cache`'s forward.
+    fn check_cache(&self, cache: &ForwardCache) -> Result<()> {
+        let reason = if cache.layer != self.id {
+            "the cache comes from another layer"
+        } else if cache.forward != self.forwards {
+            "another forward of this layer ran since the one the cache belongs to"
+        } else {
+            return Ok(());
+        };
+        Err(Error::MissingSavedStats { reason })
     }
 
     fn running_stats(&self, what: &'static str) -> Result<RunningStats<'_>> {

@@ -1,0 +1,251 @@
+//! Issue 8, concurrency (every test needs a CUDA device: run with `--include-ignored` on a GPU
+//! machine, `scripts/gpu-run.sh`): two layers on two streams of one context, and one context
+//! shared by two threads (on its one stream, and on a stream each), give bitwise the results
+//! each gives when it runs alone. The kernels are deterministic (fixed reduction order, no
+//! float atomics), so "the same" means every bit of every output, gradient and statistic.
+
+mod common;
+
+use batchnorm_cuda::gpu::{self, GpuContext};
+use batchnorm_cuda::{BatchNormConfig, Element, LayerState, Layout, TensorDesc};
+use common::gpu::{download, gpu, random, random_f32, upload, zeros};
+use cudarc::driver::CudaSlice;
+use half::f16;
+use std::sync::Arc;
+
+/// Steps of one job; the last runs in eval mode (eval forward and backward).
+const STEPS: usize = 4;
+
+/// One layer's work: its shape, starting state and the inputs of every step.
+struct Job<T> {
+    desc: TensorDesc,
+    state: LayerState,
+    inputs: Vec<(Vec<T>, Vec<T>)>,
+}
+
+impl<T: Element> Job<T> {
+    fn new(dims: &[usize], layout: Layout, seed: u64) -> Self {
+        let desc = TensorDesc::new(dims, layout).unwrap();
+        let (n, c) = (desc.numel(), desc.channels());
+        let inputs = (0..STEPS as u64)
+            .map(|s| {
+                let x = random(seed + 10 * s, n, 0.2 * s as f64, 1.5);
+                let dy = random(seed + 10 * s + 1, n, 0.05, 1.0);
+                (x, dy)
+            })
+            .collect();
+        let state = LayerState {
+            weight: Some(random_f32(seed + 100, c, 0.5, 1.5)),
+            bias: Some(random_f32(seed + 101, c, -0.5, 0.5)),
+            running_mean: Some(random_f32(seed + 102, c, -0.2, 0.2)),
+            running_var: Some(random_f32(seed + 103, c, 0.5, 2.0)),
+            num_batches_tracked: 1,
+        };
+        Self {
+            desc,
+            state,
+            inputs,
+        }
+    }
+}
+
+/// Every result of a job, as bits.
+#[derive(Debug, PartialEq, Eq)]
+struct Outcome {
+    ys: Vec<Vec<u8>>,
+    dxs: Vec<Vec<u8>>,
+    grad_weight: Vec<u32>,
+    grad_bias: Vec<u32>,
+    state: Vec<Vec<u32>>,
+    counter: u64,
+}
+
+fn f32_bits(values: &[f32]) -> Vec<u32> {
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
+fn element_bytes<T: Element>(values: &[T]) -> Vec<u8> {
+    bytemuck::cast_slice(values).to_vec()
+}
+
+/// A job queued on one context's stream: the layer, its inputs and outputs on the device.
+/// Steps queue work without waiting for the host; `finish` downloads.
+struct Run<T> {
+    gpu: GpuContext,
+    bn: gpu::BatchNorm,
+    desc: TensorDesc,
+    inputs: Vec<(CudaSlice<T>, CudaSlice<T>)>,
+    outputs: Vec<(CudaSlice<T>, CudaSlice<T>)>,
+}
+
+impl<T: Element> Run<T> {
+    fn new(gpu: &GpuContext, job: &Job<T>) -> Self {
+        let mut bn = gpu::BatchNorm::new(gpu, BatchNormConfig::new(job.desc.channels())).unwrap();
+        bn.load_state(&job.state).unwrap();
+        let n = job.desc.numel();
+        Self {
+            gpu: gpu.clone(),
+            bn,
+            desc: job.desc,
+            inputs: job
+                .inputs
+                .iter()
+                .map(|(x, dy)| (upload(gpu, x), upload(gpu, dy)))
+                .collect(),
+            outputs: (0..STEPS).map(|_| (zeros(gpu, n), zeros(gpu, n))).collect(),
+        }
+    }
+
+    fn step(&mut self, s: usize) {
+        if s == STEPS - 1 {
+            self.bn.eval();
+        }
+        let (x, dy) = &self.inputs[s];
+        let (y, dx) = &mut self.outputs[s];
+        let cache = self
+            .bn
+            .forward(&self.desc, &x.as_view(), &mut y.as_view_mut())
+            .expect("forward");
+        self.bn
+            .backward(&cache, &x.as_view(), &dy.as_view(), Some(dx.as_view_mut()))
+            .expect("backward");
+    }
+
+    fn finish(self) -> Outcome {
+        let gpu = &self.gpu;
+        let state = self.bn.state().unwrap();
+        Outcome {
+            ys: self
+                .outputs
+                .iter()
+                .map(|(y, _)| element_bytes(&download(gpu, y)))
+                .collect(),
+            dxs: self
+                .outputs
+                .iter()
+                .map(|(_, dx)| element_bytes(&download(gpu, dx)))
+                .collect(),
+            grad_weight: f32_bits(&self.bn.grad_weight().unwrap().unwrap()),
+            grad_bias: f32_bits(&self.bn.grad_bias().unwrap().unwrap()),
+            state: [
+                &state.weight,
+                &state.bias,
+                &state.running_mean,
+                &state.running_var,
+            ]
+            .iter()
+            .map(|v| f32_bits(v.as_ref().unwrap()))
+            .collect(),
+            counter: state.num_batches_tracked,
+        }
+    }
+}
+
+/// The job alone on `gpu`'s stream, every step queued, then downloaded.
+fn alone<T: Element>(gpu: &GpuContext, job: &Job<T>) -> Outcome {
+    let mut run = Run::new(gpu, job);
+    (0..STEPS).for_each(|s| run.step(s));
+    run.finish()
+}
+
+/// Two jobs of different dtypes, shapes and layouts (planar and rows kernels).
+fn jobs() -> (Job<f16>, Job<f32>) {
+    (
+        Job::new(&[16, 32, 28, 28], Layout::ChannelsFirst, 1000),
+        Job::new(&[32, 64, 14, 14], Layout::ChannelsLast, 2000),
+    )
+}
+
+fn assert_same(label: &str, got: &Outcome, want: &Outcome) {
+    assert_eq!(got.counter, want.counter, "{label}: counter");
+    assert!(
+        got == want,
+        "{label}: differs from the run alone in {}",
+        [
+            ("y", got.ys != want.ys),
+            ("dx", got.dxs != want.dxs),
+            ("grad_weight", got.grad_weight != want.grad_weight),
+            ("grad_bias", got.grad_bias != want.grad_bias),
+            ("state", got.state != want.state),
+        ]
+        .iter()
+        .filter(|(_, differs)| *differs)
+        .map(|(what, _)| *what)
+        .collect::<Vec<_>>()
+        .join(", ")
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn two_layers_on_two_streams_of_one_context_match_running_alone() {
+    let gpu = gpu();
+    let (job_a, job_b) = jobs();
+    let want_a = alone(&gpu, &job_a);
+    let want_b = alone(&gpu, &job_b);
+    assert_eq!(want_a.counter, 1 + (STEPS as u64 - 1));
+
+    for round in 0..3 {
+        let stream_a = gpu.fork_stream().unwrap();
+        let stream_b = gpu.fork_stream().unwrap();
+        assert!(!Arc::ptr_eq(stream_a.stream(), stream_b.stream()));
+        assert!(Arc::ptr_eq(stream_a.cuda(), stream_b.cuda()), "one context");
+        let mut a = Run::new(&stream_a, &job_a);
+        let mut b = Run::new(&stream_b, &job_b);
+        // Interleaved on the host; nothing waits until the downloads, so the streams overlap.
+        for s in 0..STEPS {
+            a.step(s);
+            b.step(s);
+        }
+        let (got_a, got_b) = (a.finish(), b.finish());
+        assert_same(
+            &format!("round {round}, layer A on stream A"),
+            &got_a,
+            &want_a,
+        );
+        assert_same(
+            &format!("round {round}, layer B on stream B"),
+            &got_b,
+            &want_b,
+        );
+    }
+    println!("two streams: 3 rounds bitwise equal to the runs alone");
+}
+
+/// Two threads, each running its job `rounds` times on its own clone of `gpu`, or on a stream
+/// of its own when `fork` is set.
+fn two_threads(gpu: &GpuContext, fork: bool, want: (&Outcome, &Outcome)) {
+    let (job_a, job_b) = jobs();
+    let context = |gpu: &GpuContext| {
+        if fork {
+            gpu.fork_stream().unwrap()
+        } else {
+            gpu.clone()
+        }
+    };
+    let (got_a, got_b) = std::thread::scope(|scope| {
+        let (ctx_a, ctx_b) = (context(gpu), context(gpu));
+        let (job_a, job_b) = (&job_a, &job_b);
+        let a = scope.spawn(move || (0..4).map(|_| alone(&ctx_a, job_a)).collect::<Vec<_>>());
+        let b = scope.spawn(move || (0..4).map(|_| alone(&ctx_b, job_b)).collect::<Vec<_>>());
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for (round, (a, b)) in got_a.iter().zip(&got_b).enumerate() {
+        assert_same(&format!("fork={fork} round {round}, thread A"), a, want.0);
+        assert_same(&format!("fork={fork} round {round}, thread B"), b, want.1);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn one_context_shared_by_two_threads_matches_running_alone() {
+    let gpu = gpu();
+    let (job_a, job_b) = jobs();
+    let want_a = alone(&gpu, &job_a);
+    let want_b = alone(&gpu, &job_b);
+    // Clones of one context: one stream, shared.
+    two_threads(&gpu, false, (&want_a, &want_b));
+    // One context, a stream per thread.
+    two_threads(&gpu, true, (&want_a, &want_b));
+    println!("two threads: 4 rounds each, shared stream and a stream each, bitwise equal");
+}
