@@ -1,4 +1,4 @@
-// common.cuh: the one home of the shared kernel machinery (see /tmp/spec/KERNEL_ABI.md).
+// common.cuh: the one home of the shared kernel machinery (see kernels/ABI.md).
 //
 //   dtypes      Dtype<T>: raw 16/32-bit storage, f32 conversions; Pack<T>: one 16-byte vector.
 //   reductions  Welford<K> (one state, one Chan merge, exact when either count is 0) and Sums2<K>;

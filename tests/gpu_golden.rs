@@ -57,7 +57,8 @@ fn layer<T: Element + Stored>(gpu: &GpuContext, case: &Case, checks: &mut Checks
     }
     if let (Some(mean), Some(var)) = (&running_mean, &running_var) {
         bn.set_running_stats(mean, var).unwrap();
-        bn.set_num_batches_tracked(case.num_batches_tracked()).unwrap();
+        bn.set_num_batches_tracked(case.num_batches_tracked())
+            .unwrap();
     }
     if !case.training() {
         bn.eval();
