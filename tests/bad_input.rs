@@ -18,6 +18,7 @@ use batchnorm_cuda::state::StateFile;
 use batchnorm_cuda::{
     BatchNormConfig, DType, Element, Error, LayerState, Layout, Result, TensorDesc,
 };
+use common::state_change;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use half::f16;
 use safetensors::tensor::TensorView;
@@ -462,37 +463,6 @@ fn distinctive_state(config: &BatchNormConfig) -> LayerState {
         running_var: track.then(|| per_channel(0.75, 0.5)),
         num_batches_tracked: if track { 7 } else { 0 },
     }
-}
-
-fn bits(values: &Option<Vec<f32>>) -> Option<Vec<u32>> {
-    values
-        .as_ref()
-        .map(|v| v.iter().map(|x| x.to_bits()).collect())
-}
-
-/// The state as bits: equal exactly when every value is bitwise equal (NaN payloads included).
-fn state_bits(state: &LayerState) -> [Option<Vec<u32>>; 4] {
-    [
-        bits(&state.weight),
-        bits(&state.bias),
-        bits(&state.running_mean),
-        bits(&state.running_var),
-    ]
-}
-
-/// `None` when `after` is bitwise `before`, else what changed.
-fn state_change(before: &LayerState, after: &LayerState) -> Option<String> {
-    let names = ["weight", "bias", "running_mean", "running_var"];
-    let mut changed: Vec<&str> = names
-        .iter()
-        .zip(state_bits(before).iter().zip(state_bits(after).iter()))
-        .filter(|(_, (b, a))| b != a)
-        .map(|(name, _)| *name)
-        .collect();
-    if before.num_batches_tracked != after.num_batches_tracked {
-        changed.push("num_batches_tracked");
-    }
-    (!changed.is_empty()).then(|| format!("changed: {changed:?}"))
 }
 
 // --------------------------------------------------------------------------------- state files

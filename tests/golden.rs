@@ -126,21 +126,6 @@ fn functional<T: Element + Stored>(case: &Case, checks: &mut Checks) {
     }
 }
 
-/// The layer's state, for checking that a refused call left it bitwise alone.
-fn state_bits(bn: &BatchNorm) -> Vec<u32> {
-    let buffers = [bn.weight(), bn.bias(), bn.running_mean(), bn.running_var()];
-    let mut bits: Vec<u32> = buffers
-        .iter()
-        .flatten()
-        .flat_map(|b| b.iter().map(|v| v.to_bits()))
-        .collect();
-    bits.extend([
-        bn.num_batches_tracked() as u32,
-        (bn.num_batches_tracked() >> 32) as u32,
-    ]);
-    bits
-}
-
 /// The layer: built from the case's configuration and state, one forward, one backward.
 fn layer<T: Element + Stored>(case: &Case, checks: &mut Checks) {
     let BnInputs {
@@ -167,11 +152,13 @@ fn layer<T: Element + Stored>(case: &Case, checks: &mut Checks) {
         bn.eval();
     }
 
-    let before = state_bits(&bn);
+    let before = bn.state();
     let result = bn.forward(&x, &desc);
     if refused(case, checks, &result) {
-        if state_bits(&bn) != before {
-            checks.fail("the refused call changed the layer's state");
+        if let Some(change) = common::state_change(&before, &bn.state()) {
+            checks.fail(format!(
+                "the refused call changed the layer's state: {change}"
+            ));
         }
         return;
     }

@@ -368,24 +368,7 @@ fn gpu_tiny_training_loop_tracks_reference() {
             layer.set_weight(&w).unwrap();
             layer.set_bias(&b).unwrap();
 
-            let rm = layer.running_mean().unwrap().unwrap();
-            let rv = layer.running_var().unwrap().unwrap();
-            assert!(
-                worst_ratio(
-                    &widen_f32(&rm),
-                    &widen_f32(cpu.running_mean().unwrap()),
-                    1e-5,
-                    1e-5
-                ) <= 1.0
-            );
-            assert!(
-                worst_ratio(
-                    &widen_f32(&rv),
-                    &widen_f32(cpu.running_var().unwrap()),
-                    1e-5,
-                    1e-5
-                ) <= 1.0
-            );
+            assert_same_running_stats(&layer, &cpu);
             let wr = worst_ratio(
                 &widen_f32(&w),
                 &widen_f32(cpu.weight().unwrap()),

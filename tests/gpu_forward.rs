@@ -452,25 +452,7 @@ fn gpu_layer_running_stats_track_reference_over_10_steps() {
                 worst_ratio(&widen(&download(&gpu, &y)), &widen(&ref_y), 1e-4, 1e-4) <= 1.0,
                 "step {step}"
             );
-            let rm = layer.running_mean().unwrap().unwrap();
-            let rv = layer.running_var().unwrap().unwrap();
-            assert!(
-                worst_ratio(
-                    &widen_f32(&rm),
-                    &widen_f32(cpu.running_mean().unwrap()),
-                    1e-5,
-                    1e-5
-                ) <= 1.0
-            );
-            assert!(
-                worst_ratio(
-                    &widen_f32(&rv),
-                    &widen_f32(cpu.running_var().unwrap()),
-                    1e-5,
-                    1e-5
-                ) <= 1.0
-            );
-            assert_eq!(layer.num_batches_tracked(), cpu.num_batches_tracked());
+            assert_same_running_stats(&layer, &cpu);
         }
         cpu.eval();
         layer.eval();

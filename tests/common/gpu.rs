@@ -85,3 +85,38 @@ pub fn ratio(got: &[f64], want: &[f64], tol: Tol) -> f64 {
         }
     }
 }
+
+/// The GPU layer's running statistics and counter equal the CPU layer's (statistics within the
+/// f32 tolerance of the golden cases).
+#[track_caller]
+pub fn assert_same_running_stats(
+    gpu_layer: &batchnorm_cuda::gpu::BatchNorm,
+    cpu_layer: &batchnorm_cuda::reference::BatchNorm,
+) {
+    let pairs = [
+        (
+            "running_mean",
+            gpu_layer.running_mean().unwrap(),
+            cpu_layer.running_mean(),
+        ),
+        (
+            "running_var",
+            gpu_layer.running_var().unwrap(),
+            cpu_layer.running_var(),
+        ),
+    ];
+    for (what, got, want) in pairs {
+        let (got, want) = (got.unwrap_or_default(), want.unwrap_or_default().to_vec());
+        let r = worst_ratio(
+            &super::widen_f32(&got),
+            &super::widen_f32(&want),
+            1e-5,
+            1e-5,
+        );
+        assert!(r <= 1.0, "{what}: {r:.2} of the tolerance");
+    }
+    assert_eq!(
+        gpu_layer.num_batches_tracked(),
+        cpu_layer.num_batches_tracked()
+    );
+}

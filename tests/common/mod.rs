@@ -12,7 +12,7 @@ pub mod gpu;
 #[allow(unused_imports)] // each test crate uses some
 pub use golden::{batchnorm_cases, fold_cases, BnInputs, Case, FoldInputs, Stored};
 
-use batchnorm_cuda::{DType, Element};
+use batchnorm_cuda::{DType, Element, LayerState};
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
@@ -326,4 +326,36 @@ pub fn run_all(cases: &[Case], label: &str, check: impl Fn(&Case, &mut Checks)) 
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// Bit patterns of an optional buffer.
+fn bits(values: &Option<Vec<f32>>) -> Option<Vec<u32>> {
+    values
+        .as_ref()
+        .map(|v| v.iter().map(|x| x.to_bits()).collect())
+}
+
+/// The state as bits: equal exactly when every value is bitwise equal (NaN payloads included).
+fn state_bits(state: &LayerState) -> [Option<Vec<u32>>; 4] {
+    [
+        bits(&state.weight),
+        bits(&state.bias),
+        bits(&state.running_mean),
+        bits(&state.running_var),
+    ]
+}
+
+/// `None` when `after` is bitwise `before`, else what changed.
+pub fn state_change(before: &LayerState, after: &LayerState) -> Option<String> {
+    let names = ["weight", "bias", "running_mean", "running_var"];
+    let mut changed: Vec<&str> = names
+        .iter()
+        .zip(state_bits(before).iter().zip(state_bits(after).iter()))
+        .filter(|(_, (b, a))| b != a)
+        .map(|(name, _)| *name)
+        .collect();
+    if before.num_batches_tracked != after.num_batches_tracked {
+        changed.push("num_batches_tracked");
+    }
+    (!changed.is_empty()).then(|| format!("changed: {changed:?}"))
 }
