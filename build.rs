@@ -54,7 +54,7 @@ fn main() {
             panic!("BATCHNORM_REQUIRE_NVCC=1 but no nvcc was found (NVCC, CUDA_HOME, CUDA_PATH, PATH, /usr/local/cuda, .cuda/); run scripts/install-nvcc.sh");
         }
         println!("cargo:warning=batchnorm-cuda: nvcc not found: GPU kernels were NOT built, only the CPU reference works. Run scripts/install-nvcc.sh (or set NVCC) to build them.");
-        write_registry(&out, &[], None);
+        write_registry(&out, &[], None, None);
         return;
     };
 
@@ -83,7 +83,18 @@ fn main() {
         });
     }
     let ptxas = nvcc.with_file_name("ptxas");
-    write_registry(&out, &modules, ptxas.is_file().then_some(ptxas.as_path()));
+    // The CUDA headers of that toolkit (`bin/../include`), for the CPU emulator test.
+    let include = nvcc
+        .parent()
+        .and_then(Path::parent)
+        .map(|root| root.join("include"));
+    let include = include.filter(|dir| dir.join("cuda_fp16.h").is_file());
+    write_registry(
+        &out,
+        &modules,
+        ptxas.is_file().then_some(ptxas.as_path()),
+        include.as_deref(),
+    );
 }
 
 struct Module {
@@ -132,7 +143,12 @@ fn entry_points(ptx: &str) -> Vec<String> {
         .collect()
 }
 
-fn write_registry(out: &Path, modules: &[Module], ptxas: Option<&Path>) {
+fn write_registry(
+    out: &Path,
+    modules: &[Module],
+    ptxas: Option<&Path>,
+    cuda_include: Option<&Path>,
+) {
     let mut code = String::new();
     writeln!(
         code,
@@ -154,6 +170,17 @@ fn write_registry(out: &Path, modules: &[Module], ptxas: Option<&Path>) {
         code,
         "pub const PTXAS: Option<&str> = {:?};",
         ptxas.map(|p| p.display().to_string())
+    )
+    .unwrap();
+    writeln!(
+        code,
+        "/// The CUDA headers beside that nvcc (`cuda_fp16.h`...), for the CPU emulator test."
+    )
+    .unwrap();
+    writeln!(
+        code,
+        "pub const CUDA_INCLUDE: Option<&str> = {:?};",
+        cuda_include.map(|p| p.display().to_string())
     )
     .unwrap();
     writeln!(code, "/// Every compiled module, one per `kernels/*.cu`.").unwrap();

@@ -1,0 +1,1239 @@
+// kernels_test.cpp: runs kernels/*.cu on the CPU emulator (emu.h) and checks every result against
+// a host reference written here, in f64, that shares no code with the kernels (its own f16/bf16
+// rounding and decoding, its own formulas). Built and run by tests/kernel_emulator.rs, which
+// first rewrites the kernels' inline PTX and __shared__ declarations (see emu.h).
+//
+// The file holds GROUPS, each under `#ifdef EMU_GROUP_<name>` (its kernel includes, entry
+// dispatch, tests and a `REGISTER_GROUP(name, body)`). The harness compiles it once per group
+// (-DEMU_GROUP_<name>; it finds the names by scanning this file for EMU_GROUP_), in parallel, so
+// each binary instantiates only its own kernels, and runs every binary.
+//   kernels_test_<group>   prints "<group>: N checks, F failures", "entry points: ..." and
+//                          "N passed, F failed"; exit status 1 on any failure.
+//   EMU_POLICY=K           pins the schedule policy (emu::Policy) of every launch, to reproduce
+//                          a failure.
+//
+// Adding a kernel: a new `#ifdef EMU_GROUP_<name>` section that includes its .cu, declares its
+// entry families with DISPATCH, launches them with emu_launch through launch_<family>, and
+// compares with a host reference (README.md).
+#include "emu.h"
+
+// Each group's kernels, first: they see nothing of the harness below.
+#ifdef EMU_GROUP_core
+#include "common.cuh"
+#endif
+#ifdef EMU_GROUP_stats
+#include "bn_stats.cu"
+#endif
+#ifdef EMU_GROUP_normalize
+#include "bn_normalize.cu"
+#endif
+#ifdef EMU_GROUP_backward
+#include "bn_backward.cu"
+#endif
+#ifdef EMU_GROUP_fold
+#include "bn_fold.cu"
+#endif
+#ifdef EMU_GROUP_sync
+#include "bn_sync.cu"
+#include "bn_stats.cu"
+#endif
+
+#include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <set>
+#include <string>
+#include <type_traits>
+
+typedef unsigned long long u64;
+typedef unsigned int u32;
+
+// ---- checks -------------------------------------------------------------------------------------
+static int g_fail = 0;
+static long long g_checks = 0;
+#define CHECK(cond, ...)                                      \
+  do {                                                        \
+    ++g_checks;                                               \
+    if (!(cond)) {                                            \
+      if (g_fail < 60) {                                      \
+        std::printf("FAIL %s:%d: ", __FILE__, __LINE__);      \
+        std::printf(__VA_ARGS__);                             \
+        std::printf("\n");                                    \
+      }                                                       \
+      ++g_fail;                                               \
+    }                                                         \
+  } while (0)
+
+// ---- cases: case k's launches get schedule policies k, k+1, ... (mod emu::Policy::Count) -------
+static unsigned g_case = 0;
+static void begin_case() { emu::g.launches = g_case++; }
+static std::string policies_tag() { return std::string(" [last launch: ") + emu::policy_name(emu::last_policy()) + "]"; }
+
+// ---- host number formats (independent of the kernels' Dtype) -------------------------------------
+template <class T> struct Fmt;
+template <> struct Fmt<float> {
+  typedef u32 Raw;
+  static constexpr int P = 24, EMIN = -126, EMAX = 127;
+  static constexpr const char* name = "f32";
+};
+template <> struct Fmt<__half> {
+  typedef unsigned short Raw;
+  static constexpr int P = 11, EMIN = -14, EMAX = 15;
+  static constexpr const char* name = "f16";
+};
+template <> struct Fmt<__nv_bfloat16> {
+  typedef unsigned short Raw;
+  static constexpr int P = 8, EMIN = -126, EMAX = 127;
+  static constexpr const char* name = "bf16";
+};
+template <class T> using Raw = typename Fmt<T>::Raw;
+template <class T> constexpr int VEC = 16 / (int)sizeof(Raw<T>);  // ABI: elements per 16-byte vector
+template <class I> const char* iname() { return sizeof(I) == 8 ? "i64" : "i32"; }
+
+// Round x to T, to nearest even, once (subnormals and overflow to Inf included).
+template <class T> double round_to(double x) {
+  if (!std::isfinite(x) || x == 0) return x;
+  const int e = std::max(std::ilogb(x), Fmt<T>::EMIN);
+  const double q = std::ldexp(1.0, e - (Fmt<T>::P - 1));
+  const double r = std::nearbyint(x / q) * q;
+  const double maxv = std::ldexp(2.0 - std::ldexp(1.0, 1 - Fmt<T>::P), Fmt<T>::EMAX);
+  return std::fabs(r) > maxv ? std::copysign(INFINITY, x) : r;
+}
+// Spacing of T at |x|.
+template <class T> double ulp_of(double x) {
+  const int e = x == 0 || !std::isfinite(x) ? Fmt<T>::EMIN : std::max(std::ilogb(x), Fmt<T>::EMIN);
+  return std::ldexp(1.0, e - (Fmt<T>::P - 1));
+}
+template <class T> double decode(Raw<T> r) {
+  if constexpr (std::is_same_v<T, float>) {
+    float f;
+    std::memcpy(&f, &r, 4);
+    return f;
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const u32 u = (u32)r << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  } else {
+    const int e = (r >> 10) & 31, m = r & 1023;
+    const double s = (r & 0x8000) ? -1.0 : 1.0;
+    if (e == 31) return m ? NAN : s * INFINITY;
+    return s * (e == 0 ? std::ldexp((double)m, -24) : std::ldexp(1024.0 + m, e - 25));
+  }
+}
+// Bits of v, which must be representable in T (round_to first).
+template <class T> Raw<T> encode(double v) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float f = (float)v;
+    u32 u;
+    std::memcpy(&u, &f, 4);
+    return u;
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const float f = (float)v;
+    u32 u;
+    std::memcpy(&u, &f, 4);
+    return (Raw<T>)(std::isnan(v) ? 0x7fc0 : u >> 16);
+  } else {
+    const unsigned short s = std::signbit(v) ? 0x8000 : 0;
+    const double a = std::fabs(v);
+    if (std::isnan(v)) return 0x7e00;
+    if (std::isinf(v)) return s | 0x7c00;
+    if (a < std::ldexp(1.0, -14)) return s | (unsigned short)(a * std::ldexp(1.0, 24));
+    const int e = std::ilogb(a);
+    return s | (unsigned short)((e + 15) << 10) | (unsigned short)(std::ldexp(a, 10 - e) - 1024.0);
+  }
+}
+template <class T> Raw<T> to_raw(double v) { return encode<T>(round_to<T>(v)); }
+
+// ---- groups ---------------------------------------------------------------------------------------
+struct Group {
+  const char* name;
+  void (*body)();
+};
+static std::vector<Group>& groups() {
+  static std::vector<Group> g;
+  return g;
+}
+struct RegisterGroup {
+  RegisterGroup(const char* name, void (*body)()) { groups().push_back({name, body}); }
+};
+#define REGISTER_GROUP(name, body) static RegisterGroup register_##name(#name, body)
+
+// ---- entry dispatch (records which entry points the run exercised) ------------------------------
+static std::set<std::string> g_entries;
+// call_<fam><T, I>(p) calls bn_<fam>_<dtype>_<index>(p); launch_<fam><T, I>(grid, block, p) launches it.
+#define DISPATCH(fam, P)                                                                                  \
+  template <class T, class I> void call_##fam(const P& p) {                                               \
+    constexpr bool w = sizeof(I) == 8;                                                                    \
+    if constexpr (std::is_same_v<T, float>) w ? bn_##fam##_f32_i64(p) : bn_##fam##_f32_i32(p);             \
+    else if constexpr (std::is_same_v<T, __half>) w ? bn_##fam##_f16_i64(p) : bn_##fam##_f16_i32(p);       \
+    else w ? bn_##fam##_bf16_i64(p) : bn_##fam##_bf16_i32(p);                                              \
+  }                                                                                                       \
+  template <class T, class I> void launch_##fam(dim3 grid, dim3 block, const P& p) {                      \
+    g_entries.insert(std::string("bn_" #fam "_") + Fmt<T>::name + "_" + iname<I>());                     \
+    emu_launch(grid, block, [&] { call_##fam<T, I>(p); });                                                \
+  }
+typedef float F;
+typedef __half H;
+typedef __nv_bfloat16 B;
+
+// ---- tensors ------------------------------------------------------------------------------------
+struct Shape {
+  u64 outer, C, inner;
+  u64 numel() const { return outer * C * inner; }
+  u64 idx(u64 o, u64 c, u64 i) const { return (o * C + c) * inner + i; }
+  u64 m() const { return outer * inner; }
+};
+
+// A tensor inside a larger allocation: `off` guard elements before it (misaligned data when odd),
+// 16 after, all holding `guard`, so writes outside the tensor are seen.
+template <class T> struct Buf {
+  std::vector<Raw<T>> v;
+  size_t off, n;
+  Raw<T> guard;
+  Buf(size_t n_, size_t off_, Raw<T> guard_) : v(n_ + off_ + 16, guard_), off(off_), n(n_), guard(guard_) {}
+  Raw<T>* p() { return v.data() + off; }
+  Raw<T>& operator[](size_t i) { return v[off + i]; }
+  double at(size_t i) const { return decode<T>(v[off + i]); }
+  bool guards_intact() const {
+    for (size_t i = 0; i < v.size(); ++i)
+      if ((i < off || i >= off + n) && v[i] != guard) return false;
+    return true;
+  }
+};
+
+// x(o, c, i) = mu + c/2 + sigma * N(0, 1), rounded to T; channel const_ch holds one value; one
+// element of channel bad_ch (the last) holds bad_val (NaN or Inf).
+template <class T> void gen(Buf<T>& x, const Shape& s, std::mt19937& rng, double mu, double sigma, int const_ch = -1, int bad_ch = -1,
+                            double bad_val = NAN) {
+  std::normal_distribution<double> nd(0.0, 1.0);
+  for (u64 o = 0; o < s.outer; ++o)
+    for (u64 c = 0; c < s.C; ++c)
+      for (u64 i = 0; i < s.inner; ++i)
+        x[s.idx(o, c, i)] = to_raw<T>((int)c == const_ch ? mu + 3.3 : mu + 0.5 * (double)c + sigma * nd(rng));
+  if (bad_ch >= 0) x[s.idx(s.outer - 1, (u64)bad_ch, s.inner - 1)] = to_raw<T>(bad_val);
+}
+
+struct RefStats {
+  std::vector<double> mean, var;  // biased variance
+};
+template <class T> RefStats ref_stats(const Buf<T>& x, const Shape& s) {
+  RefStats r;
+  for (u64 c = 0; c < s.C; ++c) {
+    double sum = 0, ss = 0;
+    for (u64 o = 0; o < s.outer; ++o)
+      for (u64 i = 0; i < s.inner; ++i) sum += x.at(s.idx(o, c, i));
+    const double mean = sum / (double)s.m();
+    for (u64 o = 0; o < s.outer; ++o)
+      for (u64 i = 0; i < s.inner; ++i) ss += (x.at(s.idx(o, c, i)) - mean) * (x.at(s.idx(o, c, i)) - mean);
+    r.mean.push_back(mean);
+    r.var.push_back(ss / (double)s.m());
+  }
+  return r;
+}
+
+// Launch shapes. Planar reductions: grid (splits, gy); planar maps: grid (blocks); rows: grid
+// (ceil(C / (bx*VEC)), splits or row blocks), block (bx, 256/bx).
+struct Cfg {
+  bool rows;
+  unsigned grid;  // planar reductions: splits; planar maps: blocks; rows: grid y (splits / row blocks)
+  unsigned gy;    // planar reductions: grid y (< C: each block row loops over channels)
+  unsigned bx;    // rows: block x
+};
+template <class T> dim3 rows_grid(u64 C, const Cfg& cfg) {
+  return dim3((unsigned)((C + (u64)cfg.bx * VEC<T> - 1) / ((u64)cfg.bx * VEC<T>)), cfg.grid);
+}
+static std::string cfg_tag(const Cfg& c) {
+  char b[80];
+  if (c.rows) std::snprintf(b, sizeof b, "rows bx=%u grid.y=%u", c.bx, c.grid);
+  else std::snprintf(b, sizeof b, "planar grid=(%u,%u)", c.grid, c.gy);
+  return b;
+}
+static std::string shape_tag(const Shape& s) {
+  char b[80];
+  std::snprintf(b, sizeof b, "[%llu,%llu,%llu]", s.outer, s.C, s.inner);
+  return b;
+}
+static constexpr float kEps = 1e-5f;
+static constexpr double kU32 = 0x1p-24;  // unit roundoff of f32
+
+// =================================================================================================
+#ifdef EMU_GROUP_stats
+DISPATCH(stats_planar, StatsParams)
+DISPATCH(stats_rows, StatsParams)
+
+struct StatsCase {
+  size_t misalign = 0;
+  double mu = 0, sigma = 1;
+  int const_ch = -1, bad_ch = -1;
+  double bad_val = NAN;
+  bool twice = false;   // a second launch on the same workspace (semaphores must be back to zero)
+  bool running = true;  // running stats given (else null)
+  int unbiased = 1;
+};
+
+template <class T, class I> void test_stats(const Shape& s, const Cfg& cfg, const StatsCase& k, unsigned seed) {
+  begin_case();
+  std::mt19937 rng(seed);
+  Buf<T> x(s.numel(), k.misalign, to_raw<T>(-5.0));
+  gen(x, s, rng, k.mu, k.sigma, k.const_ch, k.bad_ch, k.bad_val);
+  const Buf<T> x0 = x;
+  const u64 C = s.C;
+  std::vector<float> partials(C * cfg.grid * 3, NAN), mean(C, NAN), invstd(C, NAN), rm(C), rv(C);
+  std::vector<u32> sem(C, 0);
+  for (u64 c = 0; c < C; ++c) {
+    rm[c] = 0.25f * (float)c;
+    rv[c] = 1.0f + (float)c;
+  }
+  StatsParams p{};
+  p.x = x.p();
+  p.partials = partials.data();
+  p.semaphores = sem.data();
+  p.save_mean = mean.data();
+  p.save_invstd = invstd.data();
+  p.running_mean = k.running ? rm.data() : nullptr;
+  p.running_var = k.running ? rv.data() : nullptr;
+  p.g = {s.outer, s.C, s.inner};
+  p.eps = kEps;
+  p.factor = 0.1f;
+  p.unbiased = k.unbiased;
+  p.splits = (int)cfg.grid;
+  std::string tag = std::string("stats ") + Fmt<T>::name + " " + iname<I>() + " " + shape_tag(s) + " " + cfg_tag(cfg) +
+                    " misalign=" + std::to_string(k.misalign) + " mu=" + std::to_string(k.mu);
+  emu::g_launch_tag = tag;
+  const int launches = k.twice ? 2 : 1;
+  for (int l = 0; l < launches; ++l) {
+    if (cfg.rows) launch_stats_rows<T, I>(rows_grid<T>(C, cfg), dim3(cfg.bx, 256 / cfg.bx), p);
+    else launch_stats_planar<T, I>(dim3(cfg.grid, cfg.gy), dim3(256), p);
+  }
+  tag += policies_tag();
+  const RefStats ref = ref_stats(x, s);
+  const double m = (double)s.m();
+  const double var_tol = k.mu > 100 ? 2e-6 : 1e-5;  // ABI: mean 1000, std 0.1: variance to ~1e-6
+  CHECK(std::equal(x.v.begin(), x.v.end(), x0.v.begin()), "%s: the input was modified", tag.c_str());
+  for (u64 c = 0; c < C; ++c) {
+    CHECK(sem[c] == 0, "%s: semaphore %llu = %u after the launch", tag.c_str(), c, sem[c]);
+    if ((int)c == k.bad_ch) {
+      CHECK(std::isnan(mean[c]) || std::isnan(invstd[c]), "%s: channel %llu holds %g but its statistics are %g %g", tag.c_str(), c,
+            k.bad_val, mean[c], invstd[c]);
+      continue;
+    }
+    const double sd = std::sqrt(ref.var[c]);
+    CHECK(std::fabs(mean[c] - ref.mean[c]) <= 2e-6 * (std::fabs(ref.mean[c]) + sd) + 1e-30, "%s: mean[%llu] %.9g, reference %.9g",
+          tag.c_str(), c, mean[c], ref.mean[c]);
+    const double inv_ref = 1.0 / std::sqrt(ref.var[c] + (double)kEps);
+    CHECK(std::fabs(invstd[c] - inv_ref) <= var_tol * inv_ref, "%s: invstd[%llu] %.9g, reference %.9g (rel %.3g)", tag.c_str(), c,
+          invstd[c], inv_ref, std::fabs(invstd[c] - inv_ref) / inv_ref);
+    if ((int)c == k.const_ch) {  // ABI: a constant channel gives mean == x exactly
+      CHECK(mean[c] == x.at(s.idx(0, c, 0)), "%s: constant channel: mean %.9g != %.9g", tag.c_str(), mean[c], x.at(s.idx(0, c, 0)));
+      CHECK(invstd[c] == (float)(1.0 / std::sqrt((double)kEps)), "%s: constant channel: invstd %.9g", tag.c_str(), invstd[c]);
+    }
+    if (!k.running) continue;
+    double rm_ref = 0.25 * (double)c, rv_ref = 1.0 + (double)c;
+    const double batch_var = k.unbiased ? ref.var[c] * m / (m - 1) : ref.var[c];
+    for (int l = 0; l < launches; ++l) {
+      rm_ref = 0.1 * ref.mean[c] + 0.9 * rm_ref;
+      rv_ref = 0.1 * batch_var + 0.9 * rv_ref;
+    }
+    CHECK(std::fabs(rm[c] - rm_ref) <= 2e-6 * (std::fabs(rm_ref) + sd) + 1e-7, "%s: running_mean[%llu] %.9g, reference %.9g", tag.c_str(), c,
+          rm[c], rm_ref);
+    CHECK(std::fabs(rv[c] - rv_ref) <= var_tol * rv_ref + 1e-7, "%s: running_var[%llu] %.9g, reference %.9g", tag.c_str(), c, rv[c], rv_ref);
+  }
+}
+
+static void stats_group() {
+    // Planar (inner > 1): tails (inner % 32*VEC != 0), scalar path (inner % VEC != 0 or
+    // misaligned), one and many splits, more splits than units, gy < C (channel loop).
+    struct P {
+      Shape s;
+      unsigned splits, gy;
+    };
+    const P ps[] = {{{2, 3, 5}, 1, 3},   {{1, 1, 2}, 3, 1},   {{3, 2, 257}, 2, 2},    {{2, 5, 1024}, 3, 2}, {{4, 3, 1000}, 5, 3},
+                    {{1, 17, 33}, 1, 17}, {{5, 1, 4097}, 7, 1}, {{2, 2, 31}, 4, 1},   {{3, 4, 7}, 2, 4},    {{2, 3, 2}, 2, 3},
+                    {{1, 2, 20000}, 6, 2}, {{300, 2, 3}, 3, 2}};
+    unsigned seed = 100;
+    for (const P& q : ps) {
+      const Cfg cfg{false, q.splits, q.gy, 0};
+      const int cc = q.s.C > 1 ? 1 : -1, nc = q.s.C > 2 ? 2 : -1;
+      test_stats<F, u32>(q.s, cfg, {.misalign = 0, .const_ch = cc, .bad_ch = nc, .twice = true}, ++seed);
+      test_stats<F, u32>(q.s, cfg, {.misalign = 1, .const_ch = cc, .bad_ch = nc, .bad_val = INFINITY}, ++seed);
+      test_stats<H, u32>(q.s, cfg, {.misalign = 0, .const_ch = cc}, ++seed);
+      test_stats<H, u64>(q.s, cfg, {.misalign = 1, .const_ch = cc, .bad_ch = nc, .running = false}, ++seed);
+      test_stats<B, u64>(q.s, cfg, {.misalign = 0, .const_ch = cc, .unbiased = 0}, ++seed);
+      test_stats<B, u32>(q.s, cfg, {.misalign = 1, .const_ch = cc, .bad_ch = nc}, ++seed);
+      test_stats<F, u64>(q.s, cfg, {.misalign = 0, .mu = 1000, .sigma = 0.1}, ++seed);  // large mean, small spread
+    }
+    // Rows (inner == 1): every block width, C % VEC != 0 (masked scalar), C < one column, many
+    // column blocks, one and many splits.
+    struct Q {
+      Shape s;
+      unsigned bx, splits;
+    };
+    const Q qs[] = {{{7, 3, 1}, 32, 1},     {{100, 17, 1}, 8, 3},    {{64, 32, 1}, 4, 2},   {{33, 1001, 1}, 64, 2}, {{1000, 8, 1}, 1, 4},
+                    {{5, 1, 1}, 256, 1},    {{300, 64, 1}, 16, 3},   {{2, 3, 1}, 2, 2},     {{513, 40, 1}, 32, 5},  {{5000, 4, 1}, 1, 8},
+                    {{9, 2048, 1}, 256, 2}, {{50, 24, 1}, 128, 2}};
+    for (const Q& q : qs) {
+      const Cfg cfg{true, q.splits, 0, q.bx};
+      const int cc = q.s.C > 1 ? 1 : -1, nc = q.s.C > 2 ? 2 : -1;
+      test_stats<F, u32>(q.s, cfg, {.misalign = 0, .const_ch = cc, .bad_ch = nc, .twice = true}, ++seed);
+      test_stats<F, u32>(q.s, cfg, {.misalign = 1, .const_ch = cc, .bad_ch = nc, .bad_val = -INFINITY}, ++seed);
+      test_stats<H, u32>(q.s, cfg, {.misalign = 0, .const_ch = cc, .bad_ch = nc}, ++seed);
+      test_stats<H, u64>(q.s, cfg, {.misalign = 1, .const_ch = cc, .running = false}, ++seed);
+      test_stats<B, u64>(q.s, cfg, {.misalign = 0, .const_ch = cc, .unbiased = 0}, ++seed);
+      test_stats<B, u32>(q.s, cfg, {.misalign = 1, .const_ch = cc, .bad_ch = nc, .bad_val = INFINITY}, ++seed);
+      test_stats<F, u64>(q.s, cfg, {.misalign = 0, .mu = 1000, .sigma = 0.1}, ++seed);
+    }
+}
+REGISTER_GROUP(stats, stats_group);
+#endif  // EMU_GROUP_stats
+
+// =================================================================================================
+#ifdef EMU_GROUP_normalize
+DISPATCH(normalize_planar, NormalizeParams)
+DISPATCH(normalize_rows, NormalizeParams)
+
+struct MapCase {
+  size_t mis_x = 0, mis_y = 0;
+  bool inplace = false, stat_is_var = false, affine = true;
+  int bad_ch = -1;  // one NaN input element in this channel (last element)
+  double mu = 2.0, sigma = 1.5;
+};
+
+template <class T, class I> void test_normalize(const Shape& s, const Cfg& cfg, const MapCase& k, unsigned seed) {
+  begin_case();
+  std::mt19937 rng(seed);
+  const int const_ch = s.C > 1 ? 1 : -1;
+  Buf<T> x(s.numel(), k.mis_x, to_raw<T>(-12345.0));
+  gen(x, s, rng, k.mu, k.sigma, const_ch, k.bad_ch);
+  Buf<T> y(s.numel(), k.mis_y, to_raw<T>(-12345.0));
+  const Buf<T> x0 = x;
+  const RefStats ref = ref_stats(x, s);
+  std::vector<float> mean(s.C), st(s.C), w(s.C), b(s.C);
+  for (u64 c = 0; c < s.C; ++c) {
+    // any statistics will do (finite ones for the NaN channel: the NaN must stay in its element);
+    // the constant channel gets its exact mean (ABI: then y == bias exactly)
+    const bool finite = std::isfinite(ref.mean[c]);
+    mean[c] = (int)c == const_ch ? (float)x.at(s.idx(0, c, 0)) : finite ? (float)ref.mean[c] + 0.01f : (float)(k.mu + 0.5 * c);
+    const double var = finite ? ref.var[c] + 0.1 : 1.0;
+    st[c] = k.stat_is_var ? (float)var : (float)(1.0 / std::sqrt(var + (double)kEps));
+    w[c] = 0.5f + 0.1f * (float)(c % 7);
+    b[c] = -1.0f + 0.3f * (float)(c % 11);
+  }
+  NormalizeParams p{};
+  p.x = x.p();
+  p.y = k.inplace ? (void*)x.p() : (void*)y.p();
+  p.mean = mean.data();
+  p.var_or_invstd = st.data();
+  p.weight = k.affine ? w.data() : nullptr;
+  p.bias = k.affine ? b.data() : nullptr;
+  p.g = {s.outer, s.C, s.inner};
+  p.eps = kEps;
+  p.stat_is_var = k.stat_is_var;
+  std::string tag = std::string("normalize ") + Fmt<T>::name + " " + iname<I>() + " " + shape_tag(s) + " " + cfg_tag(cfg) +
+                    " misalign=" + std::to_string(k.mis_x) + "/" + std::to_string(k.mis_y) + (k.inplace ? " in-place" : "") +
+                    (k.stat_is_var ? " var" : " invstd") + (k.affine ? " affine" : "");
+  emu::g_launch_tag = tag;
+  if (cfg.rows) launch_normalize_rows<T, I>(rows_grid<T>(s.C, cfg), dim3(cfg.bx, 256 / cfg.bx), p);
+  else launch_normalize_planar<T, I>(dim3(cfg.grid), dim3(256), p);
+  tag += policies_tag();
+  const Buf<T>& out = k.inplace ? x : y;
+  CHECK(out.guards_intact(), "%s: write outside the output tensor", tag.c_str());
+  if (!k.inplace) CHECK(std::equal(x.v.begin(), x.v.end(), x0.v.begin()), "%s: the input was modified", tag.c_str());
+  int bad = 0;
+  for (u64 o = 0; o < s.outer; ++o)
+    for (u64 c = 0; c < s.C; ++c)
+      for (u64 i = 0; i < s.inner; ++i) {
+        const u64 e = s.idx(o, c, i);
+        const double xv = x0.at(e), got = out.at(e);
+        const double invstd = k.stat_is_var ? 1.0 / std::sqrt((double)st[c] + (double)kEps) : (double)st[c];
+        const double a = (k.affine ? (double)w[c] : 1.0) * invstd, bb = k.affine ? (double)b[c] : 0.0;
+        const double d = xv - (double)mean[c];
+        const double want = d * a + bb;
+        bool ok;
+        if (std::isnan(xv)) ok = std::isnan(got);
+        else if ((int)c == const_ch) ok = got == round_to<T>(bb);
+        else ok = std::fabs(got - want) <= 8 * kU32 * (std::fabs(d * a) + std::fabs(bb)) + ulp_of<T>(want);
+        ++g_checks;
+        if (!ok && bad++ < 3)
+          CHECK(false, "%s: y[%llu] (o=%llu c=%llu i=%llu) = %.8g, reference %.8g", tag.c_str(), e, o, c, i, got, want);
+      }
+}
+
+static void normalize_group() {
+    struct P {
+      Shape s;
+      unsigned blocks;
+    };
+    const P ps[] = {{{2, 3, 5}, 1},   {{3, 2, 257}, 2}, {{2, 5, 1024}, 3}, {{1, 17, 33}, 4},
+                    {{5, 2, 4097}, 7}, {{3, 4, 7}, 100}, {{2, 3, 2}, 2},    {{4, 3, 256}, 1}};
+    unsigned seed = 200;
+    for (const P& q : ps) {
+      const Cfg cfg{false, q.blocks, 0, 0};
+      const int nc = q.s.C > 2 ? 2 : -1;
+      test_normalize<F, u32>(q.s, cfg, {.mis_x = 0, .mis_y = 0, .stat_is_var = false, .bad_ch = nc}, ++seed);
+      test_normalize<F, u64>(q.s, cfg, {.mis_x = 1, .mis_y = 0, .stat_is_var = true}, ++seed);
+      test_normalize<H, u32>(q.s, cfg, {.mis_x = 0, .mis_y = 1, .stat_is_var = true, .affine = false}, ++seed);
+      test_normalize<H, u64>(q.s, cfg, {.mis_x = 1, .mis_y = 1, .inplace = true, .stat_is_var = false, .bad_ch = nc}, ++seed);
+      test_normalize<B, u64>(q.s, cfg, {.mis_x = 0, .mis_y = 0, .inplace = true, .stat_is_var = true}, ++seed);
+      test_normalize<B, u32>(q.s, cfg, {.mis_x = 1, .mis_y = 1, .stat_is_var = false}, ++seed);
+    }
+    // ABI: not x*a + b with b = bias - mean*a (that cancels for large means)
+    test_normalize<F, u32>({2, 3, 64}, {false, 2, 0, 0}, {.mu = 1000, .sigma = 0.1}, ++seed);
+    test_normalize<F, u32>({64, 8, 1}, {true, 2, 0, 2}, {.mu = 1000, .sigma = 0.1}, ++seed);
+    struct Q {
+      Shape s;
+      unsigned bx, row_blocks;
+    };
+    const Q qs[] = {{{7, 3, 1}, 32, 1},  {{100, 17, 1}, 8, 3},    {{64, 32, 1}, 4, 2}, {{33, 1001, 1}, 64, 2},
+                    {{1000, 8, 1}, 1, 4}, {{5, 1, 1}, 256, 1}, {{300, 64, 1}, 16, 3}, {{9, 2048, 1}, 256, 2}};
+    for (const Q& q : qs) {
+      const Cfg cfg{true, q.row_blocks, 0, q.bx};
+      const int nc = q.s.C > 2 ? 2 : -1;
+      test_normalize<F, u32>(q.s, cfg, {.mis_x = 0, .mis_y = 0, .stat_is_var = false, .bad_ch = nc}, ++seed);
+      test_normalize<F, u64>(q.s, cfg, {.mis_x = 1, .mis_y = 0, .stat_is_var = true}, ++seed);
+      test_normalize<H, u64>(q.s, cfg, {.mis_x = 0, .mis_y = 1, .stat_is_var = true, .affine = false}, ++seed);
+      test_normalize<H, u32>(q.s, cfg, {.mis_x = 1, .mis_y = 1, .inplace = true, .stat_is_var = false, .bad_ch = nc}, ++seed);
+      test_normalize<B, u32>(q.s, cfg, {.mis_x = 0, .mis_y = 0, .inplace = true, .stat_is_var = true}, ++seed);
+      test_normalize<B, u64>(q.s, cfg, {.mis_x = 1, .mis_y = 1, .stat_is_var = false}, ++seed);
+    }
+}
+REGISTER_GROUP(normalize, normalize_group);
+#endif  // EMU_GROUP_normalize
+
+// =================================================================================================
+#ifdef EMU_GROUP_backward
+DISPATCH(backward_reduce_planar, BackwardReduceParams)
+DISPATCH(backward_reduce_rows, BackwardReduceParams)
+DISPATCH(backward_dx_planar, BackwardElementwiseParams)
+DISPATCH(backward_dx_rows, BackwardElementwiseParams)
+
+struct BackwardCase {
+  size_t misalign = 0;
+  bool stat_is_var = false, accumulate = false, coef = true, grads = true;
+};
+
+template <class T, class I> void test_backward_reduce(const Shape& s, const Cfg& cfg, const BackwardCase& k, unsigned seed) {
+  begin_case();
+  std::mt19937 rng(seed);
+  Buf<T> x(s.numel(), k.misalign, 0), dy(s.numel(), k.misalign, 0);
+  gen(x, s, rng, 1.0, 2.0);
+  gen(dy, s, rng, 0.1, 1.0);
+  const RefStats ref = ref_stats(x, s);
+  const u64 C = s.C;
+  const double m = (double)s.m();
+  std::vector<float> mean(C), st(C), dw(C), db(C), coef(2 * C, NAN), partials(C * cfg.grid * 2, NAN);
+  std::vector<u32> sem(C, 0);
+  for (u64 c = 0; c < C; ++c) {
+    mean[c] = (float)ref.mean[c] + 0.01f;  // any mean works (statistics of another batch, eval)
+    st[c] = k.stat_is_var ? (float)ref.var[c] : (float)(1.0 / std::sqrt(ref.var[c] + (double)kEps));
+    dw[c] = 0.5f;
+    db[c] = -0.25f;
+  }
+  BackwardReduceParams r{};
+  r.x = x.p();
+  r.dy = dy.p();
+  r.mean = mean.data();
+  r.var_or_invstd = st.data();
+  r.partials = partials.data();
+  r.semaphores = sem.data();
+  r.dweight = k.grads ? dw.data() : nullptr;
+  r.dbias = k.grads ? db.data() : nullptr;
+  r.coef = k.coef ? coef.data() : nullptr;
+  r.g = {s.outer, s.C, s.inner};
+  r.eps = kEps;
+  r.stat_is_var = k.stat_is_var;
+  r.accumulate = k.accumulate;
+  r.splits = (int)cfg.grid;
+  std::string tag = std::string("backward reduce ") + Fmt<T>::name + " " + iname<I>() + " " + shape_tag(s) + " " + cfg_tag(cfg) +
+                    " misalign=" + std::to_string(k.misalign) + (k.stat_is_var ? " var" : " invstd") + (k.accumulate ? " accumulate" : "") +
+                    (k.coef ? " coef" : "") + (k.grads ? " grads" : "");
+  emu::g_launch_tag = tag;
+  if (cfg.rows) launch_backward_reduce_rows<T, I>(rows_grid<T>(C, cfg), dim3(cfg.bx, 256 / cfg.bx), r);
+  else launch_backward_reduce_planar<T, I>(dim3(cfg.grid, cfg.gy), dim3(256), r);
+  tag += policies_tag();
+  std::vector<double> sdy(C, 0), sdx(C, 0), sabs(C, 0);
+  for (u64 o = 0; o < s.outer; ++o)
+    for (u64 c = 0; c < C; ++c)
+      for (u64 i = 0; i < s.inner; ++i) {
+        const u64 e = s.idx(o, c, i);
+        const double gv = dy.at(e), xv = x.at(e);
+        sdy[c] += gv;
+        sdx[c] += gv * (xv - (double)mean[c]);
+        sabs[c] += std::fabs(gv) * (std::fabs(xv - (double)mean[c]) + 1);
+      }
+  for (u64 c = 0; c < C; ++c) {
+    CHECK(sem[c] == 0, "%s: semaphore %llu = %u after the launch", tag.c_str(), c, sem[c]);
+    const double invstd = k.stat_is_var ? 1.0 / std::sqrt((double)st[c] + (double)kEps) : (double)st[c];
+    const double tol_b = 4e-6 * sabs[c] + 1e-5, tol_w = tol_b * invstd;
+    if (k.grads) {
+      const double gw = sdx[c] * invstd + (k.accumulate ? 0.5 : 0), gb = sdy[c] + (k.accumulate ? -0.25 : 0);
+      CHECK(std::fabs(dw[c] - gw) <= tol_w, "%s: dweight[%llu] %.9g, reference %.9g", tag.c_str(), c, dw[c], gw);
+      CHECK(std::fabs(db[c] - gb) <= tol_b, "%s: dbias[%llu] %.9g, reference %.9g", tag.c_str(), c, db[c], gb);
+    } else {
+      CHECK(dw[c] == 0.5f && db[c] == -0.25f, "%s: gradients written though null", tag.c_str());
+    }
+    if (k.coef) {
+      CHECK(std::fabs(coef[2 * c] - sdy[c] / m) <= tol_b / m, "%s: coef[%llu][0] %.9g, reference %.9g", tag.c_str(), c, coef[2 * c], sdy[c] / m);
+      CHECK(std::fabs(coef[2 * c + 1] - sdx[c] * invstd / m) <= tol_w / m, "%s: coef[%llu][1] %.9g, reference %.9g", tag.c_str(), c,
+            coef[2 * c + 1], sdx[c] * invstd / m);
+    } else {
+      CHECK(std::isnan(coef[2 * c]) && std::isnan(coef[2 * c + 1]), "%s: coef written though null", tag.c_str());
+    }
+  }
+}
+
+struct DxCase {
+  size_t misalign = 0;
+  bool stat_is_var = false, train = true, alias = false, weight = true;
+};
+
+template <class T, class I> void test_backward_dx(const Shape& s, const Cfg& cfg, const DxCase& k, unsigned seed) {
+  begin_case();
+  std::mt19937 rng(seed);
+  const Raw<T> guard = to_raw<T>(-777.0);
+  Buf<T> x(s.numel(), k.misalign, guard), dy(s.numel(), k.misalign, guard), dx(s.numel(), k.misalign, guard);
+  gen(x, s, rng, 1.0, 2.0);
+  gen(dy, s, rng, 0.1, 1.0);
+  const Buf<T> dy0 = dy, x0 = x;
+  const RefStats ref = ref_stats(x, s);
+  const u64 C = s.C;
+  std::vector<float> mean(C), st(C), w(C), coef(2 * C);
+  for (u64 c = 0; c < C; ++c) {
+    mean[c] = (float)ref.mean[c] + 0.01f;
+    st[c] = k.stat_is_var ? (float)ref.var[c] : (float)(1.0 / std::sqrt(ref.var[c] + (double)kEps));
+    w[c] = 0.7f + 0.05f * (float)(c % 13);
+    coef[2 * c] = 0.03f * (float)(c % 7) - 0.1f;  // the dx pass takes any (sum dy / m, sum dy*xhat / m)
+    coef[2 * c + 1] = 0.2f - 0.02f * (float)(c % 11);
+  }
+  BackwardElementwiseParams e{};
+  e.x = k.train ? (const void*)x.p() : nullptr;  // eval: x is not read
+  e.dy = dy.p();
+  e.dx = k.alias ? (void*)dy.p() : (void*)dx.p();
+  e.mean = mean.data();
+  e.var_or_invstd = st.data();
+  e.weight = k.weight ? w.data() : nullptr;
+  e.coef = k.train ? coef.data() : nullptr;
+  e.g = {s.outer, s.C, s.inner};
+  e.eps = kEps;
+  e.stat_is_var = k.stat_is_var;
+  std::string tag = std::string("backward dx ") + Fmt<T>::name + " " + iname<I>() + " " + shape_tag(s) + " " + cfg_tag(cfg) +
+                    " misalign=" + std::to_string(k.misalign) + (k.stat_is_var ? " var" : " invstd") + (k.train ? " train" : " eval") +
+                    (k.alias ? " dx=dy" : "") + (k.weight ? " weight" : "");
+  emu::g_launch_tag = tag;
+  if (cfg.rows) launch_backward_dx_rows<T, I>(rows_grid<T>(C, cfg), dim3(cfg.bx, 256 / cfg.bx), e);
+  else launch_backward_dx_planar<T, I>(dim3(cfg.grid), dim3(256), e);
+  tag += policies_tag();
+  const Buf<T>& out = k.alias ? dy : dx;
+  CHECK(out.guards_intact(), "%s: write outside dx", tag.c_str());
+  CHECK(std::equal(x.v.begin(), x.v.end(), x0.v.begin()), "%s: x was modified", tag.c_str());
+  if (!k.alias) CHECK(std::equal(dy.v.begin(), dy.v.end(), dy0.v.begin()), "%s: dy was modified", tag.c_str());
+  int bad = 0;
+  for (u64 o = 0; o < s.outer; ++o)
+    for (u64 c = 0; c < C; ++c)
+      for (u64 i = 0; i < s.inner; ++i) {
+        const u64 el = s.idx(o, c, i);
+        const double invstd = k.stat_is_var ? 1.0 / std::sqrt((double)st[c] + (double)kEps) : (double)st[c];
+        const double scale = (k.weight ? (double)w[c] : 1.0) * invstd;
+        const double g = dy0.at(el), xv = x0.at(el), got = out.at(el);
+        double want, terms;
+        if (k.train) {
+          const double proj = (xv - (double)mean[c]) * (double)coef[2 * c + 1] * invstd;
+          want = (g - (double)coef[2 * c] - proj) * scale;
+          terms = (std::fabs(g) + std::fabs((double)coef[2 * c]) + std::fabs(proj)) * std::fabs(scale);
+        } else {
+          want = g * scale;
+          terms = std::fabs(want);
+        }
+        ++g_checks;
+        if (!(std::fabs(got - want) <= 8 * kU32 * terms + ulp_of<T>(want)) && bad++ < 3)
+          CHECK(false, "%s: dx[%llu] (o=%llu c=%llu i=%llu) = %.8g, reference %.8g", tag.c_str(), el, o, c, i, got, want);
+      }
+}
+
+static void backward_group() {
+    struct P {
+      Shape s;
+      unsigned splits, gy, blocks;
+    };
+    const P ps[] = {{{2, 3, 5}, 1, 3, 1},   {{3, 2, 257}, 2, 1, 3},  {{2, 5, 1024}, 3, 5, 2},
+                    {{1, 17, 33}, 2, 9, 5}, {{5, 2, 4097}, 7, 2, 9}, {{2, 3, 2}, 2, 3, 2}};
+    unsigned seed = 300;
+    for (const P& q : ps) {
+      const Cfg red{false, q.splits, q.gy, 0}, map{false, q.blocks, 0, 0};
+      test_backward_reduce<F, u32>(q.s, red, {.misalign = 0}, ++seed);
+      test_backward_reduce<F, u64>(q.s, red, {.misalign = 1, .stat_is_var = true, .accumulate = true}, ++seed);
+      test_backward_reduce<H, u32>(q.s, red, {.misalign = 1, .stat_is_var = true, .accumulate = true, .coef = false}, ++seed);
+      test_backward_reduce<H, u64>(q.s, red, {.misalign = 0, .grads = false}, ++seed);
+      test_backward_reduce<B, u64>(q.s, red, {.misalign = 0, .accumulate = true}, ++seed);
+      test_backward_reduce<B, u32>(q.s, red, {.misalign = 1, .stat_is_var = true}, ++seed);
+      test_backward_dx<F, u32>(q.s, map, {.misalign = 0}, ++seed);
+      test_backward_dx<F, u64>(q.s, map, {.misalign = 1, .stat_is_var = true, .train = false}, ++seed);
+      test_backward_dx<H, u32>(q.s, map, {.misalign = 1, .stat_is_var = true, .alias = true}, ++seed);
+      test_backward_dx<H, u64>(q.s, map, {.misalign = 0, .train = false, .alias = true, .weight = false}, ++seed);
+      test_backward_dx<B, u64>(q.s, map, {.misalign = 0, .stat_is_var = true}, ++seed);
+      test_backward_dx<B, u32>(q.s, map, {.misalign = 1, .weight = false}, ++seed);
+    }
+    struct Q {
+      Shape s;
+      unsigned bx, splits, row_blocks;
+    };
+    const Q qs[] = {{{7, 3, 1}, 32, 1, 1},     {{100, 17, 1}, 8, 3, 2}, {{64, 32, 1}, 4, 2, 5}, {{33, 1001, 1}, 64, 2, 1},
+                    {{1000, 8, 1}, 1, 4, 3},   {{5, 1, 1}, 256, 1, 1},  {{9, 2048, 1}, 256, 2, 2}};
+    for (const Q& q : qs) {
+      const Cfg red{true, q.splits, 0, q.bx}, map{true, q.row_blocks, 0, q.bx}, map32{true, q.row_blocks, 0, 32};
+      test_backward_reduce<F, u32>(q.s, red, {.misalign = 0}, ++seed);
+      test_backward_reduce<F, u64>(q.s, red, {.misalign = 1, .stat_is_var = true, .accumulate = true}, ++seed);
+      test_backward_reduce<H, u32>(q.s, red, {.misalign = 1, .stat_is_var = true, .accumulate = true, .coef = false}, ++seed);
+      test_backward_reduce<H, u64>(q.s, red, {.misalign = 0, .grads = false}, ++seed);
+      test_backward_reduce<B, u64>(q.s, red, {.misalign = 0, .accumulate = true}, ++seed);
+      test_backward_reduce<B, u32>(q.s, red, {.misalign = 1, .stat_is_var = true}, ++seed);
+      test_backward_dx<F, u32>(q.s, map, {.misalign = 0}, ++seed);
+      test_backward_dx<F, u64>(q.s, map, {.misalign = 1, .stat_is_var = true, .train = false}, ++seed);
+      test_backward_dx<H, u32>(q.s, map32, {.misalign = 1, .stat_is_var = true, .alias = true}, ++seed);
+      test_backward_dx<H, u64>(q.s, map, {.misalign = 0, .train = false, .alias = true, .weight = false}, ++seed);
+      test_backward_dx<B, u64>(q.s, map32, {.misalign = 0, .stat_is_var = true}, ++seed);
+      test_backward_dx<B, u32>(q.s, map, {.misalign = 1, .weight = false}, ++seed);
+    }
+}
+REGISTER_GROUP(backward, backward_group);
+#endif  // EMU_GROUP_backward
+
+// =================================================================================================
+#ifdef EMU_GROUP_fold
+// ABI: computed in double, rounded once to T, so the result is exact: the same double formula here.
+template <class T>
+void test_fold(const char* layout, u64 c_out, u64 numel, u64 group_stride, u64 inner_stride, u64 cpg, bool conv_bias, bool affine,
+               bool inplace, unsigned blocks, const std::function<u64(u64)>& chan_of) {
+  begin_case();
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<double> ud(-2, 2);
+  std::vector<Raw<T>> w(numel), wo(numel + 8, to_raw<T>(-9.0)), cb(c_out), bo(c_out + 8, to_raw<T>(-9.0));
+  for (auto& v : w) v = to_raw<T>(ud(rng));
+  for (auto& v : cb) v = to_raw<T>(ud(rng));
+  std::vector<float> bw(c_out), bb(c_out), rm(c_out), rv(c_out);
+  for (u64 o = 0; o < c_out; ++o) {
+    bw[o] = (float)ud(rng);
+    bb[o] = (float)ud(rng);
+    rm[o] = (float)ud(rng);
+    rv[o] = 0.1f + (float)std::fabs(ud(rng));
+  }
+  const std::vector<Raw<T>> win = w;
+  FoldParams p{};
+  p.weight_in = w.data();
+  p.weight_out = inplace ? (void*)w.data() : (void*)wo.data();
+  p.conv_bias = conv_bias ? cb.data() : nullptr;
+  p.bias_out = bo.data();
+  p.bn_weight = affine ? bw.data() : nullptr;
+  p.bn_bias = affine ? bb.data() : nullptr;
+  p.running_mean = rm.data();
+  p.running_var = rv.data();
+  p.numel = numel;
+  p.c_out = c_out;
+  p.group_stride = group_stride;
+  p.inner_stride = inner_stride;
+  p.c_out_per_group = cpg;
+  p.eps = kEps;
+  std::string tag = std::string("fold ") + Fmt<T>::name + " " + layout + " blocks=" + std::to_string(blocks) + (inplace ? " in-place" : "") +
+                    (conv_bias ? " conv_bias" : "") + (affine ? " affine" : "");
+  emu::g_launch_tag = tag;
+  g_entries.insert(std::string("bn_fold_") + Fmt<T>::name);
+  emu_launch(dim3(blocks), dim3(256), [&] {
+    if constexpr (std::is_same_v<T, float>) bn_fold_f32(p);
+    else if constexpr (std::is_same_v<T, __half>) bn_fold_f16(p);
+    else bn_fold_bf16(p);
+  });
+  tag += policies_tag();
+  const auto& out = inplace ? w : wo;
+  auto scale = [&](u64 o) { return (affine ? (double)bw[o] : 1.0) / std::sqrt((double)rv[o] + (double)kEps); };
+  int bad = 0;
+  for (u64 i = 0; i < numel; ++i) {
+    const u64 o = chan_of(i);
+    const double want = round_to<T>(decode<T>(win[i]) * scale(o)), got = decode<T>(out[i]);
+    ++g_checks;
+    if (got != want && bad++ < 3) CHECK(false, "%s: weight[%llu] (channel %llu) %.9g, reference %.9g", tag.c_str(), i, o, got, want);
+  }
+  for (u64 o = 0; o < c_out; ++o) {
+    const double want = round_to<T>(((conv_bias ? decode<T>(cb[o]) : 0.0) - (double)rm[o]) * scale(o) + (affine ? (double)bb[o] : 0.0));
+    CHECK(decode<T>(bo[o]) == want, "%s: bias[%llu] %.9g, reference %.9g", tag.c_str(), o, decode<T>(bo[o]), want);
+  }
+  for (u64 i = c_out; i < bo.size(); ++i) CHECK(bo[i] == to_raw<T>(-9.0), "%s: write past bias_out", tag.c_str());
+  if (!inplace)
+    for (u64 i = numel; i < wo.size(); ++i) CHECK(wo[i] == to_raw<T>(-9.0), "%s: write past weight_out", tag.c_str());
+}
+
+static void fold_group() {
+    // conv [C_out=6, C_in/g=4, k=3] (grouped and depthwise convs have the same layout)
+    auto conv = [](u64 i) { return i / 12; };
+    test_fold<F>("conv", 6, 72, 72, 12, 6, true, true, false, 1, conv);
+    test_fold<H>("conv", 6, 72, 72, 12, 6, false, true, true, 2, conv);
+    test_fold<B>("conv", 6, 72, 72, 12, 6, true, false, false, 1, conv);
+    // linear [C_out=5, in=7]
+    test_fold<B>("linear", 5, 35, 35, 7, 5, true, true, true, 3, [](u64 i) { return i / 7; });
+    // conv-transpose [C_in=4, C_out/g=3, K=5], groups 2: C_out = 6
+    auto convt = [](u64 i) { return i / 30 * 3 + (i / 5) % 3; };
+    test_fold<F>("conv-transpose g=2", 6, 60, 30, 5, 3, true, true, false, 1, convt);
+    test_fold<H>("conv-transpose g=2", 6, 60, 30, 5, 3, false, false, true, 2, convt);
+    // channels-last conv-transpose weight [C_in=4, K=5, C_out/g=3], groups 2
+    auto convt_cl = [](u64 i) { return i / 30 * 3 + i % 3; };
+    test_fold<H>("conv-transpose channels-last g=2", 6, 60, 30, 1, 3, true, true, false, 1, convt_cl);
+    test_fold<B>("conv-transpose channels-last g=2", 6, 60, 30, 1, 3, true, true, true, 2, convt_cl);
+    // conv-transpose groups 1 [C_in=3, C_out=4, K=2]
+    test_fold<F>("conv-transpose g=1", 4, 24, 24, 2, 4, true, true, false, 1, [](u64 i) { return (i / 2) % 4; });
+    // more biases than threads in the grid: c_out = 700, one block
+    test_fold<F>("linear c_out=700", 700, 1400, 1400, 2, 700, true, true, false, 1, [](u64 i) { return i / 2; });
+    test_fold<H>("linear c_out=700", 700, 1400, 1400, 2, 700, false, true, true, 2, [](u64 i) { return i / 2; });
+}
+REGISTER_GROUP(fold, fold_group);
+#endif  // EMU_GROUP_fold
+
+// =================================================================================================
+#ifdef EMU_GROUP_core
+// Numerics of the shared helpers (device functions called directly on the host).
+static void test_helpers() {
+  begin_case();
+  std::mt19937 rng(3);
+  std::uniform_int_distribution<u32> ub;
+  auto bits = [](float f) { u32 u; std::memcpy(&u, &f, 4); return u; };
+  auto from_bits = [](u32 u) { float f; std::memcpy(&f, &u, 4); return f; };
+  for (double ulp : {0.0, 1.0, -1.0, 2.0, -2.0}) {
+    g_ulp_rcp = ulp;
+    g_ulp_rsq = ulp;
+    int bad = 0;
+    // invsqrt_rn replicates ptxas's fast paths, exact only with the real MUFU accuracy: checked
+    // with exact approximations (scaling and specials), not with injected errors.
+    if (ulp == 0) {
+      auto one = [&](float x) {
+        const float got = bn::invsqrt_rn(x), want = 1.0f / std::sqrt(x);  // the spec: IEEE sqrt, then IEEE division
+        const bool ok = (std::isnan(want) && std::isnan(got)) || bits(got) == bits(want);
+        ++g_checks;
+        if (!ok && bad++ < 5) CHECK(false, "invsqrt_rn(%a) = %a, reference %a", x, got, want);
+      };
+      for (int i = 0; i < 1000000; ++i) one(from_bits(ub(rng)));
+      for (float x : {0.f, -0.f, INFINITY, -INFINITY, NAN, 1e-45f, 1e-40f, 1.17549435e-38f, 0x1p-100f, 0x1p-101f, 0x1.fffffep-101f,
+                      3.4028235e38f, 1.f, 4.f, 1e-5f})
+        one(x);
+    }
+    // div_count: within an ulp of IEEE a / b, exact for n / n
+    for (int i = 0; i < 100000; ++i) {
+      const float b = (float)(1 + ub(rng) % (1u << 24)), a = (float)(ub(rng) % (1u << 24));
+      const double want = (double)a / (double)b, got = bn::div_count(a, b);
+      ++g_checks;
+      if (!(std::fabs(got - want) <= std::ldexp(1.0, std::ilogb((float)want) - 23)) && bad++ < 5)
+        CHECK(false, "div_count(%g, %g) = %a, reference %a (ulp error %g)", a, b, got, want, ulp);
+    }
+    for (float n : {1.f, 2.f, 3.f, 7.f, 1000.f, 16777215.f}) CHECK(bn::div_count(n, n) == 1.0f, "div_count(n, n) != 1 for %g (ulp %g)", n, ulp);
+  }
+  for (double ulp : {0.0, 1.0}) {
+    g_ulp_rcp = ulp;
+    for (int i = 0; i < 500000; ++i) {  // div_d rounded to f32 == the f32 quotient of f32 operands
+      const float a = std::fabs(from_bits(ub(rng) & 0x7effffffu)), b = (float)(2 + ub(rng) % (1u << 30));
+      const float got = (float)bn::div_d((double)a, (double)b), want = (float)((double)a / (double)b);
+      ++g_checks;
+      if (bits(got) != bits(want)) CHECK(false, "div_d(%a, %a) = %a, reference %a", a, b, got, want);
+    }
+    std::mt19937_64 r(9);
+    for (int i = 0; i < 300000; ++i) {  // Bessel factor m/(m-1) and 1/m as PyTorch (double, then f32)
+      const u64 m = i < 100000 ? (u64)i + 2 : 2 + (r() >> (r() % 62));
+      const float got = (float)bn::div_d((double)m, (double)(m - 1)), want = (float)((double)m / (double)(m - 1));
+      const float gi = (float)bn::div_d(1.0, (double)m), wi = (float)(1.0 / (double)m);
+      g_checks += 2;
+      if (got != want) CHECK(false, "div_d bessel m=%llu: %a, reference %a", m, got, want);
+      if (gi != wi) CHECK(false, "div_d 1/m m=%llu: %a, reference %a", m, gi, wi);
+    }
+    for (u64 m : {(1ull << 24), (1ull << 24) + 1, (1ull << 24) + 2, (1ull << 29) + 1, (1ull << 40) + 1})
+      CHECK((float)bn::div_d((double)m, (double)(m - 1)) == (float)((double)m / (double)(m - 1)), "div_d bessel edge m=%llu", m);
+  }
+  g_ulp_rcp = 1;
+  g_ulp_rsq = 1;
+  std::mt19937_64 r64(5);
+  for (int i = 0; i < 100000; ++i) {  // udiv / umod: the 32-bit path and the long division
+    u64 a = r64() >> (r64() % 64), b = (r64() >> (r64() % 64)) | 1;
+    if (i % 3 == 0) b = 1 + r64() % 1000;
+    CHECK(bn::udiv(a, b) == a / b && bn::umod(a, b) == a % b, "udiv/umod(%llu, %llu)", a, b);
+  }
+}
+
+// ---- the emulator's own guarantees (a kernel with a bug of each kind must be caught) ------------
+// Each thread writes its slot of shared memory and reads its neighbour's: without the barrier,
+// every schedule policy makes some thread read its neighbour's slot before it is written.
+template <bool BARRIER> void neighbour_kernel(u32* out) {
+  static u32 sm[256];
+  static emu::SharedRegion reg(sm, sizeof sm);
+  const unsigned t = threadIdx.x;
+  sm[t] = t * 3u;
+  if (BARRIER) __syncthreads();
+  out[blockIdx.x * 256 + t] = sm[(t + 1) % 256];
+}
+// Expects the launch to be reported as an emulator error (and keeps the report quiet).
+template <class K> bool emulator_refuses(K kernel, dim3 grid, dim3 block) {
+  const int e = emu::g_errors;
+  emu::g_quiet = true;
+  emu_launch(grid, block, kernel);
+  emu::g_quiet = false;
+  const bool refused = emu::g_errors > e;
+  emu::g_errors = e;
+  return refused;
+}
+static void test_emulator_itself() {
+  begin_case();
+  emu::g_launch_tag = "emulator self-test";
+  for (int policy = 0; policy < (int)emu::Policy::Count; ++policy) {
+    const char* name = emu::policy_name((emu::Policy)policy);
+    std::vector<u32> out(2 * 256);
+    bool racy_ok = true, synced_ok = true;
+    emu::g.launches = (u64)policy;
+    emu_launch(dim3(2), dim3(256), [&] { neighbour_kernel<false>(out.data()); });
+    for (unsigned i = 0; i < out.size(); ++i) racy_ok &= out[i] == (i % 256 + 1) % 256 * 3u;
+    emu::g.launches = (u64)policy;
+    emu_launch(dim3(2), dim3(256), [&] { neighbour_kernel<true>(out.data()); });
+    for (unsigned i = 0; i < out.size(); ++i) synced_ok &= out[i] == (i % 256 + 1) % 256 * 3u;
+    CHECK(synced_ok, "emulator: a correct kernel with __syncthreads failed under the %s policy", name);
+    CHECK(!racy_ok, "emulator: a missing __syncthreads went unnoticed under the %s policy", name);
+  }
+  // Misuse is an emulator error, never a hang.
+  CHECK(emulator_refuses([] { if (threadIdx.x < 128) __syncthreads(); }, dim3(1), dim3(256)),
+        "emulator: a __syncthreads skipped by half the block was not reported");
+  CHECK(emulator_refuses([] { if (threadIdx.x % 32 < 16) (void)__shfl_down_sync(0xffffffffu, 1.0f, 1); }, dim3(1), dim3(64)),
+        "emulator: a full-mask shuffle reached by half a warp was not reported");
+  CHECK(emulator_refuses([] { (void)__shfl_down_sync(0xffffu, 1.0f, 1); }, dim3(1), dim3(32)),
+        "emulator: a shuffle mask without the calling lane was not reported");
+  CHECK(emulator_refuses([] { if (threadIdx.x % 2) (void)__ballot_sync(0xffffffffu, 1); else (void)__shfl_sync(0xffffffffu, 1, 0); },
+                         dim3(1), dim3(32)),
+        "emulator: lanes at different collectives were not reported");
+  CHECK(emulator_refuses([] {}, dim3(1, 65536), dim3(256)), "emulator: gridDim.y > 65535 was not refused");
+  // Collectives: shuffles (down, up with width, xor, idx with width, 64-bit values), ballot,
+  // __syncthreads_count, and partial masks: groups of 8 lanes that run different numbers of
+  // xor-shuffle rounds (as rows do when a warp holds several rows).
+  std::vector<long long> got(64 * 7);
+  emu_launch(dim3(1), dim3(64), [&] {
+    const unsigned t = threadIdx.x, l = t % 32;
+    const long long v = (long long)t * 1000000007LL;
+    got[t * 7 + 0] = __shfl_down_sync(0xffffffffu, v, 3);
+    got[t * 7 + 1] = __shfl_up_sync(0xffffffffu, v, 2, 8);
+    got[t * 7 + 2] = __shfl_xor_sync(0xffffffffu, v, 5);
+    got[t * 7 + 3] = __shfl_sync(0xffffffffu, v, 7, 16);
+    got[t * 7 + 4] = __syncthreads_count(t % 3 == 0);
+    got[t * 7 + 5] = __ballot_sync(0xffffffffu, t % 2);
+    const unsigned group = 0xffu << (l & ~7u);
+    unsigned acc = l;
+    for (unsigned round = 0; round <= l / 8; ++round)
+      for (unsigned off = 4; off > 0; off >>= 1) acc += __shfl_xor_sync(group, acc, off);
+    got[t * 7 + 6] = acc;
+  });
+  bool ok = true;
+  for (unsigned t = 0; t < 64; ++t) {
+    const unsigned l = t % 32, w = t - l;
+    auto v = [](unsigned s) { return (long long)s * 1000000007LL; };
+    ok &= got[t * 7 + 0] == v(l + 3 < 32 ? t + 3 : t);
+    ok &= got[t * 7 + 1] == v(l % 8 >= 2 ? t - 2 : t);
+    ok &= got[t * 7 + 2] == v(w + (l ^ 5));
+    ok &= got[t * 7 + 3] == v(w + l / 16 * 16 + 7);
+    ok &= got[t * 7 + 4] == 22;
+    ok &= got[t * 7 + 5] == (long long)0xaaaaaaaau;
+    std::vector<long long> a(8);  // the butterfly of lane l's group, l/8 + 1 times
+    for (unsigned k = 0; k < 8; ++k) a[k] = (l & ~7u) + k;
+    for (unsigned round = 0; round <= l / 8; ++round)
+      for (unsigned off = 4; off > 0; off >>= 1) {
+        std::vector<long long> b = a;
+        for (unsigned k = 0; k < 8; ++k) b[k] = a[k] + a[k ^ off];
+        a = b;
+      }
+    ok &= got[t * 7 + 6] == (long long)(u32)a[l % 8];
+  }
+  CHECK(ok, "emulator: warp collectives or __syncthreads_count computed wrong values");
+}
+
+static void core_group() {
+  test_emulator_itself();
+  test_helpers();
+}
+REGISTER_GROUP(core, core_group);
+#endif  // EMU_GROUP_core
+
+// =================================================================================================
+#ifdef EMU_GROUP_sync
+DISPATCH(sync_moments_planar, SyncMomentsParams)
+DISPATCH(sync_moments_rows, SyncMomentsParams)
+DISPATCH(stats_planar, StatsParams)
+DISPATCH(stats_rows, StatsParams)
+
+static void launch_merge(const SyncMergeParams& p, unsigned blocks) {
+  g_entries.insert("bn_sync_merge");
+  emu_launch(dim3(blocks), dim3(256), [&] { bn_sync_merge(p); });
+}
+static void launch_coef(const SyncCoefficientsParams& p, unsigned blocks) {
+  g_entries.insert("bn_sync_coefficients");
+  emu_launch(dim3(blocks), dim3(256), [&] { bn_sync_coefficients(p); });
+}
+
+static u32 fbits(float f) { u32 u; std::memcpy(&u, &f, 4); return u; }
+
+// The shards of x (outer split into sizes[r] rows of `per` outer units each) on their own moments
+// kernels, merged by every rank; against the f64 statistics of the whole batch and, for one
+// non-empty shard, against bn_stats bit for bit.
+template <class T, class I>
+void test_sync(const Shape& s, const Cfg& cfg, const std::vector<u64>& sizes, u64 per, double mu, double sigma, unsigned seed) {
+  begin_case();
+  std::mt19937 rng(seed);
+  Buf<T> x(s.numel(), 0, to_raw<T>(-5.0));
+  gen(x, s, rng, mu, sigma);
+  const u64 C = s.C;
+  const size_t R = sizes.size();
+  std::vector<float> gathered(R * C * 3, NAN);
+  std::vector<u32> sem(C, 0);
+  std::string tag = std::string("sync ") + Fmt<T>::name + " " + iname<I>() + " " + shape_tag(s) + " " + cfg_tag(cfg);
+  emu::g_launch_tag = tag;
+  u64 row0 = 0;
+  for (size_t r = 0; r < R; ++r) {
+    const u64 outer = sizes[r] * per;
+    float* mom = gathered.data() + r * C * 3;
+    if (outer == 0) {
+      std::fill(mom, mom + C * 3, 0.f);
+      continue;
+    }
+    Shape sh{outer, C, s.inner};
+    std::vector<float> partials(C * cfg.grid * 3, NAN);
+    SyncMomentsParams p{};
+    p.x = x.p() + row0 * C * s.inner;
+    p.partials = partials.data();
+    p.semaphores = sem.data();
+    p.moments = mom;
+    p.g = {sh.outer, sh.C, sh.inner};
+    p.splits = (int)cfg.grid;
+    if (cfg.rows) launch_sync_moments_rows<T, I>(rows_grid<T>(C, cfg), dim3(cfg.bx, 256 / cfg.bx), p);
+    else launch_sync_moments_planar<T, I>(dim3(cfg.grid, cfg.gy), dim3(256), p);
+    // This shard's moments against f64.
+    for (u64 c = 0; c < C; ++c) {
+      CHECK(sem[c] == 0, "%s: semaphore %llu", tag.c_str(), c);
+      double sum = 0, ss = 0;
+      for (u64 o = row0; o < row0 + outer; ++o)
+        for (u64 i = 0; i < s.inner; ++i) sum += x.at(s.idx(o, c, i));
+      const double mean = sum / (double)sh.m();
+      for (u64 o = row0; o < row0 + outer; ++o)
+        for (u64 i = 0; i < s.inner; ++i) ss += (x.at(s.idx(o, c, i)) - mean) * (x.at(s.idx(o, c, i)) - mean);
+      CHECK(mom[3 * c] == (float)sh.m(), "%s rank %zu: count %g != %llu", tag.c_str(), r, mom[3 * c], sh.m());
+      const double sd = std::sqrt(ss / (double)sh.m());
+      CHECK(std::fabs(mom[3 * c + 1] - mean) <= 2e-6 * (std::fabs(mean) + sd) + 1e-30, "%s rank %zu: mean[%llu] %.9g vs %.9g", tag.c_str(), r, c,
+            mom[3 * c + 1], mean);
+      CHECK(std::fabs(mom[3 * c + 2] - ss) <= 1e-5 * ss + 1e-30, "%s rank %zu: m2[%llu] %.9g vs %.9g", tag.c_str(), r, c, mom[3 * c + 2], ss);
+    }
+    row0 += outer;
+  }
+  // Every rank merges; all must agree bitwise.
+  const RefStats ref = ref_stats(x, s);
+  const double m = (double)s.m();
+  std::vector<std::vector<float>> means, invs, rms, rvs;
+  for (size_t r = 0; r < R; ++r) {
+    std::vector<float> mean(C, NAN), inv(C, NAN), rm(C), rv(C);
+    for (u64 c = 0; c < C; ++c) {
+      rm[c] = 0.25f * (float)c;
+      rv[c] = 1.0f + (float)c;
+    }
+    unsigned long long total = 12345;
+    SyncMergeParams q{};
+    q.gathered = gathered.data();
+    q.save_mean = mean.data();
+    q.save_invstd = inv.data();
+    q.running_mean = rm.data();
+    q.running_var = rv.data();
+    q.total = &total;
+    q.ranks = R;
+    q.channels = C;
+    q.eps = kEps;
+    q.factor = 0.1f;
+    q.unbiased = 1;
+    launch_merge(q, 1 + (unsigned)(r % 3));
+    CHECK(total == s.m(), "%s: total %llu != %llu", tag.c_str(), total, s.m());
+    means.push_back(mean);
+    invs.push_back(inv);
+    rms.push_back(rm);
+    rvs.push_back(rv);
+  }
+  for (size_t r = 1; r < R; ++r)
+    for (u64 c = 0; c < C; ++c)
+      CHECK(fbits(means[r][c]) == fbits(means[0][c]) && fbits(invs[r][c]) == fbits(invs[0][c]) && fbits(rms[r][c]) == fbits(rms[0][c]) &&
+                fbits(rvs[r][c]) == fbits(rvs[0][c]),
+            "%s: rank %zu differs from rank 0 in channel %llu", tag.c_str(), r, c);
+  // Each shard's mean is rounded to f32 once (as bn_stats' save_mean): the merge's deltas inherit
+  // ulp(mean)/2 per rank, a relative variance error of about ulp(mean) / (sigma * sqrt(m_r)).
+  u64 min_m = ~0ull;
+  for (u64 n : sizes)
+    if (n > 0) min_m = std::min(min_m, n * per * s.inner);
+  const double var_tol = 1e-5 + ulp_of<float>(mu + 0.5 * (double)C) / (sigma * std::sqrt((double)min_m));
+  for (u64 c = 0; c < C; ++c) {
+    const double sd = std::sqrt(ref.var[c]);
+    CHECK(std::fabs(means[0][c] - ref.mean[c]) <= 2e-6 * (std::fabs(ref.mean[c]) + sd), "%s: mean[%llu] %.9g vs %.9g", tag.c_str(), c,
+          means[0][c], ref.mean[c]);
+    const double inv_ref = 1.0 / std::sqrt(ref.var[c] + (double)kEps);
+    CHECK(std::fabs(invs[0][c] - inv_ref) <= var_tol * inv_ref, "%s: invstd[%llu] %.9g vs %.9g (rel %.3g)", tag.c_str(), c, invs[0][c], inv_ref,
+          std::fabs(invs[0][c] - inv_ref) / inv_ref);
+    const double rm_ref = 0.1 * ref.mean[c] + 0.9 * 0.25 * (double)c;
+    const double rv_ref = 0.1 * ref.var[c] * m / (m - 1) + 0.9 * (1.0 + (double)c);
+    CHECK(std::fabs(rms[0][c] - rm_ref) <= 2e-6 * (std::fabs(rm_ref) + sd) + 1e-7, "%s: running_mean[%llu]", tag.c_str(), c);
+    CHECK(std::fabs(rvs[0][c] - rv_ref) <= var_tol * rv_ref + 1e-7, "%s: running_var[%llu] %.9g vs %.9g", tag.c_str(), c, rvs[0][c], rv_ref);
+  }
+  // One non-empty shard: bn_stats' statistics bit for bit.
+  if (std::count_if(sizes.begin(), sizes.end(), [](u64 n) { return n > 0; }) == 1) {
+    std::vector<float> partials(C * cfg.grid * 3, NAN), mean(C), inv(C), rm(C), rv(C);
+    for (u64 c = 0; c < C; ++c) {
+      rm[c] = 0.25f * (float)c;
+      rv[c] = 1.0f + (float)c;
+    }
+    StatsParams p{};
+    p.x = x.p();
+    p.partials = partials.data();
+    p.semaphores = sem.data();
+    p.save_mean = mean.data();
+    p.save_invstd = inv.data();
+    p.running_mean = rm.data();
+    p.running_var = rv.data();
+    p.g = {s.outer, s.C, s.inner};
+    p.eps = kEps;
+    p.factor = 0.1f;
+    p.unbiased = 1;
+    p.splits = (int)cfg.grid;
+    if (cfg.rows) launch_stats_rows<T, I>(rows_grid<T>(C, cfg), dim3(cfg.bx, 256 / cfg.bx), p);
+    else launch_stats_planar<T, I>(dim3(cfg.grid, cfg.gy), dim3(256), p);
+    for (u64 c = 0; c < C; ++c)
+      CHECK(fbits(mean[c]) == fbits(means[0][c]) && fbits(inv[c]) == fbits(invs[0][c]) && fbits(rm[c]) == fbits(rms[0][c]) &&
+                fbits(rv[c]) == fbits(rvs[0][c]),
+            "%s: one shard: channel %llu differs from bn_stats (%.9g %.9g vs %.9g %.9g)", tag.c_str(), c, means[0][c], invs[0][c], mean[c], inv[c]);
+  }
+}
+
+// M < 2: running statistics untouched; M == 0: mean 0, invstd 1/sqrt(eps).
+static void test_merge_small() {
+  begin_case();
+  const u64 C = 5;
+  for (int m = 0; m < 2; ++m) {
+    std::vector<float> gathered(3 * C * 3, 0.f);
+    if (m == 1)
+      for (u64 c = 0; c < C; ++c) {
+        gathered[(1 * C + c) * 3 + 0] = 1.f;
+        gathered[(1 * C + c) * 3 + 1] = 2.5f + (float)c;
+      }
+    std::vector<float> mean(C, NAN), inv(C, NAN), rm(C, 0.5f), rv(C, 2.f);
+    unsigned long long total = 99;
+    SyncMergeParams q{};
+    q.gathered = gathered.data();
+    q.save_mean = mean.data();
+    q.save_invstd = inv.data();
+    q.running_mean = rm.data();
+    q.running_var = rv.data();
+    q.total = &total;
+    q.ranks = 3;
+    q.channels = C;
+    q.eps = kEps;
+    q.factor = 0.1f;
+    q.unbiased = 1;
+    launch_merge(q, 1);
+    CHECK(total == (u64)m, "M=%d: total %llu", m, total);
+    for (u64 c = 0; c < C; ++c) {
+      CHECK(rm[c] == 0.5f && rv[c] == 2.f, "M=%d: running statistics changed", m);
+      CHECK(mean[c] == (m ? 2.5f + (float)c : 0.f), "M=%d: mean %g", m, mean[c]);
+      CHECK(inv[c] == (float)(1.0 / std::sqrt((double)kEps)), "M=%d: invstd %g", m, inv[c]);
+    }
+  }
+}
+
+static void test_coefficients() {
+  begin_case();
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-3.f, 3.f);
+  for (u64 C : {1ull, 7ull, 300ull, 1001ull}) {
+    for (int acc = 0; acc < 2; ++acc) {
+      for (int null_grads = 0; null_grads < 2; ++null_grads) {
+        std::vector<float> local(2 * C), global(2 * C), coef(2 * C, NAN), dw(C), db(C);
+        for (auto& v : local) v = u(rng);
+        for (auto& v : global) v = u(rng);
+        for (u64 c = 0; c < C; ++c) {
+          dw[c] = u(rng);
+          db[c] = u(rng);
+        }
+        const std::vector<float> dw0 = dw, db0 = db;
+        const unsigned long long total = 3 + 97 * C;
+        SyncCoefficientsParams p{};
+        p.local = local.data();
+        p.global = global.data();
+        p.total = &total;
+        p.coef = coef.data();
+        p.dweight = null_grads ? nullptr : dw.data();
+        p.dbias = null_grads ? nullptr : db.data();
+        p.channels = C;
+        p.accumulate = acc;
+        launch_coef(p, 1 + (unsigned)(C % 3));
+        const float inv_m = (float)(1.0 / (double)total);
+        for (u64 c = 0; c < C; ++c) {
+          CHECK(coef[2 * c] == global[c] * inv_m, "coef0[%llu] %g vs %g", c, coef[2 * c], global[c] * inv_m);
+          CHECK(coef[2 * c + 1] == global[C + c] * inv_m, "coef1[%llu]", c);
+          if (null_grads) {
+            CHECK(dw[c] == dw0[c] && db[c] == db0[c], "null gradients written");
+          } else {
+            CHECK(dw[c] == (acc ? dw0[c] + local[C + c] : local[C + c]), "dweight[%llu]", c);
+            CHECK(db[c] == (acc ? db0[c] + local[c] : local[c]), "dbias[%llu]", c);
+          }
+        }
+      }
+    }
+  }
+}
+
+static void sync_group() {
+  unsigned seed = 900;
+  // Planar: outer = N (per = 1); rows: outer = N * spatial (per = spatial rows per sample).
+  struct P {
+    Shape s;
+    unsigned splits, gy;
+  };
+  const P ps[] = {{{12, 3, 5}, 2, 3}, {{12, 2, 257}, 3, 2}, {{12, 5, 1000}, 4, 3}, {{12, 17, 33}, 1, 17}};
+  const std::vector<std::vector<u64>> splits = {{12}, {0, 12}, {5, 0, 7}, {0, 1, 0, 2, 0, 4, 5, 0}, {1, 11}};
+  for (const P& q : ps)
+    for (const auto& sz : splits) {
+      const Cfg cfg{false, q.splits, q.gy, 0};
+      test_sync<F, u32>(q.s, cfg, sz, 1, 0.5, 2.0, ++seed);
+      test_sync<H, u64>(q.s, cfg, sz, 1, 0.5, 2.0, ++seed);
+      test_sync<B, u32>(q.s, cfg, sz, 1, 0.5, 2.0, ++seed);
+      test_sync<F, u64>(q.s, cfg, sz, 1, 1000, 0.1, ++seed);
+      test_sync<H, u32>(q.s, cfg, sz, 1, -2.0, 0.5, ++seed);
+      test_sync<B, u64>(q.s, cfg, sz, 1, 3.0, 1.0, ++seed);
+    }
+  struct Q {
+    Shape s;
+    unsigned bx, splits;
+    u64 per;
+  };
+  const Q qs[] = {{{12 * 4, 3, 1}, 32, 2, 4}, {{12 * 10, 17, 1}, 8, 3, 10}, {{12, 1001, 1}, 64, 2, 1}, {{12 * 50, 24, 1}, 1, 4, 50}};
+  for (const Q& q : qs)
+    for (const auto& sz : splits) {
+      const Cfg cfg{true, q.splits, 0, q.bx};
+      test_sync<F, u32>(q.s, cfg, sz, q.per, 0.5, 2.0, ++seed);
+      test_sync<H, u32>(q.s, cfg, sz, q.per, 0.5, 2.0, ++seed);
+      test_sync<B, u64>(q.s, cfg, sz, q.per, 0.5, 2.0, ++seed);
+      test_sync<H, u64>(q.s, cfg, sz, q.per, 0.5, 2.0, ++seed);
+      test_sync<F, u64>(q.s, cfg, sz, q.per, 1000, 0.1, ++seed);
+      test_sync<B, u32>(q.s, cfg, sz, q.per, -1.0, 3.0, ++seed);
+    }
+  test_merge_small();
+  test_coefficients();
+}
+REGISTER_GROUP(sync, sync_group);
+#endif  // EMU_GROUP_sync
+
+// =================================================================================================
+int main() {
+  long long total_checks = 0;
+  for (const Group& gr : groups()) {
+    const long long c0 = g_checks;
+    const int f0 = g_fail, e0 = emu::g_errors;
+    gr.body();
+    g_fail += emu::g_errors - e0;  // emulator errors (deadlocks, divergent collectives) are failures
+    std::printf("%s: %lld checks, %d failures\n", gr.name, g_checks - c0, g_fail - f0);
+    total_checks += g_checks - c0;
+  }
+  std::string entries;
+  for (const std::string& e : g_entries) entries += " " + e;
+  std::printf("entry points:%s\n", entries.c_str());
+  std::printf("%lld passed, %d failed\n", total_checks - g_fail, g_fail);
+  return g_fail ? 1 : 0;
+}
