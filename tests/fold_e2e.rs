@@ -12,8 +12,12 @@
 //!
 //! The GPU checks (ignored without a device) fold the same cases with `gpu::functional::fold`
 //! and `gpu::BatchNorm::fold_into`, compare them with the CPU fold (one rounding of `T`), and
-//! run the convolution of the GPU-folded layer **on the host** (the crate has no GPU
-//! convolution): only the fold runs on the device.
+//! run the whole check **on the device**: A = `gpu::functional::forward_inference` of
+//! `gpu::conv` (the direct convolution of `kernels/conv_direct.cu`: f32 accumulation, one
+//! rounding to `T`) and B = `gpu::conv` with the GPU-folded weight and bias, straight from the
+//! fold's output buffers, within the bound of [`Case::bound`] for device arithmetic (which adds
+//! the f32 accumulation of both convolutions and the f32 batch norm). The device convolution of
+//! the original layer is also checked against the reference layer's output.
 //!
 //! `cargo test --release --test fold_e2e -- --nocapture` prints each case with its worst error.
 
@@ -214,6 +218,22 @@ struct Outcome {
     max_bound: f64,
 }
 
+/// Where A and B were computed, for [`Case::bound`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Arithmetic {
+    /// `reference::conv` and `reference::forward_inference`: f64, each result rounded once.
+    Host,
+    /// `gpu::conv` and `gpu::functional::forward_inference`: f32, each result rounded once.
+    Device,
+}
+
+/// `k u / (1 - k u)` with `u = 2^-24`: the relative bound of `k` f32 roundings of a sum whose
+/// partial sums are at most the sum of the magnitudes of its terms.
+fn gamma(k: usize) -> f64 {
+    let ku = k as f64 * 2f64.powi(-24);
+    ku / (1.0 - ku)
+}
+
 impl<T: Element> Case<T> {
     fn new(g: &Geometry, conv_bias: bool, affine: bool, layout: Layout, seed: u64) -> Self {
         let spec = FoldSpec::new(g.kind, g.weight, g.groups, layout).unwrap();
@@ -342,7 +362,8 @@ impl<T: Element> Case<T> {
 
     /// The bound on `|A - B|` for each output element, with `weight_ulps` the rounding of the
     /// folded weight and bias in units in the last place of `T` (1/2 for one rounding to
-    /// nearest of the exact product).
+    /// nearest of the exact product), `a` the values of A and `before` the layer output A was
+    /// normalized from, and `arithmetic` where A and B were computed.
     ///
     /// With `E = s (layer(x) - mean) + beta` the exact result and `u` the rounding of `T`:
     /// - B is `sum W'x + b'` in f64 rounded once, and each `W'`, `b'` is within
@@ -355,7 +376,29 @@ impl<T: Element> Case<T> {
     ///   `|A - E| <= |s| ulp(layer(x)) / 2 + ulp(A) / 2`;
     /// - f64 arithmetic (sums of at most a few hundred terms, the scale) adds below
     ///   `2^-40 (sum |W' x| + |b'| + |A|)`, and the f32 bound conv 2^-20 of itself.
-    fn bound(&self, folded: &Folded<T>, got: &[T], weight_ulps: f64) -> Vec<f64> {
+    ///
+    /// On the device ([`Arithmetic::Device`]: `gpu::conv`, `gpu::functional::forward_inference`)
+    /// three more terms, with `u = 2^-24` and `n` the products per output:
+    /// - both convolutions accumulate in f32 (`n` fmaf and the bias: `n + 1` roundings, every
+    ///   partial sum at most the accumulated magnitude): `gamma(n + 1) sum |W' x| + |b'|` for B,
+    ///   and `|s| gamma(n + 1) (sum |W x| + |b|)` for A's layer output, which the batch norm
+    ///   scales by `s`; `gamma(k) = k u / (1 - k u)`;
+    /// - the f32 batch norm `(C - mean) * (weight * invstd) + bias`, `invstd` the IEEE
+    ///   `1 / sqrt(var + eps)`: `var + eps`, the square root, the reciprocal and the product with
+    ///   `weight` give `scale` within `3.5u` relative, then the difference, the product and the
+    ///   sum (fused or not) add at most `3u` relative to `|s (C - mean)| + |beta|`: below
+    ///   `2^-21 (|s| |C - mean| + |beta|)` (`8u`) with what the first order leaves out;
+    /// - the f64 slack also covers `|s| (sum |W x| + |b|)`.
+    #[allow(clippy::too_many_arguments)]
+    fn bound(
+        &self,
+        folded: &Folded<T>,
+        a: &[T],
+        before: &[T],
+        got: &[T],
+        weight_ulps: f64,
+        arithmetic: Arithmetic,
+    ) -> Vec<f64> {
         let dtype = T::DTYPE;
         let f32s = |v: &[T], f: &dyn Fn(f64) -> f64| -> Vec<f32> {
             v.iter().map(|v| f(v.to_f64()) as f32).collect()
@@ -377,16 +420,55 @@ impl<T: Element> Case<T> {
             self.spec.c_out(),
             self.conv_out.dims[2..].iter().product::<usize>(),
         );
+        // Device only: the original layer's accumulated magnitude, and gamma(n + 1).
+        let (original, gamma) = match arithmetic {
+            Arithmetic::Host => (vec![0.0; got.len()], 0.0),
+            Arithmetic::Device => (self.magnitude(), gamma(self.terms() + 1)),
+        };
         (0..got.len())
             .map(|i| {
                 let o = (i / spatial) % c_out;
-                let (a, b) = (self.expect[i].to_f64(), got[i].to_f64());
-                f64::from(sensitivity[i]) * (1.0 + 2f64.powi(-20))
-                    + scale[o].abs() * ulp(dtype, self.conv_out.values[i].to_f64()) / 2.0
+                let (a, b) = (a[i].to_f64(), got[i].to_f64());
+                let (before, s) = (before[i].to_f64(), scale[o].abs());
+                let host = f64::from(sensitivity[i]) * (1.0 + 2f64.powi(-20))
+                    + s * ulp(dtype, before) / 2.0
                     + ulp(dtype, a.abs().max(b.abs()))
-                    + 2f64.powi(-40) * (f64::from(magnitude[i]) + a.abs())
+                    + 2f64.powi(-40) * (f64::from(magnitude[i]) + a.abs());
+                let device = match arithmetic {
+                    Arithmetic::Host => 0.0,
+                    Arithmetic::Device => {
+                        let (m, m0) = (f64::from(magnitude[i]), f64::from(original[i]));
+                        let mean = f64::from(self.running_mean[o]);
+                        let beta = self.bn_bias.as_ref().map_or(0.0, |b| f64::from(b[o]));
+                        gamma * (m + s * m0) * (1.0 + 2f64.powi(-20))
+                            + 2f64.powi(-21) * (s * (before - mean).abs() + beta.abs())
+                            + 2f64.powi(-40) * s * m0
+                    }
+                };
+                host + device
             })
             .collect()
+    }
+
+    /// `sum |W x| + |b|` of the original layer, per output (f32 from f64).
+    fn magnitude(&self) -> Vec<f32> {
+        let abs = |v: &[T]| -> Vec<f32> { v.iter().map(|v| v.to_f64().abs() as f32).collect() };
+        let bias = self
+            .conv_bias
+            .as_deref()
+            .map_or_else(|| vec![0.0; self.spec.c_out()], abs);
+        self.conv_f32(&abs(&self.x), &abs(&self.weight), &bias)
+    }
+
+    /// Products per output: `C_in/G` times the kernel volume (an upper bound for a transposed
+    /// conv, whose stride skips taps).
+    fn terms(&self) -> usize {
+        let shape = self.spec.weight_shape();
+        let c_in_per_group = match self.spec.kind() {
+            ConvTranspose => shape[0] / self.spec.groups(),
+            Conv | Linear => shape[1],
+        };
+        c_in_per_group * shape[2..].iter().product::<usize>()
     }
 
     /// B: the layer with `folded`'s weight and bias on the same input, compared with A.
@@ -401,46 +483,64 @@ impl<T: Element> Case<T> {
         )
         .map_err(|e| format!("folded conv: {e}"))?
         .values;
-        let bound = self.bound(folded, &got, weight_ulps);
-        let mut outcome = Outcome {
-            worst: 0.0,
-            ratio: 0.0,
-            bn_effect: 0.0,
-            max_bound: 0.0,
-        };
-        let mut bad = Vec::new();
-        for (i, ((a, b), bound)) in self.expect.iter().zip(&got).zip(&bound).enumerate() {
-            let (a, b) = (a.to_f64(), b.to_f64());
-            let err = (a - b).abs();
-            // A NaN error is outside the bound too.
-            if err.is_nan() || err > *bound {
-                bad.push(format!(
-                    "[{i}] A {a:e} B {b:e} |A-B| {err:.3e} > {bound:.3e}"
-                ));
-            }
-            outcome.worst = outcome.worst.max(err);
-            outcome.ratio = outcome.ratio.max(err / bound);
-            outcome.max_bound = outcome.max_bound.max(*bound);
-            let before = self.conv_out.values[i].to_f64();
-            outcome.bn_effect = outcome.bn_effect.max((a - before).abs());
-        }
-        if !bad.is_empty() {
-            return Err(format!(
-                "{} of {} outside the bound: {}",
-                bad.len(),
-                got.len(),
-                bad[..bad.len().min(4)].join("; ")
-            ));
-        }
-        // Not vacuous: the batch norm moved the output by far more than the tolerance.
-        if outcome.bn_effect < 20.0 * outcome.max_bound {
-            return Err(format!(
-                "the batch norm changed the output by only {:.3e} (bound {:.3e})",
-                outcome.bn_effect, outcome.max_bound
-            ));
-        }
-        Ok(outcome)
+        let bound = self.bound(
+            folded,
+            &self.expect,
+            &self.conv_out.values,
+            &got,
+            weight_ulps,
+            Arithmetic::Host,
+        );
+        compare_ab(&self.expect, &self.conv_out.values, &got, &bound)
     }
+}
+
+/// `|A - B|` within `bound`, element by element, and a batch norm that moved `before` (the
+/// layer output A was normalized from) by far more than the bound.
+fn compare_ab<T: Element>(
+    expect: &[T],
+    before: &[T],
+    got: &[T],
+    bound: &[f64],
+) -> Result<Outcome, String> {
+    let mut outcome = Outcome {
+        worst: 0.0,
+        ratio: 0.0,
+        bn_effect: 0.0,
+        max_bound: 0.0,
+    };
+    let mut bad = Vec::new();
+    for (i, ((a, b), bound)) in expect.iter().zip(got).zip(bound).enumerate() {
+        let (a, b) = (a.to_f64(), b.to_f64());
+        let err = (a - b).abs();
+        // A NaN error is outside the bound too.
+        if err.is_nan() || err > *bound {
+            bad.push(format!(
+                "[{i}] A {a:e} B {b:e} |A-B| {err:.3e} > {bound:.3e}"
+            ));
+        }
+        outcome.worst = outcome.worst.max(err);
+        outcome.ratio = outcome.ratio.max(err / bound);
+        outcome.max_bound = outcome.max_bound.max(*bound);
+        let before = before[i].to_f64();
+        outcome.bn_effect = outcome.bn_effect.max((a - before).abs());
+    }
+    if !bad.is_empty() {
+        return Err(format!(
+            "{} of {} outside the bound: {}",
+            bad.len(),
+            got.len(),
+            bad[..bad.len().min(4)].join("; ")
+        ));
+    }
+    // Not vacuous: the batch norm moved the output by far more than the tolerance.
+    if outcome.bn_effect < 20.0 * outcome.max_bound {
+        return Err(format!(
+            "the batch norm changed the output by only {:.3e} (bound {:.3e})",
+            outcome.bn_effect, outcome.max_bound
+        ));
+    }
+    Ok(outcome)
 }
 
 fn line(label: &str, outcome: &Outcome) -> String {
@@ -549,6 +649,24 @@ fn cpu_fold_equals_batch_norm_after_the_layer() {
     );
 }
 
+/// The classic wrong fold of a grouped transposed convolution: column `a1` of
+/// `[C_in, C_out/G, k...]` scaled by `s[a1]`, as if every group held channels `0..C_out/G`.
+fn fold_ignoring_groups<T: Element>(case: &Case<T>) -> Folded<T> {
+    let mut folded = reference::fold(
+        &case.spec,
+        &case.weight,
+        case.conv_bias.as_deref(),
+        &case.bn(),
+    )
+    .unwrap();
+    let (scale, map) = (case.scale(), case.spec.map());
+    for (i, w) in folded.weight.iter_mut().enumerate() {
+        let column = (i / map.inner_stride) % map.c_out_per_group;
+        *w = T::from_f64(case.weight[i].to_f64() * scale[column]);
+    }
+    folded
+}
+
 /// The check has the power to catch the classic wrong fold of a grouped transposed convolution:
 /// scaling column `a1` of `[C_in, C_out/G, k...]` by `s[a1]`, as if every group held channels
 /// `0..C_out/G`. It must fail the bound in every dtype.
@@ -556,19 +674,7 @@ fn cpu_fold_equals_batch_norm_after_the_layer() {
 fn a_fold_that_ignores_the_groups_fails_the_check() {
     fn wrong<T: Element>(g: &Geometry) -> Result<Outcome, String> {
         let case = Case::<T>::new(g, true, true, Layout::ChannelsFirst, 77);
-        let mut folded = reference::fold(
-            &case.spec,
-            &case.weight,
-            case.conv_bias.as_deref(),
-            &case.bn(),
-        )
-        .unwrap();
-        let (scale, map) = (case.scale(), case.spec.map());
-        for (i, w) in folded.weight.iter_mut().enumerate() {
-            let column = (i / map.inner_stride) % map.c_out_per_group;
-            *w = T::from_f64(case.weight[i].to_f64() * scale[column]);
-        }
-        case.check(&folded, 0.5)
+        case.check(&fold_ignoring_groups(&case), 0.5)
     }
     let mut checked = 0;
     for g in GEOMETRIES
@@ -633,12 +739,99 @@ fn cpu_layer_refuses_training_mode_and_missing_running_stats() {
     assert_eq!(folded.bias, [0.0; 4]);
 }
 
-/// GPU checks: the fold on the device, the convolutions on the host.
+/// GPU checks: the fold, the convolutions and the batch norm on the device.
 mod gpu_checks {
     use super::*;
     use batchnorm_cuda::gpu::{self, functional, GpuContext};
     use common::gpu::{download, gpu, upload, zeros};
     use common::{compare, widen, Tol};
+    use cudarc::driver::CudaSlice;
+
+    /// The layer of `case` on the device with the given weight and bias: `gpu::conv`.
+    fn conv_gpu<T: Element>(
+        gpu: &GpuContext,
+        case: &Case<T>,
+        x: &CudaSlice<T>,
+        weight: &CudaSlice<T>,
+        bias: Option<&CudaSlice<T>>,
+    ) -> Result<CudaSlice<T>, String> {
+        let mut y = zeros::<T>(gpu, case.conv_out.values.len());
+        gpu::conv::apply(
+            gpu,
+            &x.as_view(),
+            &case.x_dims,
+            &case.spec,
+            &weight.as_view(),
+            bias.map(|b| b.as_view()).as_ref(),
+            &case.params,
+            &mut y.as_view_mut(),
+        )
+        .map_err(|e| format!("gpu conv: {e}"))?;
+        Ok(y)
+    }
+
+    /// The whole check on the device: C = conv(x; W, b) and A = BN(C) (eval, running
+    /// statistics) against B = conv(x; W', b') with the folded weight and bias already on the
+    /// device (`folded` is their host copy, for the bound), under [`Case::bound`] for device
+    /// arithmetic; and C against the reference layer's output.
+    fn device_check<T: Element>(
+        gpu: &GpuContext,
+        case: &Case<T>,
+        d_folded_weight: &CudaSlice<T>,
+        d_folded_bias: &CudaSlice<T>,
+        folded: &Folded<T>,
+        weight_ulps: f64,
+    ) -> Result<Outcome, String> {
+        let d_x = upload(gpu, &case.x);
+        let d_weight = upload(gpu, &case.weight);
+        let d_conv_bias = case.conv_bias.as_ref().map(|b| upload(gpu, b));
+        let d_c = conv_gpu(gpu, case, &d_x, &d_weight, d_conv_bias.as_ref())?;
+        let (d_mean, d_var) = (
+            upload(gpu, &case.running_mean),
+            upload(gpu, &case.running_var),
+        );
+        let d_bn_weight = case.bn_weight.as_ref().map(|w| upload(gpu, w));
+        let d_bn_bias = case.bn_bias.as_ref().map(|b| upload(gpu, b));
+        let mut d_a = zeros::<T>(gpu, case.conv_out.values.len());
+        functional::forward_inference(
+            gpu,
+            &d_c.as_view(),
+            &case.conv_out.desc().map_err(|e| e.to_string())?,
+            d_bn_weight.as_ref().map(|w| w.as_view()).as_ref(),
+            d_bn_bias.as_ref().map(|b| b.as_view()).as_ref(),
+            &functional::RunningStats {
+                mean: d_mean.as_view(),
+                var: d_var.as_view(),
+            },
+            case.eps,
+            &mut d_a.as_view_mut(),
+        )
+        .map_err(|e| format!("gpu batch norm: {e}"))?;
+        let d_b = conv_gpu(gpu, case, &d_x, d_folded_weight, Some(d_folded_bias))?;
+        let (c, a, b) = (
+            download(gpu, &d_c),
+            download(gpu, &d_a),
+            download(gpu, &d_b),
+        );
+
+        // The device layer against the reference layer (tests/gpu_conv.rs derives this bound):
+        // f32 accumulation, each side rounded once to T.
+        let magnitude = case.magnitude();
+        let gamma = gamma(case.terms() + 1);
+        for (i, (got, want)) in c.iter().zip(&case.conv_out.values).enumerate() {
+            let (got, want) = (got.to_f64(), want.to_f64());
+            let m = f64::from(magnitude[i]) * (1.0 + 2f64.powi(-20));
+            let bound = gamma * m + 2f64.powi(-40) * m + ulp(T::DTYPE, got.abs().max(want.abs()));
+            let err = (got - want).abs();
+            if err.is_nan() || err > bound {
+                return Err(format!(
+                    "gpu conv [{i}] {got:e} vs reference {want:e}: |err| {err:.3e} > {bound:.3e}"
+                ));
+            }
+        }
+        let bound = case.bound(folded, &a, &c, &b, weight_ulps, Arithmetic::Device);
+        compare_ab(&a, &c, &b, &bound)
+    }
 
     /// The GPU fold of one case, through `functional::fold` and `BatchNorm::fold_into`.
     fn gpu_case<T: Element>(gpu: &GpuContext, case: &Case<T>) -> Result<String, String> {
@@ -717,7 +910,8 @@ mod gpu_checks {
             .map_err(|m| format!("bias vs cpu: {m}"))?;
         // Within one ulp of the CPU fold, itself within half an ulp of the exact value: 1.5 ulp
         // of the CPU value, at most 3 ulp of the GPU value (at worst one binade below it).
-        let outcome = case.check(&folded, 3.0)?;
+        // The GPU-folded weight and bias as the fold wrote them, on the device.
+        let outcome = device_check(gpu, case, &out_weight, &out_bias, &folded, 3.0)?;
         Ok(format!(
             "{} (vs cpu fold: weight {:.2e}, bias {:.2e})",
             line(&case.label, &outcome),
@@ -738,6 +932,41 @@ mod gpu_checks {
                 DType::BF16 => for_each_case::<half::bf16>(lines, failures, |c| gpu_case(&gpu, c)),
             },
         );
+    }
+
+    /// The device check has the power of the host one: the wrong fold of a grouped transposed
+    /// convolution fails it in every dtype.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn gpu_check_rejects_a_fold_that_ignores_the_groups() {
+        fn wrong<T: Element>(gpu: &GpuContext, g: &Geometry) -> Result<Outcome, String> {
+            let case = Case::<T>::new(g, true, true, Layout::ChannelsFirst, 77);
+            let folded = fold_ignoring_groups(&case);
+            let (weight, bias) = (upload(gpu, &folded.weight), upload(gpu, &folded.bias));
+            device_check(gpu, &case, &weight, &bias, &folded, 0.5)
+        }
+        let gpu = gpu();
+        let mut checked = 0;
+        for g in GEOMETRIES
+            .iter()
+            .filter(|g| g.kind == ConvTranspose && g.groups > 1)
+        {
+            for (dtype, outcome) in [
+                (DType::F32, wrong::<f32>(&gpu, g)),
+                (DType::F16, wrong::<half::f16>(&gpu, g)),
+                (DType::BF16, wrong::<half::bf16>(&gpu, g)),
+            ] {
+                match outcome {
+                    Ok(o) => panic!(
+                        "{} {dtype}: a wrong fold passed on the device (worst {:.2e})",
+                        g.name, o.worst
+                    ),
+                    Err(msg) => println!("rejected as it should be: {} {dtype}: {msg}", g.name),
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 9);
     }
 
     #[test]

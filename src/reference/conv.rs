@@ -307,30 +307,36 @@ fn output_length(kind: FoldKind, values: [usize; 6]) -> Option<usize> {
 
 /// A validated layer, every spatial quantity padded to [`MAX_SPATIAL_DIMS`] dimensions with a
 /// length-1 input and kernel, stride 1, padding 0 and dilation 1 (which changes nothing). A
-/// linear layer is a convolution with no spatial dimension.
+/// linear layer is a convolution with no spatial dimension. Shared with `gpu::conv`, which
+/// validates a call and takes its output shape from the same plan, then launches it.
 #[derive(Debug)]
-struct Plan {
-    kind: FoldKind,
-    batch: usize,
-    c_in: usize,
-    c_out: usize,
-    c_in_per_group: usize,
-    c_out_per_group: usize,
+pub(crate) struct Plan {
+    pub(crate) kind: FoldKind,
+    pub(crate) batch: usize,
+    pub(crate) c_in: usize,
+    pub(crate) c_out: usize,
+    pub(crate) c_in_per_group: usize,
+    pub(crate) c_out_per_group: usize,
     /// Size of the weight's second logical axis (`C_in/G` or `C_out/G`).
-    axis1: usize,
-    weight_layout: Layout,
-    weight_numel: usize,
-    input: [usize; MAX_SPATIAL_DIMS],
-    output: [usize; MAX_SPATIAL_DIMS],
-    kernel: [usize; MAX_SPATIAL_DIMS],
-    stride: [usize; MAX_SPATIAL_DIMS],
-    padding: [usize; MAX_SPATIAL_DIMS],
-    dilation: [usize; MAX_SPATIAL_DIMS],
-    out_dims: Vec<usize>,
+    pub(crate) axis1: usize,
+    pub(crate) weight_layout: Layout,
+    pub(crate) weight_numel: usize,
+    pub(crate) input: [usize; MAX_SPATIAL_DIMS],
+    pub(crate) output: [usize; MAX_SPATIAL_DIMS],
+    pub(crate) kernel: [usize; MAX_SPATIAL_DIMS],
+    pub(crate) stride: [usize; MAX_SPATIAL_DIMS],
+    pub(crate) padding: [usize; MAX_SPATIAL_DIMS],
+    pub(crate) dilation: [usize; MAX_SPATIAL_DIMS],
+    pub(crate) out_dims: Vec<usize>,
 }
 
 impl Plan {
-    fn new(kind: FoldKind, x_dims: &[usize], spec: &FoldSpec, params: &ConvParams) -> Result<Self> {
+    pub(crate) fn new(
+        kind: FoldKind,
+        x_dims: &[usize],
+        spec: &FoldSpec,
+        params: &ConvParams,
+    ) -> Result<Self> {
         if spec.kind() != kind {
             return Err(invalid(format!(
                 "a {kind:?} layer needs a {kind:?} weight, got {spec:?}"
