@@ -13,7 +13,15 @@
 //   (dy - coef0 - (x - mean)*(coef1*invstd)) * (w*invstd) (PyTorch's grad_mean / proj_scale /
 //   grad_scale). coef == null: eval-mode backward dx = dy * (w*invstd), x is not read.
 //   dx may alias dy. No shared memory.
+//
+// ReLU backward (epilogue.cuh): the same kernels with dy_eff = mask bit ? dy : 0 in place of dy.
+// bn_backward_reduce_relu_{planar,rows}_<dt>_<ix>  BackwardReduceReluParams (relu and add_relu)
+// bn_backward_dx_relu_{planar,rows}_<dt>_<ix>      BackwardElementwiseReluParams, dz ignored;
+//   var_or_invstd == null: dx = dy_eff alone (PassOp; the host's dz-only request, dx := dz)
+// bn_backward_dx_add_relu_{planar,rows}_<dt>_<ix>  dx and dz = dy_eff (both non-null)
+//   dx and dz may alias dy.
 #include "common.cuh"
+#include "epilogue.cuh"
 
 struct BackwardReduceParams {
   const void* x;
@@ -45,10 +53,35 @@ struct BackwardElementwiseParams {
   int stat_is_var;
 };
 
+// The plain params, then the epilogue's (C++ derived structs: base fields first; Rust mirrors
+// them with the base as the first field).
+struct BackwardReduceReluParams : BackwardReduceParams {
+  const unsigned int* mask;  // [mask words] from the relu forward
+};
+struct BackwardElementwiseReluParams : BackwardElementwiseParams {
+  const unsigned int* mask;  // [mask words] from the relu forward
+  void* dz;                  // T, nullable: add_relu's residual gradient (dx_add_relu only)
+};
+static_assert(sizeof(BackwardReduceParams) == 112 && sizeof(BackwardReduceReluParams) == 120, "Rust mirrors");
+static_assert(sizeof(BackwardElementwiseParams) == 88 && sizeof(BackwardElementwiseReluParams) == 104,
+              "Rust mirrors");
+
 namespace bn {
 
-struct BackwardReduce {
-  typedef BackwardReduceParams Params;
+// The mask of a reduce's params: none for the plain kernels.
+__device__ __forceinline__ const unsigned* mask_of(const BackwardReduceParams&) { return nullptr; }
+__device__ __forceinline__ const unsigned* mask_of(const BackwardReduceReluParams& p) { return p.mask; }
+
+template <bool MASK, class A, class B> struct Pick {
+  typedef A type;
+};
+template <class A, class B> struct Pick<false, A, B> {
+  typedef B type;
+};
+
+// MASK: sums of dy_eff = mask bit ? dy : 0 (the relu kernels).
+template <bool MASK> struct BackwardReduceT {
+  typedef typename Pick<MASK, BackwardReduceReluParams, BackwardReduceParams>::type Params;
   static constexpr int PF = 2;  // (sum dy, sum dy*(x - mean))
   template <int K> using State = Sums2<K>;
 
@@ -56,20 +89,24 @@ struct BackwardReduce {
     static constexpr int VEC = Vec<T>::N;
     struct Frag {
       Pack<T> x, dy;
+      unsigned bits;
     };
     const Raw<T>* x;
     const Raw<T>* dy;
+    const unsigned* mask;
     float mean;
     Sums2<1> st;
     __device__ __forceinline__ PlanarAcc(const Params& p, u64 c)
-        : x(static_cast<const Raw<T>*>(p.x)), dy(static_cast<const Raw<T>*>(p.dy)), mean(p.mean[c]),
-          st(Sums2<1>::empty()) {}
+        : x(static_cast<const Raw<T>*>(p.x)), dy(static_cast<const Raw<T>*>(p.dy)), mask(mask_of(p)),
+          mean(p.mean[c]), st(Sums2<1>::empty()) {}
     template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
       load_slots<T, V, STEP>(fr.x, x, s);
       load_slots<T, V, STEP>(fr.dy, dy, s);
+      if (MASK) fr.bits = load_mask<VEC, STEP>(mask, s);
     }
     template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
       if (s.cnt <= 0) return;
+      if (MASK) mask_pack(fr.dy, fr.bits);
       float xv[VEC], g[VEC], gx[VEC];
       unpack(fr.x, xv);
       unpack(fr.dy, g);
@@ -87,23 +124,28 @@ struct BackwardReduce {
     static constexpr int VEC = Vec<T>::N;
     struct Frag {
       Pack<T> x, dy;
+      unsigned bits;
     };
     const Raw<T>* x;
     const Raw<T>* dy;
+    const unsigned* mask;
     float mean[VEC];
     Sums2<VEC> st;
     __device__ __forceinline__ RowsAcc(const Params& p, const RowsColumn& rc)
-        : x(static_cast<const Raw<T>*>(p.x)), dy(static_cast<const Raw<T>*>(p.dy)), st(Sums2<VEC>::empty()) {
+        : x(static_cast<const Raw<T>*>(p.x)), dy(static_cast<const Raw<T>*>(p.dy)), mask(mask_of(p)),
+          st(Sums2<VEC>::empty()) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) mean[k] = k < rc.cnt ? p.mean[rc.c0 + k] : 0.f;
     }
     template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
       load_slots<T, V, STEP>(fr.x, x, s);
       load_slots<T, V, STEP>(fr.dy, dy, s);
+      if (MASK) fr.bits = load_mask<VEC, STEP>(mask, s);
     }
     // Masked channels read x = dy = 0 and mean 0: they add zeros, and are never written.
     template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
       if (s.cnt <= 0) return;
+      if (MASK) mask_pack(fr.dy, fr.bits);
       float xv[VEC], g[VEC];
       unpack(fr.x, xv);
       unpack(fr.dy, g);
@@ -139,6 +181,7 @@ struct BackwardReduce {
     }
   }
 };
+typedef BackwardReduceT<false> BackwardReduce;
 
 // dx with batch statistics: coef = (sum dy / m, sum dy*xhat / m) from the reduce.
 struct DxTrainOp {
@@ -182,7 +225,11 @@ struct DxEvalOp {
   __device__ __forceinline__ float apply(const Coef& k, float dy, float) const { return dy * k.scale; }
 };
 
-template <bool ROWS, typename T, typename I> __device__ __forceinline__ void backward_dx(const BackwardElementwiseParams& p) {
+// One dx for every epilogue (NoEpilogue, or MaskedGrad for the relu kernels).
+template <bool ROWS, typename T, typename I, class Epi>
+__device__ __forceinline__ void backward_dx(const BackwardElementwiseParams& p, const Epi& epi) {
+  // Slices per iteration from the 16-byte streams per slice (x, dy, and dz for add_relu).
+  constexpr int S = Epi::kStreams;
   if (p.coef) {
     DxTrainOp op;
     op.mean = p.mean;
@@ -191,24 +238,40 @@ template <bool ROWS, typename T, typename I> __device__ __forceinline__ void bac
     op.sums = p.coef;
     op.eps = p.eps;
     op.stat_is_var = p.stat_is_var;
-    if (ROWS) map_rows<T, I, 2, rows_unroll<T, 2>()>(p.g, p.x, p.dy, p.dx, op);
-    else map_planar<T, I, 2, 2>(p.g, p.x, p.dy, p.dx, op);
+    if (ROWS) map_rows<T, I, 2, rows_unroll<T, 2 + S>()>(p.g, p.x, p.dy, p.dx, op, epi);
+    else map_planar<T, I, 2, 2>(p.g, p.x, p.dy, p.dx, op, epi);
   } else {
     DxEvalOp op;
     op.var_or_invstd = p.var_or_invstd;
     op.weight = p.weight;
     op.eps = p.eps;
     op.stat_is_var = p.stat_is_var;
-    if (ROWS) map_rows<T, I, 1, rows_unroll<T, 1>()>(p.g, p.dy, nullptr, p.dx, op);
-    else map_planar<T, I, 1, 4>(p.g, p.dy, nullptr, p.dx, op);
+    if (ROWS) map_rows<T, I, 1, rows_unroll<T, 1 + S>()>(p.g, p.dy, nullptr, p.dx, op, epi);
+    else map_planar<T, I, 1, S == 0 ? 4 : 2>(p.g, p.dy, nullptr, p.dx, op, epi);
   }
 }
 
-template <typename T, typename I> __device__ __forceinline__ void backward_dx_planar(const BackwardElementwiseParams& p) {
-  backward_dx<false, T, I>(p);
+template <bool ROWS, typename T, typename I>
+__device__ __forceinline__ void backward_dx_plain(const BackwardElementwiseParams& p) {
+  backward_dx<ROWS, T, I>(p, NoEpilogue<T, I>());
 }
-template <typename T, typename I> __device__ __forceinline__ void backward_dx_rows(const BackwardElementwiseParams& p) {
-  backward_dx<true, T, I>(p);
+// The ReLU backward alone, dx = dy_eff (input 0 is dy): how the host gets dz = dy_eff when dx
+// is not wanted (dx_relu with dx := dz, var_or_invstd == null).
+struct PassOp {
+  struct Coef {};
+  __device__ __forceinline__ Coef coef(u64) const { return Coef{}; }
+  __device__ __forceinline__ float apply(const Coef&, float dy, float) const { return dy; }
+};
+
+template <bool ROWS, bool DZ, typename T, typename I>
+__device__ __forceinline__ void backward_dx_relu(const BackwardElementwiseReluParams& p) {
+  const MaskedGrad<T, I, DZ> epi(p.mask, p.dz);
+  if (!DZ && p.var_or_invstd == nullptr) {
+    if (ROWS) map_rows<T, I, 1, rows_unroll<T, 1>()>(p.g, p.dy, nullptr, p.dx, PassOp(), epi);
+    else map_planar<T, I, 1, 4>(p.g, p.dy, nullptr, p.dx, PassOp(), epi);
+    return;
+  }
+  backward_dx<ROWS, T, I>(p, epi);
 }
 
 }  // namespace bn
@@ -217,7 +280,19 @@ template <typename T, typename I> __device__ __forceinline__ void backward_dx_ro
   BN_KERNEL(bn_backward_reduce_planar_##dt##_##ix, BackwardReduceParams,                                      \
             bn::split_reduce_planar<bn::BackwardReduce, T, I, 2>)                                              \
   BN_KERNEL(bn_backward_reduce_rows_##dt##_##ix, BackwardReduceParams, bn::split_reduce_rows<bn::BackwardReduce, T, I, bn::rows_unroll<T, 2>()>) \
-  BN_KERNEL(bn_backward_dx_planar_##dt##_##ix, BackwardElementwiseParams, bn::backward_dx_planar<T, I>)       \
-  BN_KERNEL(bn_backward_dx_rows_##dt##_##ix, BackwardElementwiseParams, bn::backward_dx_rows<T, I>)
+  BN_KERNEL(bn_backward_dx_planar_##dt##_##ix, BackwardElementwiseParams, bn::backward_dx_plain<false, T, I>) \
+  BN_KERNEL(bn_backward_dx_rows_##dt##_##ix, BackwardElementwiseParams, bn::backward_dx_plain<true, T, I>)    \
+  BN_KERNEL(bn_backward_reduce_relu_planar_##dt##_##ix, BackwardReduceReluParams,                             \
+            bn::split_reduce_planar<bn::BackwardReduceT<true>, T, I, 2>)                                       \
+  BN_KERNEL(bn_backward_reduce_relu_rows_##dt##_##ix, BackwardReduceReluParams,                               \
+            bn::split_reduce_rows<bn::BackwardReduceT<true>, T, I, bn::rows_unroll<T, 2>()>)                   \
+  BN_KERNEL(bn_backward_dx_relu_planar_##dt##_##ix, BackwardElementwiseReluParams,                            \
+            bn::backward_dx_relu<false, false, T, I>)                                                          \
+  BN_KERNEL(bn_backward_dx_relu_rows_##dt##_##ix, BackwardElementwiseReluParams,                              \
+            bn::backward_dx_relu<true, false, T, I>)                                                           \
+  BN_KERNEL(bn_backward_dx_add_relu_planar_##dt##_##ix, BackwardElementwiseReluParams,                        \
+            bn::backward_dx_relu<false, true, T, I>)                                                           \
+  BN_KERNEL(bn_backward_dx_add_relu_rows_##dt##_##ix, BackwardElementwiseReluParams,                          \
+            bn::backward_dx_relu<true, true, T, I>)
 
 BN_FOR_EACH_TYPE(BN_BACKWARD_ENTRIES)

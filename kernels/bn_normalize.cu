@@ -10,7 +10,15 @@
 // and x, y are 16-byte aligned; scalar otherwise. y may equal x (every element is read and then
 // written by the same thread). Not x*a + b with b = bias - mean*a: that cancels for large means;
 // a constant channel gives (x - mean) == 0 and y == bias exactly.
+//
+// Fused ReLU epilogues (epilogue.cuh), same grids, NormalizeReluParams:
+// bn_normalize_relu_{planar,rows}_<dt>_<ix>      y = relu(BN(x)),     mask bit = y > 0
+// bn_normalize_add_relu_{planar,rows}_<dt>_<ix>  y = relu(BN(x) + z), mask bit = y > 0
+//   BN(x) + z in f32, rounded once to T; relu(NaN) = NaN with bit 0. mask nullable (no mask);
+//   y may equal x or z. The 16-byte path also needs z aligned. Planar unroll 2 with z (two
+//   16-byte loads per slice), rows_unroll<T, 2>.
 #include "common.cuh"
+#include "epilogue.cuh"
 
 struct NormalizeParams {
   const void* x;
@@ -23,6 +31,14 @@ struct NormalizeParams {
   float eps;
   int stat_is_var;
 };
+
+// The plain params, then the epilogue's (a C++ derived struct: base fields first; Rust mirrors
+// it with the base as its first field).
+struct NormalizeReluParams : NormalizeParams {
+  const void* z;        // T, the residual (add_relu entries only; ignored by relu)
+  unsigned int* mask;   // [mask words] out, nullable: no mask
+};
+static_assert(sizeof(NormalizeParams) == 80 && sizeof(NormalizeReluParams) == 96, "Rust mirrors");
 
 namespace bn {
 
@@ -59,18 +75,30 @@ __device__ __forceinline__ NormalizeOp normalize_op(const NormalizeParams& p) {
   return op;
 }
 
-template <typename T, typename I> __device__ __forceinline__ void normalize_planar(const NormalizeParams& p) {
-  map_planar<T, I, 1, 4>(p.g, p.x, nullptr, p.y, normalize_op(p));
+// One normalize for every epilogue; NIN = 16-byte loads per slice (x, and z for add_relu).
+template <bool ROWS, typename T, typename I, int NIN, class Epi>
+__device__ __forceinline__ void normalize(const NormalizeParams& p, const Epi& epi) {
+  if (ROWS) map_rows<T, I, 1, rows_unroll<T, NIN>()>(p.g, p.x, nullptr, p.y, normalize_op(p), epi);
+  else map_planar<T, I, 1, NIN == 1 ? 4 : 2>(p.g, p.x, nullptr, p.y, normalize_op(p), epi);
 }
 
-template <typename T, typename I> __device__ __forceinline__ void normalize_rows(const NormalizeParams& p) {
-  map_rows<T, I, 1, rows_unroll<T, 1>()>(p.g, p.x, nullptr, p.y, normalize_op(p));
+template <bool ROWS, typename T, typename I> __device__ __forceinline__ void normalize_plain(const NormalizeParams& p) {
+  normalize<ROWS, T, I, 1>(p, NoEpilogue<T, I>());
+}
+
+template <bool ROWS, bool ADD, typename T, typename I>
+__device__ __forceinline__ void normalize_relu(const NormalizeReluParams& p) {
+  normalize<ROWS, T, I, ADD ? 2 : 1>(p, ReluEpilogue<T, I, ADD>(p.z, p.mask));
 }
 
 }  // namespace bn
 
-#define BN_NORMALIZE_ENTRIES(dt, T, ix, I)                                            \
-  BN_KERNEL(bn_normalize_planar_##dt##_##ix, NormalizeParams, bn::normalize_planar<T, I>) \
-  BN_KERNEL(bn_normalize_rows_##dt##_##ix, NormalizeParams, bn::normalize_rows<T, I>)
+#define BN_NORMALIZE_ENTRIES(dt, T, ix, I)                                                                         \
+  BN_KERNEL(bn_normalize_planar_##dt##_##ix, NormalizeParams, bn::normalize_plain<false, T, I>)                    \
+  BN_KERNEL(bn_normalize_rows_##dt##_##ix, NormalizeParams, bn::normalize_plain<true, T, I>)                       \
+  BN_KERNEL(bn_normalize_relu_planar_##dt##_##ix, NormalizeReluParams, bn::normalize_relu<false, false, T, I>)     \
+  BN_KERNEL(bn_normalize_relu_rows_##dt##_##ix, NormalizeReluParams, bn::normalize_relu<true, false, T, I>)        \
+  BN_KERNEL(bn_normalize_add_relu_planar_##dt##_##ix, NormalizeReluParams, bn::normalize_relu<false, true, T, I>)  \
+  BN_KERNEL(bn_normalize_add_relu_rows_##dt##_##ix, NormalizeReluParams, bn::normalize_relu<true, true, T, I>)
 
 BN_FOR_EACH_TYPE(BN_NORMALIZE_ENTRIES)

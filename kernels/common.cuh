@@ -7,6 +7,8 @@
 //               each calling a functor's load() for UNROLL slices, then its consume().
 //   split reduction + last-block finalize: split_reduce_planar / split_reduce_rows, shared by
 //               bn_stats.cu and bn_backward.cu through a small policy type.
+//   maps        map_planar / map_rows (normalize, dx) with an epilogue hook: NoEpilogue here, the
+//               ReLU epilogues and the mask (located by Slice::mw/mb) in epilogue.cuh.
 //   BN_FOR_EACH_TYPE / BN_KERNEL: stamp the extern "C" entry points per dtype x index width.
 //
 // Assumptions everywhere: 256 threads per block (blockDim.x == 256 for planar/1-D kernels,
@@ -72,10 +74,15 @@ template <typename T> union Pack {
 // The slots of one thread in one unit (planar) or row (rows): slot k lives at off + k*STEP
 // (STEP = 1 for vector loads and for rows, 32 for planar scalar loads), slots [0, cnt) are valid
 // (always a prefix), c is the channel of the unit (planar walks; 0 for rows).
+// (mw, mb): where slot 0's bit lives in a ReLU mask (kernels/ABI.md, epilogue.cuh): word mw, bit
+// mb; slot k's bit is (mw, mb + k) when STEP == 1 and (mw + k, mb) when STEP == 32. Walks always
+// fill them; a functor that reads no mask ignores them and the compiler drops them.
 template <typename I> struct Slice {
   I off;
   int cnt;
   unsigned c;
+  I mw;
+  unsigned mb;
 };
 
 template <typename T, bool V, int STEP, typename I>
@@ -410,7 +417,8 @@ template <int UNROLL_V, bool V> __host__ __device__ constexpr int unroll_for() {
 
 // Planar: the warp units of a set of planes. Unit u = (q = u / chunks, k = u % chunks) covers
 // elements [k*CH, min((k+1)*CH, inner)) of plane q, which starts at base + q*plane_stride and
-// belongs to channel q % mod; CH = 32*VEC.
+// belongs to channel q % mod; CH = 32*VEC. Plane q's ReLU mask words start at
+// mbase + q*mplane_stride (ceil(inner / 32) words per plane of the whole tensor).
 //   stats/backward (one channel c): base = c*inner, plane_stride = C*inner, mod = 1.
 //   normalize/dx (all planes):      base = 0,       plane_stride = inner,   mod = C.
 template <typename I> struct PlanarSpan {
@@ -420,6 +428,8 @@ template <typename I> struct PlanarSpan {
   I base;          // offset of plane 0
   I plane_stride;  // offset between consecutive planes
   unsigned mod;    // channel = plane % mod
+  I mbase;         // mask word of plane 0
+  I mplane_stride; // mask words between consecutive planes
 };
 
 // Warp w of W takes the contiguous units [w*per + min(w, extra), +per + (w < extra)) with
@@ -432,6 +442,7 @@ template <typename I> struct PlanarCursor {
   I coff;       // k*CH of the current unit
   I poff;       // offset of the current plane, plus this lane's first slot
   unsigned c;   // channel of the current plane
+  I mpoff;      // mask word of the current plane
 };
 
 template <typename T, typename I, int UNROLL_V, bool V, class F>
@@ -443,6 +454,11 @@ __device__ __forceinline__ void walk_planar_impl(F& f, const PlanarSpan<I>& sp, 
   const unsigned lane = threadIdx.x & 31;
   const I wrap = sp.chunks * (I)CH;  // coff runs over 0, CH, ..., wrap - CH
   cur.poff += V ? (I)(lane * VEC) : (I)lane;
+  // Mask: unit k's bits are words k*VEC.. of its plane (CH = 32*VEC bits); the vector path's
+  // slots are elements lane*VEC + s (word lane*VEC/32, bits from (lane*VEC) % 32), the scalar
+  // path's are lane + 32*s (word s, bit lane).
+  const I mlane = V ? (I)((lane * VEC) >> 5) : (I)0;
+  const unsigned mb = V ? (lane * VEC) & 31u : lane;
   for (; cur.left > 0; cur.left -= cur.left < (I)UNROLL ? cur.left : (I)UNROLL) {
     Slice<I> sl[UNROLL];
     typename F::Frag fr[UNROLL];
@@ -458,10 +474,13 @@ __device__ __forceinline__ void walk_planar_impl(F& f, const PlanarSpan<I>& sp, 
       sl[j].off = cur.poff + cur.coff;  // past the end when cnt == 0: never dereferenced
       sl[j].cnt = cnt;
       sl[j].c = cur.c;
+      sl[j].mw = cur.mpoff + (cur.coff >> 5) + mlane;
+      sl[j].mb = mb;
       cur.coff += (I)CH;  // next unit
       if (cur.coff == wrap) {
         cur.coff = 0;
         cur.poff += sp.plane_stride;
+        cur.mpoff += sp.mplane_stride;
         if (++cur.c == sp.mod) cur.c = 0;
       }
     }
@@ -485,6 +504,7 @@ __device__ __forceinline__ void walk_planar(F& f, bool vec, const PlanarSpan<I>&
   cur.coff = (I)(begin - q * sp.chunks) * (I)CH;
   cur.poff = sp.base + (I)q * sp.plane_stride;
   cur.c = (unsigned)umod(q, sp.mod);
+  cur.mpoff = sp.mbase + (I)q * sp.mplane_stride;
   if (vec) walk_planar_impl<T, I, UNROLL, true>(f, sp, cur);
   else walk_planar_impl<T, I, UNROLL, false>(f, sp, cur);
 }
@@ -494,12 +514,16 @@ template <typename T, typename I> __device__ __forceinline__ I planar_chunks(I i
   return (inner + (I)(CH - 1)) / (I)CH;
 }
 
+// ReLU mask words of one segment (a plane of `inner` values, or a row of C values): ceil(len/32).
+template <typename I> __device__ __forceinline__ I mask_segment_words(I len) { return (len + (I)31) >> 5; }
+
 // Rows (inner == 1): this thread owns channels [c0, c0 + cnt) of every row r0, r0 + rstride, ...
 // Row r's slots start at r*C + c0. Vector path: C % VEC == 0, so cnt is VEC or 0 and every row
 // start is 16-byte aligned; scalar path: slots k < cnt = min(VEC, C - c0) loaded one by one.
 template <typename T, typename I, int UNROLL_V, bool V, class F>
 __device__ __forceinline__ void walk_rows_impl(F& f, I rows, I C, I c0, int cnt, I r0, I rstride) {
   constexpr int UNROLL = unroll_for<UNROLL_V, V>();
+  const I mwords = mask_segment_words(C);  // row rr, channel c: word rr*mwords + c/32, bit c%32
   // r < rows < 2^31 (i32) and UNROLL*rstride <= 4*65535*256 < 2^27: r never wraps.
   for (I r = r0; r < rows; r += (I)UNROLL * rstride) {
     Slice<I> sl[UNROLL];
@@ -510,6 +534,8 @@ __device__ __forceinline__ void walk_rows_impl(F& f, I rows, I C, I c0, int cnt,
       sl[j].off = rr * C + c0;  // garbage past the end (cnt = 0): never dereferenced
       sl[j].cnt = rr < rows ? cnt : 0;
       sl[j].c = 0;
+      sl[j].mw = rr * mwords + (c0 >> 5);  // c0 % VEC == 0: the VEC bits never straddle words
+      sl[j].mb = (unsigned)c0 & 31u;
     }
 #pragma unroll
     for (int j = 0; j < UNROLL; ++j) f.template load<V, 1>(fr[j], sl[j]);
@@ -528,8 +554,9 @@ __device__ __forceinline__ void walk_rows(F& f, bool vec, I rows, I C, I c0, int
 // or coefficients in registers (up to 4*8 floats for dx in 16-bit types, 2*8 sums for the
 // backward reduce), so its data registers are budgeted: UNROLL*NIN 16-byte loads per iteration
 // = 2 for 16-bit types, 4 for f32. With >= 4 resident blocks that is >= 32 KB in flight per SM.
+// At least one row (NIN = 3: the add_relu dx streams x, dy and dz).
 template <typename T, int NIN> __host__ __device__ constexpr int rows_unroll() {
-  return (sizeof(T) == 2 ? 2 : 4) / NIN;
+  return (sizeof(T) == 2 ? 2 : 4) / NIN > 0 ? (sizeof(T) == 2 ? 2 : 4) / NIN : 1;
 }
 
 // This thread's rows column: channels [c0, c0 + VEC), valid prefix cnt.
@@ -597,9 +624,12 @@ __device__ __forceinline__ void split_reduce_planar(const typename P::Params& p)
   sp.inner = inner;
   sp.plane_stride = C * inner;
   sp.mod = 1u;
+  const I mwords = mask_segment_words(inner);
+  sp.mplane_stride = C * mwords;
   for (u64 c = blockIdx.y; c < (u64)C; c += gridDim.y) {
     typename P::template PlanarAcc<T, I> acc(p, c);
     sp.base = (I)c * inner;
+    sp.mbase = (I)c * mwords;
     walk_planar<T, I, UNROLL>(acc, vec, sp, (u64)blockIdx.x * kWarps + (threadIdx.x >> 5), (u64)splits * kWarps);
     S s = block_reduce(acc.st, red);
     // 32-bit partial offsets: the workspace holds C*splits*PF < 2^32 floats.
@@ -674,68 +704,111 @@ __device__ __forceinline__ void split_reduce_rows(const typename P::Params& p) {
 // Elementwise maps (bn_normalize, bn_backward dx): out = op.apply(coef(c), in0, in1).
 // An Op provides: typedef Coef; Coef coef(u64 c) const; float apply(const Coef&, float a, float b)
 // const (b unused when NIN == 1). Coef{} (zero) is used for masked channels of a rows column.
+//
+// An epilogue Epi (NoEpilogue here; the ReLU ones in epilogue.cuh) adds memory streams and a
+// per-slot transform around the op. Per slice the maps call:
+//   load<V, STEP>(Frag&, slice)                 its own loads, issued with the map's
+//   grad<V, STEP>(Frag&, Pack<T>& last, slice)  before the op; may rewrite the last input (dy)
+//   out(const Frag&, k, y) -> float             after the op, slot k
+//   store<V, STEP>(const Frag&, out, slice, group)  after the output is packed and stored
+// and before the walk: aligned() (its pointers allow the 16-byte path). kCollective: store()
+// synchronizes lanes, so consume() runs for idle slices too (cnt == 0: loads and stores are
+// masked, nothing is written). group: lanes sharing a mask word on the STEP == 1 paths
+// (32/VEC planar; min(32/VEC, bx) rows).
 // ------------------------------------------------------------------------------------------------
-template <typename T, typename I, int NIN, class Op> struct PlanarMap {
+template <typename T, typename I> struct NoEpilogue {
+  static constexpr bool kCollective = false;
+  static constexpr int kStreams = 0;  // 16-byte streams it adds per slice (unroll budgets)
+  struct Frag {};
+  __device__ __forceinline__ bool aligned() const { return true; }
+  template <bool V, int STEP> __device__ __forceinline__ void load(Frag&, const Slice<I>&) const {}
+  template <bool V, int STEP> __device__ __forceinline__ void grad(Frag&, Pack<T>&, const Slice<I>&) const {}
+  __device__ __forceinline__ float out(const Frag&, int, float y) const { return y; }
+  template <bool V, int STEP>
+  __device__ __forceinline__ void store(const Frag&, const Pack<T>&, const Slice<I>&, unsigned) const {}
+};
+
+// The body shared by both maps once the slice's inputs, epilogue registers and coefficients
+// (one per slot) are at hand.
+template <typename T, typename I, int NIN, bool V, int STEP, class Op, class Epi, class CoefAt>
+__device__ __forceinline__ void map_slice(const Op& op, const Epi& epi, Pack<T> (&in)[NIN], typename Epi::Frag& e,
+                                          const CoefAt& coef_at, Raw<T>* out, const Slice<I>& s, unsigned group) {
+  constexpr int VEC = Vec<T>::N;
+  epi.template grad<V, STEP>(e, in[NIN - 1], s);
+  float a[VEC], b[VEC], y[VEC];
+  unpack(in[0], a);
+  if (NIN > 1) unpack(in[NIN - 1], b);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) y[k] = epi.out(e, k, op.apply(coef_at(k), a[k], NIN > 1 ? b[k] : 0.f));
+  Pack<T> o;
+  pack(o, y);
+  store_slots<T, V, STEP>(out, o, s);
+  epi.template store<V, STEP>(e, o, s, group);
+}
+
+template <typename T, typename I, int NIN, class Op, class Epi = NoEpilogue<T, I>> struct PlanarMap {
   static constexpr int VEC = Vec<T>::N;
   struct Frag {
     Pack<T> in[NIN];
     typename Op::Coef cf;
+    typename Epi::Frag e;
+  };
+  struct SameCoef {  // one channel per planar slice
+    const typename Op::Coef& cf;
+    __device__ __forceinline__ const typename Op::Coef& operator()(int) const { return cf; }
   };
   const Raw<T>* in[NIN];
   Raw<T>* out;
   Op op;
+  Epi epi;
   template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
 #pragma unroll
     for (int i = 0; i < NIN; ++i) load_slots<T, V, STEP>(fr.in[i], in[i], s);
+    epi.template load<V, STEP>(fr.e, s);
     fr.cf = op.coef(s.c);  // c < C even for an idle slice: always a valid read
   }
   template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) const {
-    if (s.cnt <= 0) return;
-    float a[VEC], b[VEC], y[VEC];
-    unpack(fr.in[0], a);
-    if (NIN > 1) unpack(fr.in[NIN - 1], b);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) y[k] = op.apply(fr.cf, a[k], NIN > 1 ? b[k] : 0.f);
-    Pack<T> o;
-    pack(o, y);
-    store_slots<T, V, STEP>(out, o, s);
+    if (!Epi::kCollective && s.cnt <= 0) return;
+    map_slice<T, I, NIN, V, STEP>(op, epi, fr.in, fr.e, SameCoef{fr.cf}, out, s, 32u / VEC);
   }
 };
 
-template <typename T, typename I, int NIN, class Op> struct RowsMap {
+template <typename T, typename I, int NIN, class Op, class Epi = NoEpilogue<T, I>> struct RowsMap {
   static constexpr int VEC = Vec<T>::N;
   struct Frag {
     Pack<T> in[NIN];
+    typename Epi::Frag e;
+  };
+  struct SlotCoef {  // one channel per slot of a rows slice
+    const typename Op::Coef (&cf)[VEC];
+    __device__ __forceinline__ const typename Op::Coef& operator()(int k) const { return cf[k]; }
   };
   const Raw<T>* in[NIN];
   Raw<T>* out;
   Op op;
+  Epi epi;
+  unsigned group;             // lanes sharing a mask word: min(32/VEC, bx)
   typename Op::Coef cf[VEC];  // per-thread coefficients, computed once
   __device__ __forceinline__ void init(const RowsColumn& rc) {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) cf[k] = k < rc.cnt ? op.coef(rc.c0 + k) : typename Op::Coef{};
+    group = min(32u / VEC, blockDim.x);
   }
   template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
 #pragma unroll
     for (int i = 0; i < NIN; ++i) load_slots<T, V, STEP>(fr.in[i], in[i], s);
+    epi.template load<V, STEP>(fr.e, s);
   }
   template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) const {
-    if (s.cnt <= 0) return;
-    float a[VEC], b[VEC], y[VEC];
-    unpack(fr.in[0], a);
-    if (NIN > 1) unpack(fr.in[NIN - 1], b);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) y[k] = op.apply(cf[k], a[k], NIN > 1 ? b[k] : 0.f);
-    Pack<T> o;
-    pack(o, y);
-    store_slots<T, V, STEP>(out, o, s);
+    if (!Epi::kCollective && s.cnt <= 0) return;
+    map_slice<T, I, NIN, V, STEP>(op, epi, fr.in, fr.e, SlotCoef{cf}, out, s, group);
   }
 };
 
 // grid (blocks), block 256: grid-stride over all warp units of all outer*C planes.
-template <typename T, typename I, int NIN, int UNROLL, class Op>
+template <typename T, typename I, int NIN, int UNROLL, class Op, class Epi = NoEpilogue<T, I>>
 __device__ __forceinline__ void map_planar(const Geometry& g, const void* in0, const void* in1, void* out,
-                                           const Op& op) {
+                                           const Op& op, const Epi& epi = Epi()) {
   constexpr int VEC = Vec<T>::N;
   const I C = (I)g.channels, inner = (I)g.inner;
   PlanarSpan<I> sp;
@@ -745,29 +818,35 @@ __device__ __forceinline__ void map_planar(const Geometry& g, const void* in0, c
   sp.base = 0;
   sp.plane_stride = inner;
   sp.mod = (unsigned)C;
-  PlanarMap<T, I, NIN, Op> f;
+  sp.mbase = 0;
+  sp.mplane_stride = mask_segment_words(inner);
+  PlanarMap<T, I, NIN, Op, Epi> f;
   f.in[0] = static_cast<const Raw<T>*>(in0);
   if (NIN > 1) f.in[NIN - 1] = static_cast<const Raw<T>*>(in1);
   f.out = static_cast<Raw<T>*>(out);
   f.op = op;
-  const bool vec = inner % (I)VEC == 0 && aligned16(in0) && (NIN == 1 || aligned16(in1)) && aligned16(out);
+  f.epi = epi;
+  const bool vec = inner % (I)VEC == 0 && aligned16(in0) && (NIN == 1 || aligned16(in1)) && aligned16(out) &&
+                   epi.aligned();
   walk_planar<T, I, UNROLL>(f, vec, sp, (u64)blockIdx.x * kWarps + (threadIdx.x >> 5), (u64)gridDim.x * kWarps);
 }
 
 // grid (ceil(C / (bx*VEC)), row_blocks), block (bx, by), bx*by = 256.
-template <typename T, typename I, int NIN, int UNROLL, class Op>
+template <typename T, typename I, int NIN, int UNROLL, class Op, class Epi = NoEpilogue<T, I>>
 __device__ __forceinline__ void map_rows(const Geometry& g, const void* in0, const void* in1, void* out,
-                                         const Op& op) {
+                                         const Op& op, const Epi& epi = Epi()) {
   constexpr int VEC = Vec<T>::N;
   const I C = (I)g.channels;
   const RowsColumn rc = rows_column<T>(g.channels);
-  RowsMap<T, I, NIN, Op> f;
+  RowsMap<T, I, NIN, Op, Epi> f;
   f.in[0] = static_cast<const Raw<T>*>(in0);
   if (NIN > 1) f.in[NIN - 1] = static_cast<const Raw<T>*>(in1);
   f.out = static_cast<Raw<T>*>(out);
   f.op = op;
+  f.epi = epi;
   f.init(rc);
-  const bool vec = C % (I)VEC == 0 && aligned16(in0) && (NIN == 1 || aligned16(in1)) && aligned16(out);
+  const bool vec = C % (I)VEC == 0 && aligned16(in0) && (NIN == 1 || aligned16(in1)) && aligned16(out) &&
+                   epi.aligned();
   walk_rows<T, I, UNROLL>(f, vec, (I)g.outer, C, (I)rc.c0, rc.cnt, (I)(blockIdx.y * blockDim.y + threadIdx.y),
                           (I)(gridDim.y * blockDim.y));
 }

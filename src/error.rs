@@ -90,6 +90,15 @@ pub enum Error {
     #[error("backward needs the saved statistics of a training forward, but {reason}")]
     MissingSavedStats { reason: &'static str },
 
+    /// A fused backward that does not follow a fused forward of its kind with a mask
+    /// (e.g. `backward_relu` after a plain `forward`).
+    #[error("{backward} needs the mask of a {needed}, but its forward was {ran}")]
+    EpilogueMismatch {
+        backward: &'static str,
+        needed: &'static str,
+        ran: &'static str,
+    },
+
     /// A fold whose shapes or parameters do not fit.
     #[error("cannot fold: {reason}")]
     InvalidFold { reason: String },
@@ -133,6 +142,11 @@ pub enum Error {
     /// A valid request this crate does not support.
     #[error("{what}: {reason}")]
     Unsupported { what: &'static str, reason: String },
+
+    /// An NCCL call failed, or libnccl could not be loaded (feature `nccl`).
+    #[cfg(feature = "nccl")]
+    #[error("NCCL {call} failed: {reason}")]
+    Nccl { call: &'static str, reason: String },
 
     /// Any other CUDA driver error.
     #[error("CUDA driver error: {0}")]

@@ -12,8 +12,9 @@
 //! | [`gpu::launch`] | grid and block sizes as pure functions |
 //! | [`gpu::functional`] | stateless calls over borrowed device memory and a [`TensorDesc`], like cuDNN |
 //! | [`gpu::BatchNorm`] | the stateful layer: parameters, gradients, running statistics, train/eval |
-//! | [`reference`] | the same functional calls and layer on the CPU, f64 accumulation |
+//! | [`reference`](mod@reference) | the same functional calls and layer on the CPU, f64 accumulation |
 //! | [`fold`] | conv/linear + batch-norm folding: which weight element scales by which channel |
+//! | [`epilogue`] | fused `relu(BN(x))` / `relu(BN(x) + z)`: the ReLU mask's layout ([`gpu::fused`], [`reference::fused`]) |
 //! | [`state`] | a layer's state in PyTorch's `state_dict` names, as safetensors |
 //!
 //! Activations are `f32`, [`half::f16`] or [`half::bf16`] ([`Element`]) in channels-first or
@@ -48,6 +49,7 @@
 
 pub mod config;
 pub mod dtype;
+pub mod epilogue;
 pub mod error;
 pub mod fold;
 pub mod gpu;
@@ -58,6 +60,7 @@ pub mod validate;
 
 pub use config::{BatchNormConfig, RunningVarUpdate};
 pub use dtype::{DType, Element};
+pub use epilogue::Epilogue;
 pub use error::{Error, Result};
 pub use shape::{Geometry, Layout, TensorDesc};
 pub use state::LayerState;

@@ -7,14 +7,17 @@
 //! statistics and gradients of parameters are f32, each `[C]`.
 
 use super::context::GpuContext;
+use super::fused::{ReluEpilogue, ReluGrad};
 use super::kernels::{Family, IndexWidth};
 use super::launch::{self, Launch, Traversal};
 use super::params::{
-    BackwardElementwiseParams, BackwardReduceParams, FoldParams, NormalizeParams, StatsParams,
+    BackwardElementwiseParams, BackwardElementwiseReluParams, BackwardReduceParams,
+    BackwardReduceReluParams, FoldParams, NormalizeParams, NormalizeReluParams, StatsParams,
 };
 use super::workspace::Workspace;
 use crate::config::{validate_eps, validate_momentum, RunningVarUpdate};
 use crate::dtype::Element;
+use crate::epilogue::{self, Epilogue};
 use crate::error::Result;
 use crate::fold::FoldSpec;
 use crate::shape::TensorDesc;
@@ -89,8 +92,8 @@ pub struct GradientsMut<'a, T> {
 ///
 /// An empty batch (`N * spatial == 0`) writes nothing and leaves the statistics as they are.
 /// Errors, checked before anything is queued (as [`crate::reference::forward_training`] does):
-/// [`Error::BufferLength`], [`Error::InvalidEps`], [`Error::InvalidMomentum`],
-/// [`Error::SingleValuePerChannel`].
+/// [`Error::BufferLength`](crate::Error::BufferLength), [`Error::InvalidEps`](crate::Error::InvalidEps), [`Error::InvalidMomentum`](crate::Error::InvalidMomentum),
+/// [`Error::SingleValuePerChannel`](crate::Error::SingleValuePerChannel).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_training<T: Element>(
     gpu: &GpuContext,
@@ -104,6 +107,27 @@ pub fn forward_training<T: Element>(
     y: &mut CudaViewMut<'_, T>,
     saved: SavedStatsMut<'_>,
 ) -> Result<()> {
+    forward_training_with(
+        gpu, workspace, x, desc, weight, bias, running, eps, y, saved, None,
+    )
+}
+
+/// [`forward_training`], with the fused ReLU epilogue of [`super::fused::forward_training`]
+/// when `epilogue` is given (its buffers checked right after the plain ones).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_training_with<T: Element>(
+    gpu: &GpuContext,
+    workspace: &mut Workspace,
+    x: &CudaView<'_, T>,
+    desc: &TensorDesc,
+    weight: Option<&CudaView<'_, f32>>,
+    bias: Option<&CudaView<'_, f32>>,
+    running: Option<RunningUpdate<'_>>,
+    eps: f32,
+    y: &mut CudaViewMut<'_, T>,
+    saved: SavedStatsMut<'_>,
+    mut epilogue: Option<ReluEpilogue<'_, T>>,
+) -> Result<()> {
     Buffers {
         x: x.len(),
         y: Some(y.len()),
@@ -116,6 +140,7 @@ pub fn forward_training<T: Element>(
         ..Default::default()
     }
     .check(desc)?;
+    check_epilogue(desc, epilogue.as_ref())?;
     validate_eps(eps)?;
     if let Some(r) = &running {
         validate_momentum(r.factor)?;
@@ -172,19 +197,14 @@ pub fn forward_training<T: Element>(
         eps,
         stat_is_var: 0,
     };
-    launch_elementwise::<T, _>(
-        gpu,
-        desc,
-        Family::NormalizePlanar,
-        Family::NormalizeRows,
-        &normalize,
-    )
+    let relu = epilogue_pointers(&mut guards, epilogue.as_mut());
+    launch_normalize::<T>(gpu, desc, normalize, relu)
 }
 
 /// Eval forward with the running statistics, one launch:
 /// `y = (x - running_mean) * (weight / sqrt(running_var + eps)) + bias`.
 ///
-/// Shapes as in [`forward_training`]. Errors: [`Error::BufferLength`], [`Error::InvalidEps`].
+/// Shapes as in [`forward_training`]. Errors: [`Error::BufferLength`](crate::Error::BufferLength), [`Error::InvalidEps`](crate::Error::InvalidEps).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_inference<T: Element>(
     gpu: &GpuContext,
@@ -196,6 +216,23 @@ pub fn forward_inference<T: Element>(
     eps: f32,
     y: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
+    forward_inference_with(gpu, x, desc, weight, bias, running, eps, y, None)
+}
+
+/// [`forward_inference`], with the fused ReLU epilogue of [`super::fused::forward_inference`]
+/// when `epilogue` is given.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_inference_with<T: Element>(
+    gpu: &GpuContext,
+    x: &CudaView<'_, T>,
+    desc: &TensorDesc,
+    weight: Option<&CudaView<'_, f32>>,
+    bias: Option<&CudaView<'_, f32>>,
+    running: &RunningStats<'_>,
+    eps: f32,
+    y: &mut CudaViewMut<'_, T>,
+    mut epilogue: Option<ReluEpilogue<'_, T>>,
+) -> Result<()> {
     Buffers {
         x: x.len(),
         y: Some(y.len()),
@@ -206,6 +243,7 @@ pub fn forward_inference<T: Element>(
         ..Default::default()
     }
     .check(desc)?;
+    check_epilogue(desc, epilogue.as_ref())?;
     validate_eps(eps)?;
     if desc.numel() == 0 {
         return Ok(());
@@ -222,13 +260,62 @@ pub fn forward_inference<T: Element>(
         eps,
         stat_is_var: 1,
     };
-    launch_elementwise::<T, _>(
-        gpu,
-        desc,
-        Family::NormalizePlanar,
-        Family::NormalizeRows,
-        &params,
-    )
+    let relu = epilogue_pointers(&mut guards, epilogue.as_mut());
+    launch_normalize::<T>(gpu, desc, params, relu)
+}
+
+/// The fused buffers of a forward, checked after the plain ones.
+fn check_epilogue<T>(desc: &TensorDesc, epilogue: Option<&ReluEpilogue<'_, T>>) -> Result<()> {
+    match epilogue {
+        Some(e) => epilogue::check_forward(
+            desc,
+            e.residual.as_ref().map(|z| z.len()),
+            e.mask.as_ref().map(|m| m.len()),
+        ),
+        None => Ok(()),
+    }
+}
+
+/// The device pointers of a forward epilogue: its kind, `z` and the mask (0 when absent).
+fn epilogue_pointers<'a, T>(
+    guards: &mut Guards<'a>,
+    epilogue: Option<&'a mut ReluEpilogue<'_, T>>,
+) -> Option<(Epilogue, u64, u64)> {
+    let ReluEpilogue { residual, mask } = epilogue?;
+    let residual: &'a Option<CudaView<'_, T>> = residual;
+    Some((
+        Epilogue::with_residual(residual.is_some()),
+        guards.read_opt(residual.as_ref()),
+        guards.write_opt(mask.as_mut()),
+    ))
+}
+
+/// The normalize pass of both forwards: plain, or `relu(. [+ z])` writing the mask.
+fn launch_normalize<T: Element>(
+    gpu: &GpuContext,
+    desc: &TensorDesc,
+    params: NormalizeParams,
+    relu: Option<(Epilogue, u64, u64)>,
+) -> Result<()> {
+    let Some((kind, z, mask)) = relu else {
+        return launch_elementwise::<T, _>(
+            gpu,
+            desc,
+            Family::NormalizePlanar,
+            Family::NormalizeRows,
+            &params,
+        );
+    };
+    let (planar, rows) = match kind {
+        Epilogue::Relu => (Family::NormalizeReluPlanar, Family::NormalizeReluRows),
+        Epilogue::AddRelu => (Family::NormalizeAddReluPlanar, Family::NormalizeAddReluRows),
+    };
+    let params = NormalizeReluParams {
+        base: params,
+        z,
+        mask,
+    };
+    launch_elementwise::<T, _>(gpu, desc, planar, rows, &params)
 }
 
 /// Training backward from the statistics its forward saved: one split reduction of `sum(dy)`
@@ -236,7 +323,7 @@ pub fn forward_inference<T: Element>(
 /// elementwise pass `dx = weight * invstd * (dy - sum(dy) / m - x_hat * sum(dy * x_hat) / m)`.
 /// `x` and `dy` are read twice, `dx` written once.
 ///
-/// Errors: [`Error::BufferLength`], [`Error::SingleValuePerChannel`].
+/// Errors: [`Error::BufferLength`](crate::Error::BufferLength), [`Error::SingleValuePerChannel`](crate::Error::SingleValuePerChannel).
 #[allow(clippy::too_many_arguments)]
 pub fn backward_training<T: Element>(
     gpu: &GpuContext,
@@ -248,12 +335,30 @@ pub fn backward_training<T: Element>(
     saved: &SavedStats<'_>,
     grads: GradientsMut<'_, T>,
 ) -> Result<()> {
+    backward_training_with(gpu, workspace, x, dy, desc, weight, saved, grads, None)
+}
+
+/// [`backward_training`] through the ReLU mask of [`super::fused::backward_training`] when
+/// `relu` is given (its buffers checked right after the plain ones).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_training_with<T: Element>(
+    gpu: &GpuContext,
+    workspace: &mut Workspace,
+    x: &CudaView<'_, T>,
+    dy: &CudaView<'_, T>,
+    desc: &TensorDesc,
+    weight: Option<&CudaView<'_, f32>>,
+    saved: &SavedStats<'_>,
+    grads: GradientsMut<'_, T>,
+    relu: Option<ReluGrad<'_, '_, T>>,
+) -> Result<()> {
     Buffers {
         save_mean: Some(saved.mean.len()),
         save_invstd: Some(saved.invstd.len()),
         ..backward_buffers(x, dy, weight, &grads)
     }
     .check(desc)?;
+    check_relu_grad(desc, relu.as_ref())?;
     validate::batch_statistics(desc)?;
     let stats = Normalization {
         mean: &saved.mean,
@@ -261,14 +366,14 @@ pub fn backward_training<T: Element>(
         eps: 0.0,
         training: true,
     };
-    backward(gpu, workspace, x, dy, desc, weight, &stats, grads)
+    backward_with(gpu, workspace, x, dy, desc, weight, &stats, grads, relu)
 }
 
 /// Eval-mode backward with the running statistics (constants of the forward):
 /// `dx = dy * weight / sqrt(running_var + eps)` in one pass, and one reduction for `dweight`
 /// and `dbias` when they are asked for.
 ///
-/// Errors: [`Error::BufferLength`], [`Error::InvalidEps`].
+/// Errors: [`Error::BufferLength`](crate::Error::BufferLength), [`Error::InvalidEps`](crate::Error::InvalidEps).
 #[allow(clippy::too_many_arguments)]
 pub fn backward_inference<T: Element>(
     gpu: &GpuContext,
@@ -281,12 +386,33 @@ pub fn backward_inference<T: Element>(
     eps: f32,
     grads: GradientsMut<'_, T>,
 ) -> Result<()> {
+    backward_inference_with(
+        gpu, workspace, x, dy, desc, weight, running, eps, grads, None,
+    )
+}
+
+/// [`backward_inference`] through the ReLU mask of [`super::fused::backward_inference`] when
+/// `relu` is given.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_inference_with<T: Element>(
+    gpu: &GpuContext,
+    workspace: &mut Workspace,
+    x: &CudaView<'_, T>,
+    dy: &CudaView<'_, T>,
+    desc: &TensorDesc,
+    weight: Option<&CudaView<'_, f32>>,
+    running: &RunningStats<'_>,
+    eps: f32,
+    grads: GradientsMut<'_, T>,
+    relu: Option<ReluGrad<'_, '_, T>>,
+) -> Result<()> {
     Buffers {
         running_mean: Some(running.mean.len()),
         running_var: Some(running.var.len()),
         ..backward_buffers(x, dy, weight, &grads)
     }
     .check(desc)?;
+    check_relu_grad(desc, relu.as_ref())?;
     validate_eps(eps)?;
     let stats = Normalization {
         mean: &running.mean,
@@ -294,7 +420,15 @@ pub fn backward_inference<T: Element>(
         eps,
         training: false,
     };
-    backward(gpu, workspace, x, dy, desc, weight, &stats, grads)
+    backward_with(gpu, workspace, x, dy, desc, weight, &stats, grads, relu)
+}
+
+/// The fused buffers of a backward, checked after the plain ones.
+fn check_relu_grad<T>(desc: &TensorDesc, relu: Option<&ReluGrad<'_, '_, T>>) -> Result<()> {
+    match relu {
+        Some(r) => epilogue::check_backward(desc, r.mask.len(), r.dz.as_ref().map(|d| d.len())),
+        None => Ok(()),
+    }
 }
 
 fn backward_buffers<T>(
@@ -316,16 +450,17 @@ fn backward_buffers<T>(
 
 /// The statistics a backward normalizes with: saved batch ones (`var_or_invstd` is invstd) or
 /// running ones (`var_or_invstd` is the variance, `eps` added on the device).
-struct Normalization<'s, 'a> {
-    mean: &'s CudaView<'a, f32>,
-    var_or_invstd: &'s CudaView<'a, f32>,
-    eps: f32,
-    training: bool,
+pub(crate) struct Normalization<'s, 'a> {
+    pub mean: &'s CudaView<'a, f32>,
+    pub var_or_invstd: &'s CudaView<'a, f32>,
+    pub eps: f32,
+    pub training: bool,
 }
 
-/// The shared body of both backwards, after validation.
+/// The shared body of both backwards (and of the synchronized one's local sums), after
+/// validation.
 #[allow(clippy::too_many_arguments)]
-fn backward<T: Element>(
+pub(crate) fn backward<T: Element>(
     gpu: &GpuContext,
     workspace: &mut Workspace,
     x: &CudaView<'_, T>,
@@ -334,6 +469,23 @@ fn backward<T: Element>(
     weight: Option<&CudaView<'_, f32>>,
     stats: &Normalization<'_, '_>,
     grads: GradientsMut<'_, T>,
+) -> Result<()> {
+    backward_with(gpu, workspace, x, dy, desc, weight, stats, grads, None)
+}
+
+/// [`backward`], with `dy_eff = mask ? dy : 0` in place of `dy` when `relu` is given (and
+/// `dz = dy_eff` when it asks for it): the `*_relu` kernels.
+#[allow(clippy::too_many_arguments)]
+fn backward_with<T: Element>(
+    gpu: &GpuContext,
+    workspace: &mut Workspace,
+    x: &CudaView<'_, T>,
+    dy: &CudaView<'_, T>,
+    desc: &TensorDesc,
+    weight: Option<&CudaView<'_, f32>>,
+    stats: &Normalization<'_, '_>,
+    grads: GradientsMut<'_, T>,
+    relu: Option<ReluGrad<'_, '_, T>>,
 ) -> Result<()> {
     let GradientsMut {
         mut dx,
@@ -360,12 +512,15 @@ fn backward<T: Element>(
     let needs_reduction = wants_params || (stats.training && dx.is_some());
     let reduce = launch::reduction(&g, T::DTYPE, gpu.sm_count());
     let scratch = workspace.reserve(gpu, 2 * c * reduce.splits as usize, c)?;
+    let (mask, mut dz) = relu.map(|r| (r.mask, r.dz)).unzip();
     let mut guards = Guards::new(stream);
     let x_ptr = guards.read(x);
     let dy_ptr = guards.read(dy);
     let mean = guards.read(stats.mean);
     let var_or_invstd = guards.read(stats.var_or_invstd);
     let stat_is_var = (!stats.training) as i32;
+    let mask = guards.read_opt(mask);
+    let dz = guards.write_opt(dz.as_mut().and_then(Option::as_mut));
     let mut coef = 0;
     if needs_reduction {
         if stats.training {
@@ -387,36 +542,79 @@ fn backward<T: Element>(
             accumulate: accumulate as i32,
             splits: reduce.splits as i32,
         };
-        let family = pick(&g, Family::BackwardReducePlanar, Family::BackwardReduceRows);
-        launch(
-            stream,
-            gpu.kernels().get(family, T::DTYPE, index),
-            reduce,
-            &params,
-        )?;
+        if mask == 0 {
+            let family = pick(&g, Family::BackwardReducePlanar, Family::BackwardReduceRows);
+            launch(
+                stream,
+                gpu.kernels().get(family, T::DTYPE, index),
+                reduce,
+                &params,
+            )?;
+        } else {
+            let family = pick(
+                &g,
+                Family::BackwardReduceReluPlanar,
+                Family::BackwardReduceReluRows,
+            );
+            let params = BackwardReduceReluParams { base: params, mask };
+            launch(
+                stream,
+                gpu.kernels().get(family, T::DTYPE, index),
+                reduce,
+                &params,
+            )?;
+        }
     }
-    if let Some(dx) = dx.as_mut() {
-        let params = BackwardElementwiseParams {
-            x: x_ptr,
-            dy: dy_ptr,
-            dx: guards.write(dx),
-            mean,
-            var_or_invstd,
-            weight: guards.read_opt(weight),
-            coef,
-            g: g.into(),
-            eps: stats.eps,
-            stat_is_var,
-        };
-        launch_elementwise::<T, _>(
+    if dx.is_none() && dz == 0 {
+        return Ok(());
+    }
+    let params = BackwardElementwiseParams {
+        x: x_ptr,
+        dy: dy_ptr,
+        dx: guards.write_opt(dx.as_mut()),
+        mean,
+        var_or_invstd,
+        weight: guards.read_opt(weight),
+        coef,
+        g: g.into(),
+        eps: stats.eps,
+        stat_is_var,
+    };
+    if mask == 0 {
+        return launch_elementwise::<T, _>(
             gpu,
             desc,
             Family::BackwardDxPlanar,
             Family::BackwardDxRows,
             &params,
-        )?;
+        );
     }
-    Ok(())
+    // dz without dx: the ReLU backward alone, into dz (dx_relu with var_or_invstd null).
+    let (with_dz, params) = if params.dx == 0 {
+        let alone = BackwardElementwiseParams {
+            dx: dz,
+            var_or_invstd: 0,
+            coef: 0,
+            ..params
+        };
+        (false, alone)
+    } else {
+        (dz != 0, params)
+    };
+    let (planar, rows) = if with_dz {
+        (
+            Family::BackwardDxAddReluPlanar,
+            Family::BackwardDxAddReluRows,
+        )
+    } else {
+        (Family::BackwardDxReluPlanar, Family::BackwardDxReluRows)
+    };
+    let params = BackwardElementwiseReluParams {
+        base: params,
+        mask,
+        dz: if with_dz { dz } else { 0 },
+    };
+    launch_elementwise::<T, _>(gpu, desc, planar, rows, &params)
 }
 
 /// The batch norm a [`fold`] folds: its running statistics, optional affine parameters and eps.
@@ -501,18 +699,18 @@ pub fn fold<T: Element>(
     )
 }
 
-fn index_width(desc: &TensorDesc) -> IndexWidth {
+pub(crate) fn index_width(desc: &TensorDesc) -> IndexWidth {
     IndexWidth::for_numel(desc.numel())
 }
 
-fn pick(g: &crate::shape::Geometry, planar: Family, rows: Family) -> Family {
+pub(crate) fn pick(g: &crate::shape::Geometry, planar: Family, rows: Family) -> Family {
     match Traversal::of(g) {
         Traversal::Planar => planar,
         Traversal::Rows => rows,
     }
 }
 
-fn launch_elementwise<T: Element, P: DeviceRepr>(
+pub(crate) fn launch_elementwise<T: Element, P: DeviceRepr>(
     gpu: &GpuContext,
     desc: &TensorDesc,
     planar: Family,
@@ -532,7 +730,7 @@ fn launch_elementwise<T: Element, P: DeviceRepr>(
 }
 
 /// The one launch of the crate.
-fn launch<P: DeviceRepr>(
+pub(crate) fn launch<P: DeviceRepr>(
     stream: &CudaStream,
     function: &CudaFunction,
     shape: Launch,
@@ -554,36 +752,36 @@ fn launch<P: DeviceRepr>(
 
 /// Raw device pointers for a launch's parameter struct, with the cudarc guards that order the
 /// buffers' other uses after the launch (they record events when dropped, after the launch).
-struct Guards<'a> {
+pub(crate) struct Guards<'a> {
     stream: &'a CudaStream,
     guards: Vec<SyncOnDrop<'a>>,
 }
 
 impl<'a> Guards<'a> {
-    fn new(stream: &'a CudaStream) -> Self {
+    pub(crate) fn new(stream: &'a CudaStream) -> Self {
         Self {
             stream,
             guards: Vec::new(),
         }
     }
 
-    fn read<T>(&mut self, buffer: &'a impl DevicePtr<T>) -> u64 {
+    pub(crate) fn read<T>(&mut self, buffer: &'a impl DevicePtr<T>) -> u64 {
         let (ptr, guard) = buffer.device_ptr(self.stream);
         self.guards.push(guard);
         ptr
     }
 
-    fn write<T>(&mut self, buffer: &'a mut impl DevicePtrMut<T>) -> u64 {
+    pub(crate) fn write<T>(&mut self, buffer: &'a mut impl DevicePtrMut<T>) -> u64 {
         let (ptr, guard) = buffer.device_ptr_mut(self.stream);
         self.guards.push(guard);
         ptr
     }
 
-    fn read_opt<T>(&mut self, buffer: Option<&'a impl DevicePtr<T>>) -> u64 {
+    pub(crate) fn read_opt<T>(&mut self, buffer: Option<&'a impl DevicePtr<T>>) -> u64 {
         buffer.map_or(0, |b| self.read(b))
     }
 
-    fn write_opt<T>(&mut self, buffer: Option<&'a mut impl DevicePtrMut<T>>) -> u64 {
+    pub(crate) fn write_opt<T>(&mut self, buffer: Option<&'a mut impl DevicePtrMut<T>>) -> u64 {
         buffer.map_or(0, |b| self.write(b))
     }
 }

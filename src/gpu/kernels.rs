@@ -59,10 +59,37 @@ kernel_families! {
     BackwardReduceRows => "bn_backward_reduce_rows",
     BackwardDxPlanar => "bn_backward_dx_planar",
     BackwardDxRows => "bn_backward_dx_rows",
+    // Fused ReLU epilogues (kernels/epilogue.cuh): forward writes the mask, backward reads it.
+    NormalizeReluPlanar => "bn_normalize_relu_planar",
+    NormalizeReluRows => "bn_normalize_relu_rows",
+    NormalizeAddReluPlanar => "bn_normalize_add_relu_planar",
+    NormalizeAddReluRows => "bn_normalize_add_relu_rows",
+    BackwardReduceReluPlanar => "bn_backward_reduce_relu_planar",
+    BackwardReduceReluRows => "bn_backward_reduce_relu_rows",
+    BackwardDxReluPlanar => "bn_backward_dx_relu_planar",
+    BackwardDxReluRows => "bn_backward_dx_relu_rows",
+    BackwardDxAddReluPlanar => "bn_backward_dx_add_relu_planar",
+    BackwardDxAddReluRows => "bn_backward_dx_add_relu_rows",
+    SyncMomentsPlanar => "bn_sync_moments_planar",
+    SyncMomentsRows => "bn_sync_moments_rows",
 }
 
 /// The fold kernels are not split by index width: weights are small and always use 64 bits.
 const FOLD_NAMES: [&str; 3] = ["bn_fold_f32", "bn_fold_f16", "bn_fold_bf16"];
+
+/// The direct convolution of `gpu::conv` (a test tool): one entry point per dtype, 64-bit offsets.
+const CONV_NAMES: [&str; 3] = ["conv_direct_f32", "conv_direct_f16", "conv_direct_bf16"];
+
+/// Kernels over per-channel f32 scalars only: one entry point each, no dtype, no index width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scalar {
+    /// `bn_sync_merge`: the fixed-order merge of every rank's moments.
+    SyncMerge,
+    /// `bn_sync_coefficients`: dx coefficients from the all-reduced backward sums.
+    SyncCoefficients,
+}
+
+const SCALAR_NAMES: [&str; 2] = ["bn_sync_merge", "bn_sync_coefficients"];
 
 const fn dtype_index(dtype: DType) -> usize {
     match dtype {
@@ -77,6 +104,8 @@ const fn dtype_index(dtype: DType) -> usize {
 pub(crate) struct Kernels {
     families: Vec<[[CudaFunction; 2]; 3]>,
     fold: [CudaFunction; 3],
+    conv: [CudaFunction; 3],
+    scalar: [CudaFunction; 2],
 }
 
 impl Kernels {
@@ -108,7 +137,18 @@ impl Kernels {
             function(FOLD_NAMES[1])?,
             function(FOLD_NAMES[2])?,
         ];
-        Ok(Self { families, fold })
+        let conv = [
+            function(CONV_NAMES[0])?,
+            function(CONV_NAMES[1])?,
+            function(CONV_NAMES[2])?,
+        ];
+        let scalar = [function(SCALAR_NAMES[0])?, function(SCALAR_NAMES[1])?];
+        Ok(Self {
+            families,
+            fold,
+            conv,
+            scalar,
+        })
     }
 
     pub(crate) fn get(&self, family: Family, dtype: DType, index: IndexWidth) -> &CudaFunction {
@@ -123,6 +163,14 @@ impl Kernels {
         &self.fold[dtype_index(dtype)]
     }
 
+    pub(crate) fn conv(&self, dtype: DType) -> &CudaFunction {
+        &self.conv[dtype_index(dtype)]
+    }
+
+    pub(crate) fn scalar(&self, kernel: Scalar) -> &CudaFunction {
+        &self.scalar[kernel as usize]
+    }
+
     /// Every entry-point name the crate launches, for the registry check.
     #[cfg(test)]
     fn all_names() -> impl Iterator<Item = &'static str> {
@@ -130,6 +178,8 @@ impl Kernels {
             .iter()
             .flat_map(|f| f.names().iter().flatten().copied())
             .chain(FOLD_NAMES)
+            .chain(CONV_NAMES)
+            .chain(SCALAR_NAMES)
     }
 }
 

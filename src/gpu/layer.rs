@@ -4,9 +4,11 @@ use super::context::{alloc_error, GpuContext};
 use super::functional::{
     self, FoldBatchNorm, GradientsMut, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
 };
+use super::fused::{self, ReluEpilogue};
 use super::workspace::Workspace;
 use crate::config::BatchNormConfig;
 use crate::dtype::{DType, Element};
+use crate::epilogue::Epilogue;
 use crate::error::{Error, Result};
 use crate::fold::FoldSpec;
 use crate::reference::SavedStats as SavedStatsHost;
@@ -48,6 +50,30 @@ pub struct BatchNorm {
     forwards: u64,
 }
 
+/// The layer's buffers a forward with batch statistics uses (see [`BatchNorm::batch_forward`]).
+pub(super) struct BatchStep<'a> {
+    pub gpu: &'a GpuContext,
+    pub workspace: &'a mut Workspace,
+    pub weight: Option<CudaView<'a, f32>>,
+    pub bias: Option<CudaView<'a, f32>>,
+    pub running: Option<RunningUpdate<'a>>,
+    pub eps: f32,
+    pub saved: SavedStatsMut<'a>,
+}
+
+/// The layer's buffers a backward uses (see [`BatchNorm::backward_step`]); `saved` holds the
+/// batch statistics of the latest batch-statistics forward.
+pub(super) struct BackwardStep<'a> {
+    pub gpu: &'a GpuContext,
+    pub workspace: &'a mut Workspace,
+    pub weight: Option<CudaView<'a, f32>>,
+    pub saved: SavedStats<'a>,
+    pub dweight: Option<CudaViewMut<'a, f32>>,
+    pub dbias: Option<CudaViewMut<'a, f32>>,
+    pub running: Option<RunningStats<'a>>,
+    pub eps: f32,
+}
+
 /// Source of [`BatchNorm`] ids.
 static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -61,6 +87,8 @@ pub struct ForwardCache {
     batch_stats: bool,
     layer: u64,
     forward: u64,
+    /// The fused epilogue of a `forward_relu`/`forward_add_relu`, and whether it wrote a mask.
+    epilogue: Option<(Epilogue, bool)>,
 }
 
 impl ForwardCache {
@@ -72,6 +100,11 @@ impl ForwardCache {
     /// Whether the forward normalized with batch statistics (training, or no running stats).
     pub fn used_batch_stats(&self) -> bool {
         self.batch_stats
+    }
+
+    /// The fused epilogue the forward ran (`None` for [`BatchNorm::forward`]).
+    pub fn epilogue(&self) -> Option<Epilogue> {
+        self.epilogue.map(|(e, _)| e)
     }
 }
 
@@ -149,44 +182,26 @@ impl BatchNorm {
         y: &mut CudaViewMut<'_, T>,
     ) -> Result<ForwardCache> {
         validate::channels(self.config.num_features, desc)?;
-        let weight = self.weight.as_ref().map(|w| w.as_view());
-        let bias = self.bias.as_ref().map(|b| b.as_view());
         let batch_stats = self.training || !self.config.track_running_stats;
-        let eps = self.config.eps;
         if batch_stats {
-            let track = self.training && self.config.track_running_stats;
-            // Saturating, as the CPU layer: a counter at u64::MAX must not wrap to 0 (factor 1/0).
-            let batches_after = self.num_batches_tracked.saturating_add(1);
-            let factor = self.config.average_factor(batches_after);
-            let running = match (&mut self.running_mean, &mut self.running_var) {
-                (Some(mean), Some(var)) if track => Some(RunningUpdate {
-                    mean: mean.as_view_mut(),
-                    var: var.as_view_mut(),
-                    factor,
-                    var_update: self.config.running_var_update,
-                }),
-                _ => None,
-            };
-            let saved = SavedStatsMut {
-                mean: self.saved_mean.as_view_mut(),
-                invstd: self.saved_invstd.as_view_mut(),
-            };
-            functional::forward_training(
-                &self.gpu,
-                &mut self.workspace,
-                x,
-                desc,
-                weight.as_ref(),
-                bias.as_ref(),
-                running,
-                eps,
-                y,
-                saved,
-            )?;
-            if track {
-                self.num_batches_tracked = batches_after;
-            }
+            self.batch_forward(|step| {
+                functional::forward_training(
+                    step.gpu,
+                    step.workspace,
+                    x,
+                    desc,
+                    step.weight.as_ref(),
+                    step.bias.as_ref(),
+                    step.running,
+                    step.eps,
+                    y,
+                    step.saved,
+                )
+            })?;
         } else {
+            let weight = self.weight.as_ref().map(|w| w.as_view());
+            let bias = self.bias.as_ref().map(|b| b.as_view());
+            let eps = self.config.eps;
             let running = self.running_stats("eval forward")?;
             functional::forward_inference(
                 &self.gpu,
@@ -199,14 +214,63 @@ impl BatchNorm {
                 y,
             )?;
         }
+        Ok(self.record_forward(desc, T::DTYPE, batch_stats))
+    }
+
+    /// A forward with batch statistics: `step` gets the layer's parameters, its running update
+    /// (when training with running statistics), eps and the saved statistics to write; the
+    /// counter moves when it succeeds. Shared with the synchronized layer.
+    pub(super) fn batch_forward(
+        &mut self,
+        step: impl FnOnce(BatchStep<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let track = self.training && self.config.track_running_stats;
+        // Saturating, as the CPU layer: a counter at u64::MAX must not wrap to 0 (factor 1/0).
+        let batches_after = self.num_batches_tracked.saturating_add(1);
+        let factor = self.config.average_factor(batches_after);
+        let running = match (&mut self.running_mean, &mut self.running_var) {
+            (Some(mean), Some(var)) if track => Some(RunningUpdate {
+                mean: mean.as_view_mut(),
+                var: var.as_view_mut(),
+                factor,
+                var_update: self.config.running_var_update,
+            }),
+            _ => None,
+        };
+        step(BatchStep {
+            gpu: &self.gpu,
+            workspace: &mut self.workspace,
+            weight: self.weight.as_ref().map(|w| w.as_view()),
+            bias: self.bias.as_ref().map(|b| b.as_view()),
+            running,
+            eps: self.config.eps,
+            saved: SavedStatsMut {
+                mean: self.saved_mean.as_view_mut(),
+                invstd: self.saved_invstd.as_view_mut(),
+            },
+        })?;
+        if track {
+            self.num_batches_tracked = batches_after;
+        }
+        Ok(())
+    }
+
+    /// Counts a successful forward and returns its cache.
+    pub(super) fn record_forward(
+        &mut self,
+        desc: &TensorDesc,
+        dtype: DType,
+        batch_stats: bool,
+    ) -> ForwardCache {
         self.forwards += 1;
-        Ok(ForwardCache {
+        ForwardCache {
             desc: *desc,
-            dtype: T::DTYPE,
+            dtype,
             batch_stats,
             layer: self.id,
             forward: self.forwards,
-        })
+            epilogue: None,
+        }
     }
 
     /// Backward of the forward that returned `cache`: writes `dx` when given, and adds the
@@ -221,27 +285,15 @@ impl BatchNorm {
         dy: &CudaView<'_, T>,
         dx: Option<CudaViewMut<'_, T>>,
     ) -> Result<()> {
-        self.check_cache(cache)?;
-        if cache.dtype != T::DTYPE {
-            return Err(Error::DTypeMismatch {
-                what: "x",
-                expected: cache.dtype,
-                got: T::DTYPE,
-            });
-        }
+        let step = self.backward_step::<T>(cache)?;
         let grads = GradientsMut {
             dx,
-            dweight: self.grad_weight.as_mut().map(|g| g.as_view_mut()),
-            dbias: self.grad_bias.as_mut().map(|g| g.as_view_mut()),
+            dweight: step.dweight,
+            dbias: step.dbias,
             accumulate: true,
         };
-        let weight = self.weight.as_ref().map(|w| w.as_view());
-        let (gpu, workspace, desc) = (&self.gpu, &mut self.workspace, &cache.desc);
+        let (gpu, workspace, weight, desc) = (step.gpu, step.workspace, step.weight, &cache.desc);
         if cache.batch_stats {
-            let saved = SavedStats {
-                mean: self.saved_mean.as_view(),
-                invstd: self.saved_invstd.as_view(),
-            };
             functional::backward_training(
                 gpu,
                 workspace,
@@ -249,20 +301,13 @@ impl BatchNorm {
                 dy,
                 desc,
                 weight.as_ref(),
-                &saved,
+                &step.saved,
                 grads,
             )
         } else {
-            let (Some(mean), Some(var)) = (&self.running_mean, &self.running_var) else {
-                return Err(Error::NoRunningStats {
-                    what: "eval backward",
-                });
-            };
-            let running = RunningStats {
-                mean: mean.as_view(),
-                var: var.as_view(),
-            };
-            let eps = self.config.eps;
+            let running = step.running.ok_or(Error::NoRunningStats {
+                what: "eval backward",
+            })?;
             functional::backward_inference(
                 gpu,
                 workspace,
@@ -271,10 +316,45 @@ impl BatchNorm {
                 desc,
                 weight.as_ref(),
                 &running,
-                eps,
+                step.eps,
                 grads,
             )
         }
+    }
+
+    /// What the backward of `cache` (checked: this layer's latest forward, dtype `T`) computes
+    /// with. Shared with the synchronized layer.
+    pub(super) fn backward_step<T: Element>(
+        &mut self,
+        cache: &ForwardCache,
+    ) -> Result<BackwardStep<'_>> {
+        self.check_cache(cache)?;
+        if cache.dtype != T::DTYPE {
+            return Err(Error::DTypeMismatch {
+                what: "x",
+                expected: cache.dtype,
+                got: T::DTYPE,
+            });
+        }
+        Ok(BackwardStep {
+            gpu: &self.gpu,
+            workspace: &mut self.workspace,
+            weight: self.weight.as_ref().map(|w| w.as_view()),
+            saved: SavedStats {
+                mean: self.saved_mean.as_view(),
+                invstd: self.saved_invstd.as_view(),
+            },
+            dweight: self.grad_weight.as_mut().map(|g| g.as_view_mut()),
+            dbias: self.grad_bias.as_mut().map(|g| g.as_view_mut()),
+            running: match (&self.running_mean, &self.running_var) {
+                (Some(mean), Some(var)) => Some(RunningStats {
+                    mean: mean.as_view(),
+                    var: var.as_view(),
+                }),
+                _ => None,
+            },
+            eps: self.config.eps,
+        })
     }
 
     /// Sets the parameter gradients to zero (PyTorch's `zero_grad`).
@@ -496,5 +576,200 @@ impl BatchNorm {
         buffer
             .map(|b| Ok(self.gpu.stream().clone_dtoh(b)?))
             .transpose()
+    }
+}
+
+/// Fused ReLU epilogues ([`super::fused`]): the forward writes a 1-bit ReLU mask instead of
+/// keeping `y`, the backward reads it. Same modes, statistics, counter and gradient
+/// accumulation as [`BatchNorm::forward`] and [`BatchNorm::backward`].
+impl BatchNorm {
+    /// `y = relu(BN(x))`, and the ReLU mask ([`fused::mask_words`] words) for
+    /// [`backward_relu`](Self::backward_relu) when `mask` is given (none for inference).
+    ///
+    /// Errors: those of [`forward`](Self::forward), then
+    /// [`Error::BufferLength`] for the mask.
+    pub fn forward_relu<T: Element>(
+        &mut self,
+        desc: &TensorDesc,
+        x: &CudaView<'_, T>,
+        y: &mut CudaViewMut<'_, T>,
+        mask: Option<&mut CudaViewMut<'_, u32>>,
+    ) -> Result<ForwardCache> {
+        self.forward_fused(desc, x, None, y, mask)
+    }
+
+    /// `y = relu(BN(x) + z)` (the ResNet block: `z` is the shortcut, same shape and layout as
+    /// `x`, and may be the memory of `y`), and the mask for
+    /// [`backward_add_relu`](Self::backward_add_relu).
+    ///
+    /// Errors: those of [`forward`](Self::forward), then [`Error::BufferLength`] for `z` and the
+    /// mask.
+    pub fn forward_add_relu<T: Element>(
+        &mut self,
+        desc: &TensorDesc,
+        x: &CudaView<'_, T>,
+        z: &CudaView<'_, T>,
+        y: &mut CudaViewMut<'_, T>,
+        mask: Option<&mut CudaViewMut<'_, u32>>,
+    ) -> Result<ForwardCache> {
+        self.forward_fused(desc, x, Some(z), y, mask)
+    }
+
+    /// Backward of [`forward_relu`](Self::forward_relu) from its mask: `dx` (when given) and the
+    /// parameter gradients of `dy_eff = mask ? dy : 0`.
+    ///
+    /// Errors: those of [`backward`](Self::backward); [`Error::EpilogueMismatch`] unless `cache`
+    /// comes from a `forward_relu` that wrote a mask; [`Error::BufferLength`] for the mask.
+    pub fn backward_relu<T: Element>(
+        &mut self,
+        cache: &ForwardCache,
+        x: &CudaView<'_, T>,
+        dy: &CudaView<'_, T>,
+        mask: &CudaView<'_, u32>,
+        dx: Option<CudaViewMut<'_, T>>,
+    ) -> Result<()> {
+        self.backward_fused(Epilogue::Relu, cache, x, dy, mask, dx, None)
+    }
+
+    /// Backward of [`forward_add_relu`](Self::forward_add_relu): as
+    /// [`backward_relu`](Self::backward_relu), and `dz = dy_eff` (the shortcut's gradient) when
+    /// given.
+    ///
+    /// Errors: as [`backward_relu`](Self::backward_relu), after a `forward_add_relu`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_add_relu<T: Element>(
+        &mut self,
+        cache: &ForwardCache,
+        x: &CudaView<'_, T>,
+        dy: &CudaView<'_, T>,
+        mask: &CudaView<'_, u32>,
+        dx: Option<CudaViewMut<'_, T>>,
+        dz: Option<CudaViewMut<'_, T>>,
+    ) -> Result<()> {
+        self.backward_fused(Epilogue::AddRelu, cache, x, dy, mask, dx, dz)
+    }
+
+    fn forward_fused<T: Element>(
+        &mut self,
+        desc: &TensorDesc,
+        x: &CudaView<'_, T>,
+        residual: Option<&CudaView<'_, T>>,
+        y: &mut CudaViewMut<'_, T>,
+        mask: Option<&mut CudaViewMut<'_, u32>>,
+    ) -> Result<ForwardCache> {
+        validate::channels(self.config.num_features, desc)?;
+        let kind = Epilogue::with_residual(residual.is_some());
+        let wrote_mask = mask.is_some();
+        let epilogue = ReluEpilogue {
+            residual: residual.map(|z| z.slice(..)),
+            mask: mask.map(|m| m.slice_mut(..)),
+        };
+        let batch_stats = self.training || !self.config.track_running_stats;
+        if batch_stats {
+            self.batch_forward(|step| {
+                fused::forward_training(
+                    step.gpu,
+                    step.workspace,
+                    x,
+                    desc,
+                    step.weight.as_ref(),
+                    step.bias.as_ref(),
+                    step.running,
+                    step.eps,
+                    epilogue,
+                    y,
+                    step.saved,
+                )
+            })?;
+        } else {
+            let weight = self.weight.as_ref().map(|w| w.as_view());
+            let bias = self.bias.as_ref().map(|b| b.as_view());
+            let eps = self.config.eps;
+            let running = self.running_stats("eval forward")?;
+            fused::forward_inference(
+                &self.gpu,
+                x,
+                desc,
+                weight.as_ref(),
+                bias.as_ref(),
+                &running,
+                eps,
+                epilogue,
+                y,
+            )?;
+        }
+        let mut cache = self.record_forward(desc, T::DTYPE, batch_stats);
+        cache.epilogue = Some((kind, wrote_mask));
+        Ok(cache)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward_fused<T: Element>(
+        &mut self,
+        kind: Epilogue,
+        cache: &ForwardCache,
+        x: &CudaView<'_, T>,
+        dy: &CudaView<'_, T>,
+        mask: &CudaView<'_, u32>,
+        dx: Option<CudaViewMut<'_, T>>,
+        dz: Option<CudaViewMut<'_, T>>,
+    ) -> Result<()> {
+        let (backward, needed) = match kind {
+            Epilogue::Relu => ("backward_relu", "forward_relu"),
+            Epilogue::AddRelu => ("backward_add_relu", "forward_add_relu"),
+        };
+        let ran = match cache.epilogue {
+            Some((ran, true)) if ran == kind => None,
+            Some((Epilogue::Relu, true)) => Some("forward_relu"),
+            Some((Epilogue::AddRelu, true)) => Some("forward_add_relu"),
+            Some((_, false)) => Some("a fused forward without a mask"),
+            None => Some("the plain forward"),
+        };
+        if let Some(ran) = ran {
+            return Err(Error::EpilogueMismatch {
+                backward,
+                needed,
+                ran,
+            });
+        }
+        let step = self.backward_step::<T>(cache)?;
+        let grads = GradientsMut {
+            dx,
+            dweight: step.dweight,
+            dbias: step.dbias,
+            accumulate: true,
+        };
+        let (gpu, workspace, weight, desc) = (step.gpu, step.workspace, step.weight, &cache.desc);
+        if cache.batch_stats {
+            fused::backward_training(
+                gpu,
+                workspace,
+                x,
+                dy,
+                mask,
+                desc,
+                weight.as_ref(),
+                &step.saved,
+                grads,
+                dz,
+            )
+        } else {
+            let running = step.running.ok_or(Error::NoRunningStats {
+                what: "eval backward",
+            })?;
+            fused::backward_inference(
+                gpu,
+                workspace,
+                x,
+                dy,
+                mask,
+                desc,
+                weight.as_ref(),
+                &running,
+                step.eps,
+                grads,
+                dz,
+            )
+        }
     }
 }

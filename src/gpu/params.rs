@@ -112,6 +112,103 @@ pub(crate) struct FoldParams {
     pub eps: f32,
 }
 
+/// `struct SyncMomentsParams` of `kernels/bn_sync.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SyncMomentsParams {
+    pub x: u64,
+    pub partials: u64,
+    pub semaphores: u64,
+    pub moments: u64,
+    pub g: GeometryParams,
+    pub splits: i32,
+}
+
+/// `struct SyncMergeParams` of `kernels/bn_sync.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SyncMergeParams {
+    pub gathered: u64,
+    pub save_mean: u64,
+    pub save_invstd: u64,
+    pub running_mean: u64,
+    pub running_var: u64,
+    pub total: u64,
+    pub ranks: u64,
+    pub channels: u64,
+    pub eps: f32,
+    pub factor: f32,
+    pub unbiased: i32,
+}
+
+/// `struct SyncCoefficientsParams` of `kernels/bn_sync.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SyncCoefficientsParams {
+    pub local: u64,
+    pub global: u64,
+    pub total: u64,
+    pub coef: u64,
+    pub dweight: u64,
+    pub dbias: u64,
+    pub channels: u64,
+    pub accumulate: i32,
+}
+
+/// `struct NormalizeReluParams` of `kernels/bn_normalize.cu` (a C++ struct derived from
+/// `NormalizeParams`: the base's fields first), for `bn_normalize_{relu,add_relu}_*`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NormalizeReluParams {
+    pub base: NormalizeParams,
+    pub z: u64,
+    pub mask: u64,
+}
+
+/// `struct BackwardReduceReluParams` of `kernels/bn_backward.cu` (derived from
+/// `BackwardReduceParams`), for `bn_backward_reduce_relu_*`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BackwardReduceReluParams {
+    pub base: BackwardReduceParams,
+    pub mask: u64,
+}
+
+/// `struct BackwardElementwiseReluParams` of `kernels/bn_backward.cu` (derived from
+/// `BackwardElementwiseParams`), for `bn_backward_dx_{relu,add_relu}_*`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BackwardElementwiseReluParams {
+    pub base: BackwardElementwiseParams,
+    pub mask: u64,
+    pub dz: u64,
+}
+
+/// `struct ConvDirectParams` of `kernels/conv_direct.cu` (the direct convolution of
+/// [`crate::gpu::conv`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ConvDirectParams {
+    pub x: u64,
+    pub weight: u64,
+    pub bias: u64,
+    pub y: u64,
+    pub c_in: u64,
+    pub c_out: u64,
+    pub c_in_per_group: u64,
+    pub c_out_per_group: u64,
+    pub axis1: u64,
+    pub numel: u64,
+    pub input: [u32; 3],
+    pub output: [u32; 3],
+    pub kernel: [u32; 3],
+    pub stride: [u32; 3],
+    pub padding: [u32; 3],
+    pub dilation: [u32; 3],
+    pub transposed: i32,
+    pub weight_channels_last: i32,
+}
+
 // SAFETY: plain-old-data structs of integers and floats with the C layout the kernels declare;
 // the pointers they carry are checked by the functional layer before a launch.
 unsafe impl DeviceRepr for StatsParams {}
@@ -119,6 +216,13 @@ unsafe impl DeviceRepr for NormalizeParams {}
 unsafe impl DeviceRepr for BackwardReduceParams {}
 unsafe impl DeviceRepr for BackwardElementwiseParams {}
 unsafe impl DeviceRepr for FoldParams {}
+unsafe impl DeviceRepr for ConvDirectParams {}
+unsafe impl DeviceRepr for SyncMomentsParams {}
+unsafe impl DeviceRepr for SyncMergeParams {}
+unsafe impl DeviceRepr for SyncCoefficientsParams {}
+unsafe impl DeviceRepr for NormalizeReluParams {}
+unsafe impl DeviceRepr for BackwardReduceReluParams {}
+unsafe impl DeviceRepr for BackwardElementwiseReluParams {}
 
 #[cfg(test)]
 mod tests {
@@ -135,5 +239,21 @@ mod tests {
         assert_eq!(size_of::<BackwardReduceParams>(), 9 * 8 + 24 + 16);
         assert_eq!(size_of::<BackwardElementwiseParams>(), 7 * 8 + 24 + 8);
         assert_eq!(size_of::<FoldParams>(), 13 * 8 + 8);
+        assert_eq!(size_of::<ConvDirectParams>(), 10 * 8 + 18 * 4 + 8);
+        assert_eq!(size_of::<SyncMomentsParams>(), 4 * 8 + 24 + 8);
+        assert_eq!(size_of::<SyncMergeParams>(), 8 * 8 + 16);
+        assert_eq!(size_of::<SyncCoefficientsParams>(), 7 * 8 + 8);
+    }
+
+    /// The ReLU params extend the plain ones: base first (no padding: the bases are multiples of
+    /// 8 bytes), then the new pointers, as the kernels' `static_assert`s say.
+    #[test]
+    fn relu_layouts_match_the_c_structs() {
+        assert_eq!(size_of::<NormalizeReluParams>(), 80 + 2 * 8);
+        assert_eq!(size_of::<BackwardReduceReluParams>(), 112 + 8);
+        assert_eq!(size_of::<BackwardElementwiseReluParams>(), 88 + 2 * 8);
+        assert_eq!(std::mem::offset_of!(NormalizeReluParams, z), 80);
+        assert_eq!(std::mem::offset_of!(BackwardReduceReluParams, mask), 112);
+        assert_eq!(std::mem::offset_of!(BackwardElementwiseReluParams, dz), 96);
     }
 }

@@ -6,6 +6,7 @@ use super::{
 };
 use crate::config::BatchNormConfig;
 use crate::dtype::Element;
+use crate::epilogue::{self, Epilogue};
 use crate::error::{Error, Result};
 use crate::fold::FoldSpec;
 use crate::shape::TensorDesc;
@@ -70,6 +71,8 @@ pub enum CachedStats {
 pub struct ForwardCache {
     desc: TensorDesc,
     stats: CachedStats,
+    /// The fused epilogue of a `forward_relu`/`forward_add_relu` (`None`: plain forward).
+    epilogue: Option<Epilogue>,
 }
 
 impl ForwardCache {
@@ -81,6 +84,11 @@ impl ForwardCache {
     /// The statistics the forward normalized with.
     pub fn stats(&self) -> &CachedStats {
         &self.stats
+    }
+
+    /// The fused epilogue the forward ran (`None` for [`BatchNorm::forward`]).
+    pub fn epilogue(&self) -> Option<Epilogue> {
+        self.epilogue
     }
 }
 
@@ -338,31 +346,54 @@ impl BatchNorm {
                     var: var.clone(),
                 }
             }
-            _ => {
-                let counting = self.training && cfg.track_running_stats;
-                let batches_after = self.num_batches_tracked.saturating_add(1);
-                let running = match (
-                    counting,
-                    self.running_mean.as_deref_mut(),
-                    self.running_var.as_deref_mut(),
-                ) {
-                    (true, Some(mean), Some(var)) => Some(RunningUpdate {
-                        mean,
-                        var,
-                        factor: cfg.average_factor(batches_after),
-                        var_update: cfg.running_var_update,
-                    }),
-                    _ => None,
-                };
-                let (weight, bias) = (self.weight.as_deref(), self.bias.as_deref());
-                let saved = forward_training(x, desc, weight, bias, running, cfg.eps, &mut y)?;
-                if counting {
-                    self.num_batches_tracked = batches_after;
-                }
-                CachedStats::Batch(saved)
-            }
+            _ => CachedStats::Batch(self.batch_forward(|weight, bias, running, eps| {
+                forward_training(x, desc, weight, bias, running, eps, &mut y)
+            })?),
         };
-        Ok((y, ForwardCache { desc: *desc, stats }))
+        Ok((
+            y,
+            ForwardCache {
+                desc: *desc,
+                stats,
+                epilogue: None,
+            },
+        ))
+    }
+
+    /// A forward with batch statistics: `normalize` gets the weight, the bias, the running update
+    /// (when training with running statistics) and eps; the counter moves when it succeeds.
+    /// Shared with the simulated [`SyncBatchNorm`](super::sync::SyncBatchNorm).
+    pub(super) fn batch_forward(
+        &mut self,
+        normalize: impl FnOnce(
+            Option<&[f32]>,
+            Option<&[f32]>,
+            Option<RunningUpdate<'_>>,
+            f32,
+        ) -> Result<SavedStats>,
+    ) -> Result<SavedStats> {
+        let cfg = self.config;
+        let counting = self.training && cfg.track_running_stats;
+        let batches_after = self.num_batches_tracked.saturating_add(1);
+        let running = match (
+            counting,
+            self.running_mean.as_deref_mut(),
+            self.running_var.as_deref_mut(),
+        ) {
+            (true, Some(mean), Some(var)) => Some(RunningUpdate {
+                mean,
+                var,
+                factor: cfg.average_factor(batches_after),
+                var_update: cfg.running_var_update,
+            }),
+            _ => None,
+        };
+        let (weight, bias) = (self.weight.as_deref(), self.bias.as_deref());
+        let saved = normalize(weight, bias, running, cfg.eps)?;
+        if counting {
+            self.num_batches_tracked = batches_after;
+        }
+        Ok(saved)
     }
 
     /// Gradients of the forward that produced `cache`, for its input `x` and the gradient `dy`
@@ -405,5 +436,197 @@ impl BatchNorm {
             }
         }
         Ok(Grads { dx, dweight, dbias })
+    }
+}
+
+/// Fused ReLU epilogues ([`super::fused`]): the layer's modes, statistics and counter as in
+/// [`BatchNorm::forward`], with `y = relu(BN(x) [+ z])` and its ReLU mask, and the backward
+/// from the mask.
+impl BatchNorm {
+    /// `y = relu(BN(x))` and its ReLU mask ([`epilogue::mask_words`] words), with the cache
+    /// for [`backward_relu`](Self::backward_relu).
+    ///
+    /// Errors: those of [`forward`](Self::forward).
+    pub fn forward_relu<T: Element>(
+        &mut self,
+        x: &[T],
+        desc: &TensorDesc,
+    ) -> Result<(Vec<T>, Vec<u32>, ForwardCache)> {
+        self.forward_fused(x, None, desc)
+    }
+
+    /// `y = relu(BN(x) + z)` (`z`: the shortcut, laid out as `x`) and its ReLU mask, with the
+    /// cache for [`backward_add_relu`](Self::backward_add_relu).
+    ///
+    /// Errors: those of [`forward`](Self::forward), then [`Error::BufferLength`] for `z`.
+    pub fn forward_add_relu<T: Element>(
+        &mut self,
+        x: &[T],
+        z: &[T],
+        desc: &TensorDesc,
+    ) -> Result<(Vec<T>, Vec<u32>, ForwardCache)> {
+        self.forward_fused(x, Some(z), desc)
+    }
+
+    /// Gradients of [`forward_relu`](Self::forward_relu) from its mask: those of
+    /// [`backward`](Self::backward) for `dy_eff = mask ? dy : 0`.
+    ///
+    /// Errors: [`Error::EpilogueMismatch`] unless `cache` comes from `forward_relu`, then those
+    /// of [`backward`](Self::backward), then [`Error::BufferLength`] for the mask.
+    pub fn backward_relu<T: Element>(
+        &self,
+        cache: &ForwardCache,
+        x: &[T],
+        dy: &[T],
+        mask: &[u32],
+    ) -> Result<Grads<T>> {
+        Ok(self.backward_fused(Epilogue::Relu, cache, x, dy, mask)?.0)
+    }
+
+    /// Gradients of [`forward_add_relu`](Self::forward_add_relu): as
+    /// [`backward_relu`](Self::backward_relu), and `dz = dy_eff`, the shortcut's gradient.
+    pub fn backward_add_relu<T: Element>(
+        &self,
+        cache: &ForwardCache,
+        x: &[T],
+        dy: &[T],
+        mask: &[u32],
+    ) -> Result<(Grads<T>, Vec<T>)> {
+        self.backward_fused(Epilogue::AddRelu, cache, x, dy, mask)
+    }
+
+    fn forward_fused<T: Element>(
+        &mut self,
+        x: &[T],
+        residual: Option<&[T]>,
+        desc: &TensorDesc,
+    ) -> Result<(Vec<T>, Vec<u32>, ForwardCache)> {
+        validate::channels(self.config.num_features, desc)?;
+        Buffers {
+            x: x.len(),
+            ..Default::default()
+        }
+        .check(desc)?;
+        let mut y = vec![T::default(); x.len()];
+        let mut mask = vec![0u32; epilogue::mask_words(desc)];
+        let cfg = self.config;
+        let stats = match (
+            self.uses_batch_stats(),
+            &self.running_mean,
+            &self.running_var,
+        ) {
+            (false, Some(mean), Some(var)) => {
+                let running = RunningStats { mean, var };
+                let (weight, bias) = (self.weight(), self.bias());
+                super::fused::forward_inference(
+                    x,
+                    desc,
+                    weight,
+                    bias,
+                    running,
+                    cfg.eps,
+                    residual,
+                    &mut y,
+                    Some(&mut mask),
+                )?;
+                CachedStats::Running {
+                    mean: mean.clone(),
+                    var: var.clone(),
+                }
+            }
+            _ => CachedStats::Batch(self.batch_forward(|weight, bias, running, eps| {
+                super::fused::forward_training(
+                    x,
+                    desc,
+                    weight,
+                    bias,
+                    running,
+                    eps,
+                    residual,
+                    &mut y,
+                    Some(&mut mask),
+                )
+            })?),
+        };
+        let epilogue = Some(Epilogue::with_residual(residual.is_some()));
+        let cache = ForwardCache {
+            desc: *desc,
+            stats,
+            epilogue,
+        };
+        Ok((y, mask, cache))
+    }
+
+    fn backward_fused<T: Element>(
+        &self,
+        kind: Epilogue,
+        cache: &ForwardCache,
+        x: &[T],
+        dy: &[T],
+        mask: &[u32],
+    ) -> Result<(Grads<T>, Vec<T>)> {
+        if cache.epilogue != Some(kind) {
+            let (backward, needed) = match kind {
+                Epilogue::Relu => ("backward_relu", "forward_relu"),
+                Epilogue::AddRelu => ("backward_add_relu", "forward_add_relu"),
+            };
+            let ran = match cache.epilogue {
+                Some(Epilogue::Relu) => "forward_relu",
+                Some(Epilogue::AddRelu) => "forward_add_relu",
+                None => "the plain forward",
+            };
+            return Err(Error::EpilogueMismatch {
+                backward,
+                needed,
+                ran,
+            });
+        }
+        let desc = &cache.desc;
+        validate::channels(self.config.num_features, desc)?;
+        Buffers {
+            x: x.len(),
+            dy: Some(dy.len()),
+            ..Default::default()
+        }
+        .check(desc)?;
+        let c = desc.channels();
+        let mut dx = vec![T::default(); x.len()];
+        let mut dz = vec![T::default(); x.len()];
+        let affine = self.config.affine;
+        let (mut dweight, mut dbias) = (affine.then(|| vec![0.0; c]), affine.then(|| vec![0.0; c]));
+        let grads = Gradients {
+            dx: Some(&mut dx),
+            dweight: dweight.as_deref_mut(),
+            dbias: dbias.as_deref_mut(),
+            accumulate: false,
+        };
+        let dz_out = (kind == Epilogue::AddRelu).then_some(&mut dz[..]);
+        match &cache.stats {
+            CachedStats::Batch(saved) => super::fused::backward_training(
+                x,
+                dy,
+                mask,
+                desc,
+                self.weight(),
+                saved,
+                grads,
+                dz_out,
+            )?,
+            CachedStats::Running { mean, var } => {
+                let running = RunningStats { mean, var };
+                super::fused::backward_inference(
+                    x,
+                    dy,
+                    mask,
+                    desc,
+                    self.weight(),
+                    running,
+                    self.config.eps,
+                    grads,
+                    dz_out,
+                )?
+            }
+        }
+        Ok((Grads { dx, dweight, dbias }, dz))
     }
 }

@@ -155,7 +155,20 @@ pub(crate) fn training_dx<V: Value>(
     grads: &ParamGrads,
     dx: &mut [V],
 ) {
-    let m = g.per_channel() as f64;
+    training_dx_over(x, dy, g, norm, grads, g.per_channel() as f64, dx);
+}
+
+/// [`training_dx`] with `grads` summed over `m` values per channel: the whole batch of every
+/// rank in a synchronized backward (`grads` all-reduced, `m` the global count).
+pub(crate) fn training_dx_over<V: Value>(
+    x: &[V],
+    dy: &[V],
+    g: Geometry,
+    norm: &Norm<'_>,
+    grads: &ParamGrads,
+    m: f64,
+    dx: &mut [V],
+) {
     map([x, dy], g, dx, |c, [x, dy]| {
         let xhat = (x - norm.mean[c]) * norm.invstd[c];
         norm.weight[c] * norm.invstd[c] * (dy - grads.dbias[c] / m - xhat * (grads.dweight[c] / m))

@@ -10,6 +10,8 @@
 //! | [`fold`], [`fold_in_place`] | conv / linear + batch-norm folding for inference |
 //! | [`exact`] | the training forward and backward entirely in f64, for gradient checks |
 //! | [`conv`] | convolution, transposed convolution and linear layer by direct loops in f64, to check a fold end to end |
+//! | [`sync`] | synchronized batch norm over data-parallel ranks, simulated on one machine |
+//! | [`fused`] | the calls with a fused `relu(BN(x) [+ z])` epilogue and its ReLU mask ([`crate::epilogue`]) |
 //!
 //! Activations (`x`, `y`, `dy`, `dx`) are any [`Element`] (f32, f16, bf16), stored in the
 //! memory order of their [`TensorDesc`]; parameters, statistics and their gradients are f32.
@@ -39,8 +41,10 @@
 pub mod conv;
 pub mod exact;
 mod fold;
+pub mod fused;
 mod layer;
 mod math;
+pub mod sync;
 
 pub use fold::{fold, fold_in_place, FoldBatchNorm, Folded};
 pub use layer::{BatchNorm, CachedStats, ForwardCache, Grads};
@@ -168,8 +172,36 @@ pub fn forward_training<T: Element>(
     }
     validate::batch_statistics(desc)?;
 
+    let moments = math::moments(x, desc.geometry());
+    Ok(normalize_batch(
+        x,
+        desc,
+        weight,
+        bias,
+        running,
+        eps,
+        &moments,
+        desc.per_channel(),
+        y,
+    ))
+}
+
+/// The rest of a training forward once the batch moments are known (from `x` alone, or merged
+/// over every rank by [`sync`]), after validation: `y`, the running update from a batch of `m`
+/// values per channel (none when `m == 0`), the saved statistics.
+#[allow(clippy::too_many_arguments)]
+fn normalize_batch<T: Element>(
+    x: &[T],
+    desc: &TensorDesc,
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    running: Option<RunningUpdate<'_>>,
+    eps: f32,
+    moments: &math::Moments,
+    m: usize,
+    y: &mut [T],
+) -> SavedStats {
     let (g, c) = (desc.geometry(), desc.channels());
-    let moments = math::moments(x, g);
     let invstd = math::invstd(&moments.var, f64::from(eps));
     let weight = widen_or(weight, c, 1.0);
     let norm = Norm {
@@ -179,7 +211,6 @@ pub fn forward_training<T: Element>(
     };
     math::normalize(x, g, &norm, &widen_or(bias, c, 0.0), y);
 
-    let m = desc.per_channel();
     if let (Some(running), true) = (running, m > 0) {
         let f = f64::from(running.factor);
         let bessel = match running.var_update {
@@ -192,10 +223,10 @@ pub fn forward_training<T: Element>(
             *var = ((1.0 - f) * f64::from(*var) + f * moments.var[ch] * bessel) as f32;
         }
     }
-    Ok(SavedStats {
+    SavedStats {
         mean: narrow(&moments.mean),
         invstd: narrow(&invstd),
-    })
+    }
 }
 
 /// Eval-mode forward: `y = (x - running_mean) * (weight / sqrt(running_var + eps)) + bias`.

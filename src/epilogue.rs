@@ -1,0 +1,265 @@
+//! Fused epilogues: `y = relu(BN(x))` and the ResNet block's `y = relu(BN(x) + z)`, and the
+//! ReLU mask their backward reads instead of `y` (cuDNN's "reserve space"; apex groupbn's
+//! bitmask), shared by the GPU ([`crate::gpu::fused`]) and the CPU reference
+//! ([`crate::reference::fused`]).
+//!
+//! # The mask
+//!
+//! One bit per element: bit = `y > 0` for `y` as stored (after the residual add and the rounding
+//! to the activation dtype), so ReLU's derivative at 0 is 0, as PyTorch's `threshold_backward`.
+//! `relu(NaN)` is NaN (PyTorch's; `fmaxf` would give 0) with bit 0, so its gradient is 0.
+//!
+//! Layout, a function of the descriptor alone (not of the dtype): the tensor is cut into
+//! *segments*, the contiguous runs of memory the kernels walk: a plane of `inner = D*H*W` values
+//! when `inner > 1` (channels-first with a spatial extent), else a row of `C` values
+//! (channels-last, and `(N, C)`). Each segment starts on a 32-bit word and takes
+//! `ceil(len / 32)` words; element `e` of segment `s` is bit `e % 32` of word
+//! `s * ceil(len / 32) + e / 32`. Padding bits are 0. [`mask_words`] is the length,
+//! [`mask_position`] the place of one element, [`pack_mask`] and [`unpack_mask`] convert from and
+//! to one `bool` per element in memory order.
+//!
+//! ```
+//! use batchnorm_cuda::epilogue::{mask_position, mask_words};
+//! use batchnorm_cuda::TensorDesc;
+//!
+//! let nchw = TensorDesc::nchw(2, 3, 7, 7)?; // 6 planes of 49 values: 2 words each
+//! assert_eq!(mask_words(&nchw), 12);
+//! assert_eq!(mask_position(&nchw, 49 + 40), (3, 8)); // plane 1, element 40
+//! let nhwc = TensorDesc::nhwc(2, 64, 7, 7)?; // 98 rows of 64 channels: 2 words each
+//! assert_eq!(mask_words(&nhwc), 196);
+//! # Ok::<(), batchnorm_cuda::Error>(())
+//! ```
+
+use crate::error::Result;
+use crate::shape::TensorDesc;
+use crate::validate;
+
+/// Which fused epilogue a forward ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Epilogue {
+    /// `y = relu(BN(x))`.
+    Relu,
+    /// `y = relu(BN(x) + z)`: the backward also gives `dz`.
+    AddRelu,
+}
+
+impl Epilogue {
+    /// The epilogue of a call given its optional residual `z`.
+    pub fn with_residual(residual: bool) -> Self {
+        if residual {
+            Epilogue::AddRelu
+        } else {
+            Epilogue::Relu
+        }
+    }
+}
+
+/// Segment length and count of `desc`'s mask: planes of `inner` values, or rows of `C` values.
+fn segments(desc: &TensorDesc) -> (usize, usize) {
+    let g = desc.geometry();
+    if g.inner > 1 {
+        (g.inner, g.outer * g.channels)
+    } else {
+        (g.channels, g.outer)
+    }
+}
+
+/// Number of `u32` words of the ReLU mask of a tensor described by `desc` (0 when it is empty).
+pub fn mask_words(desc: &TensorDesc) -> usize {
+    if desc.numel() == 0 {
+        return 0;
+    }
+    let (len, count) = segments(desc);
+    count * len.div_ceil(32)
+}
+
+/// `(word, bit)` of the element at memory offset `offset` (`< desc.numel()`) in the mask.
+pub fn mask_position(desc: &TensorDesc, offset: usize) -> (usize, u32) {
+    let (len, _) = segments(desc);
+    let (segment, e) = (offset / len, offset % len);
+    (segment * len.div_ceil(32) + e / 32, (e % 32) as u32)
+}
+
+/// The mask of one `bool` per element in memory order (`desc.numel()` of them); padding bits 0.
+///
+/// Errors: [`Error::BufferLength`](crate::Error::BufferLength) (`"mask"`) unless `bits` holds
+/// `desc.numel()` values.
+pub fn pack_mask(desc: &TensorDesc, bits: &[bool]) -> Result<Vec<u32>> {
+    validate::buffer("mask", desc.numel(), bits.len())?;
+    let mut mask = vec![0u32; mask_words(desc)];
+    for (offset, _) in bits.iter().enumerate().filter(|(_, &b)| b) {
+        let (word, bit) = mask_position(desc, offset);
+        mask[word] |= 1 << bit;
+    }
+    Ok(mask)
+}
+
+/// One `bool` per element in memory order, read from `mask`.
+///
+/// Errors: [`Error::BufferLength`](crate::Error::BufferLength) (`"mask"`) unless `mask` holds
+/// [`mask_words`] words.
+pub fn unpack_mask(desc: &TensorDesc, mask: &[u32]) -> Result<Vec<bool>> {
+    validate::buffer("mask", mask_words(desc), mask.len())?;
+    Ok((0..desc.numel())
+        .map(|offset| {
+            let (word, bit) = mask_position(desc, offset);
+            mask[word] >> bit & 1 == 1
+        })
+        .collect())
+}
+
+/// Whether any padding bit of `mask` (a bit past the end of its segment) is set: a mask the
+/// forward wrote never has one.
+pub fn has_padding_bits(desc: &TensorDesc, mask: &[u32]) -> bool {
+    let (len, _) = segments(desc);
+    let words = len.div_ceil(32);
+    let tail = len % 32; // bits used in a segment's last word (0: all 32)
+    tail != 0
+        && mask
+            .iter()
+            .skip(words - 1)
+            .step_by(words)
+            .any(|w| w >> tail != 0)
+}
+
+/// The buffers a fused forward adds to the plain one, checked after the plain call's buffers:
+/// `z` (`numel` values, the residual) and the mask (`mask_words` words), each when given.
+pub(crate) fn check_forward(
+    desc: &TensorDesc,
+    residual: Option<usize>,
+    mask: Option<usize>,
+) -> Result<()> {
+    if let Some(len) = residual {
+        validate::buffer("z", desc.numel(), len)?;
+    }
+    if let Some(len) = mask {
+        validate::buffer("mask", mask_words(desc), len)?;
+    }
+    Ok(())
+}
+
+/// The buffers a fused backward adds to the plain one: the mask, then `dz` when given.
+pub(crate) fn check_backward(desc: &TensorDesc, mask: usize, dz: Option<usize>) -> Result<()> {
+    validate::buffer("mask", mask_words(desc), mask)?;
+    if let Some(len) = dz {
+        validate::buffer("dz", desc.numel(), len)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shape::Layout;
+
+    fn desc(dims: &[usize], layout: Layout) -> TensorDesc {
+        TensorDesc::new(dims, layout).unwrap()
+    }
+
+    #[test]
+    fn words_follow_the_segments() {
+        // (N, C): rows of C.
+        assert_eq!(mask_words(&desc(&[5, 3], Layout::ChannelsFirst)), 5);
+        assert_eq!(mask_words(&desc(&[5, 33], Layout::ChannelsFirst)), 10);
+        assert_eq!(mask_words(&desc(&[7, 1], Layout::ChannelsLast)), 7);
+        // Channels-first planes of inner values.
+        assert_eq!(mask_words(&desc(&[2, 3, 32], Layout::ChannelsFirst)), 6);
+        assert_eq!(mask_words(&desc(&[2, 3, 33], Layout::ChannelsFirst)), 12);
+        assert_eq!(mask_words(&desc(&[2, 3, 1, 1], Layout::ChannelsFirst)), 2);
+        // Channels-last rows of C.
+        assert_eq!(
+            mask_words(&desc(&[2, 64, 7, 7], Layout::ChannelsLast)),
+            98 * 2
+        );
+        assert_eq!(
+            mask_words(&desc(&[2, 3, 4, 5, 6], Layout::ChannelsLast)),
+            240
+        );
+        // Empty batches have no mask.
+        assert_eq!(mask_words(&desc(&[0, 3, 5], Layout::ChannelsFirst)), 0);
+        assert_eq!(mask_words(&desc(&[2, 3, 0], Layout::ChannelsFirst)), 0);
+        assert_eq!(mask_words(&desc(&[0, 3], Layout::ChannelsLast)), 0);
+    }
+
+    /// Every element gets its own bit, inside the mask, in its segment's words, in memory order.
+    #[test]
+    fn positions_are_distinct_and_in_range() {
+        for dims in [
+            &[3usize, 5][..],
+            &[2, 40],
+            &[2, 3, 7],
+            &[2, 3, 64],
+            &[2, 3, 65],
+            &[1, 2, 5, 7],
+            &[2, 33, 2, 2],
+        ] {
+            for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+                let d = desc(dims, layout);
+                let words = mask_words(&d);
+                let mut seen = vec![0u32; words];
+                let mut last = None;
+                for offset in 0..d.numel() {
+                    let (word, bit) = mask_position(&d, offset);
+                    assert!(word < words && bit < 32, "{d}: {offset}");
+                    assert_eq!(seen[word] >> bit & 1, 0, "{d}: {offset} shares a bit");
+                    seen[word] |= 1 << bit;
+                    let global = word * 32 + bit as usize;
+                    assert!(last.is_none_or(|l| global > l), "{d}: not in memory order");
+                    last = Some(global);
+                }
+                assert_eq!(
+                    seen.iter().map(|w| w.count_ones() as usize).sum::<usize>(),
+                    d.numel()
+                );
+                assert!(!has_padding_bits(&d, &seen), "{d}");
+            }
+        }
+    }
+
+    #[test]
+    fn pack_and_unpack_round_trip() {
+        let d = desc(&[3, 5, 7], Layout::ChannelsFirst);
+        let bits: Vec<bool> = (0..d.numel()).map(|i| i % 3 == 0 || i % 7 == 1).collect();
+        let mask = pack_mask(&d, &bits).unwrap();
+        assert_eq!(mask.len(), mask_words(&d));
+        assert!(!has_padding_bits(&d, &mask));
+        assert_eq!(unpack_mask(&d, &mask).unwrap(), bits);
+        // Plane 0 is word 0: elements 0, 1, 3, 6 (i % 3 == 0 or i % 7 == 1 below 7).
+        assert_eq!(mask[0], 0b100_1011);
+        let mut dirty = mask.clone();
+        dirty[0] |= 1 << 7;
+        assert!(has_padding_bits(&d, &dirty));
+        assert!(matches!(
+            unpack_mask(&d, &mask[1..]),
+            Err(crate::Error::BufferLength { what: "mask", .. })
+        ));
+    }
+
+    #[test]
+    fn fused_buffers_are_checked_in_order() {
+        let d = desc(&[2, 3, 5], Layout::ChannelsFirst);
+        assert!(check_forward(&d, Some(30), Some(6)).is_ok());
+        assert!(check_forward(&d, None, None).is_ok());
+        assert!(matches!(
+            check_forward(&d, Some(29), Some(5)),
+            Err(crate::Error::BufferLength {
+                what: "z",
+                needed: 30,
+                got: 29
+            })
+        ));
+        assert!(matches!(
+            check_forward(&d, None, Some(5)),
+            Err(crate::Error::BufferLength {
+                what: "mask",
+                needed: 6,
+                got: 5
+            })
+        ));
+        assert!(check_backward(&d, 6, Some(30)).is_ok());
+        assert!(matches!(
+            check_backward(&d, 6, Some(31)),
+            Err(crate::Error::BufferLength { what: "dz", .. })
+        ));
+    }
+}

@@ -1,0 +1,264 @@
+//! Fused ReLU epilogues on the CPU: [`crate::gpu::fused`] on host slices, the oracle of its
+//! kernels. `y = relu(BN(x))` and `y = relu(BN(x) + z)` with the 1-bit ReLU mask of
+//! [`crate::epilogue`] (same packed layout as the GPU's, so masks compare word for word).
+//!
+//! Written to be obviously correct, on top of the plain reference:
+//! - forward: the plain forward (statistics, running update), then `y` again from the same f64
+//!   statistics as `round(relu(BN(x) [+ z]))`, rounded once, and the mask bit `y > 0` of the
+//!   stored `y`. `relu(t) = t` for `t > 0` and for NaN (PyTorch's), else `+0`.
+//! - backward: `dy_eff = mask ? dy : +0` (PyTorch's `threshold_backward(dy, y, 0)`), then the
+//!   plain backward of `dy_eff`, and `dz = dy_eff`.
+//!
+//! So `relu(BN(x))` equals the unfused `relu` of the plain forward bit for bit (ReLU commutes
+//! with rounding), and `relu(BN(x) + z)` is within one rounding of the unfused
+//! `relu(round(BN(x)) + z)` (one rounding instead of two, as cuDNN's and apex's fused kernels).
+//!
+//! Checks as in the plain calls, with the fused buffers (`z`, `mask`, `dz`) checked right after
+//! the plain buffers, as the GPU does; an `Err` leaves every buffer untouched.
+//!
+//! ```
+//! use batchnorm_cuda::{epilogue, reference, TensorDesc};
+//!
+//! let desc = TensorDesc::nchw(2, 1, 1, 2)?; // 4 values of one channel: mean 2.5
+//! let x = [1.0f32, 2.0, 3.0, 4.0];
+//! let z = [0.0f32, 0.0, 0.0, -1.0];
+//! let (mut y, mut mask) = ([0.0f32; 4], vec![0u32; epilogue::mask_words(&desc)]);
+//! reference::fused::forward_training(
+//!     &x, &desc, None, None, None, 0.0, Some(&z), &mut y, Some(&mut mask),
+//! )?;
+//! assert_eq!(&y[..2], [0.0, 0.0]);
+//! assert!(y[2] > 0.0 && y[3] > 0.0);
+//! assert_eq!(mask, [0b00, 0b11]); // two planes (one per sample) of two values
+//! # Ok::<(), batchnorm_cuda::Error>(())
+//! ```
+
+use super::{
+    backward_buffers, math, widen, widen_or, Gradients, RunningStats, RunningUpdate, SavedStats,
+};
+use crate::dtype::Element;
+use crate::epilogue::{self, mask_position};
+use crate::error::Result;
+use crate::shape::TensorDesc;
+use crate::validate::Buffers;
+
+/// PyTorch's ReLU in f64: `t` for `t > 0` and for NaN, `+0` otherwise (also for `-0`).
+pub fn relu(t: f64) -> f64 {
+    if t > 0.0 || t.is_nan() {
+        t
+    } else {
+        0.0
+    }
+}
+
+/// Training forward with a fused epilogue: [`super::forward_training`] (statistics, running
+/// update, the returned [`SavedStats`]), with `y = relu(BN(x) [+ residual])` and, when `mask` is
+/// given, the ReLU mask ([`epilogue::mask_words`] words, every word written).
+///
+/// Errors: those of [`super::forward_training`], with
+/// [`Error::BufferLength`](crate::Error::BufferLength) for `z` and `mask` checked right after
+/// the plain buffers.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_training<T: Element>(
+    x: &[T],
+    desc: &TensorDesc,
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    running: Option<RunningUpdate<'_>>,
+    eps: f32,
+    residual: Option<&[T]>,
+    y: &mut [T],
+    mask: Option<&mut [u32]>,
+) -> Result<SavedStats> {
+    Buffers {
+        x: x.len(),
+        y: Some(y.len()),
+        weight: weight.map(<[f32]>::len),
+        bias: bias.map(<[f32]>::len),
+        running_mean: running.as_ref().map(|r| r.mean.len()),
+        running_var: running.as_ref().map(|r| r.var.len()),
+        ..Default::default()
+    }
+    .check(desc)?;
+    epilogue::check_forward(
+        desc,
+        residual.map(<[T]>::len),
+        mask.as_deref().map(<[u32]>::len),
+    )?;
+    let saved = super::forward_training(x, desc, weight, bias, running, eps, y)?;
+    // The f64 statistics the plain forward normalized with (the same deterministic sums), so
+    // that BN(x) is the plain one before its rounding.
+    let moments = math::moments(x, desc.geometry());
+    let invstd = math::invstd(&moments.var, f64::from(eps));
+    let stats = Stats {
+        mean: &moments.mean,
+        invstd: &invstd,
+    };
+    epilogue_pass(x, desc, &stats, weight, bias, residual, y, mask);
+    Ok(saved)
+}
+
+/// Eval forward with a fused epilogue:
+/// `y = relu((x - running_mean) * weight / sqrt(running_var + eps) + bias [+ residual])`, and the
+/// mask when given.
+///
+/// Errors: those of [`super::forward_inference`], with `z` and `mask` checked right after the
+/// plain buffers.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_inference<T: Element>(
+    x: &[T],
+    desc: &TensorDesc,
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    running: RunningStats<'_>,
+    eps: f32,
+    residual: Option<&[T]>,
+    y: &mut [T],
+    mask: Option<&mut [u32]>,
+) -> Result<()> {
+    Buffers {
+        x: x.len(),
+        y: Some(y.len()),
+        weight: weight.map(<[f32]>::len),
+        bias: bias.map(<[f32]>::len),
+        running_mean: Some(running.mean.len()),
+        running_var: Some(running.var.len()),
+        ..Default::default()
+    }
+    .check(desc)?;
+    epilogue::check_forward(
+        desc,
+        residual.map(<[T]>::len),
+        mask.as_deref().map(<[u32]>::len),
+    )?;
+    super::forward_inference(x, desc, weight, bias, running, eps, y)?;
+    let (mean, invstd) = (
+        widen(running.mean),
+        math::invstd(&widen(running.var), f64::from(eps)),
+    );
+    let stats = Stats {
+        mean: &mean,
+        invstd: &invstd,
+    };
+    epilogue_pass(x, desc, &stats, weight, bias, residual, y, mask);
+    Ok(())
+}
+
+/// Training backward of a fused forward from its mask: [`super::backward_training`] of
+/// `dy_eff = mask ? dy : +0`, and `dz = dy_eff` when `dz` is given.
+///
+/// Errors: those of [`super::backward_training`], with `mask` and `dz` checked right after the
+/// plain buffers.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_training<T: Element>(
+    x: &[T],
+    dy: &[T],
+    mask: &[u32],
+    desc: &TensorDesc,
+    weight: Option<&[f32]>,
+    saved: &SavedStats,
+    grads: Gradients<'_, T>,
+    dz: Option<&mut [T]>,
+) -> Result<()> {
+    Buffers {
+        save_mean: Some(saved.mean.len()),
+        save_invstd: Some(saved.invstd.len()),
+        ..backward_buffers(x, dy, weight, &grads)
+    }
+    .check(desc)?;
+    epilogue::check_backward(desc, mask.len(), dz.as_deref().map(<[T]>::len))?;
+    let dy_eff = masked(dy, mask, desc);
+    super::backward_training(x, &dy_eff, desc, weight, saved, grads)?;
+    if let Some(dz) = dz {
+        dz.copy_from_slice(&dy_eff);
+    }
+    Ok(())
+}
+
+/// Eval-mode backward of a fused forward: [`super::backward_inference`] of
+/// `dy_eff = mask ? dy : +0`, and `dz = dy_eff` when given.
+///
+/// Errors: those of [`super::backward_inference`], with `mask` and `dz` checked right after the
+/// plain buffers.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_inference<T: Element>(
+    x: &[T],
+    dy: &[T],
+    mask: &[u32],
+    desc: &TensorDesc,
+    weight: Option<&[f32]>,
+    running: RunningStats<'_>,
+    eps: f32,
+    grads: Gradients<'_, T>,
+    dz: Option<&mut [T]>,
+) -> Result<()> {
+    Buffers {
+        running_mean: Some(running.mean.len()),
+        running_var: Some(running.var.len()),
+        ..backward_buffers(x, dy, weight, &grads)
+    }
+    .check(desc)?;
+    epilogue::check_backward(desc, mask.len(), dz.as_deref().map(<[T]>::len))?;
+    let dy_eff = masked(dy, mask, desc);
+    super::backward_inference(x, &dy_eff, desc, weight, running, eps, grads)?;
+    if let Some(dz) = dz {
+        dz.copy_from_slice(&dy_eff);
+    }
+    Ok(())
+}
+
+/// The per-channel statistics a forward normalizes with, in f64.
+struct Stats<'a> {
+    mean: &'a [f64],
+    invstd: &'a [f64],
+}
+
+/// `y = round(relu(BN(x) [+ z]))`, with `BN(x) = (x - mean) * (weight * invstd) + bias` as the
+/// plain reference computes it, and the mask of the stored `y`.
+#[allow(clippy::too_many_arguments)]
+fn epilogue_pass<T: Element>(
+    x: &[T],
+    desc: &TensorDesc,
+    stats: &Stats<'_>,
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    residual: Option<&[T]>,
+    y: &mut [T],
+    mask: Option<&mut [u32]>,
+) {
+    let (g, c) = (desc.geometry(), desc.channels());
+    let bias = widen_or(bias, c, 0.0);
+    let scale: Vec<f64> = widen_or(weight, c, 1.0)
+        .iter()
+        .zip(stats.invstd)
+        .map(|(w, s)| w * s)
+        .collect();
+    let bn = |c: usize, x: f64| (x - stats.mean[c]) * scale[c] + bias[c];
+    match residual {
+        None => math::map([x], g, y, |c, [x]| relu(bn(c, x))),
+        Some(z) => math::map([x, z], g, y, |c, [x, z]| relu(bn(c, x) + z)),
+    }
+    if let Some(mask) = mask {
+        mask.fill(0);
+        for (offset, v) in y.iter().enumerate() {
+            if v.to_f64() > 0.0 {
+                let (word, bit) = mask_position(desc, offset);
+                mask[word] |= 1 << bit;
+            }
+        }
+    }
+}
+
+/// `dy` where the mask bit is set, `+0` elsewhere (a NaN `dy` under a 0 bit gives 0).
+fn masked<T: Element>(dy: &[T], mask: &[u32], desc: &TensorDesc) -> Vec<T> {
+    dy.iter()
+        .enumerate()
+        .map(|(offset, &g)| {
+            let (word, bit) = mask_position(desc, offset);
+            if mask[word] >> bit & 1 == 1 {
+                g
+            } else {
+                T::default()
+            }
+        })
+        .collect()
+}
