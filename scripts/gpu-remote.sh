@@ -2,13 +2,16 @@
 # Runs on the GPU machine (no cargo there): every staged test binary with the GPU tests included,
 # optionally under compute-sanitizer, and the benchmark comparison with PyTorch. Staged by
 # scripts/gpu-run.sh as .gpu-run/run.sh. Logs go to $OUT (or .gpu-run/out).
+#   bash .gpu-run/run.sh [--no-tests] [--sanitize] [--bench] [--quick]
+# One device call is limited to 10 minutes: split tests, sanitizer and bench over calls if needed.
 set -uo pipefail
 stage=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$stage/out}
 mkdir -p "$out"
-sanitize=0 bench=0 quick=0
+tests=1 sanitize=0 bench=0 quick=0
 for arg in "$@"; do
   case "$arg" in
+    --no-tests) tests=0 ;;
     --sanitize) sanitize=1 ;;
     --bench) bench=1 ;;
     --quick) quick=1 ;;
@@ -24,12 +27,14 @@ export RUST_BACKTRACE=1
 } | tee "$out/device.txt"
 
 failed=0
-for t in "$stage"/tests/*; do
-  echo "=== $(basename "$t")" | tee -a "$out/tests.log"
-  "$t" --include-ignored --test-threads=1 2>&1 | tee -a "$out/tests.log"
-  [ "${PIPESTATUS[0]}" = 0 ] || failed=1
-done
-grep -E "^test result|^=== " "$out/tests.log" > "$out/tests-summary.txt"
+if [ "$tests" = 1 ]; then
+  for t in "$stage"/tests/*; do
+    echo "=== $(basename "$t")" | tee -a "$out/tests.log"
+    "$t" --include-ignored --test-threads=1 2>&1 | tee -a "$out/tests.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || failed=1
+  done
+  grep -E "^test result|^=== " "$out/tests.log" > "$out/tests-summary.txt"
+fi
 
 if [ "$sanitize" = 1 ]; then
   export PROPTEST_CASES=8 BATCHNORM_SANITIZE=1
