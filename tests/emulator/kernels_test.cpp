@@ -12,6 +12,7 @@
 //   EMU_POLICY=K           pins the schedule policy (emu::Policy) of every launch, to reproduce
 //                          a failure.
 //
+// Groups: core, stats, normalize, backward, fold, sync, fused (ReLU epilogues), conv (conv_direct).
 // Adding a kernel: a new `#ifdef EMU_GROUP_<name>` section that includes its .cu, declares its
 // entry families with DISPATCH, launches them with emu_launch through launch_<family>, and
 // compares with a host reference (README.md).
@@ -36,6 +37,13 @@
 #ifdef EMU_GROUP_sync
 #include "bn_sync.cu"
 #include "bn_stats.cu"
+#endif
+#ifdef EMU_GROUP_fused
+#include "bn_normalize.cu"
+#include "bn_backward.cu"
+#endif
+#ifdef EMU_GROUP_conv
+#include "conv_direct.cu"
 #endif
 
 #include <algorithm>
@@ -1219,6 +1227,546 @@ static void sync_group() {
 }
 REGISTER_GROUP(sync, sync_group);
 #endif  // EMU_GROUP_sync
+
+// =================================================================================================
+// Fused ReLU epilogues (epilogue.cuh): bn_normalize_relu_*, bn_normalize_add_relu_*,
+// bn_backward_reduce_relu_*, bn_backward_dx_relu_*, bn_backward_dx_add_relu_*, every dtype and
+// index width, planar and rows, vector and scalar paths. The mask layout is computed here from the
+// ABI (segments of `inner` values, or of C values when inner == 1, each padded to whole words).
+#ifdef EMU_GROUP_fused
+DISPATCH(normalize_relu_planar, NormalizeReluParams)
+DISPATCH(normalize_relu_rows, NormalizeReluParams)
+DISPATCH(normalize_add_relu_planar, NormalizeReluParams)
+DISPATCH(normalize_add_relu_rows, NormalizeReluParams)
+DISPATCH(backward_reduce_relu_planar, BackwardReduceReluParams)
+DISPATCH(backward_reduce_relu_rows, BackwardReduceReluParams)
+DISPATCH(backward_dx_relu_planar, BackwardElementwiseReluParams)
+DISPATCH(backward_dx_relu_rows, BackwardElementwiseReluParams)
+DISPATCH(backward_dx_add_relu_planar, BackwardElementwiseReluParams)
+DISPATCH(backward_dx_add_relu_rows, BackwardElementwiseReluParams)
+
+// The ABI's mask layout: element e of segment s is bit e % 32 of word s*ceil(len/32) + e/32.
+static u64 seg_len(const Shape& s) { return s.inner > 1 ? s.inner : s.C; }
+static u64 mask_words(const Shape& s) { return s.numel() == 0 ? 0 : s.numel() / seg_len(s) * ((seg_len(s) + 31) / 32); }
+static void mask_pos(const Shape& s, u64 e, u64& w, unsigned& b) {
+  const u64 len = seg_len(s), seg = e / len, r = e % len;
+  w = seg * ((len + 31) / 32) + r / 32;
+  b = (unsigned)(r % 32);
+}
+static bool mask_bit(const Shape& s, const std::vector<u32>& m, u64 e) {
+  u64 w;
+  unsigned b;
+  mask_pos(s, e, w, b);
+  return m[w] >> b & 1u;
+}
+static void set_bit(const Shape& s, std::vector<u32>& m, u64 e, bool on) {
+  u64 w;
+  unsigned b;
+  mask_pos(s, e, w, b);
+  m[w] = on ? m[w] | 1u << b : m[w] & ~(1u << b);
+}
+// A random mask (padding bits 0): bit of element 2 is 0 (its dy is NaN: dropped), bit of element
+// n-2 is 1 (its dy is NaN too: propagated by dx).
+static std::vector<u32> random_mask(const Shape& s, std::mt19937& rng) {
+  std::vector<u32> m(mask_words(s), 0);
+  std::bernoulli_distribution bd(0.55);
+  for (u64 e = 0; e < s.numel(); ++e) set_bit(s, m, e, bd(rng));
+  if (s.numel() > 4) {
+    set_bit(s, m, 2, false);
+    set_bit(s, m, s.numel() - 2, true);
+  }
+  return m;
+}
+template <class T> void fill(Buf<T>& b, std::mt19937& rng, double mu, double sd) {
+  std::normal_distribution<double> nd(mu, sd);
+  for (size_t i = 0; i < b.n; ++i) b[i] = to_raw<T>(nd(rng));
+}
+template <class T, class I> std::string fused_tag(const char* what, const Shape& s, const Cfg& c, size_t mis) {
+  return std::string(what) + " " + Fmt<T>::name + " " + iname<I>() + " " + shape_tag(s) + " " + cfg_tag(c) + " misalign=" + std::to_string(mis);
+}
+template <class T, class I, class P, class F1, class F2>
+void launch_map(const Cfg& cfg, u64 C, const P& p, F1 rows, F2 planar) {
+  if (cfg.rows) rows(rows_grid<T>(C, cfg), dim3(cfg.bx, 256 / cfg.bx), p);
+  else planar(dim3(cfg.grid), dim3(256), p);
+}
+
+// Forward: y = relu((x - mean) * w * invstd + b [+ z]), mask bit = (y as stored) > 0.
+// alias: 0 separate y, 1 y == x (in place), 2 y == z (ADD only).
+template <class T, class I, bool ADD>
+void test_relu_forward(const Shape& s, const Cfg& cfg, size_t mis_x, size_t mis_z, bool with_mask, bool stat_is_var, int alias, unsigned seed) {
+  begin_case();
+  std::mt19937 rng(seed);
+  const u64 n = s.numel(), C = s.C;
+  Buf<T> x(n, mis_x, to_raw<T>(-111.0)), z(n, mis_z, to_raw<T>(-222.0)), y(n, mis_x, to_raw<T>(-333.0));
+  fill(x, rng, 0.2, 1.5);
+  fill(z, rng, 0.0, 1.0);
+  if (n > 5) {  // NaN through relu (bit 0), +-Inf from the residual
+    x[3] = to_raw<T>(NAN);
+    z[4] = to_raw<T>(INFINITY);
+    z[5] = to_raw<T>(-INFINITY);
+  }
+  const Buf<T> x0 = x, z0 = z;
+  std::vector<float> mean(C), st(C), w(C), b(C);
+  std::uniform_real_distribution<double> ud(-1, 1);
+  for (u64 c = 0; c < C; ++c) {
+    mean[c] = (float)(0.2 + 0.1 * ud(rng));
+    const double var = 1.0 + 0.5 * ud(rng);
+    st[c] = stat_is_var ? (float)var : (float)(1.0 / std::sqrt(var + kEps));
+    w[c] = (float)(1.2 * ud(rng));
+    b[c] = (float)(0.3 * ud(rng));
+  }
+  const u64 words = mask_words(s);
+  std::vector<u32> mask(words + 8, 0xffffffffu);  // all ones: padding bits must be cleared
+  Buf<T>& out = alias == 1 ? x : alias == 2 ? z : y;
+  NormalizeReluParams p{};
+  p.x = x.p();
+  p.y = out.p();
+  p.mean = mean.data();
+  p.var_or_invstd = st.data();
+  p.weight = w.data();
+  p.bias = b.data();
+  p.g = {s.outer, s.C, s.inner};
+  p.eps = kEps;
+  p.stat_is_var = stat_is_var;
+  p.z = ADD ? (const void*)z.p() : nullptr;
+  p.mask = with_mask ? mask.data() : nullptr;
+  std::string tag = fused_tag<T, I>(ADD ? "add_relu forward" : "relu forward", s, cfg, mis_x * 10 + mis_z) + " alias=" + std::to_string(alias);
+  emu::g_launch_tag = tag;
+  if (ADD)
+    launch_map<T, I>(cfg, C, p, launch_normalize_add_relu_rows<T, I>, launch_normalize_add_relu_planar<T, I>);
+  else
+    launch_map<T, I>(cfg, C, p, launch_normalize_relu_rows<T, I>, launch_normalize_relu_planar<T, I>);
+  tag += policies_tag();
+  CHECK(x.guards_intact() && y.guards_intact() && z.guards_intact(), "%s: write outside y", tag.c_str());
+  if (alias != 1) CHECK(std::equal(x.v.begin(), x.v.end(), x0.v.begin()), "%s: x modified", tag.c_str());
+  if (alias != 2) CHECK(std::equal(z.v.begin(), z.v.end(), z0.v.begin()), "%s: z modified", tag.c_str());
+  for (u64 i = words; i < words + 8; ++i) CHECK(mask[i] == 0xffffffffu, "%s: write past the mask (word %llu)", tag.c_str(), i);
+  std::vector<u32> want_mask(words, 0);
+  int bad = 0;
+  for (u64 o = 0; o < s.outer; ++o)
+    for (u64 c = 0; c < C; ++c)
+      for (u64 i = 0; i < s.inner; ++i) {
+        const u64 e = s.idx(o, c, i);
+        const double invstd = stat_is_var ? 1.0 / std::sqrt((double)st[c] + (double)kEps) : (double)st[c];
+        const double a = (double)w[c] * invstd, d = x0.at(e) - (double)mean[c];
+        const double t = d * a + (double)b[c] + (ADD ? z0.at(e) : 0.0);
+        const double want = t > 0 || std::isnan(t) ? t : 0.0;
+        const double got = out.at(e);
+        const double tol = 8 * kU32 * (std::fabs(d * a) + std::fabs((double)b[c]) + (ADD ? std::fabs(z0.at(e)) : 0)) + ulp_of<T>(want);
+        bool ok;
+        if (std::isnan(want)) ok = std::isnan(got);
+        else if (std::isinf(want)) ok = got == want;
+        else ok = std::fabs(got - want) <= tol && !std::signbit(got);
+        ++g_checks;
+        if (!ok && bad++ < 3 && g_fail < 60) std::printf("FAIL %s: y[%llu] %.9g, reference %.9g\n", tag.c_str(), e, got, want);
+        g_fail += !ok;
+        // Reference bit: t > 0 where unambiguous (|t| beyond the tolerance: the stored y has t's
+        // sign); within it, the ABI's definition on the stored y (a positive t may round to 0).
+        const bool bit = std::isnan(t) ? false : std::fabs(t) > tol ? t > 0 : got > 0;
+        if (bit) {
+          u64 wd;
+          unsigned bt;
+          mask_pos(s, e, wd, bt);
+          want_mask[wd] |= 1u << bt;
+        }
+      }
+  int mbad = 0;
+  for (u64 i = 0; i < words; ++i) {
+    const u32 want = with_mask ? want_mask[i] : 0xffffffffu;
+    ++g_checks;
+    if (mask[i] != want) {
+      if (mbad++ < 3 && g_fail < 60)
+        std::printf("FAIL %s: mask[%llu] %08x, reference %08x%s\n", tag.c_str(), i, mask[i], want, with_mask ? "" : " (null mask: untouched)");
+      ++g_fail;
+    }
+  }
+}
+
+// Backward reduce with dy_eff = bit ? dy : +0 (a NaN dy under a 0 bit is dropped).
+template <class T, class I> void test_relu_reduce(const Shape& s, const Cfg& cfg, size_t mis, bool stat_is_var, int accumulate, unsigned seed) {
+  begin_case();
+  std::mt19937 rng(seed);
+  const u64 n = s.numel(), C = s.C;
+  Buf<T> x(n, mis, 0), dy(n, mis, 0);
+  fill(x, rng, 1.0, 2.0);
+  fill(dy, rng, 0.1, 1.0);
+  std::vector<u32> mask = random_mask(s, rng);
+  if (n > 4) {
+    dy[2] = to_raw<T>(NAN);  // bit 0
+    set_bit(s, mask, n - 2, false);
+  }
+  const Buf<T> x0 = x, dy0 = dy;
+  std::vector<float> mean(C), st(C), dw(C, 0.5f), db(C, -0.25f), coef(2 * C, NAN), partials(C * cfg.grid * 2, NAN);
+  std::vector<u32> sem(C, 0);
+  for (u64 c = 0; c < C; ++c) {
+    mean[c] = 1.0f + 0.01f * (float)c;
+    st[c] = stat_is_var ? 3.5f : 0.6f;
+  }
+  BackwardReduceReluParams r{};
+  r.x = x.p();
+  r.dy = dy.p();
+  r.mean = mean.data();
+  r.var_or_invstd = st.data();
+  r.partials = partials.data();
+  r.semaphores = sem.data();
+  r.dweight = dw.data();
+  r.dbias = db.data();
+  r.coef = coef.data();
+  r.g = {s.outer, s.C, s.inner};
+  r.eps = kEps;
+  r.stat_is_var = stat_is_var;
+  r.accumulate = accumulate;
+  r.splits = (int)cfg.grid;
+  r.mask = mask.data();
+  std::string tag = fused_tag<T, I>("reduce_relu", s, cfg, mis);
+  emu::g_launch_tag = tag;
+  if (cfg.rows) launch_backward_reduce_relu_rows<T, I>(rows_grid<T>(C, cfg), dim3(cfg.bx, 256 / cfg.bx), r);
+  else launch_backward_reduce_relu_planar<T, I>(dim3(cfg.grid, cfg.gy), dim3(256), r);
+  tag += policies_tag();
+  CHECK(std::equal(x.v.begin(), x.v.end(), x0.v.begin()) && std::equal(dy.v.begin(), dy.v.end(), dy0.v.begin()), "%s: input modified", tag.c_str());
+  std::vector<double> sdy(C, 0), sdx(C, 0), sabs(C, 0);
+  for (u64 o = 0; o < s.outer; ++o)
+    for (u64 c = 0; c < C; ++c)
+      for (u64 i = 0; i < s.inner; ++i) {
+        const u64 e = s.idx(o, c, i);
+        if (!mask_bit(s, mask, e)) continue;
+        const double g = dy.at(e), xv = x.at(e);
+        sdy[c] += g;
+        sdx[c] += g * (xv - mean[c]);
+        sabs[c] += std::fabs(g) * (std::fabs(xv - mean[c]) + 1);
+      }
+  const double m = (double)(s.outer * s.inner), w0 = accumulate ? 0.5 : 0.0, b0 = accumulate ? -0.25 : 0.0;
+  for (u64 c = 0; c < C; ++c) {
+    CHECK(sem[c] == 0, "%s: semaphore %llu = %u", tag.c_str(), c, sem[c]);
+    const double invstd = stat_is_var ? 1.0 / std::sqrt((double)st[c] + (double)kEps) : (double)st[c];
+    const double tb = 4e-6 * sabs[c] + 1e-5, tw = tb * invstd;
+    CHECK(std::fabs(dw[c] - (w0 + sdx[c] * invstd)) <= tw, "%s: dweight[%llu] %.9g, reference %.9g", tag.c_str(), c, dw[c], w0 + sdx[c] * invstd);
+    CHECK(std::fabs(db[c] - (b0 + sdy[c])) <= tb, "%s: dbias[%llu] %.9g, reference %.9g", tag.c_str(), c, db[c], b0 + sdy[c]);
+    CHECK(std::fabs(coef[2 * c] - sdy[c] / m) <= tb / m, "%s: coef[%llu][0] %.9g, reference %.9g", tag.c_str(), c, coef[2 * c], sdy[c] / m);
+    CHECK(std::fabs(coef[2 * c + 1] - sdx[c] * invstd / m) <= tw / m, "%s: coef[%llu][1] %.9g, reference %.9g", tag.c_str(), c, coef[2 * c + 1],
+          sdx[c] * invstd / m);
+  }
+}
+
+// Backward dx from dy_eff; DZ: dz = dy_eff (bits of dy, or +0). mode: 0 train (coef), 1 eval,
+// 2 dz-only pass (var_or_invstd null: dx = dy_eff). in_place: dx == dy.
+template <class T, class I, bool DZ> void test_relu_dx(const Shape& s, const Cfg& cfg, size_t mis, int mode, bool in_place, unsigned seed) {
+  begin_case();
+  std::mt19937 rng(seed);
+  const u64 n = s.numel(), C = s.C;
+  const Raw<T> guard = to_raw<T>(-777.0);
+  Buf<T> x(n, mis, guard), dy(n, mis, guard), dx(n, mis, guard), dz(n, mis ? 0 : 1, guard);
+  fill(x, rng, 1.0, 2.0);
+  fill(dy, rng, 0.1, 1.0);
+  std::vector<u32> mask = random_mask(s, rng);
+  if (n > 4) {
+    dy[2] = to_raw<T>(NAN);      // bit 0: dropped
+    dy[n - 2] = to_raw<T>(NAN);  // bit 1: propagated
+  }
+  const Buf<T> dy0 = dy;
+  std::vector<float> mean(C), st(C), w(C), coef(2 * C);
+  for (u64 c = 0; c < C; ++c) {
+    mean[c] = 1.0f + 0.01f * (float)c;
+    st[c] = 0.6f + 0.01f * (float)(c % 5);
+    w[c] = 0.7f + 0.05f * (float)(c % 13);
+    coef[2 * c] = 0.03f * (float)(c % 7) - 0.1f;
+    coef[2 * c + 1] = 0.2f - 0.02f * (float)(c % 11);
+  }
+  Buf<T>& out = in_place ? dy : dx;
+  BackwardElementwiseReluParams e{};
+  e.x = mode == 0 ? (const void*)x.p() : nullptr;
+  e.dy = dy.p();
+  e.dx = out.p();
+  e.mean = mean.data();
+  e.var_or_invstd = mode == 2 ? nullptr : st.data();
+  e.weight = w.data();
+  e.coef = mode == 0 ? coef.data() : nullptr;
+  e.g = {s.outer, s.C, s.inner};
+  e.eps = kEps;
+  e.stat_is_var = 0;
+  e.mask = mask.data();
+  e.dz = DZ ? (void*)dz.p() : nullptr;
+  std::string tag = fused_tag<T, I>(DZ ? "dx_add_relu" : "dx_relu", s, cfg, mis) + " mode=" + std::to_string(mode) + (in_place ? " in place" : "");
+  emu::g_launch_tag = tag;
+  if (DZ) launch_map<T, I>(cfg, C, e, launch_backward_dx_add_relu_rows<T, I>, launch_backward_dx_add_relu_planar<T, I>);
+  else launch_map<T, I>(cfg, C, e, launch_backward_dx_relu_rows<T, I>, launch_backward_dx_relu_planar<T, I>);
+  tag += policies_tag();
+  CHECK(dx.guards_intact() && dy.guards_intact() && dz.guards_intact(), "%s: write outside dx/dz", tag.c_str());
+  if (!in_place) CHECK(std::equal(dy.v.begin(), dy.v.end(), dy0.v.begin()), "%s: dy modified", tag.c_str());
+  if (!DZ) CHECK(std::all_of(dz.v.begin(), dz.v.end(), [&](Raw<T> r) { return r == guard; }), "%s: dz written", tag.c_str());
+  int bad = 0;
+  for (u64 o = 0; o < s.outer; ++o)
+    for (u64 c = 0; c < C; ++c)
+      for (u64 i = 0; i < s.inner; ++i) {
+        const u64 el = s.idx(o, c, i);
+        const bool on = mask_bit(s, mask, el);
+        const double g = on ? dy0.at(el) : 0.0;
+        const double invstd = st[c], scale = (double)w[c] * invstd;
+        double want, terms;
+        if (mode == 0) {
+          const double proj = (x.at(el) - mean[c]) * (double)coef[2 * c + 1] * invstd;
+          want = (g - coef[2 * c] - proj) * scale;
+          terms = (std::fabs(g) + std::fabs(coef[2 * c]) + std::fabs(proj)) * std::fabs(scale);
+        } else if (mode == 1) {
+          want = g * scale;
+          terms = std::fabs(want);
+        } else {
+          want = g;
+          terms = 0;
+        }
+        const double got = out.at(el);
+        bool ok = std::isnan(want) ? std::isnan(got) : std::fabs(got - want) <= 8 * kU32 * terms + ulp_of<T>(want);
+        const Raw<T> eff = on ? dy0.v[dy0.off + el] : (Raw<T>)0;  // dy_eff's bits (+0 when masked)
+        if (mode == 2 && !std::isnan(want)) ok = ok && out[el] == eff;  // dx = dy_eff exactly (a NaN may change payload)
+        ++g_checks;
+        if (!ok && bad++ < 3 && g_fail < 60) std::printf("FAIL %s: dx[%llu] %.9g, reference %.9g (bit %d)\n", tag.c_str(), el, got, want, (int)on);
+        g_fail += !ok;
+        if (DZ) CHECK(dz[el] == eff, "%s: dz[%llu] bits %x, reference %x", tag.c_str(), el, (unsigned)dz[el], (unsigned)eff);
+      }
+}
+
+// Every fused entry family on one shape and launch config (map: planar blocks or rows; red: the
+// reduce's planar (splits, gy) or rows). Misaligned pointers (mis = 1) take the scalar path.
+template <class T, class I> void fused_all(const Shape& s, const Cfg& map, const Cfg& red, unsigned& seed) {
+  for (size_t mis : {0, 1}) {
+    test_relu_forward<T, I, false>(s, map, mis, 0, true, mis == 0, mis, ++seed);
+    test_relu_forward<T, I, true>(s, map, mis, 1 - mis, true, mis == 1, mis ? 2 : 0, ++seed);
+    test_relu_reduce<T, I>(s, red, mis, mis == 1, (int)mis, ++seed);
+    test_relu_dx<T, I, false>(s, map, mis, (int)(seed % 3), mis == 1, ++seed);
+    test_relu_dx<T, I, true>(s, map, mis, mis ? 1 : 0, mis == 1, ++seed);
+  }
+  test_relu_forward<T, I, true>(s, map, 0, 0, false, false, 0, ++seed);  // null mask
+  test_relu_dx<T, I, false>(s, map, 0, 2, false, ++seed);                // dz-only pass
+}
+// Combination k of (dtype, index width), so that a list of shapes covers all six.
+static void fused_combo(int k, const Shape& s, const Cfg& map, const Cfg& red, unsigned& seed) {
+  switch (k % 6) {
+    case 0: fused_all<F, u32>(s, map, red, seed); break;
+    case 1: fused_all<H, u64>(s, map, red, seed); break;
+    case 2: fused_all<B, u32>(s, map, red, seed); break;
+    case 3: fused_all<F, u64>(s, map, red, seed); break;
+    case 4: fused_all<H, u32>(s, map, red, seed); break;
+    default: fused_all<B, u64>(s, map, red, seed); break;
+  }
+}
+
+static void fused_group() {
+  unsigned seed = 2000;
+  // Planar: inner below, at and past a word (32), word multiples, vector multiples (4, 8) and
+  // not, a tail inside a unit; more warps than units (blocks = 100: idle collective slices);
+  // gy < C (the reduce's channel loop).
+  struct P {
+    Shape s;
+    unsigned blocks, splits, gy;
+  };
+  const P ps[] = {{{2, 3, 5}, 1, 1, 3},  {{3, 2, 257}, 2, 2, 1}, {{2, 3, 1024}, 3, 3, 2}, {{1, 5, 33}, 4, 2, 3},
+                  {{2, 2, 4097}, 7, 3, 2}, {{3, 4, 7}, 100, 2, 4}, {{2, 3, 2}, 2, 2, 3},    {{4, 3, 256}, 1, 1, 3},
+                  {{2, 3, 32}, 3, 2, 3},  {{2, 2, 64}, 2, 2, 2},   {{3, 2, 40}, 5, 1, 2},    {{2, 3, 96}, 2, 3, 1}};
+  int k = 0;
+  for (const P& q : ps)
+    for (int r = 0; r < 2; ++r) fused_combo(k++, q.s, Cfg{false, q.blocks, 0, 0}, Cfg{false, q.splits, q.gy, 0}, seed);
+  // Rows (inner == 1): C below, at and past 32, vector multiples and not; bx as
+  // launch::rows_block picks it (next power of two of ceil(C/VEC), at most 32), and wider blocks
+  // (bx*VEC >= 32 or a single channel tile, the grid contract).
+  auto bx_for = [](u64 C, int vec) {
+    u64 cols = (C + vec - 1) / vec, b = 1;
+    while (b < cols) b <<= 1;
+    return (unsigned)std::min<u64>(b, 32);
+  };
+  const Shape rs[] = {{7, 3, 1}, {60, 17, 1}, {40, 32, 1}, {9, 1001, 1}, {300, 8, 1}, {5, 1, 1},
+                      {50, 64, 1}, {3, 2048, 1}, {50, 24, 1}, {20, 33, 1}, {20, 100, 1}, {3, 65, 1}};
+  for (const Shape& s : rs)
+    for (unsigned g : {1u, 3u}) {
+      const int vec = k % 3 == 0 ? 4 : 8;  // fused_combo(k): f32 when k % 3 == 0
+      const Cfg c{true, g, 0, bx_for(s.C, vec)};
+      fused_combo(k++, s, c, c, seed);
+    }
+  for (const Shape& s : {Shape{30, 33, 1}, Shape{7, 1001, 1}, Shape{4, 300, 1}}) {
+    const Cfg c64{true, 2, 0, 64}, c32{true, 2, 0, 32};
+    fused_combo(4, s, c64, c64, seed);  // f16 i32
+    fused_combo(3, s, c32, c32, seed);  // f32 i64
+  }
+}
+REGISTER_GROUP(fused, fused_group);
+#endif  // EMU_GROUP_fused
+
+// =================================================================================================
+// conv_direct_{f32,f16,bf16}: ConvNd, ConvTransposeNd and Linear against a direct f64 reference
+// written here (the conv gathers, the transposed conv scatters: its adjoint form).
+#ifdef EMU_GROUP_conv
+template <class T> void launch_conv(unsigned blocks, const ConvDirectParams& p) {
+  g_entries.insert(std::string("conv_direct_") + Fmt<T>::name);
+  emu_launch(dim3(blocks), dim3(256), [&] {
+    if constexpr (std::is_same_v<T, float>) conv_direct_f32(p);
+    else if constexpr (std::is_same_v<T, __half>) conv_direct_f16(p);
+    else conv_direct_bf16(p);
+  });
+}
+
+struct ConvCase {
+  const char* name;
+  bool transposed;
+  u64 N, c_in, c_out, groups;
+  int dims;             // spatial dimensions, 0..3 (0: Linear)
+  unsigned L[3], k[3], s[3], p[3], d[3], op[3];  // per spatial dimension; op: output padding
+};
+
+// One case in dtype T, weight layout cl, with or without a bias, on several grids.
+template <class T> void test_conv(const ConvCase& cc, bool cl, bool with_bias, unsigned seed) {
+  begin_case();
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> ux(-1, 1), uw(-0.5, 0.5);
+  unsigned L[3], K[3], S[3], P[3], D[3], O[3];
+  for (int i = 0; i < 3; ++i) {
+    const bool has = i < cc.dims;
+    L[i] = has ? cc.L[i] : 1;
+    K[i] = has ? cc.k[i] : 1;
+    S[i] = has ? cc.s[i] : 1;
+    P[i] = has ? cc.p[i] : 0;
+    D[i] = has ? cc.d[i] : 1;
+    const long long o = cc.transposed ? (long long)(L[i] - 1) * S[i] - 2ll * P[i] + (long long)D[i] * (K[i] - 1) + (has ? cc.op[i] : 0) + 1
+                                      : ((long long)L[i] + 2ll * P[i] - (long long)D[i] * (K[i] - 1) - 1) / S[i] + 1;
+    O[i] = (unsigned)o;
+    if (o < 1) {
+      CHECK(false, "conv case %s: empty output (test bug)", cc.name);
+      return;
+    }
+  }
+  const u64 G = cc.groups, cin_g = cc.c_in / G, cout_g = cc.c_out / G;
+  const u64 A0 = cc.transposed ? cc.c_in : cc.c_out, A1 = cc.transposed ? cout_g : cin_g;
+  const u64 KV = (u64)K[0] * K[1] * K[2];
+  const u64 LV = (u64)L[0] * L[1] * L[2], OV = (u64)O[0] * O[1] * O[2];
+  const u64 nx = cc.N * cc.c_in * LV, nw = A0 * A1 * KV, ny = cc.N * cc.c_out * OV;
+  Buf<T> x(nx, 1, to_raw<T>(-9.0)), w(nw, 0, to_raw<T>(-9.0)), b(cc.c_out, 1, to_raw<T>(-9.0)), y(ny, 1, to_raw<T>(-7.0));
+  for (u64 i = 0; i < nx; ++i) x[i] = to_raw<T>(ux(rng));
+  for (u64 i = 0; i < nw; ++i) w[i] = to_raw<T>(uw(rng));
+  for (u64 i = 0; i < cc.c_out; ++i) b[i] = to_raw<T>(ux(rng));
+  // W[a0, a1, j] in the case's layout: [A0, A1, k...] or [A0, k..., A1].
+  auto W = [&](u64 a0, u64 a1, u64 j) { return w.at(cl ? (a0 * KV + j) * A1 + a1 : (a0 * A1 + a1) * KV + j); };
+  auto xi = [&](u64 n, u64 ch, const long long* i) { return (((n * cc.c_in + ch) * L[0] + (u64)i[0]) * L[1] + (u64)i[1]) * L[2] + (u64)i[2]; };
+  auto yi = [&](u64 n, u64 o, const long long* q) { return (((n * cc.c_out + o) * O[0] + (u64)q[0]) * O[1] + (u64)q[1]) * O[2] + (u64)q[2]; };
+  std::vector<double> ref(ny, 0.0), mag(ny, 0.0);
+  for (u64 n = 0; n < cc.N; ++n)
+    for (u64 g = 0; g < G; ++g)
+      for (u64 c = 0; c < cin_g; ++c)
+        for (u64 ol = 0; ol < cout_g; ++ol)
+          for (u64 j0 = 0; j0 < K[0]; ++j0)
+            for (u64 j1 = 0; j1 < K[1]; ++j1)
+              for (u64 j2 = 0; j2 < K[2]; ++j2) {
+                const u64 ch = g * cin_g + c, o = g * cout_g + ol, j = (j0 * K[1] + j1) * K[2] + j2;
+                const long long jj[3] = {(long long)j0, (long long)j1, (long long)j2};
+                const double wv = cc.transposed ? W(ch, ol, j) : W(o, c, j);
+                if (!cc.transposed) {  // gather: y[q] += W x[q s + j d - p]
+                  for (long long q0 = 0; q0 < O[0]; ++q0)
+                    for (long long q1 = 0; q1 < O[1]; ++q1)
+                      for (long long q2 = 0; q2 < O[2]; ++q2) {
+                        const long long q[3] = {q0, q1, q2};
+                        long long i[3];
+                        bool in = true;
+                        for (int t = 0; t < 3; ++t) {
+                          i[t] = q[t] * S[t] + jj[t] * D[t] - P[t];
+                          in = in && i[t] >= 0 && i[t] < L[t];
+                        }
+                        if (!in) continue;
+                        ref[yi(n, o, q)] += wv * x.at(xi(n, ch, i));
+                        mag[yi(n, o, q)] += std::fabs(wv * x.at(xi(n, ch, i)));
+                      }
+                } else {  // scatter: x[i] goes to y[i s + j d - p]
+                  for (long long i0 = 0; i0 < L[0]; ++i0)
+                    for (long long i1 = 0; i1 < L[1]; ++i1)
+                      for (long long i2 = 0; i2 < L[2]; ++i2) {
+                        const long long i[3] = {i0, i1, i2};
+                        long long q[3];
+                        bool in = true;
+                        for (int t = 0; t < 3; ++t) {
+                          q[t] = i[t] * S[t] + jj[t] * D[t] - P[t];
+                          in = in && q[t] >= 0 && q[t] < O[t];
+                        }
+                        if (!in) continue;
+                        ref[yi(n, o, q)] += wv * x.at(xi(n, ch, i));
+                        mag[yi(n, o, q)] += std::fabs(wv * x.at(xi(n, ch, i)));
+                      }
+                }
+              }
+  if (with_bias)
+    for (u64 e = 0; e < ny; ++e) {
+      const u64 o = e / OV % cc.c_out;
+      ref[e] += b.at(o);
+      mag[e] += std::fabs(b.at(o));
+    }
+  ConvDirectParams p{};
+  p.x = x.p();
+  p.weight = w.p();
+  p.bias = with_bias ? b.p() : nullptr;
+  p.y = y.p();
+  p.c_in = cc.c_in;
+  p.c_out = cc.c_out;
+  p.c_in_per_group = cin_g;
+  p.c_out_per_group = cout_g;
+  p.axis1 = A1;
+  p.numel = ny;
+  for (int i = 0; i < 3; ++i) {
+    p.input[i] = L[i];
+    p.output[i] = O[i];
+    p.kernel[i] = K[i];
+    p.stride[i] = S[i];
+    p.padding[i] = P[i];
+    p.dilation[i] = D[i];
+  }
+  p.transposed = cc.transposed;
+  p.weight_channels_last = cl;
+  // f32 accumulation of n = c_in/G * kernel volume products and the bias: |error| <= gamma_n * mag,
+  // then one rounding to T.
+  const double nterms = (double)(cin_g * KV + 1), gamma = nterms * kU32 / (1 - nterms * kU32);
+  const unsigned full = (unsigned)((ny + 255) / 256);
+  for (unsigned blocks : {1u, 3u, full}) {
+    std::fill(y.v.begin(), y.v.end(), to_raw<T>(-7.0));
+    std::string tag = std::string("conv ") + cc.name + " " + Fmt<T>::name + (cl ? " channels-last" : " channels-first") +
+                      (with_bias ? " bias" : "") + " blocks=" + std::to_string(blocks);
+    emu::g_launch_tag = tag;
+    launch_conv<T>(blocks, p);
+    tag += policies_tag();
+    CHECK(y.guards_intact(), "%s: write outside y", tag.c_str());
+    int bad = 0;
+    for (u64 e = 0; e < ny; ++e) {
+      const double got = y.at(e), tol = gamma * mag[e] + ulp_of<T>(std::max(std::fabs(got), std::fabs(ref[e])));
+      ++g_checks;
+      if (!(std::fabs(got - ref[e]) <= tol)) {
+        ++g_fail;
+        if (bad++ < 3 && g_fail <= 60) std::printf("FAIL %s: y[%llu] %.9g, reference %.9g\n", tag.c_str(), e, got, ref[e]);
+      }
+    }
+  }
+}
+
+static void conv_group() {
+  // name, transposed, N, C_in, C_out, groups, dims, L, k, stride, padding, dilation, output padding
+  const ConvCase cases[] = {
+      {"linear", false, 5, 7, 3, 1, 0, {}, {}, {}, {}, {}, {}},
+      {"conv1d", false, 3, 2, 4, 1, 1, {11}, {3}, {1}, {1}, {1}, {}},
+      {"conv1d strided padded dilated", false, 2, 3, 5, 1, 1, {17}, {3}, {2}, {2}, {3}, {}},
+      {"conv1d depthwise", false, 2, 6, 6, 6, 1, {9}, {3}, {1}, {1}, {1}, {}},
+      {"conv2d grouped", false, 2, 4, 6, 2, 2, {7, 6}, {3, 2}, {2, 1}, {1, 0}, {1, 2}, {}},
+      {"conv2d 1x1 many outputs", false, 3, 3, 8, 1, 2, {9, 11}, {1, 1}, {1, 1}, {0, 0}, {1, 1}, {}},
+      {"conv3d", false, 1, 2, 3, 1, 3, {5, 4, 6}, {2, 3, 3}, {1, 2, 1}, {1, 1, 0}, {2, 1, 1}, {}},
+      {"conv2d padding past the kernel", false, 1, 1, 2, 1, 2, {3, 2}, {2, 2}, {3, 1}, {3, 2}, {1, 1}, {}},
+      {"conv_transpose1d", true, 2, 3, 4, 1, 1, {6}, {3}, {2}, {1}, {1}, {1}},
+      {"conv_transpose1d dilated", true, 2, 2, 3, 1, 1, {5}, {2}, {3}, {0}, {2}, {2}},
+      {"conv_transpose2d grouped", true, 2, 4, 6, 2, 2, {4, 5}, {3, 2}, {2, 3}, {1, 0}, {1, 2}, {1, 0}},
+      {"conv_transpose3d", true, 1, 2, 2, 1, 3, {3, 2, 4}, {2, 2, 3}, {2, 1, 2}, {0, 1, 1}, {1, 2, 1}, {1, 0, 1}},
+      {"conv_transpose2d depthwise", true, 2, 3, 3, 3, 2, {4, 4}, {3, 3}, {1, 2}, {1, 1}, {1, 1}, {0, 1}},
+  };
+  unsigned seed = 3000;
+  for (const ConvCase& cc : cases)
+    for (int cl = 0; cl < 2; ++cl)
+      for (int bias = 0; bias < 2; ++bias) {
+        test_conv<F>(cc, cl, bias, ++seed);
+        test_conv<H>(cc, cl, bias, ++seed);
+        test_conv<B>(cc, cl, bias, ++seed);
+      }
+}
+REGISTER_GROUP(conv, conv_group);
+#endif  // EMU_GROUP_conv
 
 // =================================================================================================
 int main() {
