@@ -181,11 +181,22 @@ impl BatchNorm {
         x: &CudaView<'_, T>,
         y: &mut CudaViewMut<'_, T>,
     ) -> Result<ForwardCache> {
+        self.forward_with(desc, x, y, None)
+    }
+
+    /// The forward of [`forward`](Self::forward) and of the fused forwards (`epilogue`).
+    fn forward_with<T: Element>(
+        &mut self,
+        desc: &TensorDesc,
+        x: &CudaView<'_, T>,
+        y: &mut CudaViewMut<'_, T>,
+        epilogue: Option<ReluEpilogue<'_, T>>,
+    ) -> Result<ForwardCache> {
         validate::channels(self.config.num_features, desc)?;
         let batch_stats = self.training || !self.config.track_running_stats;
         if batch_stats {
             self.batch_forward(|step| {
-                functional::forward_training(
+                functional::forward_training_with(
                     step.gpu,
                     step.workspace,
                     x,
@@ -196,14 +207,15 @@ impl BatchNorm {
                     step.eps,
                     y,
                     step.saved,
+                    epilogue,
                 )
             })?;
         } else {
             let weight = self.weight.as_ref().map(|w| w.as_view());
             let bias = self.bias.as_ref().map(|b| b.as_view());
-            let eps = self.config.eps;
             let running = self.running_stats("eval forward")?;
-            functional::forward_inference(
+            let eps = self.config.eps;
+            functional::forward_inference_with(
                 &self.gpu,
                 x,
                 desc,
@@ -212,6 +224,7 @@ impl BatchNorm {
                 &running,
                 eps,
                 y,
+                epilogue,
             )?;
         }
         Ok(self.record_forward(desc, T::DTYPE, batch_stats))
@@ -657,48 +670,13 @@ impl BatchNorm {
         y: &mut CudaViewMut<'_, T>,
         mask: Option<&mut CudaViewMut<'_, u32>>,
     ) -> Result<ForwardCache> {
-        validate::channels(self.config.num_features, desc)?;
         let kind = Epilogue::with_residual(residual.is_some());
         let wrote_mask = mask.is_some();
         let epilogue = ReluEpilogue {
             residual: residual.map(|z| z.slice(..)),
             mask: mask.map(|m| m.slice_mut(..)),
         };
-        let batch_stats = self.training || !self.config.track_running_stats;
-        if batch_stats {
-            self.batch_forward(|step| {
-                fused::forward_training(
-                    step.gpu,
-                    step.workspace,
-                    x,
-                    desc,
-                    step.weight.as_ref(),
-                    step.bias.as_ref(),
-                    step.running,
-                    step.eps,
-                    epilogue,
-                    y,
-                    step.saved,
-                )
-            })?;
-        } else {
-            let weight = self.weight.as_ref().map(|w| w.as_view());
-            let bias = self.bias.as_ref().map(|b| b.as_view());
-            let eps = self.config.eps;
-            let running = self.running_stats("eval forward")?;
-            fused::forward_inference(
-                &self.gpu,
-                x,
-                desc,
-                weight.as_ref(),
-                bias.as_ref(),
-                &running,
-                eps,
-                epilogue,
-                y,
-            )?;
-        }
-        let mut cache = self.record_forward(desc, T::DTYPE, batch_stats);
+        let mut cache = self.forward_with(desc, x, y, Some(epilogue))?;
         cache.epilogue = Some((kind, wrote_mask));
         Ok(cache)
     }
