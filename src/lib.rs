@@ -64,3 +64,8 @@ pub use epilogue::Epilogue;
 pub use error::{Error, Result};
 pub use shape::{Geometry, Layout, TensorDesc};
 pub use state::LayerState;
+
+/// The README's code compiles (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
