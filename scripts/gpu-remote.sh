@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (no cargo there): every staged test binary with the GPU tests included,
 # optionally under compute-sanitizer, and the benchmark comparison with PyTorch. Staged by
-# scripts/gpu-run.sh as .gpu-run/run.sh. Logs go to $OUT (or .gpu-run/out).
+# scripts/gpu-run.sh into .gpu-run/bundle.tar.xz and started by .gpu-run/run.sh, which unpacks it.
+# Logs go to $OUT (or out/ beside this script).
 #   bash .gpu-run/run.sh [--no-tests] [--sanitize] [--bench] [--quick]
 # One device call is limited to 10 minutes: split tests, sanitizer and bench over calls if needed.
 set -uo pipefail

@@ -2,19 +2,22 @@
 # Builds the GPU test and benchmark binaries here (a machine with Rust and nvcc, no GPU needed)
 # and stages them, with the golden cases and the scripts they need, in .gpu-run/ (git-ignored),
 # ready to copy to a GPU machine that has no Rust toolchain. Then run there, from the repo root:
-#     bash .gpu-run/run.sh [--quick] [--sanitize] [--bench]
-# With the project's device tool: run(command="bash .gpu-run/run.sh --sanitize --bench",
-# carry=[".gpu-run"]); results land in $OUT.
+#     bash .gpu-run/run.sh [--no-tests] [--sanitize] [--bench] [--quick]
+# With the project's device tool: run(command="bash .gpu-run/run.sh", carry=[".gpu-run"]);
+# results land in $OUT. Every binary embeds the PTX (~12 MB), so the staged files (~190 MB) are
+# packed into one xz archive (~6 MB; what a device call carries is capped at 64 MiB), which
+# .gpu-run/run.sh unpacks with Python's lzma (no xz binary needed there) before running.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-stage=.gpu-run
+stage=target/gpu-stage
+bundle=.gpu-run
 
 bash scripts/install-nvcc.sh >/dev/null
 export BATCHNORM_REQUIRE_NVCC=1
 
-rm -rf "$stage"
-mkdir -p "$stage/tests" "$stage/bench"
+rm -rf "$stage" "$bundle"
+mkdir -p "$stage/tests" "$stage/bench" "$bundle"
 
 # Test binaries (release: a debug one is ~25 MB and what travels is capped at 64 MiB).
 cargo test --release --no-run --message-format=json-render-diagnostics \
@@ -42,9 +45,27 @@ fi
 if [ -d ../shared/golden ]; then
   cp -r ../shared/golden "$stage/golden"
 fi
-cp scripts/gpu-remote.sh "$stage/run.sh"
+cp scripts/gpu-remote.sh "$stage/run-staged.sh"
 strip "$stage"/tests/* "$stage"/bench/gpu_bench 2>/dev/null || true
 
-du -sh "$stage"
-echo "staged in $stage/. On the GPU machine, from the repo root:"
-echo "    bash $stage/run.sh [--quick] [--sanitize] [--bench]"
+# xz -9 single-threaded: its 64 MiB window spans several binaries, whose embedded PTX is the same.
+tar -cf - -C "$stage" . | xz -9 -T1 > "$bundle/bundle.tar.xz"
+cat > "$bundle/run.sh" <<'LAUNCHER'
+#!/usr/bin/env bash
+# Unpacks the staged bundle and runs scripts/gpu-remote.sh from it; arguments pass through.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+dest=${BATCHNORM_GPU_STAGE:-/tmp/batchnorm-gpu-run}
+rm -rf "$dest" && mkdir -p "$dest"
+python3 - "$here/bundle.tar.xz" "$dest" <<'PY'
+import sys, tarfile
+with tarfile.open(sys.argv[1]) as archive:
+    kwargs = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
+    archive.extractall(sys.argv[2], **kwargs)
+PY
+exec bash "$dest/run-staged.sh" "$@"
+LAUNCHER
+
+du -sh "$stage" "$bundle"
+echo "staged in $bundle/ (carry it). On the GPU machine, from the repo root:"
+echo "    bash $bundle/run.sh [--no-tests] [--sanitize] [--bench] [--quick]"
