@@ -40,11 +40,12 @@ use batchnorm_cuda::gpu::{GpuContext, Workspace};
 use batchnorm_cuda::{reference, DType, Element, Layout, RunningVarUpdate, TensorDesc};
 use cudarc::driver::{sys, CudaEvent, CudaSlice, CudaStream, DevicePtrMut};
 use rayon::prelude::*;
+use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -950,115 +951,9 @@ fn run_fold<T: Element>(env: &mut Env, case: &FoldCase) -> BoxResult<(Timing, Ch
 // ---------------------------------------------------------------------------------------------
 // Output
 
-/// Just enough JSON: the crate has no serde dependency.
-enum Json {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(&'static str, Json)>),
-}
-
-impl Json {
-    fn num(v: impl Into<f64>) -> Self {
-        Json::Num(v.into())
-    }
-
-    fn str(s: impl Into<String>) -> Self {
-        Json::Str(s.into())
-    }
-
-    fn opt(v: Option<f64>) -> Self {
-        v.map_or(Json::Null, Json::Num)
-    }
-
-    fn write(&self, out: &mut String, indent: usize) {
-        let pad = |out: &mut String, n: usize| out.push_str(&" ".repeat(n));
-        match self {
-            Json::Null => out.push_str("null"),
-            Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-            Json::Num(v) if v.is_finite() => write!(out, "{v}").unwrap(),
-            Json::Num(_) => out.push_str("null"),
-            Json::Str(s) => {
-                out.push('"');
-                for ch in s.chars() {
-                    match ch {
-                        '"' => out.push_str("\\\""),
-                        '\\' => out.push_str("\\\\"),
-                        '\n' => out.push_str("\\n"),
-                        c if (c as u32) < 0x20 => write!(out, "\\u{:04x}", c as u32).unwrap(),
-                        c => out.push(c),
-                    }
-                }
-                out.push('"');
-            }
-            // Arrays of scalars on one line (shapes), others one element per line.
-            Json::Arr(items)
-                if items
-                    .iter()
-                    .all(|i| matches!(i, Json::Num(_) | Json::Str(_))) =>
-            {
-                out.push('[');
-                for (k, item) in items.iter().enumerate() {
-                    if k > 0 {
-                        out.push_str(", ");
-                    }
-                    item.write(out, indent);
-                }
-                out.push(']');
-            }
-            Json::Arr(items) => {
-                out.push_str("[\n");
-                for (k, item) in items.iter().enumerate() {
-                    pad(out, indent + 2);
-                    item.write(out, indent + 2);
-                    out.push_str(if k + 1 < items.len() { ",\n" } else { "\n" });
-                }
-                pad(out, indent);
-                out.push(']');
-            }
-            Json::Obj(fields) => {
-                out.push_str("{\n");
-                for (k, (key, value)) in fields.iter().enumerate() {
-                    pad(out, indent + 2);
-                    write!(out, "\"{key}\": ").unwrap();
-                    value.write(out, indent + 2);
-                    out.push_str(if k + 1 < fields.len() { ",\n" } else { "\n" });
-                }
-                pad(out, indent);
-                out.push('}');
-            }
-        }
-    }
-}
-
-/// Year-month-day and time of day, UTC, from the system clock (no date crate needed).
+/// ISO 8601 UTC time of the system clock.
 fn utc_now() -> String {
-    utc(SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()))
-}
-
-/// ISO 8601 UTC time of `secs` after the Unix epoch.
-fn utc(secs: u64) -> String {
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + (month <= 2) as i64;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
 /// The CUDA version the driver supports, e.g. 13000.
@@ -1082,63 +977,48 @@ struct Header {
     dry_run: bool,
 }
 
-fn row_json(row: &Row, copy_gbs: f64) -> Json {
+fn row_json(row: &Row, copy_gbs: f64) -> Value {
     let (timing, check) = match &row.result {
         Ok((t, c)) => (Some(t), Some(c)),
         Err(_) => (None, None),
     };
     let (gbs_min, gbs_practical) = (row.gbs(row.bytes.0), row.gbs(row.bytes.1));
-    let mut fields = vec![
-        ("name", Json::str(&row.name)),
-        ("op", Json::str(row.op.name())),
-        ("suite", Json::str(row.suite)),
-        ("dtype", Json::str(row.dtype.to_string())),
-        (
-            "layout",
-            row.layout.map_or(Json::Null, |l| Json::str(l.to_string())),
-        ),
-        (
-            "shape",
-            Json::Arr(row.dims.iter().map(|&d| Json::num(d as f64)).collect()),
-        ),
-    ];
+    let mut fields = json!({
+        "name": row.name,
+        "op": row.op.name(),
+        "suite": row.suite,
+        "dtype": row.dtype.to_string(),
+        "layout": row.layout.map(|l| l.to_string()),
+        "shape": row.dims,
+    });
     if let Some((kind, groups)) = row.fold {
-        fields.push(("fold_kind", Json::str(kind_name(kind))));
-        fields.push(("groups", Json::num(groups as f64)));
+        fields["fold_kind"] = json!(kind_name(kind));
+        fields["groups"] = json!(groups);
     }
-    fields.extend([
-        ("time_us", Json::opt(timing.map(|t| t.median_us))),
-        ("time_min_us", Json::opt(timing.map(|t| t.min_us))),
-        ("time_p90_us", Json::opt(timing.map(|t| t.p90_us))),
-        ("runs", Json::opt(timing.map(|t| t.runs as f64))),
-        ("bytes_min", Json::num(row.bytes.0 as f64)),
-        ("bytes_practical", Json::num(row.bytes.1 as f64)),
-        ("gbs_min", Json::opt(gbs_min)),
-        ("gbs_practical", Json::opt(gbs_practical)),
-        ("frac_copy_min", Json::opt(gbs_min.map(|b| b / copy_gbs))),
-        (
-            "frac_copy_practical",
-            Json::opt(gbs_practical.map(|b| b / copy_gbs)),
-        ),
-        ("max_abs_err", Json::opt(check.map(|c| c.max_abs_err))),
-        ("rel_err", Json::opt(check.map(|c| c.rel_err))),
-        ("tolerance", Json::num(tolerance(row.dtype))),
-        (
-            "channels_checked",
-            Json::opt(check.map(|c| c.channels_checked as f64)),
-        ),
-        ("channels", Json::opt(check.map(|c| c.channels as f64))),
-        (
-            "all_written",
-            check.map_or(Json::Null, |c| Json::Bool(c.all_written)),
-        ),
-        ("ok", Json::Bool(check.is_some_and(Check::ok))),
-        (
-            "error",
-            row.result.as_ref().err().map_or(Json::Null, Json::str),
-        ),
-    ]);
-    Json::Obj(fields)
+    let measured = json!({
+        "time_us": timing.map(|t| t.median_us),
+        "time_min_us": timing.map(|t| t.min_us),
+        "time_p90_us": timing.map(|t| t.p90_us),
+        "runs": timing.map(|t| t.runs),
+        "bytes_min": row.bytes.0,
+        "bytes_practical": row.bytes.1,
+        "gbs_min": gbs_min,
+        "gbs_practical": gbs_practical,
+        "frac_copy_min": gbs_min.map(|b| b / copy_gbs),
+        "frac_copy_practical": gbs_practical.map(|b| b / copy_gbs),
+        "max_abs_err": check.map(|c| c.max_abs_err),
+        "rel_err": check.map(|c| c.rel_err),
+        "tolerance": tolerance(row.dtype),
+        "channels_checked": check.map(|c| c.channels_checked),
+        "channels": check.map(|c| c.channels),
+        "all_written": check.map(|c| c.all_written),
+        "ok": check.is_some_and(Check::ok),
+        "error": row.result.as_ref().err(),
+    });
+    if let (Some(fields), Value::Object(measured)) = (fields.as_object_mut(), measured) {
+        fields.extend(measured);
+    }
+    fields
 }
 
 /// The f64 that prints like the f32 (1e-5, not 0.000009999999747378752).
@@ -1147,52 +1027,36 @@ fn shortest(v: f32) -> f64 {
 }
 
 fn write_json(h: &Header, rows: &[Row]) -> String {
-    let doc = Json::Obj(vec![
-        ("schema", Json::num(1)),
-        ("tool", Json::str("examples/gpu_bench.rs")),
-        ("date", Json::str(&h.date)),
-        ("device", Json::str(&h.device)),
-        ("sm_count", Json::num(h.sm_count)),
-        ("l2_bytes", Json::num(h.l2_bytes)),
-        (
-            "driver_cuda_version",
-            h.driver_cuda.map_or(Json::Null, Json::num),
-        ),
-        ("quick", Json::Bool(h.quick)),
-        ("dry_run", Json::Bool(h.dry_run)),
-        ("filter", h.filter.as_ref().map_or(Json::Null, Json::str)),
-        (
-            "method",
-            Json::Obj(vec![
-                ("timer", Json::str("CUDA events around each call")),
-                ("statistic", Json::str("median")),
-                ("warmup", Json::num(WARMUP as f64)),
-                ("min_runs", Json::num(MIN_RUNS as f64)),
-                ("max_runs", Json::num(MAX_RUNS as f64)),
-                ("target_ms_per_op", Json::num(TARGET_MS)),
-                ("l2_flush_bytes", Json::num(FLUSH_BYTES as f64)),
-                ("eps", Json::num(shortest(EPS))),
-                ("momentum", Json::num(shortest(MOMENTUM))),
-                (
-                    "passes_min",
-                    Json::str("fwd 2, eval 2, bwd 3, fold 2 (weight)"),
-                ),
-                (
-                    "passes_practical",
-                    Json::str("fwd 3, eval 2, bwd 5, fold 2 (weight)"),
-                ),
-            ]),
-        ),
-        ("copy_bytes", Json::num(2.0 * COPY_BYTES as f64)),
-        ("copy_time_us", Json::num(h.copy.median_us)),
-        ("copy_gbs", Json::num(h.copy_gbs)),
-        (
-            "rows",
-            Json::Arr(rows.iter().map(|r| row_json(r, h.copy_gbs)).collect()),
-        ),
-    ]);
-    let mut out = String::new();
-    doc.write(&mut out, 0);
+    let doc = json!({
+        "schema": 1,
+        "tool": "examples/gpu_bench.rs",
+        "date": h.date,
+        "device": h.device,
+        "sm_count": h.sm_count,
+        "l2_bytes": h.l2_bytes,
+        "driver_cuda_version": h.driver_cuda,
+        "quick": h.quick,
+        "dry_run": h.dry_run,
+        "filter": h.filter,
+        "method": {
+            "timer": "CUDA events around each call",
+            "statistic": "median",
+            "warmup": WARMUP,
+            "min_runs": MIN_RUNS,
+            "max_runs": MAX_RUNS,
+            "target_ms_per_op": TARGET_MS,
+            "l2_flush_bytes": FLUSH_BYTES,
+            "eps": shortest(EPS),
+            "momentum": shortest(MOMENTUM),
+            "passes_min": "fwd 2, eval 2, bwd 3, fold 2 (weight)",
+            "passes_practical": "fwd 3, eval 2, bwd 5, fold 2 (weight)",
+        },
+        "copy_bytes": 2 * COPY_BYTES,
+        "copy_time_us": h.copy.median_us,
+        "copy_gbs": h.copy_gbs,
+        "rows": rows.iter().map(|r| row_json(r, h.copy_gbs)).collect::<Vec<_>>(),
+    });
+    let mut out = serde_json::to_string_pretty(&doc).expect("a JSON value serializes");
     out.push('\n');
     out
 }
@@ -1586,19 +1450,9 @@ mod tests {
     }
 
     #[test]
-    fn dates_and_json() {
-        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(utc(1_700_000_000), "2023-11-14T22:13:20Z");
-        let mut out = String::new();
-        Json::Obj(vec![
-            ("a", Json::str("q\"\\\n")),
-            ("b", Json::Arr(vec![Json::num(1), Json::num(0.5)])),
-            ("c", Json::num(f64::NAN)),
-            ("d", Json::num(shortest(1e-5))),
-        ])
-        .write(&mut out, 0);
-        assert_eq!(out, "{\n  \"a\": \"q\\\"\\\\\\n\",\n  \"b\": [1, 0.5],\n  \"c\": null,\n  \"d\": 0.00001\n}");
+    fn f32_constants_print_as_written() {
+        assert_eq!(shortest(1e-5), 1e-5);
+        assert_eq!(serde_json::to_string(&shortest(0.1)).unwrap(), "0.1");
     }
 
     #[test]
