@@ -27,58 +27,14 @@ use batchnorm_cuda::fold::{FoldKind, FoldSpec};
 use batchnorm_cuda::reference::conv::{self, ConvOutput, ConvParams};
 use batchnorm_cuda::reference::{self, FoldBatchNorm, Folded, RunningStats};
 use batchnorm_cuda::{BatchNormConfig, DType, Element, Error, Layout};
+use common::conv::{conv_layer, ConvLayer};
 use common::gpu::{random, random_f32};
 use common::ulp;
 
-/// One layer geometry: the kind, the input `[N, C_in, spatial...]`, the logical weight shape
-/// (channels-first), the groups and the per-dimension parameters.
-struct Geometry {
-    name: &'static str,
-    kind: FoldKind,
-    x: &'static [usize],
-    weight: &'static [usize],
-    groups: usize,
-    stride: &'static [usize],
-    padding: &'static [usize],
-    dilation: &'static [usize],
-    output_padding: &'static [usize],
-}
-
-impl Geometry {
-    fn params(&self) -> ConvParams {
-        ConvParams::new(self.stride.len())
-            .stride(self.stride)
-            .padding(self.padding)
-            .dilation(self.dilation)
-            .output_padding(self.output_padding)
-    }
-}
-
-const fn geometry(
-    name: &'static str,
-    kind: FoldKind,
-    x: &'static [usize],
-    weight: &'static [usize],
-    groups: usize,
-    [stride, padding, dilation, output_padding]: [&'static [usize]; 4],
-) -> Geometry {
-    Geometry {
-        name,
-        kind,
-        x,
-        weight,
-        groups,
-        stride,
-        padding,
-        dilation,
-        output_padding,
-    }
-}
-
 use FoldKind::{Conv, ConvTranspose, Linear};
 
-const GEOMETRIES: [Geometry; 11] = [
-    geometry(
+const GEOMETRIES: [ConvLayer; 11] = [
+    conv_layer(
         "conv1d",
         Conv,
         &[3, 4, 11],
@@ -86,7 +42,7 @@ const GEOMETRIES: [Geometry; 11] = [
         1,
         [&[2], &[1], &[1], &[0]],
     ),
-    geometry(
+    conv_layer(
         "conv2d",
         Conv,
         &[2, 5, 7, 6],
@@ -94,7 +50,7 @@ const GEOMETRIES: [Geometry; 11] = [
         1,
         [&[1, 1], &[1, 1], &[2, 1], &[0, 0]],
     ),
-    geometry(
+    conv_layer(
         "conv3d",
         Conv,
         &[2, 3, 5, 4, 6],
@@ -102,7 +58,7 @@ const GEOMETRIES: [Geometry; 11] = [
         1,
         [&[1, 2, 1], &[1, 0, 1], &[1, 1, 1], &[0, 0, 0]],
     ),
-    geometry(
+    conv_layer(
         "conv2d_grouped",
         Conv,
         &[2, 6, 6, 7],
@@ -110,7 +66,7 @@ const GEOMETRIES: [Geometry; 11] = [
         2,
         [&[2, 1], &[1, 1], &[1, 1], &[0, 0]],
     ),
-    geometry(
+    conv_layer(
         "conv2d_depthwise",
         Conv,
         &[2, 4, 6, 6],
@@ -118,7 +74,7 @@ const GEOMETRIES: [Geometry; 11] = [
         4,
         [&[1, 1], &[1, 1], &[1, 1], &[0, 0]],
     ),
-    geometry(
+    conv_layer(
         "conv1d_depthwise",
         Conv,
         &[3, 6, 9],
@@ -126,7 +82,7 @@ const GEOMETRIES: [Geometry; 11] = [
         6,
         [&[1], &[2], &[2], &[0]],
     ),
-    geometry(
+    conv_layer(
         "conv_transpose1d",
         ConvTranspose,
         &[2, 4, 5],
@@ -134,7 +90,7 @@ const GEOMETRIES: [Geometry; 11] = [
         1,
         [&[2], &[1], &[1], &[1]],
     ),
-    geometry(
+    conv_layer(
         "conv_transpose2d_grouped",
         ConvTranspose,
         &[2, 4, 4, 5],
@@ -142,7 +98,7 @@ const GEOMETRIES: [Geometry; 11] = [
         2,
         [&[2, 2], &[1, 0], &[1, 1], &[1, 0]],
     ),
-    geometry(
+    conv_layer(
         "conv_transpose3d_grouped",
         ConvTranspose,
         &[1, 6, 3, 4, 3],
@@ -150,7 +106,7 @@ const GEOMETRIES: [Geometry; 11] = [
         3,
         [&[2, 1, 2], &[0, 1, 0], &[1, 2, 1], &[1, 0, 0]],
     ),
-    geometry(
+    conv_layer(
         "conv_transpose2d_depthwise",
         ConvTranspose,
         &[2, 4, 5, 5],
@@ -158,7 +114,7 @@ const GEOMETRIES: [Geometry; 11] = [
         4,
         [&[2, 2], &[1, 1], &[1, 1], &[1, 1]],
     ),
-    geometry(
+    conv_layer(
         "linear",
         Linear,
         &[9, 12],
@@ -235,7 +191,7 @@ fn gamma(k: usize) -> f64 {
 }
 
 impl<T: Element> Case<T> {
-    fn new(g: &Geometry, conv_bias: bool, affine: bool, layout: Layout, seed: u64) -> Self {
+    fn new(g: &ConvLayer, conv_bias: bool, affine: bool, layout: Layout, seed: u64) -> Self {
         let spec = FoldSpec::new(g.kind, g.weight, g.groups, layout).unwrap();
         let c_out = spec.c_out();
         let numel = |dims: &[usize]| dims.iter().product::<usize>();
@@ -672,7 +628,7 @@ fn fold_ignoring_groups<T: Element>(case: &Case<T>) -> Folded<T> {
 /// `0..C_out/G`. It must fail the bound in every dtype.
 #[test]
 fn a_fold_that_ignores_the_groups_fails_the_check() {
-    fn wrong<T: Element>(g: &Geometry) -> Result<Outcome, String> {
+    fn wrong<T: Element>(g: &ConvLayer) -> Result<Outcome, String> {
         let case = Case::<T>::new(g, true, true, Layout::ChannelsFirst, 77);
         case.check(&fold_ignoring_groups(&case), 0.5)
     }
@@ -939,7 +895,7 @@ mod gpu_checks {
     #[test]
     #[ignore = "needs a CUDA device"]
     fn gpu_check_rejects_a_fold_that_ignores_the_groups() {
-        fn wrong<T: Element>(gpu: &GpuContext, g: &Geometry) -> Result<Outcome, String> {
+        fn wrong<T: Element>(gpu: &GpuContext, g: &ConvLayer) -> Result<Outcome, String> {
             let case = Case::<T>::new(g, true, true, Layout::ChannelsFirst, 77);
             let folded = fold_ignoring_groups(&case);
             let (weight, bias) = (upload(gpu, &folded.weight), upload(gpu, &folded.bias));

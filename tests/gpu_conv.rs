@@ -28,52 +28,13 @@ use batchnorm_cuda::fold::{FoldKind, FoldSpec};
 use batchnorm_cuda::gpu::{self, GpuContext};
 use batchnorm_cuda::reference::conv::{self, ConvParams};
 use batchnorm_cuda::{DType, Element, Error, Layout};
+use common::conv::{conv_layer, ConvLayer};
 use common::gpu::{download, gpu, random, upload, zeros};
 use common::ulp;
 use FoldKind::{Conv, ConvTranspose, Linear};
 
-/// One layer: the kind, the input `[N, C_in, spatial...]`, the logical weight shape
-/// (channels-first), the groups and `[stride, padding, dilation, output_padding]`.
-struct Layer {
-    name: &'static str,
-    kind: FoldKind,
-    x: &'static [usize],
-    weight: &'static [usize],
-    groups: usize,
-    params: [&'static [usize]; 4],
-}
-
-impl Layer {
-    fn params(&self) -> ConvParams {
-        let [stride, padding, dilation, output_padding] = self.params;
-        ConvParams::new(stride.len())
-            .stride(stride)
-            .padding(padding)
-            .dilation(dilation)
-            .output_padding(output_padding)
-    }
-}
-
-const fn layer(
-    name: &'static str,
-    kind: FoldKind,
-    x: &'static [usize],
-    weight: &'static [usize],
-    groups: usize,
-    params: [&'static [usize]; 4],
-) -> Layer {
-    Layer {
-        name,
-        kind,
-        x,
-        weight,
-        groups,
-        params,
-    }
-}
-
-const LAYERS: [Layer; 18] = [
-    layer(
+const LAYERS: [ConvLayer; 18] = [
+    conv_layer(
         "conv1d",
         Conv,
         &[2, 3, 11],
@@ -81,7 +42,7 @@ const LAYERS: [Layer; 18] = [
         1,
         [&[1], &[0], &[1], &[0]],
     ),
-    layer(
+    conv_layer(
         "conv1d_strided_padded_dilated",
         Conv,
         &[2, 3, 13],
@@ -89,7 +50,7 @@ const LAYERS: [Layer; 18] = [
         1,
         [&[2], &[2], &[2], &[0]],
     ),
-    layer(
+    conv_layer(
         "conv1d_depthwise",
         Conv,
         &[3, 6, 9],
@@ -97,7 +58,7 @@ const LAYERS: [Layer; 18] = [
         6,
         [&[1], &[2], &[2], &[0]],
     ),
-    layer(
+    conv_layer(
         "conv2d_padded_dilated",
         Conv,
         &[2, 5, 7, 6],
@@ -105,7 +66,7 @@ const LAYERS: [Layer; 18] = [
         1,
         [&[1, 1], &[1, 1], &[2, 1], &[0, 0]],
     ),
-    layer(
+    conv_layer(
         "conv2d_grouped_strided",
         Conv,
         &[2, 6, 9, 7],
@@ -113,7 +74,7 @@ const LAYERS: [Layer; 18] = [
         2,
         [&[2, 1], &[1, 0], &[1, 2], &[0, 0]],
     ),
-    layer(
+    conv_layer(
         "conv2d_depthwise_x2",
         Conv,
         &[2, 4, 6, 6],
@@ -121,7 +82,7 @@ const LAYERS: [Layer; 18] = [
         4,
         [&[2, 2], &[1, 1], &[1, 1], &[0, 0]],
     ),
-    layer(
+    conv_layer(
         "conv2d_1x1",
         Conv,
         &[2, 16, 5, 5],
@@ -129,7 +90,7 @@ const LAYERS: [Layer; 18] = [
         1,
         [&[1, 1], &[0, 0], &[1, 1], &[0, 0]],
     ),
-    layer(
+    conv_layer(
         "conv2d_576_products",
         Conv,
         &[2, 64, 6, 5],
@@ -137,7 +98,7 @@ const LAYERS: [Layer; 18] = [
         1,
         [&[1, 1], &[1, 1], &[1, 1], &[0, 0]],
     ),
-    layer(
+    conv_layer(
         "conv3d",
         Conv,
         &[2, 3, 5, 4, 6],
@@ -145,7 +106,7 @@ const LAYERS: [Layer; 18] = [
         1,
         [&[1, 2, 1], &[1, 0, 1], &[1, 1, 2], &[0, 0, 0]],
     ),
-    layer(
+    conv_layer(
         "conv3d_grouped",
         Conv,
         &[1, 4, 5, 6, 5],
@@ -153,7 +114,7 @@ const LAYERS: [Layer; 18] = [
         2,
         [&[2, 1, 2], &[0, 1, 1], &[1, 2, 1], &[0, 0, 0]],
     ),
-    layer(
+    conv_layer(
         "conv_transpose1d",
         ConvTranspose,
         &[2, 4, 5],
@@ -161,7 +122,7 @@ const LAYERS: [Layer; 18] = [
         1,
         [&[2], &[1], &[1], &[1]],
     ),
-    layer(
+    conv_layer(
         "conv_transpose2d_grouped",
         ConvTranspose,
         &[2, 4, 4, 5],
@@ -169,7 +130,7 @@ const LAYERS: [Layer; 18] = [
         2,
         [&[2, 2], &[1, 0], &[1, 1], &[1, 0]],
     ),
-    layer(
+    conv_layer(
         "conv_transpose2d_depthwise_dilated",
         ConvTranspose,
         &[2, 4, 5, 5],
@@ -177,7 +138,7 @@ const LAYERS: [Layer; 18] = [
         4,
         [&[2, 2], &[1, 1], &[2, 1], &[1, 1]],
     ),
-    layer(
+    conv_layer(
         "conv_transpose2d_dilation_above_stride",
         ConvTranspose,
         &[1, 3, 4, 4],
@@ -185,7 +146,7 @@ const LAYERS: [Layer; 18] = [
         1,
         [&[1, 1], &[2, 0], &[3, 2], &[2, 1]],
     ),
-    layer(
+    conv_layer(
         "conv_transpose3d_grouped",
         ConvTranspose,
         &[1, 6, 3, 4, 3],
@@ -193,7 +154,7 @@ const LAYERS: [Layer; 18] = [
         3,
         [&[2, 1, 2], &[0, 1, 0], &[1, 2, 1], &[1, 0, 0]],
     ),
-    layer(
+    conv_layer(
         "conv_transpose3d_wide",
         ConvTranspose,
         &[1, 32, 2, 3, 2],
@@ -201,7 +162,7 @@ const LAYERS: [Layer; 18] = [
         1,
         [&[2, 2, 2], &[0, 0, 1], &[1, 1, 1], &[0, 1, 0]],
     ),
-    layer(
+    conv_layer(
         "linear",
         Linear,
         &[9, 12],
@@ -209,7 +170,7 @@ const LAYERS: [Layer; 18] = [
         1,
         [&[], &[], &[], &[]],
     ),
-    layer(
+    conv_layer(
         "linear_300",
         Linear,
         &[4, 300],
@@ -311,7 +272,7 @@ struct Outcome {
 /// One layer, weight layout and bias choice in dtype `T`: the GPU against the reference.
 fn check<T: Element>(
     gpu: &GpuContext,
-    l: &Layer,
+    l: &ConvLayer,
     layout: Layout,
     with_bias: bool,
     seed: u64,
@@ -446,7 +407,7 @@ fn gpu_conv_equals_the_reference() {
 #[ignore = "needs a CUDA device"]
 fn gpu_conv_grid_stride_covers_every_output() {
     let gpu = gpu();
-    let l = layer(
+    let l = conv_layer(
         "conv2d_grid_stride",
         Conv,
         &[6, 8, 97, 101],

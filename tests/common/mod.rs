@@ -6,6 +6,7 @@
 //! Each test crate uses a part of this module.
 #![allow(dead_code)]
 
+pub mod conv;
 pub mod golden;
 pub mod gpu;
 
