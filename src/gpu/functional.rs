@@ -41,6 +41,34 @@ pub struct RunningUpdate<'a> {
     pub var_update: RunningVarUpdate,
 }
 
+/// A [`RunningUpdate`] as the statistics kernels take it: the buffers (absent: no update), the
+/// factor and whether `running_var` takes the unbiased variance.
+pub(crate) struct RunningParts<'a> {
+    pub mean: Option<CudaViewMut<'a, f32>>,
+    pub var: Option<CudaViewMut<'a, f32>>,
+    pub factor: f32,
+    pub unbiased: i32,
+}
+
+impl<'a> RunningParts<'a> {
+    pub(crate) fn of(running: Option<RunningUpdate<'a>>) -> Self {
+        match running {
+            Some(r) => Self {
+                unbiased: (r.var_update == RunningVarUpdate::Unbiased) as i32,
+                factor: r.factor,
+                mean: Some(r.mean),
+                var: Some(r.var),
+            },
+            None => Self {
+                mean: None,
+                var: None,
+                factor: 0.0,
+                unbiased: 0,
+            },
+        }
+    }
+}
+
 /// Running statistics read by eval-mode calls.
 #[derive(Debug)]
 pub struct RunningStats<'a> {
@@ -155,13 +183,7 @@ pub(crate) fn forward_training_with<T: Element>(
     let stream = gpu.stream();
     let reduce = launch::reduction(&g, T::DTYPE, gpu.sm_count());
     let scratch = workspace.reserve(gpu, 3 * c * reduce.splits as usize, c)?;
-    let (factor, unbiased) = running.as_ref().map_or((0.0, 0), |r| {
-        (
-            r.factor,
-            (r.var_update == RunningVarUpdate::Unbiased) as i32,
-        )
-    });
-    let (mut running_mean, mut running_var) = running.map(|r| (r.mean, r.var)).unzip();
+    let mut running = RunningParts::of(running);
     let (mut save_mean, mut save_invstd) = (saved.mean, saved.invstd);
     let mut guards = Guards::new(stream);
     let stats = StatsParams {
@@ -170,12 +192,12 @@ pub(crate) fn forward_training_with<T: Element>(
         semaphores: guards.write(scratch.semaphores),
         save_mean: guards.write(&mut save_mean),
         save_invstd: guards.write(&mut save_invstd),
-        running_mean: guards.write_opt(running_mean.as_mut()),
-        running_var: guards.write_opt(running_var.as_mut()),
+        running_mean: guards.write_opt(running.mean.as_mut()),
+        running_var: guards.write_opt(running.var.as_mut()),
         g: g.into(),
         eps,
-        factor,
-        unbiased,
+        factor: running.factor,
+        unbiased: running.unbiased,
         splits: reduce.splits as i32,
     };
     let family = pick(&g, Family::StatsPlanar, Family::StatsRows);

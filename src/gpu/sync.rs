@@ -87,9 +87,9 @@ use super::params::{
     SyncMomentsParams,
 };
 use super::workspace::Workspace;
-use crate::config::RunningVarUpdate;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
+use crate::gpu::functional::RunningParts;
 use crate::shape::TensorDesc;
 use crate::validate::{self, validate_eps, validate_momentum, Buffers};
 use cudarc::driver::{CudaView, CudaViewMut};
@@ -246,27 +246,21 @@ pub fn forward_training<T: Element>(
     )?;
     let c = desc.channels();
     let stream = gpu.stream();
-    let (factor, unbiased) = running.as_ref().map_or((0.0, 0), |r| {
-        (
-            r.factor,
-            (r.var_update == RunningVarUpdate::Unbiased) as i32,
-        )
-    });
-    let (mut running_mean, mut running_var) = running.map(|r| (r.mean, r.var)).unzip();
+    let mut running = RunningParts::of(running);
     let (mut save_mean, mut save_invstd) = (saved.mean, saved.invstd);
     let mut guards = Guards::new(stream);
     let merge = SyncMergeParams {
         gathered: guards.read(&gathered.moments),
         save_mean: guards.write(&mut save_mean),
         save_invstd: guards.write(&mut save_invstd),
-        running_mean: guards.write_opt(running_mean.as_mut()),
-        running_var: guards.write_opt(running_var.as_mut()),
+        running_mean: guards.write_opt(running.mean.as_mut()),
+        running_var: guards.write_opt(running.var.as_mut()),
         total: guards.write(total),
         ranks: gathered.ranks as u64,
         channels: c as u64,
         eps,
-        factor,
-        unbiased,
+        factor: running.factor,
+        unbiased: running.unbiased,
     };
     let function = gpu.kernels().scalar(Scalar::SyncMerge);
     launch(
