@@ -26,8 +26,14 @@ const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
 /// compiles are the cost). No fast-math at any level: the results do not depend on it.
 const OPT: &str = "-O1";
 
-#[test]
-fn kernels_pass_the_cpu_emulator() {
+/// What the emulator needs: the C++ compiler and the CUDA headers; `None` after saying plainly
+/// what did not run (a failure under `BATCHNORM_REQUIRE_NVCC=1`, as in CI).
+struct Toolchain {
+    cxx: String,
+    cuda_include: &'static str,
+}
+
+fn toolchain(what: &str) -> Option<Toolchain> {
     let require = std::env::var("BATCHNORM_REQUIRE_NVCC").as_deref() == Ok("1");
     let not_run = |why: &str| {
         assert!(
@@ -35,10 +41,8 @@ fn kernels_pass_the_cpu_emulator() {
             "BATCHNORM_REQUIRE_NVCC=1 but the kernel emulator cannot run: {why}"
         );
         // Straight to stderr, past the test harness's capture: this must be seen.
-        let _ = writeln!(
-            std::io::stderr(),
-            "kernel emulator NOT run: {why}. The kernels' index math, masks and merges were NOT checked on the CPU."
-        );
+        let _ = writeln!(std::io::stderr(), "{what} NOT run: {why}.");
+        None
     };
     let Some(cuda_include) = CUDA_INCLUDE else {
         return not_run("no CUDA headers (cuda_fp16.h beside the nvcc build.rs looks for; run scripts/install-nvcc.sh)");
@@ -47,12 +51,14 @@ fn kernels_pass_the_cpu_emulator() {
     if Command::new(&cxx).arg("--version").output().is_err() {
         return not_run(&format!("no C++ compiler `{cxx}` (set CXX)"));
     }
+    Some(Toolchain { cxx, cuda_include })
+}
 
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("kernel-emulator-{}", std::process::id()));
+/// Rewrites every `kernels/*.cu` / `*.cuh` for the host compiler into `dir/kernels`, which it
+/// returns. `BATCHNORM_EMU_KERNELS`: another copy of kernels/ (to check that a broken kernel fails).
+fn translate_kernels(dir: &Path) -> PathBuf {
     let src_dir = dir.join("kernels");
     fs::create_dir_all(&src_dir).unwrap();
-    // BATCHNORM_EMU_KERNELS: another copy of kernels/ (to check that a broken kernel fails).
     let kernels = std::env::var_os("BATCHNORM_EMU_KERNELS")
         .map_or_else(|| Path::new(MANIFEST).join("kernels"), PathBuf::from);
     let mut files: Vec<PathBuf> = fs::read_dir(&kernels)
@@ -75,6 +81,19 @@ fn kernels_pass_the_cpu_emulator() {
         "kernel sources the emulator cannot take:\n{}",
         errors.join("\n")
     );
+    src_dir
+}
+
+#[test]
+fn kernels_pass_the_cpu_emulator() {
+    let Some(Toolchain { cxx, cuda_include }) = toolchain(
+        "kernel emulator (the kernels' index math, masks and merges were NOT checked on the CPU)",
+    ) else {
+        return;
+    };
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("kernel-emulator-{}", std::process::id()));
+    let src_dir = translate_kernels(&dir);
 
     // Compile kernels_test.cpp once per group (-DEMU_GROUP_<name>: each binary instantiates only
     // its own kernels) and run each binary, on all cores; the longest groups go first.
@@ -176,6 +195,123 @@ fn kernels_pass_the_cpu_emulator() {
     if std::env::var_os("BATCHNORM_EMU_KEEP").is_none() {
         let _ = fs::remove_dir_all(&dir);
     }
+}
+
+/// Builds the emulated CUDA driver (tests/emulator/driver.cpp): `libcuda.so.1` holding every
+/// kernel of the built PTX, in `BATCHNORM_EMU_DRIVER_OUT` (default `target/tmp/emulated-driver`).
+/// `scripts/emulated-gpu.sh` runs the GPU test binaries against it.
+#[test]
+fn emulated_driver_builds() {
+    let Some(Toolchain { cxx, cuda_include }) =
+        toolchain("emulated CUDA driver build (tests/emulator/driver.cpp)")
+    else {
+        return;
+    };
+    assert!(
+        KERNELS_BUILT,
+        "the CUDA headers were found but no PTX was built"
+    );
+    let out = std::env::var_os("BATCHNORM_EMU_DRIVER_OUT").map_or_else(
+        || Path::new(env!("CARGO_TARGET_TMPDIR")).join("emulated-driver"),
+        PathBuf::from,
+    );
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("emulated-driver-build-{}", std::process::id()));
+    let src_dir = translate_kernels(&dir);
+    let emulator = Path::new(MANIFEST).join("tests/emulator");
+    let includes = [
+        src_dir.as_path(),
+        emulator.as_path(),
+        Path::new(cuda_include),
+    ];
+
+    // One translation unit per module: its kernels, and the list that registers them by name.
+    let mut units = vec![emulator.join("driver.cpp")];
+    for module in MODULES {
+        let entries: String = module
+            .entry_points
+            .iter()
+            .map(|e| format!("EMU_DRIVER_ENTRY({e})\n"))
+            .collect();
+        let unit = dir.join(format!("module_{}.cpp", module.name));
+        fs::write(
+            &unit,
+            format!(
+                "#include \"driver_registry.h\"\n#include \"emu.h\"\n#include \"{}.cu\"\nEMU_DRIVER_MODULE(\n{entries})\n",
+                module.name
+            ),
+        )
+        .unwrap();
+        units.push(unit);
+    }
+    let t0 = Instant::now();
+    let next = AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let objects: Vec<Result<PathBuf, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers.min(units.len()))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    while let Some(unit) = units.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        let object = dir.join(unit.file_stem().unwrap()).with_extension("o");
+                        let run = Command::new(&cxx)
+                            .args(["-std=c++20", OPT, "-fPIC", "-pthread", "-w", "-c"])
+                            .args(includes.iter().map(|d| format!("-I{}", d.display())))
+                            .arg(unit)
+                            .arg("-o")
+                            .arg(&object)
+                            .output()
+                            .unwrap_or_else(|e| panic!("cannot run {cxx}: {e}"));
+                        done.push(if run.status.success() {
+                            Ok(object)
+                        } else {
+                            Err(format!(
+                                "{cxx} failed on {}:\n{}",
+                                unit.display(),
+                                String::from_utf8_lossy(&run.stderr)
+                            ))
+                        });
+                    }
+                    done
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let objects: Vec<PathBuf> = objects
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    fs::create_dir_all(&out).unwrap();
+    let library = out.join("libcuda.so.1");
+    let link = Command::new(&cxx)
+        .args(["-shared", "-pthread", "-Wl,-soname,libcuda.so.1", "-o"])
+        .arg(&library)
+        .args(&objects)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cxx}: {e}"));
+    assert!(
+        link.status.success(),
+        "linking {} failed:\n{}",
+        library.display(),
+        String::from_utf8_lossy(&link.stderr)
+    );
+    // cudarc asks for libcuda.so first.
+    let alias = out.join("libcuda.so");
+    let _ = fs::remove_file(&alias);
+    std::os::unix::fs::symlink("libcuda.so.1", &alias).unwrap();
+    let _ = fs::remove_dir_all(&dir);
+    let _ = writeln!(
+        std::io::stderr(),
+        "emulated CUDA driver: {} ({} kernel modules, {:.1} s); run the GPU tests on it with scripts/emulated-gpu.sh",
+        library.display(),
+        MODULES.len(),
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 /// One group of kernels_test.cpp, compiled and run: its output (Err: a failure).

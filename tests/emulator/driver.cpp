@@ -1,0 +1,567 @@
+// driver.cpp: an emulated CUDA driver. Built with the kernels into libcuda.so.1 by
+// tests/kernel_emulator.rs (BATCHNORM_EMU_DRIVER_OUT=dir), it lets the crate's own GPU code
+// (cudarc, the launchers, the layer, the GPU tests) run unchanged on the CPU:
+// scripts/emulated-gpu.sh runs the GPU test binaries against it. See README.md.
+//
+// One device, "batchnorm-cuda emulated device (CPU)", compute capability 9.0, 132 SMs (EMU_SM_COUNT
+// changes it), EMU_DEVICE_MEMORY_MB of memory (default 4096). Device memory is host memory: a
+// device pointer is the host address. Every call runs to completion before it returns, which is one
+// legal order of a CUDA stream program (streams and events then only need bookkeeping), and kernels
+// run on the fiber emulator of emu.h with its exact barriers and schedule policies.
+//
+// What it checks on top of the emulator, like compute-sanitizer would on a GPU:
+//   - allocations are filled with 0xFF bytes (NaN), so a kernel reading memory nobody wrote is loud;
+//   - every allocation has 256-byte red zones on both sides, checked after every launch, copy and
+//     free: a write out of bounds makes the driver fail with CUDA_ERROR_ILLEGAL_ADDRESS (sticky,
+//     as a real device fault is);
+//   - copies and memsets must lie inside one live allocation; a launch must have a valid shape;
+//   - a launch in which the emulator found an error (a barrier not reached by every thread, a
+//     divergent warp collective, an invalid shape) returns CUDA_ERROR_LAUNCH_FAILED (sticky);
+//   - a module must be PTX no newer than ISA 9.0 (what driver 580 accepts), and every entry point
+//     it declares must be one the emulator was built with.
+// Calls are serialized by one lock: the emulator's state is global.
+// Every header before emu.h: it redefines CUDA's attribute macros (__noinline__...), which
+// cuda.h and the standard library use.
+#include <cuda.h>
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <unordered_map>
+
+#include "driver_registry.h"
+#include "emu.h"
+
+namespace {
+
+constexpr size_t kRedZone = 256;
+constexpr unsigned char kRedZoneByte = 0xA5;
+constexpr size_t kDefaultSharedLimit = 48 * 1024;
+
+struct Allocation {
+  size_t bytes;
+  unsigned char* base;  // the start of the front red zone
+};
+
+struct Function {
+  std::string name;
+  EmuInvoke invoke;
+  size_t shared_limit = kDefaultSharedLimit;
+};
+
+struct Module {
+  std::vector<std::unique_ptr<Function>> functions;
+};
+
+struct Event {
+  std::chrono::steady_clock::time_point at;
+  bool recorded = false;
+};
+
+struct Stream {};
+
+struct Context {
+  int device = 0;
+  unsigned retained = 0;
+};
+
+struct Driver {
+  std::recursive_mutex lock;
+  bool initialized = false;
+  CUresult sticky = CUDA_SUCCESS;
+  size_t memory_limit = 0, memory_used = 0;
+  unsigned sm_count = 132;
+  std::map<CUdeviceptr, Allocation> allocations;  // by device pointer
+  std::set<CUevent> events;
+  std::set<CUstream> streams;
+  std::set<CUmodule> modules;
+  Context primary;
+};
+
+Driver& driver() {
+  static Driver* d = new Driver;  // never destroyed: cudarc may call in from static destructors
+  return *d;
+}
+
+thread_local CUcontext t_current = nullptr;
+
+std::unordered_map<std::string, EmuInvoke>& registry() {
+  static auto* r = new std::unordered_map<std::string, EmuInvoke>;
+  return *r;
+}
+
+void complain(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  std::fprintf(stderr, "EMULATED DRIVER: ");
+  std::vfprintf(stderr, fmt, ap);
+  std::fprintf(stderr, "\n");
+  va_end(ap);
+}
+
+// A device fault: every later call fails with it, as on a GPU.
+CUresult fault(CUresult e) {
+  Driver& d = driver();
+  if (d.sticky == CUDA_SUCCESS) d.sticky = e;
+  return e;
+}
+
+size_t env_size(const char* name, size_t fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::strtoull(v, nullptr, 10) : fallback;
+}
+
+// The red zones of every live allocation are intact; otherwise a fault naming the allocation.
+CUresult check_red_zones(const char* after) {
+  for (const auto& [ptr, a] : driver().allocations) {
+    const unsigned char* back = a.base + kRedZone + a.bytes;
+    for (size_t i = 0; i < kRedZone; ++i) {
+      const bool front_ok = a.base[i] == kRedZoneByte, back_ok = back[i] == kRedZoneByte;
+      if (!front_ok || !back_ok) {
+        complain("out-of-bounds write %s: %zu bytes %s the allocation of %zu bytes at 0x%llx", after, front_ok ? i + 1 : kRedZone - i,
+                 front_ok ? "past the end of" : "before", a.bytes, (unsigned long long)ptr);
+        return fault(CUDA_ERROR_ILLEGAL_ADDRESS);
+      }
+    }
+  }
+  return CUDA_SUCCESS;
+}
+
+// [p, p + n) lies inside one live allocation.
+bool in_device_memory(CUdeviceptr p, size_t n) {
+  const auto& all = driver().allocations;
+  auto it = all.upper_bound(p);
+  if (it == all.begin()) return false;
+  --it;
+  return p >= it->first && p - it->first + n <= it->second.bytes;
+}
+
+CUresult bad_range(const char* what, CUdeviceptr p, size_t n) {
+  complain("%s of %zu bytes at 0x%llx is not inside one live allocation", what, n, (unsigned long long)p);
+  return CUDA_ERROR_INVALID_VALUE;
+}
+
+// The entry points a PTX module declares (".visible .entry NAME("), and its ISA version.
+std::vector<std::string> ptx_entries(const std::string& ptx) {
+  std::vector<std::string> names;
+  const std::string key = ".visible .entry ";
+  for (size_t at = ptx.find(key); at != std::string::npos; at = ptx.find(key, at + 1)) {
+    const size_t start = at + key.size();
+    names.push_back(ptx.substr(start, ptx.find('(', start) - start));
+  }
+  return names;
+}
+
+bool ptx_isa_accepted(const std::string& ptx) {
+  const size_t at = ptx.find(".version ");
+  if (at == std::string::npos) return false;
+  unsigned major = 0, minor = 0;
+  if (std::sscanf(ptx.c_str() + at, ".version %u.%u", &major, &minor) != 2) return false;
+  return major < 9 || (major == 9 && minor == 0);
+}
+
+#define API_ENTER()                                        \
+  std::lock_guard<std::recursive_mutex> guard(driver().lock); \
+  if (!driver().initialized) return CUDA_ERROR_NOT_INITIALIZED; \
+  if (driver().sticky != CUDA_SUCCESS) return driver().sticky
+
+}  // namespace
+
+void emu_driver_register(const EmuEntry* entries, size_t count) {
+  for (size_t i = 0; i < count; ++i) registry()[entries[i].name] = entries[i].invoke;
+}
+
+extern "C" {
+
+// ---- initialization, device, context ------------------------------------------------------------
+CUresult cuInit(unsigned int) {
+  Driver& d = driver();
+  std::lock_guard<std::recursive_mutex> guard(d.lock);
+  if (!d.initialized) {
+    d.initialized = true;
+    d.memory_limit = env_size("EMU_DEVICE_MEMORY_MB", 4096) << 20;
+    d.sm_count = (unsigned)env_size("EMU_SM_COUNT", 132);
+  }
+  return CUDA_SUCCESS;
+}
+
+CUresult cuDriverGetVersion(int* version) {
+  *version = 13000;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGetCount(int* count) {
+  API_ENTER();
+  *count = 1;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGet(CUdevice* device, int ordinal) {
+  API_ENTER();
+  if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
+  *device = 0;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGetName(char* name, int len, CUdevice device) {
+  API_ENTER();
+  if (device != 0 || len <= 0) return CUDA_ERROR_INVALID_VALUE;
+  std::snprintf(name, (size_t)len, "batchnorm-cuda emulated device (CPU)");
+  return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceTotalMem(size_t* bytes, CUdevice device) {
+  API_ENTER();
+  if (device != 0) return CUDA_ERROR_INVALID_DEVICE;
+  *bytes = driver().memory_limit;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGetAttribute(int* value, CUdevice_attribute attribute, CUdevice device) {
+  API_ENTER();
+  if (device != 0) return CUDA_ERROR_INVALID_DEVICE;
+  switch (attribute) {
+    case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: *value = (int)driver().sm_count; break;
+    case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *value = 9; break;
+    case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: *value = 0; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *value = 1024; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_X:
+    case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Y: *value = 1024; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Z: *value = 64; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_X: *value = 2147483647; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y:
+    case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Z: *value = 65535; break;
+    case CU_DEVICE_ATTRIBUTE_WARP_SIZE: *value = 32; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK: *value = (int)kDefaultSharedLimit; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR: *value = 2048; break;
+    case CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED:
+    case CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING:
+    case CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH:
+    case CU_DEVICE_ATTRIBUTE_CONCURRENT_KERNELS: *value = 1; break;
+    default:
+      complain("cuDeviceGetAttribute(%d) is not emulated", (int)attribute);
+      return CUDA_ERROR_NOT_SUPPORTED;
+  }
+  return CUDA_SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice device) {
+  API_ENTER();
+  if (device != 0) return CUDA_ERROR_INVALID_DEVICE;
+  ++driver().primary.retained;
+  *ctx = reinterpret_cast<CUcontext>(&driver().primary);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRelease(CUdevice device) {
+  API_ENTER();
+  if (device != 0 || driver().primary.retained == 0) return CUDA_ERROR_INVALID_CONTEXT;
+  --driver().primary.retained;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuCtxSetCurrent(CUcontext ctx) {
+  API_ENTER();
+  t_current = ctx;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuCtxGetCurrent(CUcontext* ctx) {
+  API_ENTER();
+  *ctx = t_current;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuCtxPushCurrent(CUcontext ctx) { return cuCtxSetCurrent(ctx); }
+
+CUresult cuCtxPopCurrent(CUcontext* ctx) {
+  API_ENTER();
+  if (ctx) *ctx = t_current;
+  t_current = nullptr;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuCtxSynchronize() {
+  API_ENTER();
+  return check_red_zones("found at a synchronization");
+}
+
+// ---- memory -------------------------------------------------------------------------------------
+CUresult cuMemAlloc(CUdeviceptr* ptr, size_t bytes) {
+  API_ENTER();
+  Driver& d = driver();
+  if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+  if (bytes > d.memory_limit - d.memory_used) return CUDA_ERROR_OUT_OF_MEMORY;
+  const size_t padded = (bytes + kRedZone - 1) / kRedZone * kRedZone;
+  auto* base = static_cast<unsigned char*>(std::aligned_alloc(kRedZone, padded + 2 * kRedZone));
+  if (!base) return CUDA_ERROR_OUT_OF_MEMORY;
+  std::memset(base, kRedZoneByte, kRedZone);
+  std::memset(base + kRedZone, 0xFF, bytes);  // uninitialized device memory reads as NaN
+  std::memset(base + kRedZone + bytes, kRedZoneByte, padded + kRedZone - bytes);
+  *ptr = reinterpret_cast<CUdeviceptr>(base + kRedZone);
+  d.allocations[*ptr] = {bytes, base};
+  d.memory_used += bytes;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuMemFree(CUdeviceptr ptr) {
+  API_ENTER();
+  Driver& d = driver();
+  if (const CUresult e = check_red_zones("found when memory was freed")) return e;
+  auto it = d.allocations.find(ptr);
+  if (it == d.allocations.end()) {
+    complain("cuMemFree of 0x%llx, which is not a live allocation", (unsigned long long)ptr);
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  d.memory_used -= it->second.bytes;
+  std::free(it->second.base);
+  d.allocations.erase(it);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuMemAllocAsync(CUdeviceptr* ptr, size_t bytes, CUstream) { return cuMemAlloc(ptr, bytes); }
+CUresult cuMemFreeAsync(CUdeviceptr ptr, CUstream) { return cuMemFree(ptr); }
+
+CUresult cuMemGetInfo(size_t* free_bytes, size_t* total) {
+  API_ENTER();
+  *free_bytes = driver().memory_limit - driver().memory_used;
+  *total = driver().memory_limit;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuMemcpyHtoD(CUdeviceptr dst, const void* src, size_t n) {
+  API_ENTER();
+  if (!in_device_memory(dst, n)) return bad_range("host-to-device copy", dst, n);
+  std::memcpy(reinterpret_cast<void*>(dst), src, n);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuMemcpyDtoH(void* dst, CUdeviceptr src, size_t n) {
+  API_ENTER();
+  if (!in_device_memory(src, n)) return bad_range("device-to-host copy", src, n);
+  if (const CUresult e = check_red_zones("found at a device-to-host copy")) return e;
+  std::memcpy(dst, reinterpret_cast<const void*>(src), n);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuMemcpyDtoD(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+  API_ENTER();
+  if (!in_device_memory(dst, n)) return bad_range("device-to-device copy (destination)", dst, n);
+  if (!in_device_memory(src, n)) return bad_range("device-to-device copy (source)", src, n);
+  std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuMemcpyHtoDAsync(CUdeviceptr dst, const void* src, size_t n, CUstream) { return cuMemcpyHtoD(dst, src, n); }
+CUresult cuMemcpyDtoHAsync(void* dst, CUdeviceptr src, size_t n, CUstream) { return cuMemcpyDtoH(dst, src, n); }
+CUresult cuMemcpyDtoDAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream) { return cuMemcpyDtoD(dst, src, n); }
+
+CUresult cuMemsetD8(CUdeviceptr dst, unsigned char value, size_t n) {
+  API_ENTER();
+  if (!in_device_memory(dst, n)) return bad_range("memset", dst, n);
+  std::memset(reinterpret_cast<void*>(dst), value, n);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuMemsetD32(CUdeviceptr dst, unsigned int value, size_t n) {
+  API_ENTER();
+  if (dst % 4 != 0) return CUDA_ERROR_INVALID_VALUE;
+  if (!in_device_memory(dst, 4 * n)) return bad_range("32-bit memset", dst, 4 * n);
+  auto* p = reinterpret_cast<unsigned int*>(dst);
+  std::fill(p, p + n, value);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, CUstream) { return cuMemsetD8(dst, value, n); }
+CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned int value, size_t n, CUstream) { return cuMemsetD32(dst, value, n); }
+
+// ---- streams and events -------------------------------------------------------------------------
+CUresult cuStreamCreate(CUstream* stream, unsigned int) {
+  API_ENTER();
+  *stream = reinterpret_cast<CUstream>(new Stream);
+  driver().streams.insert(*stream);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuStreamCreateWithPriority(CUstream* stream, unsigned int flags, int) { return cuStreamCreate(stream, flags); }
+
+CUresult cuStreamDestroy(CUstream stream) {
+  API_ENTER();
+  if (!driver().streams.erase(stream)) return CUDA_ERROR_INVALID_HANDLE;
+  delete reinterpret_cast<Stream*>(stream);
+  return CUDA_SUCCESS;
+}
+
+// Everything queued has already run: synchronizing only looks for faults.
+CUresult cuStreamSynchronize(CUstream) {
+  API_ENTER();
+  return check_red_zones("found at a stream synchronization");
+}
+
+CUresult cuStreamQuery(CUstream) {
+  API_ENTER();
+  return CUDA_SUCCESS;
+}
+
+CUresult cuStreamWaitEvent(CUstream, CUevent event, unsigned int) {
+  API_ENTER();
+  return driver().events.count(event) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+}
+
+CUresult cuEventCreate(CUevent* event, unsigned int) {
+  API_ENTER();
+  *event = reinterpret_cast<CUevent>(new Event);
+  driver().events.insert(*event);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuEventDestroy(CUevent event) {
+  API_ENTER();
+  if (!driver().events.erase(event)) return CUDA_ERROR_INVALID_HANDLE;
+  delete reinterpret_cast<Event*>(event);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuEventRecord(CUevent event, CUstream) {
+  API_ENTER();
+  if (!driver().events.count(event)) return CUDA_ERROR_INVALID_HANDLE;
+  auto* e = reinterpret_cast<Event*>(event);
+  e->at = std::chrono::steady_clock::now();
+  e->recorded = true;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuEventRecordWithFlags(CUevent event, CUstream stream, unsigned int) { return cuEventRecord(event, stream); }
+
+CUresult cuEventSynchronize(CUevent event) {
+  API_ENTER();
+  return driver().events.count(event) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+}
+
+CUresult cuEventQuery(CUevent event) { return cuEventSynchronize(event); }
+
+CUresult cuEventElapsedTime(float* ms, CUevent start, CUevent end) {
+  API_ENTER();
+  auto *a = reinterpret_cast<Event*>(start), *b = reinterpret_cast<Event*>(end);
+  if (!driver().events.count(start) || !driver().events.count(end)) return CUDA_ERROR_INVALID_HANDLE;
+  if (!a->recorded || !b->recorded) return CUDA_ERROR_INVALID_HANDLE;
+  *ms = std::chrono::duration<float, std::milli>(b->at - a->at).count();
+  return CUDA_SUCCESS;
+}
+
+// ---- modules and launches -----------------------------------------------------------------------
+CUresult cuModuleLoadData(CUmodule* module, const void* image) {
+  API_ENTER();
+  const std::string ptx(static_cast<const char*>(image));
+  if (ptx.find(".entry") == std::string::npos) {
+    complain("cuModuleLoadData: only PTX text is emulated");
+    return CUDA_ERROR_INVALID_IMAGE;
+  }
+  if (!ptx_isa_accepted(ptx)) {
+    complain("cuModuleLoadData: PTX ISA newer than 9.0, which driver 580 rejects");
+    return CUDA_ERROR_UNSUPPORTED_PTX_VERSION;
+  }
+  auto m = std::make_unique<Module>();
+  for (const std::string& name : ptx_entries(ptx)) {
+    auto it = registry().find(name);
+    if (it == registry().end()) {
+      complain("cuModuleLoadData: entry point %s is not in the emulated driver (rebuild it)", name.c_str());
+      return CUDA_ERROR_INVALID_IMAGE;
+    }
+    m->functions.push_back(std::make_unique<Function>(Function{name, it->second}));
+  }
+  *module = reinterpret_cast<CUmodule>(m.release());
+  driver().modules.insert(*module);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuModuleUnload(CUmodule module) {
+  API_ENTER();
+  if (!driver().modules.erase(module)) return CUDA_ERROR_INVALID_HANDLE;
+  delete reinterpret_cast<Module*>(module);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuModuleGetFunction(CUfunction* function, CUmodule module, const char* name) {
+  API_ENTER();
+  if (!driver().modules.count(module)) return CUDA_ERROR_INVALID_HANDLE;
+  for (auto& f : reinterpret_cast<Module*>(module)->functions)
+    if (f->name == name) {
+      *function = reinterpret_cast<CUfunction>(f.get());
+      return CUDA_SUCCESS;
+    }
+  return CUDA_ERROR_NOT_FOUND;
+}
+
+CUresult cuFuncSetAttribute(CUfunction function, CUfunction_attribute attribute, int value) {
+  API_ENTER();
+  if (attribute != CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES) return CUDA_ERROR_NOT_SUPPORTED;
+  if (value < 0 || value > 227 * 1024) return CUDA_ERROR_INVALID_VALUE;
+  reinterpret_cast<Function*>(function)->shared_limit = (size_t)value;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuLaunchKernel(CUfunction function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                        unsigned shared_bytes, CUstream, void** params, void** extra) {
+  API_ENTER();
+  auto* f = reinterpret_cast<Function*>(function);
+  const unsigned long long threads = (unsigned long long)bx * by * bz;
+  if (gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535 || threads == 0 || threads > 1024 || bz > 64) {
+    complain("%s: invalid launch shape grid (%u,%u,%u) block (%u,%u,%u)", f->name.c_str(), gx, gy, gz, bx, by, bz);
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  if (shared_bytes > f->shared_limit) {
+    complain("%s: %u bytes of dynamic shared memory, more than the %zu allowed", f->name.c_str(), shared_bytes, f->shared_limit);
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  if (extra != nullptr || params == nullptr || params[0] == nullptr) {
+    complain("%s: the emulator takes the parameter struct through kernelParams[0]", f->name.c_str());
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  emu::g_launch_tag = f->name;
+  const int errors_before = emu::g_errors;
+  const void* p = params[0];
+  emu::launch(dim3(gx, gy, gz), dim3(bx, by, bz), shared_bytes, [&] { f->invoke(p); });
+  if (emu::g_errors != errors_before) {
+    complain("%s: the emulator found %d error(s) in this launch (above)", f->name.c_str(), emu::g_errors - errors_before);
+    return fault(CUDA_ERROR_LAUNCH_FAILED);
+  }
+  return check_red_zones(("found after a launch of " + f->name).c_str());
+}
+
+CUresult cuLaunchCooperativeKernel(CUfunction function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                                   unsigned shared_bytes, CUstream stream, void** params) {
+  return cuLaunchKernel(function, gx, gy, gz, bx, by, bz, shared_bytes, stream, params, nullptr);
+}
+
+// ---- errors -------------------------------------------------------------------------------------
+CUresult cuGetErrorName(CUresult error, const char** name) {
+  switch (error) {
+#define NAME(e) \
+  case e: *name = #e; break;
+    NAME(CUDA_SUCCESS)
+    NAME(CUDA_ERROR_INVALID_VALUE)
+    NAME(CUDA_ERROR_OUT_OF_MEMORY)
+    NAME(CUDA_ERROR_NOT_INITIALIZED)
+    NAME(CUDA_ERROR_INVALID_DEVICE)
+    NAME(CUDA_ERROR_INVALID_IMAGE)
+    NAME(CUDA_ERROR_INVALID_CONTEXT)
+    NAME(CUDA_ERROR_UNSUPPORTED_PTX_VERSION)
+    NAME(CUDA_ERROR_INVALID_HANDLE)
+    NAME(CUDA_ERROR_NOT_FOUND)
+    NAME(CUDA_ERROR_ILLEGAL_ADDRESS)
+    NAME(CUDA_ERROR_LAUNCH_FAILED)
+    NAME(CUDA_ERROR_NOT_SUPPORTED)
+#undef NAME
+    default: *name = "CUDA_ERROR_UNKNOWN"; return CUDA_ERROR_INVALID_VALUE;
+  }
+  return CUDA_SUCCESS;
+}
+
+// The name is the description: the reason of a failure the driver found is printed on stderr.
+CUresult cuGetErrorString(CUresult error, const char** text) { return cuGetErrorName(error, text); }
+
+}  // extern "C"
