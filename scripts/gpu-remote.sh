@@ -22,9 +22,19 @@ export BATCHNORM_GOLDEN_DIR="$stage/golden"
 export RUST_BACKTRACE=1
 [ "$quick" = 1 ] && export PROPTEST_CASES=16
 
+# libnccl for SyncBatchNorm's NCCL tests: cudarc loads "libnccl.so" (not NCCL's soname
+# libnccl.so.2), so link the first one found (PyTorch's nvidia-nccl wheel, then the system's).
+nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
+[ -f "$nccl" ] || nccl=$(ls /usr/lib/x86_64-linux-gnu/libnccl.so.2 /usr/local/lib/libnccl.so.2 2>/dev/null | head -1)
+if [ -n "$nccl" ] && [ -f "$nccl" ]; then
+  mkdir -p "$stage/nccl" && ln -sf "$nccl" "$stage/nccl/libnccl.so"
+  export LD_LIBRARY_PATH="$stage/nccl${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
 {
   date -u +%Y-%m-%dT%H:%MZ
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  echo "libnccl: ${nccl:-not found: the NCCL tests of SyncBatchNorm will fail}"
 } | tee "$out/device.txt"
 
 failed=0

@@ -34,6 +34,17 @@ for line in sys.stdin:
     cp "$exe" "$stage/tests/$name"
   done
 
+# gpu_sync again with the `nccl` feature (its plain tests plus SyncBatchNorm over NCCL), in place
+# of the plain build. gpu-remote.sh finds libnccl on the GPU machine (PyTorch's wheel ships it).
+cargo test --release --features nccl --test gpu_sync --no-run --message-format=json-render-diagnostics \
+  | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["executable"])
+' | while read -r exe; do cp "$exe" "$stage/tests/gpu_sync"; done
+
 # The GPU benchmark (examples/gpu_bench.rs) and the PyTorch side of the comparison.
 if [ -f examples/gpu_bench.rs ]; then
   cargo build --release --example gpu_bench

@@ -489,8 +489,10 @@ fn compare_ab<T: Element>(
             bad[..bad.len().min(4)].join("; ")
         ));
     }
-    // Not vacuous: the batch norm moved the output by far more than the tolerance.
-    if outcome.bn_effect < 20.0 * outcome.max_bound {
+    // Not vacuous: the batch norm moved the output by an order of magnitude more than the
+    // tolerance, so a fold that left the layer as it was would fail. (The device bound of bf16,
+    // f32 accumulation of bf16 products, leaves the bf16 cases at ~18x: 20x was too strict.)
+    if outcome.bn_effect < 10.0 * outcome.max_bound {
         return Err(format!(
             "the batch norm changed the output by only {:.3e} (bound {:.3e})",
             outcome.bn_effect, outcome.max_bound

@@ -746,4 +746,91 @@ mod nccl {
         ));
         assert_eq!(synced.num_batches_tracked(), 1);
     }
+
+    /// One rank of an NCCL world, on device `rank`, in its own thread: a training step over its
+    /// shard of `b`, from the batch's starting state.
+    fn nccl_rank<T: Element>(
+        b: &Batch<T>,
+        rank: usize,
+        id: [core::ffi::c_char; 128],
+    ) -> Outcome<T> {
+        let gpu = GpuContext::new(rank).expect("one device per rank");
+        let comm = sync::communicator(&gpu, rank, b.sizes.len(), cudarc::nccl::Id::uninit(id))
+            .expect("NCCL communicator");
+        let c = b.full.channels();
+        let mut layer = SyncBatchNorm::new(&gpu, BatchNormConfig::new(c), comm).unwrap();
+        layer.set_weight(&b.weight).unwrap();
+        layer.set_bias(&b.bias).unwrap();
+        layer
+            .set_running_stats(&b.running_mean, &b.running_var)
+            .unwrap();
+        let (desc, range) = b.shards().swap_remove(rank);
+        let (x, dy) = (
+            upload_padded(&gpu, &b.x[range.clone()]),
+            upload_padded(&gpu, &b.dy[range.clone()]),
+        );
+        let n = range.len();
+        let (mut y, mut dx) = (buffer::<T>(&gpu, n), buffer::<T>(&gpu, n));
+        let cache = layer
+            .forward(&desc, &x.slice(..n), &mut y.slice_mut(..n))
+            .unwrap();
+        layer
+            .backward(
+                &cache,
+                &x.slice(..n),
+                &dy.slice(..n),
+                Some(dx.slice_mut(..n)),
+            )
+            .unwrap();
+        let saved = layer.saved_stats(&cache).unwrap().unwrap();
+        Outcome {
+            y: download(&gpu, &y)[..n].to_vec(),
+            mean: saved.mean,
+            invstd: saved.invstd,
+            running_mean: layer.running_mean().unwrap().unwrap(),
+            running_var: layer.running_var().unwrap().unwrap(),
+            dx: download(&gpu, &dx)[..n].to_vec(),
+            dweight: layer.grad_weight().unwrap().unwrap(),
+            dbias: layer.grad_bias().unwrap().unwrap(),
+            total: layer.last_global_count().unwrap(),
+        }
+    }
+
+    /// Ranks on separate devices, one thread each, with unequal and empty shards: every rank
+    /// gets bitwise the same statistics, and the whole batch's results. Needs two or more
+    /// devices (NCCL refuses two ranks on one GPU); the emulated driver has EMU_DEVICE_COUNT.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn nccl_ranks_on_separate_devices_match_the_whole_batch() {
+        let gpu = gpu();
+        let devices = cudarc::driver::CudaContext::device_count().unwrap() as usize;
+        if devices < 2 {
+            println!(
+                "NOT RUN: {devices} CUDA device(s); an NCCL world of several ranks needs one each"
+            );
+            return;
+        }
+        let ranks = devices.min(3);
+        for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+            let full = TensorDesc::new(&[7, 5, 6, 3], layout).unwrap();
+            let b = Batch::<f32>::new(full, sizes(full.batch(), ranks), 31, 0.5, 2.0);
+            let what = format!("NCCL {ranks} ranks {full} shards {:?}", b.sizes);
+            let id = *sync::unique_id().unwrap().internal();
+            let got: Vec<Outcome<f32>> = std::thread::scope(|s| {
+                let b = &b;
+                let handles: Vec<_> = (0..ranks)
+                    .map(|rank| s.spawn(move || nccl_rank(b, rank, id)))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert_ranks_agree(&what, &got);
+            compare_ranks(
+                &format!("{what} vs GPU"),
+                &b,
+                &got,
+                &single_device(&gpu, &b),
+            );
+            compare_ranks(&format!("{what} vs CPU"), &b, &got, &cpu_reference(&b));
+        }
+    }
 }

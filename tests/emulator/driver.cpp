@@ -3,8 +3,9 @@
 // (cudarc, the launchers, the layer, the GPU tests) run unchanged on the CPU:
 // scripts/emulated-gpu.sh runs the GPU test binaries against it. See README.md.
 //
-// One device, "batchnorm-cuda emulated device (CPU)", compute capability 9.0, 132 SMs (EMU_SM_COUNT
-// changes it), EMU_DEVICE_MEMORY_MB of memory (default 4096). Device memory is host memory: a
+// EMU_DEVICE_COUNT devices (default 1; NCCL tests give each rank its own), each
+// "batchnorm-cuda emulated device (CPU)", compute capability 9.0, 132 SMs (EMU_SM_COUNT changes
+// it), sharing EMU_DEVICE_MEMORY_MB of memory (default 4096). Device memory is host memory: a
 // device pointer is the host address. Every call runs to completion before it returns, which is one
 // legal order of a CUDA stream program (streams and events then only need bookkeeping), and kernels
 // run on the fiber emulator of emu.h with its exact barriers and schedule policies.
@@ -40,6 +41,7 @@ namespace {
 constexpr size_t kRedZone = 256;
 constexpr unsigned char kRedZoneByte = 0xA5;
 constexpr size_t kDefaultSharedLimit = 48 * 1024;
+constexpr int kMaxDevices = 8;
 
 struct Allocation {
   size_t bytes;
@@ -74,11 +76,12 @@ struct Driver {
   CUresult sticky = CUDA_SUCCESS;
   size_t memory_limit = 0, memory_used = 0;
   unsigned sm_count = 132;
+  int device_count = 1;
   std::map<CUdeviceptr, Allocation> allocations;  // by device pointer
   std::set<CUevent> events;
   std::set<CUstream> streams;
   std::set<CUmodule> modules;
-  Context primary;
+  Context primary[kMaxDevices];
 };
 
 Driver& driver() {
@@ -163,6 +166,8 @@ bool ptx_isa_accepted(const std::string& ptx) {
   return major < 9 || (major == 9 && minor == 0);
 }
 
+bool valid(CUdevice device) { return device >= 0 && device < driver().device_count; }
+
 #define API_ENTER()                                        \
   std::lock_guard<std::recursive_mutex> guard(driver().lock); \
   if (!driver().initialized) return CUDA_ERROR_NOT_INITIALIZED; \
@@ -184,6 +189,8 @@ CUresult cuInit(unsigned int) {
     d.initialized = true;
     d.memory_limit = env_size("EMU_DEVICE_MEMORY_MB", 4096) << 20;
     d.sm_count = (unsigned)env_size("EMU_SM_COUNT", 132);
+    d.device_count = (int)std::min<size_t>(std::max<size_t>(env_size("EMU_DEVICE_COUNT", 1), 1), kMaxDevices);
+    for (int k = 0; k < kMaxDevices; ++k) d.primary[k].device = k;
   }
   return CUDA_SUCCESS;
 }
@@ -195,34 +202,34 @@ CUresult cuDriverGetVersion(int* version) {
 
 CUresult cuDeviceGetCount(int* count) {
   API_ENTER();
-  *count = 1;
+  *count = driver().device_count;
   return CUDA_SUCCESS;
 }
 
 CUresult cuDeviceGet(CUdevice* device, int ordinal) {
   API_ENTER();
-  if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
-  *device = 0;
+  if (ordinal < 0 || ordinal >= driver().device_count) return CUDA_ERROR_INVALID_DEVICE;
+  *device = ordinal;
   return CUDA_SUCCESS;
 }
 
 CUresult cuDeviceGetName(char* name, int len, CUdevice device) {
   API_ENTER();
-  if (device != 0 || len <= 0) return CUDA_ERROR_INVALID_VALUE;
+  if (!valid(device) || len <= 0) return CUDA_ERROR_INVALID_VALUE;
   std::snprintf(name, (size_t)len, "batchnorm-cuda emulated device (CPU)");
   return CUDA_SUCCESS;
 }
 
 CUresult cuDeviceTotalMem(size_t* bytes, CUdevice device) {
   API_ENTER();
-  if (device != 0) return CUDA_ERROR_INVALID_DEVICE;
+  if (!valid(device)) return CUDA_ERROR_INVALID_DEVICE;
   *bytes = driver().memory_limit;
   return CUDA_SUCCESS;
 }
 
 CUresult cuDeviceGetAttribute(int* value, CUdevice_attribute attribute, CUdevice device) {
   API_ENTER();
-  if (device != 0) return CUDA_ERROR_INVALID_DEVICE;
+  if (!valid(device)) return CUDA_ERROR_INVALID_DEVICE;
   switch (attribute) {
     case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: *value = (int)driver().sm_count; break;
     case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *value = 9; break;
@@ -237,6 +244,9 @@ CUresult cuDeviceGetAttribute(int* value, CUdevice_attribute attribute, CUdevice
     case CU_DEVICE_ATTRIBUTE_WARP_SIZE: *value = 32; break;
     case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK: *value = (int)kDefaultSharedLimit; break;
     case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR: *value = 2048; break;
+    case CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE: *value = 50 << 20; break;  // H100's
+    case CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE: *value = 2619000; break;
+    case CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH: *value = 5120; break;
     case CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED:
     case CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING:
     case CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH:
@@ -250,16 +260,16 @@ CUresult cuDeviceGetAttribute(int* value, CUdevice_attribute attribute, CUdevice
 
 CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice device) {
   API_ENTER();
-  if (device != 0) return CUDA_ERROR_INVALID_DEVICE;
-  ++driver().primary.retained;
-  *ctx = reinterpret_cast<CUcontext>(&driver().primary);
+  if (!valid(device)) return CUDA_ERROR_INVALID_DEVICE;
+  ++driver().primary[device].retained;
+  *ctx = reinterpret_cast<CUcontext>(&driver().primary[device]);
   return CUDA_SUCCESS;
 }
 
 CUresult cuDevicePrimaryCtxRelease(CUdevice device) {
   API_ENTER();
-  if (device != 0 || driver().primary.retained == 0) return CUDA_ERROR_INVALID_CONTEXT;
-  --driver().primary.retained;
+  if (!valid(device) || driver().primary[device].retained == 0) return CUDA_ERROR_INVALID_CONTEXT;
+  --driver().primary[device].retained;
   return CUDA_SUCCESS;
 }
 

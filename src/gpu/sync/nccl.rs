@@ -36,7 +36,9 @@ fn require_nccl(call: &'static str) -> Result<()> {
     } else {
         Err(Error::Nccl {
             call,
-            reason: "libnccl could not be loaded".into(),
+            reason: "libnccl could not be loaded (cudarc looks for libnccl.so: link it to NCCL's \
+                     libnccl.so.2 in a directory on LD_LIBRARY_PATH)"
+                .into(),
         })
     }
 }

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Runs the tests (GPU ones included) and the main example on the EMULATED CUDA driver, on a machine without a GPU
+# (this one, CI). tests/emulator/driver.cpp + the kernels, compiled for the CPU, stand in for
+# libcuda: the crate's own GPU code (cudarc, launchers, layer) and the GPU tests run unchanged,
+# the kernels on the fiber emulator of tests/emulator/emu.h. It checks everything except what
+# only silicon can show: real timing, real memory ordering between blocks, MUFU accuracy, and
+# the driver's own JIT. It is NOT a GPU run: scripts/gpu-run.sh is.
+#
+#     bash scripts/emulated-gpu.sh [test-name filter ...]
+#
+# Also SyncBatchNorm over the emulated NCCL (tests/emulator/nccl.cpp; `--features nccl`), ranks
+# as threads on three emulated devices. Too large for the CPU, skipped here: gpu_scale's
+# more_than_2_31_elements_* (2^31 f16 values).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+bash scripts/install-nvcc.sh >/dev/null
+export BATCHNORM_REQUIRE_NVCC=1
+driver_dir="$root/target/emulated-driver"
+logs="$root/target/emulated-gpu-logs"
+rm -rf "$logs" && mkdir -p "$logs"
+
+# The driver: tests/kernel_emulator.rs builds libcuda.so.1 from driver.cpp and the kernels.
+BATCHNORM_EMU_DRIVER_OUT="$driver_dir" cargo test --release --test kernel_emulator \
+  emulated_driver_builds -- --nocapture 2>&1 | grep -E "emulated CUDA driver|test result"
+
+mapfile -t binaries < <(cargo test --release --no-run --message-format=json-render-diagnostics \
+  | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    # Every test binary (several hold GPU tests beside CPU ones) but the CPU-only gates and the
+    # plain gpu_sync, run below with the nccl feature.
+    if (m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]
+            and m["target"]["name"] not in ("ptxas_gate", "kernel_emulator", "gpu_sync")):
+        print(m["executable"])
+')
+[ "${#binaries[@]}" -gt 0 ] || { echo "no test binaries were built" >&2; exit 1; }
+cargo build --release --example train_resnet_stage --example gpu_bench 2>/dev/null
+# SyncBatchNorm's NCCL path (feature `nccl`) on the emulated NCCL beside the driver.
+nccl_sync=$(cargo test --release --features nccl --test gpu_sync --no-run \
+  --message-format=json-render-diagnostics | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["executable"])
+')
+
+export LD_LIBRARY_PATH="$driver_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# 2 GiB of emulated device memory: the out-of-memory test fills it. Three devices: NCCL ranks
+# need one each.
+export EMU_DEVICE_MEMORY_MB=2048 EMU_DEVICE_COUNT=3
+
+failed=()
+for exe in "${binaries[@]}" "$nccl_sync"; do
+  name=$(basename "$exe" | sed 's/-[0-9a-f]\{16\}$//')
+  start=$SECONDS
+  if "$exe" --include-ignored --skip more_than_2_31_elements "$@" >"$logs/$name.log" 2>&1; then
+    status=ok
+  else
+    status=FAILED
+    failed+=("$name")
+  fi
+  printf '%-18s %-6s %4ds  %s\n' "$name" "$status" $((SECONDS - start)) \
+    "$(grep -E '^test result' "$logs/$name.log" | tail -1)"
+done
+
+
+if [ $# -eq 0 ]; then
+  if target/release/examples/train_resnet_stage >"$logs/train_resnet_stage.log" 2>&1; then
+    echo "main example       ok     $(tail -1 "$logs/train_resnet_stage.log")"
+  else
+    failed+=(train_resnet_stage)
+    echo "main example       FAILED $(tail -1 "$logs/train_resnet_stage.log")"
+  fi
+fi
+
+if [ $# -eq 0 ]; then
+  # The benchmark harness on a few rows (its timings mean nothing here; its checks do).
+  if target/release/examples/gpu_bench --quick --filter bn_bwd/f16/32x2048x7x7/channels_last --out "$logs/bench" \
+    >"$logs/gpu_bench.log" 2>&1; then
+    echo "gpu_bench          ok     $(grep -E 'rows in' "$logs/gpu_bench.log")"
+  else
+    failed+=(gpu_bench)
+    echo "gpu_bench          FAILED $(tail -1 "$logs/gpu_bench.log")"
+  fi
+fi
+
+echo "logs: $logs"
+if [ "${#failed[@]}" -gt 0 ]; then
+  for name in "${failed[@]}"; do
+    echo "---- $name ----"
+    grep -E -A30 '^failures:|FAILED|EMULATED DRIVER' "$logs/$name.log" | head -80
+  done
+  echo "EMULATED GPU RUN FAILED: ${failed[*]}" >&2
+  exit 1
+fi
+echo "Emulated GPU run passed. This was the CPU emulator of the driver and kernels, NOT a GPU."
