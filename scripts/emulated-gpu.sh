@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Runs the tests (GPU ones included) and the main example on the EMULATED CUDA driver, on a machine without a GPU
-# (this one, CI). tests/emulator/driver.cpp + the kernels, compiled for the CPU, stand in for
+# Runs the tests (GPU ones included) and the main example on the EMULATED CUDA driver, on a
+# machine without a GPU (this one, CI). tests/emulator/driver.cpp + the kernels, compiled for the CPU, stand in for
 # libcuda: the crate's own GPU code (cudarc, launchers, layer) and the GPU tests run unchanged,
 # the kernels on the fiber emulator of tests/emulator/emu.h. It checks everything except what
 # only silicon can show: real timing, real memory ordering between blocks, MUFU accuracy, and
-# the driver's own JIT. It is NOT a GPU run: scripts/gpu-run.sh is.
+# the driver's own JIT. It is NOT a GPU run: scripts/gpu-run.sh is. The tests run twice: with
+# allocations aligned as cudaMalloc aligns them, then ending at guard pages (reads past the end).
 #
 #     bash scripts/emulated-gpu.sh [test-name filter ...]
 #
@@ -54,26 +55,32 @@ export LD_LIBRARY_PATH="$driver_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export EMU_DEVICE_MEMORY_MB=2048 EMU_DEVICE_COUNT=3
 
 failed=()
-for exe in "${binaries[@]}" "$nccl_sync"; do
-  name=$(basename "$exe" | sed 's/-[0-9a-f]\{16\}$//')
-  start=$SECONDS
-  if "$exe" --include-ignored --skip more_than_2_31_elements "$@" >"$logs/$name.log" 2>&1; then
-    status=ok
-  else
-    status=FAILED
-    failed+=("$name")
-  fi
-  printf '%-18s %-6s %4ds  %s\n' "$name" "$status" $((SECONDS - start)) \
-    "$(grep -E '^test result' "$logs/$name.log" | tail -1)"
+# Twice: allocations aligned to 256 bytes between red zones (as cudaMalloc aligns them), then
+# ending at an inaccessible page (EMU_GUARD_PAGES=1), which turns a read past the end of any
+# buffer into a crash that names the launch; gpu_scale's out-of-memory test runs once.
+for guard in 0 1; do
+  for exe in "${binaries[@]}" "$nccl_sync"; do
+    name=$(basename "$exe" | sed 's/-[0-9a-f]\{16\}$//')
+    [ "$guard" = 1 ] && { [ "$name" = gpu_scale ] && continue; name="$name+guard"; }
+    start=$SECONDS
+    if EMU_GUARD_PAGES=$guard "$exe" --include-ignored --skip more_than_2_31_elements "$@" \
+      >"$logs/$name.log" 2>&1; then
+      status=ok
+    else
+      status=FAILED
+      failed+=("$name")
+    fi
+    printf '%-20s %-6s %4ds  %s\n' "$name" "$status" $((SECONDS - start)) \
+      "$(grep -E '^test result' "$logs/$name.log" | tail -1)"
+  done
 done
-
 
 if [ $# -eq 0 ]; then
   if target/release/examples/train_resnet_stage >"$logs/train_resnet_stage.log" 2>&1; then
-    echo "main example       ok     $(tail -1 "$logs/train_resnet_stage.log")"
+    echo "main example         ok     $(tail -1 "$logs/train_resnet_stage.log")"
   else
     failed+=(train_resnet_stage)
-    echo "main example       FAILED $(tail -1 "$logs/train_resnet_stage.log")"
+    echo "main example         FAILED $(tail -1 "$logs/train_resnet_stage.log")"
   fi
 fi
 
@@ -81,10 +88,10 @@ if [ $# -eq 0 ]; then
   # The benchmark harness on a few rows (its timings mean nothing here; its checks do).
   if target/release/examples/gpu_bench --quick --filter bn_bwd/f16/32x2048x7x7/channels_last --out "$logs/bench" \
     >"$logs/gpu_bench.log" 2>&1; then
-    echo "gpu_bench          ok     $(grep -E 'rows in' "$logs/gpu_bench.log")"
+    echo "gpu_bench            ok     $(grep -E 'rows in' "$logs/gpu_bench.log")"
   else
     failed+=(gpu_bench)
-    echo "gpu_bench          FAILED $(tail -1 "$logs/gpu_bench.log")"
+    echo "gpu_bench            FAILED $(tail -1 "$logs/gpu_bench.log")"
   fi
 fi
 

@@ -14,7 +14,9 @@
 //   - allocations are filled with 0xFF bytes (NaN), so a kernel reading memory nobody wrote is loud;
 //   - every allocation has 256-byte red zones on both sides, checked after every launch, copy and
 //     free: a write out of bounds makes the driver fail with CUDA_ERROR_ILLEGAL_ADDRESS (sticky,
-//     as a real device fault is);
+//     as a real device fault is); with EMU_GUARD_PAGES=1 each allocation instead ends at an
+//     inaccessible page, so a read past the end crashes the launch that made it (a red zone
+//     before it still catches writes there);
 //   - copies and memsets must lie inside one live allocation; a launch must have a valid shape;
 //   - a launch in which the emulator found an error (a barrier not reached by every thread, a
 //     divergent warp collective, an invalid shape) returns CUDA_ERROR_LAUNCH_FAILED (sticky);
@@ -43,9 +45,13 @@ constexpr unsigned char kRedZoneByte = 0xA5;
 constexpr size_t kDefaultSharedLimit = 48 * 1024;
 constexpr int kMaxDevices = 8;
 
+// The data of an allocation sits between two red zones (`front` and `back` bytes, any of them
+// possibly 0) in a block from aligned_alloc, or from mmap when the data ends at a guard page.
 struct Allocation {
   size_t bytes;
-  unsigned char* base;  // the start of the front red zone
+  unsigned char* block;
+  size_t block_bytes, front, back;
+  bool mapped;
 };
 
 struct Function {
@@ -77,6 +83,7 @@ struct Driver {
   size_t memory_limit = 0, memory_used = 0;
   unsigned sm_count = 132;
   int device_count = 1;
+  bool guard_pages = false;
   std::map<CUdeviceptr, Allocation> allocations;  // by device pointer
   std::set<CUevent> events;
   std::set<CUstream> streams;
@@ -120,15 +127,18 @@ size_t env_size(const char* name, size_t fallback) {
 // The red zones of every live allocation are intact; otherwise a fault naming the allocation.
 CUresult check_red_zones(const char* after) {
   for (const auto& [ptr, a] : driver().allocations) {
-    const unsigned char* back = a.base + kRedZone + a.bytes;
-    for (size_t i = 0; i < kRedZone; ++i) {
-      const bool front_ok = a.base[i] == kRedZoneByte, back_ok = back[i] == kRedZoneByte;
-      if (!front_ok || !back_ok) {
-        complain("out-of-bounds write %s: %zu bytes %s the allocation of %zu bytes at 0x%llx", after, front_ok ? i + 1 : kRedZone - i,
-                 front_ok ? "past the end of" : "before", a.bytes, (unsigned long long)ptr);
+    const unsigned char* data = a.block + a.front;
+    for (size_t i = 1; i <= a.front; ++i)
+      if (data[-(ptrdiff_t)i] != kRedZoneByte) {
+        complain("out-of-bounds write %s: %zu bytes before the allocation of %zu bytes at 0x%llx", after, i, a.bytes, (unsigned long long)ptr);
         return fault(CUDA_ERROR_ILLEGAL_ADDRESS);
       }
-    }
+    for (size_t i = 0; i < a.back; ++i)
+      if (data[a.bytes + i] != kRedZoneByte) {
+        complain("out-of-bounds write %s: %zu bytes past the end of the allocation of %zu bytes at 0x%llx", after, i + 1, a.bytes,
+                 (unsigned long long)ptr);
+        return fault(CUDA_ERROR_ILLEGAL_ADDRESS);
+      }
   }
   return CUDA_SUCCESS;
 }
@@ -189,6 +199,7 @@ CUresult cuInit(unsigned int) {
     d.initialized = true;
     d.memory_limit = env_size("EMU_DEVICE_MEMORY_MB", 4096) << 20;
     d.sm_count = (unsigned)env_size("EMU_SM_COUNT", 132);
+    d.guard_pages = env_size("EMU_GUARD_PAGES", 0) != 0;
     d.device_count = (int)std::min<size_t>(std::max<size_t>(env_size("EMU_DEVICE_COUNT", 1), 1), kMaxDevices);
     for (int k = 0; k < kMaxDevices; ++k) d.primary[k].device = k;
   }
@@ -305,14 +316,30 @@ CUresult cuMemAlloc(CUdeviceptr* ptr, size_t bytes) {
   Driver& d = driver();
   if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
   if (bytes > d.memory_limit - d.memory_used) return CUDA_ERROR_OUT_OF_MEMORY;
-  const size_t padded = (bytes + kRedZone - 1) / kRedZone * kRedZone;
-  auto* base = static_cast<unsigned char*>(std::aligned_alloc(kRedZone, padded + 2 * kRedZone));
-  if (!base) return CUDA_ERROR_OUT_OF_MEMORY;
-  std::memset(base, kRedZoneByte, kRedZone);
-  std::memset(base + kRedZone, 0xFF, bytes);  // uninitialized device memory reads as NaN
-  std::memset(base + kRedZone + bytes, kRedZoneByte, padded + kRedZone - bytes);
-  *ptr = reinterpret_cast<CUdeviceptr>(base + kRedZone);
-  d.allocations[*ptr] = {bytes, base};
+  Allocation a{bytes, nullptr, 0, kRedZone, 0, d.guard_pages};
+  if (d.guard_pages) {
+    // The data ends where an inaccessible page begins: a read past the end faults at once (the
+    // emulator names the launch and thread). Its start is then only as aligned as `bytes` is.
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE), span = (bytes + page - 1) / page * page;
+    void* m = mmap(nullptr, span + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    a.block = static_cast<unsigned char*>(m);
+    a.block_bytes = span + page;
+    a.front = span - bytes;
+    mprotect(a.block + span, page, PROT_NONE);
+  } else {
+    const size_t padded = (bytes + kRedZone - 1) / kRedZone * kRedZone;
+    a.block = static_cast<unsigned char*>(std::aligned_alloc(kRedZone, padded + 2 * kRedZone));
+    if (!a.block) return CUDA_ERROR_OUT_OF_MEMORY;
+    a.block_bytes = padded + 2 * kRedZone;
+    a.back = padded + kRedZone - bytes;
+  }
+  unsigned char* data = a.block + a.front;
+  std::memset(a.block, kRedZoneByte, a.front);
+  std::memset(data, 0xFF, bytes);  // uninitialized device memory reads as NaN
+  std::memset(data + bytes, kRedZoneByte, a.back);
+  *ptr = reinterpret_cast<CUdeviceptr>(data);
+  d.allocations[*ptr] = a;
   d.memory_used += bytes;
   return CUDA_SUCCESS;
 }
@@ -326,8 +353,10 @@ CUresult cuMemFree(CUdeviceptr ptr) {
     complain("cuMemFree of 0x%llx, which is not a live allocation", (unsigned long long)ptr);
     return CUDA_ERROR_INVALID_VALUE;
   }
-  d.memory_used -= it->second.bytes;
-  std::free(it->second.base);
+  const Allocation& a = it->second;
+  d.memory_used -= a.bytes;
+  if (a.mapped) munmap(a.block, a.block_bytes);
+  else std::free(a.block);
   d.allocations.erase(it);
   return CUDA_SUCCESS;
 }
