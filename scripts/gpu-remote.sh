@@ -3,19 +3,25 @@
 # optionally under compute-sanitizer, and the benchmark comparison with PyTorch. Staged by
 # scripts/gpu-run.sh into .gpu-run/bundle.tar.xz and started by .gpu-run/run.sh, which unpacks it.
 # Logs go to $OUT (or out/ beside this script).
-#   bash .gpu-run/run.sh [--no-tests] [--sanitize] [--bench] [--quick]
-# One device call is limited to 10 minutes: split tests, sanitizer and bench over calls if needed.
+#   bash .gpu-run/run.sh [--no-tests] [--sanitize[=memcheck,racecheck,...]] [--only=GLOB]
+#                        [--bench] [--quick]
+# --only=GLOB picks the staged test binaries (default gpu_*: every binary for the tests, the gpu_
+# ones for the sanitizer). One device call is limited to 10 minutes: split tests, sanitizer tools
+# and bench over calls, e.g. --no-tests --sanitize=memcheck,initcheck then =racecheck,synccheck.
 set -uo pipefail
 stage=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$stage/out}
 mkdir -p "$out"
-tests=1 sanitize=0 bench=0 quick=0
+tests=1 sanitize=0 bench=0 quick=0 tools="memcheck racecheck initcheck synccheck" only="gpu_*"
 for arg in "$@"; do
   case "$arg" in
     --no-tests) tests=0 ;;
     --sanitize) sanitize=1 ;;
+    --sanitize=*) sanitize=1 tools=${arg#--sanitize=} tools=${tools//,/ } ;;
+    --only=*) only=${arg#--only=} ;;
     --bench) bench=1 ;;
     --quick) quick=1 ;;
+    *) echo "unknown argument $arg" >&2; exit 2 ;;
   esac
 done
 export BATCHNORM_GOLDEN_DIR="$stage/golden"
@@ -39,7 +45,8 @@ fi
 
 failed=0
 if [ "$tests" = 1 ]; then
-  for t in "$stage"/tests/*; do
+  [ "$only" = "gpu_*" ] && test_glob="*" || test_glob=$only
+  for t in "$stage"/tests/$test_glob; do
     echo "=== $(basename "$t")" | tee -a "$out/tests.log"
     "$t" --include-ignored --test-threads=1 2>&1 | tee -a "$out/tests.log"
     [ "${PIPESTATUS[0]}" = 0 ] || failed=1
@@ -49,12 +56,14 @@ fi
 
 if [ "$sanitize" = 1 ]; then
   export PROPTEST_CASES=8 BATCHNORM_SANITIZE=1
-  for tool in memcheck racecheck initcheck synccheck; do
-    for t in "$stage"/tests/gpu_*; do
+  for tool in $tools; do
+    for t in "$stage"/tests/$only; do
       echo "=== $tool $(basename "$t")" | tee -a "$out/sanitizer.log"
       compute-sanitizer --tool "$tool" --error-exitcode 9 "$t" --include-ignored --test-threads=1 \
         >>"$out/sanitizer.log" 2>&1
-      echo "exit $?" | tee -a "$out/sanitizer.log"
+      code=$?
+      echo "exit $code" | tee -a "$out/sanitizer.log"
+      [ "$code" = 0 ] || failed=1
     done
   done
   grep -E "^=== |^exit |ERROR SUMMARY" "$out/sanitizer.log" > "$out/sanitizer-summary.txt"

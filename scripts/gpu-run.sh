@@ -2,7 +2,7 @@
 # Builds the GPU test and benchmark binaries here (a machine with Rust and nvcc, no GPU needed)
 # and stages them, with the golden cases and the scripts they need, in .gpu-run/ (git-ignored),
 # ready to copy to a GPU machine that has no Rust toolchain. Then run there, from the repo root:
-#     bash .gpu-run/run.sh [--no-tests] [--sanitize] [--bench] [--quick]
+#     bash .gpu-run/run.sh [--no-tests] [--sanitize[=TOOL,...]] [--only=GLOB] [--bench] [--quick]
 # With the project's device tool: run(command="bash .gpu-run/run.sh", carry=[".gpu-run"]);
 # results land in $OUT. Every binary embeds the PTX (~12 MB), so the staged files (~190 MB) are
 # packed into one xz archive (~6 MB; what a device call carries is capped at 64 MiB), which
@@ -79,4 +79,4 @@ LAUNCHER
 
 du -sh "$stage" "$bundle"
 echo "staged in $bundle/ (carry it). On the GPU machine, from the repo root:"
-echo "    bash $bundle/run.sh [--no-tests] [--sanitize] [--bench] [--quick]"
+echo "    bash $bundle/run.sh [--no-tests] [--sanitize[=TOOL,...]] [--only=GLOB] [--bench] [--quick]"
