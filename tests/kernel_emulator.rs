@@ -222,7 +222,14 @@ fn emulated_driver_builds() {
     ];
 
     // One translation unit per module: its kernels, and the list that registers them by name.
-    let mut units = vec![emulator.join("driver.cpp")];
+    // The driver, its self-test's broken kernels, then the modules.
+    let selftest_kernels = dir.join("module_selftest.cpp");
+    fs::write(
+        &selftest_kernels,
+        "#define EMU_SELFTEST_PART_kernels\n#include \"driver_selftest.cpp\"\n",
+    )
+    .unwrap();
+    let mut units = vec![emulator.join("driver.cpp"), selftest_kernels];
     for module in MODULES {
         let entries: String = module
             .entry_points
@@ -322,6 +329,7 @@ fn emulated_driver_builds() {
         nccl.display(),
         String::from_utf8_lossy(&build.stderr)
     );
+    driver_selftest(&cxx, cuda_include, &emulator, &out, &dir);
     let _ = fs::remove_dir_all(&dir);
     let _ = writeln!(
         std::io::stderr(),
@@ -331,6 +339,54 @@ fn emulated_driver_builds() {
         t0.elapsed().as_secs_f64()
     );
 }
+
+/// The emulated driver catches what it claims to (tests/emulator/driver_selftest.cpp): a
+/// program linked against it launches deliberately broken kernels, one mode per process.
+fn driver_selftest(cxx: &str, cuda_include: &str, emulator: &Path, lib: &Path, dir: &Path) {
+    use std::os::unix::process::ExitStatusExt;
+    let program = dir.join("driver_selftest");
+    let build = Command::new(cxx)
+        .args(["-std=c++20", OPT, "-w", "-DEMU_SELFTEST_PART_program"])
+        .arg(format!("-I{cuda_include}"))
+        .arg(emulator.join("driver_selftest.cpp"))
+        .arg("-o")
+        .arg(&program)
+        .arg(format!("-L{}", lib.display()))
+        .arg("-l:libcuda.so.1")
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cxx}: {e}"));
+    assert!(
+        build.status.success(),
+        "building the driver self-test failed:\n{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    for mode in ["basic", "write-past-end", "divergent-barrier"] {
+        let run = Command::new(&program).arg(mode).output().unwrap();
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        assert!(
+            run.status.success() && stdout.contains(&format!("selftest {mode}: ok")),
+            "emulated driver self-test {mode}: {}\n{stdout}{}",
+            run.status,
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+    let run = Command::new(&program)
+        .arg("guard-read")
+        .env("EMU_GUARD_PAGES", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.signal() == Some(SIGSEGV) && stderr.contains("EMULATOR CRASH"),
+        "emulated driver self-test guard-read: a read past the end must crash the launch, got {}:\n{}{stderr}",
+        run.status,
+        String::from_utf8_lossy(&run.stdout)
+    );
+}
+
+/// SIGSEGV's number on Linux, the platform of the emulated driver.
+const SIGSEGV: i32 = 11;
 
 /// One group of kernels_test.cpp, compiled and run: its output (Err: a failure).
 struct GroupRun {
