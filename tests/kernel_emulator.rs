@@ -257,23 +257,15 @@ fn emulated_driver_builds() {
                     let mut done = Vec::new();
                     while let Some(unit) = units.get(next.fetch_add(1, Ordering::Relaxed)) {
                         let object = dir.join(unit.file_stem().unwrap()).with_extension("o");
-                        let run = Command::new(&cxx)
+                        let mut compile = Command::new(&cxx);
+                        compile
                             .args(["-std=c++20", OPT, "-fPIC", "-pthread", "-w", "-c"])
                             .args(includes.iter().map(|d| format!("-I{}", d.display())))
                             .arg(unit)
                             .arg("-o")
-                            .arg(&object)
-                            .output()
-                            .unwrap_or_else(|e| panic!("cannot run {cxx}: {e}"));
-                        done.push(if run.status.success() {
-                            Ok(object)
-                        } else {
-                            Err(format!(
-                                "{cxx} failed on {}:\n{}",
-                                unit.display(),
-                                String::from_utf8_lossy(&run.stderr)
-                            ))
-                        });
+                            .arg(&object);
+                        let what = format!("compiling {}", unit.display());
+                        done.push(run_compiler(compile, &what).map(|()| object));
                     }
                     done
                 })
@@ -291,25 +283,18 @@ fn emulated_driver_builds() {
 
     fs::create_dir_all(&out).unwrap();
     let library = out.join("libcuda.so.1");
-    let link = Command::new(&cxx)
-        .args(["-shared", "-pthread", "-Wl,-soname,libcuda.so.1", "-o"])
+    let mut link = Command::new(&cxx);
+    link.args(["-shared", "-pthread", "-Wl,-soname,libcuda.so.1", "-o"])
         .arg(&library)
-        .args(&objects)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cxx}: {e}"));
-    assert!(
-        link.status.success(),
-        "linking {} failed:\n{}",
-        library.display(),
-        String::from_utf8_lossy(&link.stderr)
-    );
+        .args(&objects);
+    run_compiler(link, "linking libcuda.so.1").unwrap_or_else(|e| panic!("{e}"));
     // cudarc asks for libcuda.so first.
     let alias = out.join("libcuda.so");
     let _ = fs::remove_file(&alias);
     std::os::unix::fs::symlink("libcuda.so.1", &alias).unwrap();
     // The emulated NCCL (ranks as threads of one process), for SyncBatchNorm's NCCL path.
-    let nccl = out.join("libnccl.so");
-    let build = Command::new(&cxx)
+    let mut build = Command::new(&cxx);
+    build
         .args([
             "-std=c++20",
             OPT,
@@ -319,16 +304,9 @@ fn emulated_driver_builds() {
             "-w",
             "-o",
         ])
-        .arg(&nccl)
-        .arg(emulator.join("nccl.cpp"))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cxx}: {e}"));
-    assert!(
-        build.status.success(),
-        "building {} failed:\n{}",
-        nccl.display(),
-        String::from_utf8_lossy(&build.stderr)
-    );
+        .arg(out.join("libnccl.so"))
+        .arg(emulator.join("nccl.cpp"));
+    run_compiler(build, "building libnccl.so").unwrap_or_else(|e| panic!("{e}"));
     driver_selftest(&cxx, cuda_include, &emulator, &out, &dir);
     let _ = fs::remove_dir_all(&dir);
     let _ = writeln!(
@@ -345,7 +323,8 @@ fn emulated_driver_builds() {
 fn driver_selftest(cxx: &str, cuda_include: &str, emulator: &Path, lib: &Path, dir: &Path) {
     use std::os::unix::process::ExitStatusExt;
     let program = dir.join("driver_selftest");
-    let build = Command::new(cxx)
+    let mut build = Command::new(cxx);
+    build
         .args(["-std=c++20", OPT, "-w", "-DEMU_SELFTEST_PART_program"])
         .arg(format!("-I{cuda_include}"))
         .arg(emulator.join("driver_selftest.cpp"))
@@ -353,14 +332,8 @@ fn driver_selftest(cxx: &str, cuda_include: &str, emulator: &Path, lib: &Path, d
         .arg(&program)
         .arg(format!("-L{}", lib.display()))
         .arg("-l:libcuda.so.1")
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cxx}: {e}"));
-    assert!(
-        build.status.success(),
-        "building the driver self-test failed:\n{}",
-        String::from_utf8_lossy(&build.stderr)
-    );
+        .arg(format!("-Wl,-rpath,{}", lib.display()));
+    run_compiler(build, "building the driver self-test").unwrap_or_else(|e| panic!("{e}"));
     for mode in ["basic", "write-past-end", "divergent-barrier"] {
         let run = Command::new(&program).arg(mode).output().unwrap();
         let stdout = String::from_utf8_lossy(&run.stdout);
@@ -383,6 +356,21 @@ fn driver_selftest(cxx: &str, cuda_include: &str, emulator: &Path, lib: &Path, d
         run.status,
         String::from_utf8_lossy(&run.stdout)
     );
+}
+
+/// Runs a C++ compiler or linker command; on failure, `what` failed and its stderr.
+fn run_compiler(mut command: Command, what: &str) -> Result<(), String> {
+    let out = command
+        .output()
+        .map_err(|e| format!("{what}: cannot run {:?}: {e}", command.get_program()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
 }
 
 /// SIGSEGV's number on Linux, the platform of the emulated driver.

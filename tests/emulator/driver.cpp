@@ -176,6 +176,13 @@ bool ptx_isa_accepted(const std::string& ptx) {
   return major < 9 || (major == 9 && minor == 0);
 }
 
+// Forgets a live handle and deletes the object behind it.
+template <class Object, class Handle> CUresult destroy(std::set<Handle>& live, Handle handle) {
+  if (!live.erase(handle)) return CUDA_ERROR_INVALID_HANDLE;
+  delete reinterpret_cast<Object*>(handle);
+  return CUDA_SUCCESS;
+}
+
 bool valid(CUdevice device) { return device >= 0 && device < driver().device_count; }
 
 #define API_ENTER()                                        \
@@ -429,9 +436,7 @@ CUresult cuStreamCreateWithPriority(CUstream* stream, unsigned int flags, int) {
 
 CUresult cuStreamDestroy(CUstream stream) {
   API_ENTER();
-  if (!driver().streams.erase(stream)) return CUDA_ERROR_INVALID_HANDLE;
-  delete reinterpret_cast<Stream*>(stream);
-  return CUDA_SUCCESS;
+  return destroy<Stream>(driver().streams, stream);
 }
 
 // Everything queued has already run: synchronizing only looks for faults.
@@ -459,9 +464,7 @@ CUresult cuEventCreate(CUevent* event, unsigned int) {
 
 CUresult cuEventDestroy(CUevent event) {
   API_ENTER();
-  if (!driver().events.erase(event)) return CUDA_ERROR_INVALID_HANDLE;
-  delete reinterpret_cast<Event*>(event);
-  return CUDA_SUCCESS;
+  return destroy<Event>(driver().events, event);
 }
 
 CUresult cuEventRecord(CUevent event, CUstream) {
@@ -519,9 +522,7 @@ CUresult cuModuleLoadData(CUmodule* module, const void* image) {
 
 CUresult cuModuleUnload(CUmodule module) {
   API_ENTER();
-  if (!driver().modules.erase(module)) return CUDA_ERROR_INVALID_HANDLE;
-  delete reinterpret_cast<Module*>(module);
-  return CUDA_SUCCESS;
+  return destroy<Module>(driver().modules, module);
 }
 
 CUresult cuModuleGetFunction(CUfunction* function, CUmodule module, const char* name) {
