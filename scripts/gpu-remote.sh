@@ -41,6 +41,7 @@ fi
   date -u +%Y-%m-%dT%H:%MZ
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   echo "libnccl: ${nccl:-not found: the NCCL tests of SyncBatchNorm will fail}"
+  echo "commit: $(cat "$stage/commit.txt" 2>/dev/null || echo unknown)"
 } | tee "$out/device.txt"
 
 failed=0

@@ -57,6 +57,8 @@ if [ -d ../shared/golden ]; then
   cp -r ../shared/golden "$stage/golden"
 fi
 cp scripts/gpu-remote.sh "$stage/run-staged.sh"
+# The commit the binaries are built from (and whether the tree had uncommitted changes).
+echo "$(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' + uncommitted changes')" >"$stage/commit.txt"
 strip "$stage"/tests/* "$stage"/bench/gpu_bench 2>/dev/null || true
 
 # xz -9 single-threaded: its 64 MiB window spans several binaries, whose embedded PTX is the same.

@@ -2,8 +2,8 @@
 # Records a GPU run in bench/results/YYYY-MM-DD-<gpu>/: give it the output folders of the device
 # calls of one session (the `files_at` of each `bash .gpu-run/run.sh ...` call: tests, sanitizer
 # tools, bench), in the order they ran. It copies what scripts/gpu-remote.sh and the benchmark wrote,
-# concatenating the logs and summaries of several calls, and writes run.txt: the commit the
-# binaries were built from, the date, the device and driver, and each call's summary lines.
+# concatenating the logs and summaries of several calls, and writes run.txt: the date, the
+# device and driver, the commit the binaries were built from, and each call's summary lines.
 #     bash scripts/record-gpu-run.sh [--dest DIR] OUT_DIR [OUT_DIR ...]
 # Then commit the folder and put the table's headline numbers in README's Results.
 set -euo pipefail
@@ -28,8 +28,8 @@ gpu=$(sed -n 2p "$device_file" | cut -d, -f1 | tr 'A-Z ' 'a-z-' | tr -cd 'a-z0-9
 dest=${dest:-$root/bench/results/$date-${gpu:-unknown-gpu}}
 mkdir -p "$dest"
 
+# device.txt: date, nvidia-smi's GPU line, libnccl, and the commit gpu-run.sh built from.
 {
-  echo "commit: $(git -C "$root" rev-parse HEAD) (the binaries were built from it by scripts/gpu-run.sh)"
   cat "$device_file"
   echo
 } >"$dest/run.txt"
