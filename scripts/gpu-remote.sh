@@ -30,8 +30,19 @@ export RUST_BACKTRACE=1
 
 # libnccl for SyncBatchNorm's NCCL tests: cudarc loads "libnccl.so" (not NCCL's soname
 # libnccl.so.2), so link the first one found (PyTorch's nvidia-nccl wheel, then the system's).
-nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
-[ -f "$nccl" ] || nccl=$(ls /usr/lib/x86_64-linux-gnu/libnccl.so.2 /usr/local/lib/libnccl.so.2 2>/dev/null | head -1)
+# (nvidia/nccl/lib/ in the cu12 wheels; the cu13 ones may nest it deeper: search nvidia/ whole.)
+nccl=$(python3 - 2>/dev/null <<'PY'
+import glob, os, site
+roots = site.getsitepackages() + [site.getusersitepackages()]
+for root in roots:
+    found = sorted(glob.glob(os.path.join(root, "nvidia", "**", "libnccl.so.2"), recursive=True))
+    found += sorted(glob.glob(os.path.join(root, "torch", "lib", "libnccl.so*")))
+    if found:
+        print(found[0])
+        break
+PY
+)
+[ -n "$nccl" ] || nccl=$(ls /usr/lib/x86_64-linux-gnu/libnccl.so.2 /usr/local/lib/libnccl.so.2 2>/dev/null | head -1)
 if [ -n "$nccl" ] && [ -f "$nccl" ]; then
   mkdir -p "$stage/nccl" && ln -sf "$nccl" "$stage/nccl/libnccl.so"
   export LD_LIBRARY_PATH="$stage/nccl${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
