@@ -1,0 +1,288 @@
+//! The GPU layer against the CPU reference layer over random sequences of calls: forwards (with
+//! or without a backward) in training and eval mode, mode switches, `zero_grad`, new parameters
+//! and running statistics, and a state round trip into a fresh layer, for random configurations
+//! (affine, tracking, momentum including `None`, 0 and 1), shapes, layouts and dtypes (f32, f16,
+//! bf16; statistics and parameters are f32 in all three). After every call
+//! the two layers must agree: outputs, accumulated gradients, running statistics, the counter,
+//! and the same refusals (one value per channel in training) with the state left as it was.
+//! Needs a CUDA device: run with `--include-ignored` on a GPU machine.
+
+mod common;
+
+use batchnorm_cuda::gpu::{self, GpuContext};
+use batchnorm_cuda::reference;
+use batchnorm_cuda::{BatchNormConfig, DType, Element, LayerState, Layout, TensorDesc};
+use common::gpu::*;
+use common::{compare, tolerance, widen, widen_f32, Quantity, Tol};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// A forward of `n` samples drawn from `seed`, then a backward when `backward`.
+    Forward {
+        n: usize,
+        seed: u64,
+        backward: bool,
+    },
+    Train,
+    Eval,
+    ZeroGrad,
+    SetParameters(u64),
+    SetRunningStats(u64),
+    /// `state()` of each layer loaded into a fresh one, which replaces it.
+    Reload,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (1usize..=4, any::<u64>(), any::<bool>())
+            .prop_map(|(n, seed, backward)| Op::Forward { n, seed, backward }),
+        1 => Just(Op::Train),
+        1 => Just(Op::Eval),
+        1 => Just(Op::ZeroGrad),
+        1 => any::<u64>().prop_map(Op::SetParameters),
+        1 => any::<u64>().prop_map(Op::SetRunningStats),
+        1 => Just(Op::Reload),
+    ]
+}
+
+/// Per-channel sums over a batch: relative to the largest value (as the golden cases' grads).
+const GRADS: Tol = Tol::OfMax {
+    atol: 1e-4,
+    rtol: 1e-4,
+};
+
+fn check(what: &str, got: &[f64], want: &[f64], tol: Tol) -> Result<(), TestCaseError> {
+    compare(got, want, tol)
+        .map(|_| ())
+        .map_err(|e| TestCaseError::fail(format!("{what}: {e}")))
+}
+
+/// The two layers' states agree: parameters bitwise (both were set from the same values and
+/// never trained here), running statistics within the statistics tolerance, the counter exactly.
+fn same_state(what: &str, gpu: &LayerState, cpu: &LayerState) -> Result<(), TestCaseError> {
+    prop_assert_eq!(&gpu.weight, &cpu.weight, "{}: weight", what);
+    prop_assert_eq!(&gpu.bias, &cpu.bias, "{}: bias", what);
+    prop_assert_eq!(
+        gpu.num_batches_tracked,
+        cpu.num_batches_tracked,
+        "{}: num_batches_tracked",
+        what
+    );
+    let stat = tolerance(DType::F32, Quantity::Statistic);
+    for (name, g, c) in [
+        ("running_mean", &gpu.running_mean, &cpu.running_mean),
+        ("running_var", &gpu.running_var, &cpu.running_var),
+    ] {
+        match (g, c) {
+            (Some(g), Some(c)) => check(
+                &format!("{what}: {name}"),
+                &widen_f32(g),
+                &widen_f32(c),
+                stat,
+            )?,
+            (None, None) => {}
+            _ => prop_assert!(false, "{}: {} present on one side only", what, name),
+        }
+    }
+    Ok(())
+}
+
+struct Model {
+    cpu: reference::BatchNorm,
+    gpu: gpu::BatchNorm,
+    /// The CPU side's accumulated parameter gradients (the reference returns each backward's).
+    grad_weight: Vec<f32>,
+    grad_bias: Vec<f32>,
+}
+
+fn run<T: Element>(
+    ctx: &GpuContext,
+    config: BatchNormConfig,
+    spatial: &[usize],
+    layout: Layout,
+    ops: &[Op],
+) -> Result<(), TestCaseError> {
+    let c = config.num_features;
+    let mut m = Model {
+        cpu: reference::BatchNorm::new(config).unwrap(),
+        gpu: gpu::BatchNorm::new(ctx, config).unwrap(),
+        grad_weight: vec![0.0; c],
+        grad_bias: vec![0.0; c],
+    };
+    let act = tolerance(T::DTYPE, Quantity::Activation);
+    for (step, op) in ops.iter().enumerate() {
+        let what = format!("step {step} {op:?}");
+        match *op {
+            Op::Forward { n, seed, backward } => {
+                let mut dims = vec![n, c];
+                dims.extend_from_slice(spatial);
+                let desc = TensorDesc::new(&dims, layout).unwrap();
+                let x: Vec<T> = random(seed, desc.numel(), 0.5, 2.0);
+                let (cpu_before, gpu_before) = (m.cpu.state(), m.gpu.state().unwrap());
+                let xd = upload(ctx, &x);
+                let mut yd = zeros::<T>(ctx, desc.numel());
+                let got = m.gpu.forward(&desc, &xd.as_view(), &mut yd.as_view_mut());
+                let want = m.cpu.forward(&x, &desc);
+                let (gcache, (y, cache)) = match (got, want) {
+                    (Ok(g), Ok(w)) => (g, w),
+                    (Err(g), Err(w)) => {
+                        // The same refusal, and neither layer changed.
+                        prop_assert_eq!(format!("{g:?}"), format!("{w:?}"), "{}", what);
+                        same_state(&what, &m.gpu.state().unwrap(), &gpu_before)?;
+                        same_state(&what, &m.cpu.state(), &cpu_before)?;
+                        continue;
+                    }
+                    (g, w) => {
+                        return Err(TestCaseError::fail(format!(
+                            "{what}: GPU {g:?}, CPU {:?}",
+                            w.map(|_| ())
+                        )))
+                    }
+                };
+                check(
+                    &format!("{what}: y"),
+                    &widen(&download(ctx, &yd)),
+                    &widen(&y),
+                    act,
+                )?;
+                if backward {
+                    let dy: Vec<T> = random(seed ^ 0x5bd1e995, desc.numel(), 0.0, 1.0);
+                    let grads = m.cpu.backward(&cache, &x, &dy).unwrap();
+                    let dyd = upload(ctx, &dy);
+                    let mut dxd = zeros::<T>(ctx, desc.numel());
+                    m.gpu
+                        .backward(
+                            &gcache,
+                            &xd.as_view(),
+                            &dyd.as_view(),
+                            Some(dxd.as_view_mut()),
+                        )
+                        .unwrap();
+                    check(
+                        &format!("{what}: dx"),
+                        &widen(&download(ctx, &dxd)),
+                        &widen(&grads.dx),
+                        act,
+                    )?;
+                    if let (Some(dw), Some(db)) = (grads.dweight, grads.dbias) {
+                        m.grad_weight.iter_mut().zip(&dw).for_each(|(a, g)| *a += g);
+                        m.grad_bias.iter_mut().zip(&db).for_each(|(a, g)| *a += g);
+                    }
+                }
+            }
+            Op::Train => {
+                m.cpu.train();
+                m.gpu.train();
+            }
+            Op::Eval => {
+                m.cpu.eval();
+                m.gpu.eval();
+            }
+            Op::ZeroGrad => {
+                m.gpu.zero_grad().unwrap();
+                m.grad_weight.fill(0.0);
+                m.grad_bias.fill(0.0);
+            }
+            Op::SetParameters(seed) if config.affine => {
+                let (w, b) = (
+                    random_f32(seed, c, -1.5, 1.5),
+                    random_f32(seed + 1, c, -0.5, 0.5),
+                );
+                m.cpu.set_weight(&w).unwrap();
+                m.cpu.set_bias(&b).unwrap();
+                m.gpu.set_weight(&w).unwrap();
+                m.gpu.set_bias(&b).unwrap();
+            }
+            Op::SetRunningStats(seed) if config.track_running_stats => {
+                let (mean, var) = (
+                    random_f32(seed, c, -1.0, 1.0),
+                    random_f32(seed + 1, c, 0.1, 3.0),
+                );
+                m.cpu.set_running_mean(&mean).unwrap();
+                m.cpu.set_running_var(&var).unwrap();
+                m.gpu.set_running_stats(&mean, &var).unwrap();
+            }
+            Op::SetParameters(_) | Op::SetRunningStats(_) => {}
+            Op::Reload => {
+                let training = m.cpu.is_training();
+                let mut cpu = reference::BatchNorm::new(config).unwrap();
+                cpu.load_state(&m.cpu.state()).unwrap();
+                let mut fresh = gpu::BatchNorm::new(ctx, config).unwrap();
+                fresh.load_state(&m.gpu.state().unwrap()).unwrap();
+                if !training {
+                    cpu.eval();
+                    fresh.eval();
+                }
+                // Gradients are not state: the fresh layer starts from zero.
+                m = Model {
+                    cpu,
+                    gpu: fresh,
+                    grad_weight: vec![0.0; c],
+                    grad_bias: vec![0.0; c],
+                };
+            }
+        }
+        prop_assert_eq!(m.gpu.is_training(), m.cpu.is_training(), "{}", what);
+        same_state(&what, &m.gpu.state().unwrap(), &m.cpu.state())?;
+        if config.affine {
+            check(
+                &format!("{what}: grad_weight"),
+                &widen_f32(&m.gpu.grad_weight().unwrap().unwrap()),
+                &widen_f32(&m.grad_weight),
+                GRADS,
+            )?;
+            check(
+                &format!("{what}: grad_bias"),
+                &widen_f32(&m.gpu.grad_bias().unwrap().unwrap()),
+                &widen_f32(&m.grad_bias),
+                GRADS,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_layer_follows_the_reference_layer_over_random_call_sequences() {
+    let ctx = gpu();
+    let case = (
+        1usize..=6,
+        proptest::collection::vec(1usize..=5, 0..=2),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        prop_oneof![
+            Just(None),
+            Just(Some(0.0f32)),
+            Just(Some(1.0f32)),
+            (0.0f32..=1.0).prop_map(Some)
+        ],
+        proptest::collection::vec(op(), 1..=12),
+        0usize..3,
+    );
+    let mut runner = TestRunner::new(Config::default());
+    runner
+        .run(
+            &case,
+            |(c, spatial, last, affine, track, momentum, ops, dtype)| {
+                let config = BatchNormConfig::new(c)
+                    .affine(affine)
+                    .track_running_stats(track)
+                    .momentum(momentum);
+                let layout = if last {
+                    Layout::ChannelsLast
+                } else {
+                    Layout::ChannelsFirst
+                };
+                match dtype {
+                    0 => run::<f32>(&ctx, config, &spatial, layout, &ops),
+                    1 => run::<half::f16>(&ctx, config, &spatial, layout, &ops),
+                    _ => run::<half::bf16>(&ctx, config, &spatial, layout, &ops),
+                }
+            },
+        )
+        .unwrap();
+}
