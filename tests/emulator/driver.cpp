@@ -6,12 +6,12 @@
 // EMU_DEVICE_COUNT devices (default 1; NCCL tests give each rank its own), each
 // "batchnorm-cuda emulated device (CPU)", compute capability 9.0, 132 SMs (EMU_SM_COUNT changes
 // it), sharing EMU_DEVICE_MEMORY_MB of memory (default 4096). Device memory is host memory: a
-// device pointer is the host address. Every call runs to completion before it returns, which is one
-// legal order of a CUDA stream program (streams and events then only need bookkeeping), and kernels
-// run on the fiber emulator of emu.h with its exact barriers and schedule policies.
+// device pointer is the host address. Every call runs to completion before it returns, which is
+// one legal order of a CUDA stream program (streams and events then only need bookkeeping), and
+// kernels run on the fiber emulator of emu.h with its exact barriers and schedule policies.
 //
 // What it checks on top of the emulator, like compute-sanitizer would on a GPU:
-//   - allocations are filled with 0xFF bytes (NaN), so a kernel reading memory nobody wrote is loud;
+//   - allocations are filled with 0xFF bytes (NaN): a kernel reading memory nobody wrote is loud;
 //   - every allocation has 256-byte red zones on both sides, checked after every launch, copy and
 //     free: a write out of bounds makes the driver fail with CUDA_ERROR_ILLEGAL_ADDRESS (sticky,
 //     as a real device fault is); with EMU_GUARD_PAGES=1 each allocation instead ends at an
@@ -23,6 +23,7 @@
 //   - a module must be PTX no newer than ISA 9.0 (what driver 580 accepts), and every entry point
 //     it declares must be one the emulator was built with.
 // Calls are serialized by one lock: the emulator's state is global.
+
 // Every header before emu.h: it redefines CUDA's attribute macros (__noinline__...), which
 // cuda.h and the standard library use.
 #include <cuda.h>
@@ -130,7 +131,8 @@ CUresult check_red_zones(const char* after) {
     const unsigned char* data = a.block + a.front;
     for (size_t i = 1; i <= a.front; ++i)
       if (data[-(ptrdiff_t)i] != kRedZoneByte) {
-        complain("out-of-bounds write %s: %zu bytes before the allocation of %zu bytes at 0x%llx", after, i, a.bytes, (unsigned long long)ptr);
+        complain("out-of-bounds write %s: %zu bytes before the allocation of %zu bytes at 0x%llx", after, i, a.bytes,
+                 (unsigned long long)ptr);
         return fault(CUDA_ERROR_ILLEGAL_ADDRESS);
       }
     for (size_t i = 0; i < a.back; ++i)
