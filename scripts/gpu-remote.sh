@@ -67,12 +67,14 @@ if [ "$tests" = 1 ]; then
 fi
 
 if [ "$sanitize" = 1 ]; then
-  export PROPTEST_CASES=8 BATCHNORM_SANITIZE=1
+  # A smaller set under the sanitizer (10-100x slower): few property cases, and not the two
+  # tests of more than 2^31 elements (too slow there; the plain test run covers them).
+  export PROPTEST_CASES=8
   for tool in $tools; do
     for t in "$stage"/tests/$only; do
       echo "=== $tool $(basename "$t")" | tee -a "$out/sanitizer.log"
       compute-sanitizer --tool "$tool" --error-exitcode 9 "$t" --include-ignored --test-threads=1 \
-        >>"$out/sanitizer.log" 2>&1
+        --skip more_than_2_31_elements >>"$out/sanitizer.log" 2>&1
       code=$?
       echo "exit $code" | tee -a "$out/sanitizer.log"
       [ "$code" = 0 ] || failed=1
