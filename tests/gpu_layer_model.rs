@@ -1,17 +1,19 @@
-//! The GPU layer against the CPU reference layer over random sequences of calls: forwards (with
-//! or without a backward) in training and eval mode, mode switches, `zero_grad`, new parameters
-//! and running statistics, and a state round trip into a fresh layer, for random configurations
-//! (affine, tracking, momentum including `None`, 0 and 1), shapes, layouts and dtypes (f32, f16,
-//! bf16; statistics and parameters are f32 in all three). After every call
-//! the two layers must agree: outputs, accumulated gradients, running statistics, the counter,
-//! and the same refusals (one value per channel in training) with the state left as it was.
-//! Needs a CUDA device: run with `--include-ignored` on a GPU machine.
+//! The GPU layer against the CPU reference layer over random sequences of calls: forwards (plain,
+//! with ReLU, with add + ReLU; with or without their backward) in training and eval mode, mode
+//! switches, `zero_grad`, new parameters and running statistics, and a state round trip into a
+//! fresh layer, for random configurations (affine, tracking, momentum including `None`, 0 and 1),
+//! shapes, layouts and dtypes (f32, f16, bf16; statistics and parameters are f32 in all three).
+//! After every call the two layers must agree: outputs, masks (the stored y's sign), accumulated
+//! gradients, running statistics, the counter, and the same refusals (one value per channel in
+//! training) with the state left as it was. Needs a CUDA device: run with `--include-ignored` on
+//! a GPU machine.
 
 mod common;
 
+use batchnorm_cuda::epilogue::{mask_words, unpack_mask};
 use batchnorm_cuda::gpu::{self, GpuContext};
 use batchnorm_cuda::reference;
-use batchnorm_cuda::{BatchNormConfig, DType, Element, LayerState, Layout, TensorDesc};
+use batchnorm_cuda::{BatchNormConfig, DType, Element, Epilogue, LayerState, Layout, TensorDesc};
 use common::gpu::*;
 use common::{compare, tolerance, widen, widen_f32, Quantity, Tol};
 use proptest::prelude::*;
@@ -19,11 +21,13 @@ use proptest::test_runner::{Config, TestRunner};
 
 #[derive(Clone, Debug)]
 enum Op {
-    /// A forward of `n` samples drawn from `seed`, then a backward when `backward`.
+    /// A forward of `n` samples drawn from `seed` (plain, `relu(BN(x))` or `relu(BN(x) + z)`),
+    /// then its backward when `backward`.
     Forward {
         n: usize,
         seed: u64,
         backward: bool,
+        epilogue: Option<Epilogue>,
     },
     Train,
     Eval,
@@ -36,8 +40,22 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (1usize..=4, any::<u64>(), any::<bool>())
-            .prop_map(|(n, seed, backward)| Op::Forward { n, seed, backward }),
+        6 => (
+            1usize..=4,
+            any::<u64>(),
+            any::<bool>(),
+            prop_oneof![
+                2 => Just(None),
+                1 => Just(Some(Epilogue::Relu)),
+                1 => Just(Some(Epilogue::AddRelu))
+            ]
+        )
+            .prop_map(|(n, seed, backward, epilogue)| Op::Forward {
+                n,
+                seed,
+                backward,
+                epilogue
+            }),
         1 => Just(Op::Train),
         1 => Just(Op::Eval),
         1 => Just(Op::ZeroGrad),
@@ -97,6 +115,120 @@ struct Model {
     grad_bias: Vec<f32>,
 }
 
+/// One forward (and its backward) on both layers; `Ok(false)` when both refused it alike.
+fn forward_step<T: Element>(
+    ctx: &GpuContext,
+    m: &mut Model,
+    desc: &TensorDesc,
+    seed: u64,
+    backward: bool,
+    epilogue: Option<Epilogue>,
+    what: &str,
+) -> Result<bool, TestCaseError> {
+    let act = tolerance(T::DTYPE, Quantity::Activation);
+    let numel = desc.numel();
+    let x: Vec<T> = random(seed, numel, 0.5, 2.0);
+    let z: Vec<T> = random(seed ^ 0x2545f491, numel, 0.0, 1.0);
+    let (cpu_before, gpu_before) = (m.cpu.state(), m.gpu.state().unwrap());
+    let (xd, zd) = (upload(ctx, &x), upload(ctx, &z));
+    let mut yd = zeros::<T>(ctx, numel);
+    let mut maskd = ctx
+        .stream()
+        .alloc_zeros::<u32>(mask_words(desc).max(1))
+        .unwrap();
+    let mut mask = maskd.slice_mut(..mask_words(desc));
+    let (x_, z_) = (xd.as_view(), zd.as_view());
+    let mut y_ = yd.as_view_mut();
+    let got = match epilogue {
+        None => m.gpu.forward(desc, &x_, &mut y_),
+        Some(Epilogue::Relu) => m.gpu.forward_relu(desc, &x_, &mut y_, Some(&mut mask)),
+        Some(Epilogue::AddRelu) => m
+            .gpu
+            .forward_add_relu(desc, &x_, &z_, &mut y_, Some(&mut mask)),
+    };
+    let want = match epilogue {
+        None => m.cpu.forward(&x, desc),
+        Some(Epilogue::Relu) => m.cpu.forward_relu(&x, desc).map(|(y, _, cache)| (y, cache)),
+        Some(Epilogue::AddRelu) => m
+            .cpu
+            .forward_add_relu(&x, &z, desc)
+            .map(|(y, _, cache)| (y, cache)),
+    };
+    let (gcache, (y, cache)) = match (got, want) {
+        (Ok(g), Ok(w)) => (g, w),
+        (Err(g), Err(w)) => {
+            // The same refusal, and neither layer changed.
+            prop_assert_eq!(format!("{g:?}"), format!("{w:?}"), "{}", what);
+            same_state(what, &m.gpu.state().unwrap(), &gpu_before)?;
+            same_state(what, &m.cpu.state(), &cpu_before)?;
+            return Ok(false);
+        }
+        (g, w) => {
+            return Err(TestCaseError::fail(format!(
+                "{what}: GPU {g:?}, CPU {:?}",
+                w.map(|_| ())
+            )))
+        }
+    };
+    let y_gpu = download(ctx, &yd);
+    check(&format!("{what}: y"), &widen(&y_gpu), &widen(&y), act)?;
+    // The mask the GPU wrote is the stored y's sign (the ABI's definition); the CPU backward
+    // takes it too, so both sides see the same ReLU where y is within rounding of 0.
+    let mask_host = ctx.stream().clone_dtoh(&maskd).unwrap()[..mask_words(desc)].to_vec();
+    if epilogue.is_some() {
+        let bits = unpack_mask(desc, &mask_host).unwrap();
+        let y_wide = widen(&y_gpu);
+        prop_assert!(
+            bits.iter().zip(&y_wide).all(|(&b, &v)| b == (v > 0.0)),
+            "{}: mask bits differ from y > 0",
+            what
+        );
+    }
+    if !backward {
+        return Ok(true);
+    }
+    let dy: Vec<T> = random(seed ^ 0x5bd1e995, numel, 0.0, 1.0);
+    let dyd = upload(ctx, &dy);
+    let mut dxd = zeros::<T>(ctx, numel);
+    let mut dzd = zeros::<T>(ctx, numel);
+    let (x_, dy_, mask_) = (xd.as_view(), dyd.as_view(), maskd.slice(..mask_words(desc)));
+    let dx_ = Some(dxd.as_view_mut());
+    let grads = match epilogue {
+        None => {
+            m.gpu.backward(&gcache, &x_, &dy_, dx_).unwrap();
+            m.cpu.backward(&cache, &x, &dy).unwrap()
+        }
+        Some(Epilogue::Relu) => {
+            m.gpu
+                .backward_relu(&gcache, &x_, &dy_, &mask_, dx_)
+                .unwrap();
+            m.cpu.backward_relu(&cache, &x, &dy, &mask_host).unwrap()
+        }
+        Some(Epilogue::AddRelu) => {
+            m.gpu
+                .backward_add_relu(&gcache, &x_, &dy_, &mask_, dx_, Some(dzd.as_view_mut()))
+                .unwrap();
+            let (grads, dz) = m
+                .cpu
+                .backward_add_relu(&cache, &x, &dy, &mask_host)
+                .unwrap();
+            prop_assert_eq!(widen(&download(ctx, &dzd)), widen(&dz), "{}: dz", what);
+            grads
+        }
+    };
+    check(
+        &format!("{what}: dx"),
+        &widen(&download(ctx, &dxd)),
+        &widen(&grads.dx),
+        act,
+    )?;
+    if let (Some(dw), Some(db)) = (grads.dweight, grads.dbias) {
+        m.grad_weight.iter_mut().zip(&dw).for_each(|(a, g)| *a += g);
+        m.grad_bias.iter_mut().zip(&db).for_each(|(a, g)| *a += g);
+    }
+    Ok(true)
+}
+
 fn run<T: Element>(
     ctx: &GpuContext,
     config: BatchNormConfig,
@@ -111,65 +243,20 @@ fn run<T: Element>(
         grad_weight: vec![0.0; c],
         grad_bias: vec![0.0; c],
     };
-    let act = tolerance(T::DTYPE, Quantity::Activation);
     for (step, op) in ops.iter().enumerate() {
         let what = format!("step {step} {op:?}");
         match *op {
-            Op::Forward { n, seed, backward } => {
+            Op::Forward {
+                n,
+                seed,
+                backward,
+                epilogue,
+            } => {
                 let mut dims = vec![n, c];
                 dims.extend_from_slice(spatial);
                 let desc = TensorDesc::new(&dims, layout).unwrap();
-                let x: Vec<T> = random(seed, desc.numel(), 0.5, 2.0);
-                let (cpu_before, gpu_before) = (m.cpu.state(), m.gpu.state().unwrap());
-                let xd = upload(ctx, &x);
-                let mut yd = zeros::<T>(ctx, desc.numel());
-                let got = m.gpu.forward(&desc, &xd.as_view(), &mut yd.as_view_mut());
-                let want = m.cpu.forward(&x, &desc);
-                let (gcache, (y, cache)) = match (got, want) {
-                    (Ok(g), Ok(w)) => (g, w),
-                    (Err(g), Err(w)) => {
-                        // The same refusal, and neither layer changed.
-                        prop_assert_eq!(format!("{g:?}"), format!("{w:?}"), "{}", what);
-                        same_state(&what, &m.gpu.state().unwrap(), &gpu_before)?;
-                        same_state(&what, &m.cpu.state(), &cpu_before)?;
-                        continue;
-                    }
-                    (g, w) => {
-                        return Err(TestCaseError::fail(format!(
-                            "{what}: GPU {g:?}, CPU {:?}",
-                            w.map(|_| ())
-                        )))
-                    }
-                };
-                check(
-                    &format!("{what}: y"),
-                    &widen(&download(ctx, &yd)),
-                    &widen(&y),
-                    act,
-                )?;
-                if backward {
-                    let dy: Vec<T> = random(seed ^ 0x5bd1e995, desc.numel(), 0.0, 1.0);
-                    let grads = m.cpu.backward(&cache, &x, &dy).unwrap();
-                    let dyd = upload(ctx, &dy);
-                    let mut dxd = zeros::<T>(ctx, desc.numel());
-                    m.gpu
-                        .backward(
-                            &gcache,
-                            &xd.as_view(),
-                            &dyd.as_view(),
-                            Some(dxd.as_view_mut()),
-                        )
-                        .unwrap();
-                    check(
-                        &format!("{what}: dx"),
-                        &widen(&download(ctx, &dxd)),
-                        &widen(&grads.dx),
-                        act,
-                    )?;
-                    if let (Some(dw), Some(db)) = (grads.dweight, grads.dbias) {
-                        m.grad_weight.iter_mut().zip(&dw).for_each(|(a, g)| *a += g);
-                        m.grad_bias.iter_mut().zip(&db).for_each(|(a, g)| *a += g);
-                    }
+                if !forward_step::<T>(ctx, &mut m, &desc, seed, backward, epilogue, &what)? {
+                    continue;
                 }
             }
             Op::Train => {
