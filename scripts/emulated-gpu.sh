@@ -26,28 +26,15 @@ rm -rf "$logs" && mkdir -p "$logs"
 BATCHNORM_EMU_DRIVER_OUT="$driver_dir" cargo test --release --test kernel_emulator \
   emulated_driver_builds -- --nocapture 2>&1 | grep -E "emulated CUDA driver|test result"
 
+# Every test binary (several hold GPU tests beside CPU ones) but the CPU-only gates and the
+# plain gpu_sync, run below with the nccl feature.
 mapfile -t binaries < <(cargo test --release --no-run --message-format=json-render-diagnostics \
-  | python3 -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    # Every test binary (several hold GPU tests beside CPU ones) but the CPU-only gates and the
-    # plain gpu_sync, run below with the nccl feature.
-    if (m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]
-            and m["target"]["name"] not in ("ptxas_gate", "kernel_emulator", "gpu_sync")):
-        print(m["executable"])
-')
+  | python3 scripts/test-executables.py --skip ptxas_gate kernel_emulator gpu_sync)
 [ "${#binaries[@]}" -gt 0 ] || { echo "no test binaries were built" >&2; exit 1; }
 cargo build --release --example train_resnet_stage --example gpu_bench 2>/dev/null
 # SyncBatchNorm's NCCL path (feature `nccl`) on the emulated NCCL beside the driver.
 nccl_sync=$(cargo test --release --features nccl --test gpu_sync --no-run \
-  --message-format=json-render-diagnostics | python3 -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        print(m["executable"])
-')
+  --message-format=json-render-diagnostics | python3 scripts/test-executables.py)
 
 export LD_LIBRARY_PATH="$driver_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # 2 GiB of emulated device memory: the out-of-memory test fills it. Three devices: NCCL ranks

@@ -19,31 +19,19 @@ export BATCHNORM_REQUIRE_NVCC=1
 rm -rf "$stage" "$bundle"
 mkdir -p "$stage/tests" "$stage/bench" "$bundle"
 
-# Test binaries (release: a debug one is ~25 MB and what travels is capped at 64 MiB).
+# Test binaries (release: a debug one is ~25 MB and what travels is capped at 64 MiB), but the
+# ptxas gate and the kernel emulator: they are CI's (they need this machine's toolchain).
 cargo test --release --no-run --message-format=json-render-diagnostics \
-  | python3 -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        print(m["executable"])
-' | while read -r exe; do
-    name=$(basename "$exe" | sed 's/-[0-9a-f]\{16\}$//')
-    # The ptxas gate and the kernel emulator are CI's (they need this machine's toolchain).
-    case "$name" in ptxas_gate|kernel_emulator) continue ;; esac
-    cp "$exe" "$stage/tests/$name"
+  | python3 scripts/test-executables.py --skip ptxas_gate kernel_emulator \
+  | while read -r exe; do
+    cp "$exe" "$stage/tests/$(basename "$exe" | sed 's/-[0-9a-f]\{16\}$//')"
   done
 
 # gpu_sync again with the `nccl` feature (its plain tests plus SyncBatchNorm over NCCL), in place
 # of the plain build. gpu-remote.sh finds libnccl on the GPU machine (PyTorch's wheel ships it).
-cargo test --release --features nccl --test gpu_sync --no-run --message-format=json-render-diagnostics \
-  | python3 -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        print(m["executable"])
-' | while read -r exe; do cp "$exe" "$stage/tests/gpu_sync"; done
+cargo test --release --features nccl --test gpu_sync --no-run \
+  --message-format=json-render-diagnostics | python3 scripts/test-executables.py \
+  | while read -r exe; do cp "$exe" "$stage/tests/gpu_sync"; done
 
 # The GPU benchmark (examples/gpu_bench.rs) and the PyTorch side of the comparison.
 if [ -f examples/gpu_bench.rs ]; then
