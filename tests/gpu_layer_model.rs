@@ -314,18 +314,18 @@ fn run<T: Element>(
         prop_assert_eq!(m.gpu.is_training(), m.cpu.is_training(), "{}", what);
         same_state(&what, &m.gpu.state().unwrap(), &m.cpu.state())?;
         if config.affine {
-            check(
-                &format!("{what}: grad_weight"),
-                &widen_f32(&m.gpu.grad_weight().unwrap().unwrap()),
-                &widen_f32(&m.grad_weight),
-                GRADS,
-            )?;
-            check(
-                &format!("{what}: grad_bias"),
-                &widen_f32(&m.gpu.grad_bias().unwrap().unwrap()),
-                &widen_f32(&m.grad_bias),
-                GRADS,
-            )?;
+            for (name, got, want) in [
+                ("grad_weight", m.gpu.grad_weight(), &m.grad_weight),
+                ("grad_bias", m.gpu.grad_bias(), &m.grad_bias),
+            ] {
+                let got = got.unwrap().unwrap();
+                check(
+                    &format!("{what}: {name}"),
+                    &widen_f32(&got),
+                    &widen_f32(want),
+                    GRADS,
+                )?;
+            }
         }
     }
     Ok(())
