@@ -27,119 +27,13 @@ use batchnorm_cuda::fold::{FoldKind, FoldSpec};
 use batchnorm_cuda::reference::conv::{self, ConvOutput, ConvParams};
 use batchnorm_cuda::reference::{self, FoldBatchNorm, Folded, RunningStats};
 use batchnorm_cuda::{BatchNormConfig, DType, Element, Error, Layout};
-use common::conv::{conv_layer, ConvLayer};
+use common::conv::{gamma, terms, to_channels_last, ConvLayer, LAYERS};
 use common::gpu::{random, random_f32};
 use common::ulp;
 
-use FoldKind::{Conv, ConvTranspose, Linear};
-
-const GEOMETRIES: [ConvLayer; 11] = [
-    conv_layer(
-        "conv1d",
-        Conv,
-        &[3, 4, 11],
-        &[6, 4, 3],
-        1,
-        [&[2], &[1], &[1], &[0]],
-    ),
-    conv_layer(
-        "conv2d",
-        Conv,
-        &[2, 5, 7, 6],
-        &[8, 5, 3, 3],
-        1,
-        [&[1, 1], &[1, 1], &[2, 1], &[0, 0]],
-    ),
-    conv_layer(
-        "conv3d",
-        Conv,
-        &[2, 3, 5, 4, 6],
-        &[4, 3, 3, 2, 3],
-        1,
-        [&[1, 2, 1], &[1, 0, 1], &[1, 1, 1], &[0, 0, 0]],
-    ),
-    conv_layer(
-        "conv2d_grouped",
-        Conv,
-        &[2, 6, 6, 7],
-        &[8, 3, 3, 3],
-        2,
-        [&[2, 1], &[1, 1], &[1, 1], &[0, 0]],
-    ),
-    conv_layer(
-        "conv2d_depthwise",
-        Conv,
-        &[2, 4, 6, 6],
-        &[8, 1, 3, 3],
-        4,
-        [&[1, 1], &[1, 1], &[1, 1], &[0, 0]],
-    ),
-    conv_layer(
-        "conv1d_depthwise",
-        Conv,
-        &[3, 6, 9],
-        &[6, 1, 5],
-        6,
-        [&[1], &[2], &[2], &[0]],
-    ),
-    conv_layer(
-        "conv_transpose1d",
-        ConvTranspose,
-        &[2, 4, 5],
-        &[4, 6, 3],
-        1,
-        [&[2], &[1], &[1], &[1]],
-    ),
-    conv_layer(
-        "conv_transpose2d_grouped",
-        ConvTranspose,
-        &[2, 4, 4, 5],
-        &[4, 3, 3, 3],
-        2,
-        [&[2, 2], &[1, 0], &[1, 1], &[1, 0]],
-    ),
-    conv_layer(
-        "conv_transpose3d_grouped",
-        ConvTranspose,
-        &[1, 6, 3, 4, 3],
-        &[6, 2, 2, 3, 2],
-        3,
-        [&[2, 1, 2], &[0, 1, 0], &[1, 2, 1], &[1, 0, 0]],
-    ),
-    conv_layer(
-        "conv_transpose2d_depthwise",
-        ConvTranspose,
-        &[2, 4, 5, 5],
-        &[4, 2, 3, 3],
-        4,
-        [&[2, 2], &[1, 1], &[1, 1], &[1, 1]],
-    ),
-    conv_layer(
-        "linear",
-        Linear,
-        &[9, 12],
-        &[10, 12],
-        1,
-        [&[], &[], &[], &[]],
-    ),
-];
+use FoldKind::{Conv, ConvTranspose};
 
 const LAYOUTS: [Layout; 2] = [Layout::ChannelsFirst, Layout::ChannelsLast];
-
-/// `[A0, A1, k...]` (channels-first) -> `[A0, k..., A1]` (channels-last).
-fn to_channels_last<T: Copy>(w: &[T], shape: &[usize]) -> Vec<T> {
-    let (a0, a1) = (shape[0], shape[1]);
-    let k: usize = shape[2..].iter().product();
-    let mut out = Vec::with_capacity(w.len());
-    for i0 in 0..a0 {
-        for j in 0..k {
-            for i1 in 0..a1 {
-                out.push(w[(i0 * a1 + i1) * k + j]);
-            }
-        }
-    }
-    out
-}
 
 /// One random case: a layer, an eval-mode batch norm after it, an input, and
 /// A = BN(layer(x)) by the reference.
@@ -181,13 +75,6 @@ enum Arithmetic {
     Host,
     /// `gpu::conv` and `gpu::functional::forward_inference`: f32, each result rounded once.
     Device,
-}
-
-/// `k u / (1 - k u)` with `u = 2^-24`: the relative bound of `k` f32 roundings of a sum whose
-/// partial sums are at most the sum of the magnitudes of its terms.
-fn gamma(k: usize) -> f64 {
-    let ku = k as f64 * 2f64.powi(-24);
-    ku / (1.0 - ku)
 }
 
 impl<T: Element> Case<T> {
@@ -416,15 +303,9 @@ impl<T: Element> Case<T> {
         self.conv_f32(&abs(&self.x), &abs(&self.weight), &bias)
     }
 
-    /// Products per output: `C_in/G` times the kernel volume (an upper bound for a transposed
-    /// conv, whose stride skips taps).
+    /// Products per output of the layer.
     fn terms(&self) -> usize {
-        let shape = self.spec.weight_shape();
-        let c_in_per_group = match self.spec.kind() {
-            ConvTranspose => shape[0] / self.spec.groups(),
-            Conv | Linear => shape[1],
-        };
-        c_in_per_group * shape[2..].iter().product::<usize>()
+        terms(&self.spec)
     }
 
     /// B: the layer with `folded`'s weight and bias on the same input, compared with A.
@@ -510,6 +391,20 @@ fn line(label: &str, outcome: &Outcome) -> String {
 
 /// Runs `check` on every geometry, conv bias, affine and layout, for the dtype `T`, printing one
 /// line per case and collecting failures.
+/// Most products per output a layer of these checks may have. The bound of a longer sum in bf16
+/// on the device (`gamma(n + 1) sum |W x|` plus bf16 rounding) is too wide for a batch norm to
+/// move the output 10x past it, so the check could not tell a fold from none: the 256- to
+/// 576-product layers of [`LAYERS`] run in tests/gpu_conv.rs only, which checks the convolution.
+const MAX_TERMS: usize = 200;
+
+/// The layers of [`LAYERS`] these checks run.
+fn fold_layers() -> impl Iterator<Item = &'static ConvLayer> {
+    LAYERS.iter().filter(|l| {
+        terms(&FoldSpec::new(l.kind, l.weight, l.groups, Layout::ChannelsFirst).unwrap())
+            <= MAX_TERMS
+    })
+}
+
 fn for_each_case<T: Element>(
     lines: &mut Vec<String>,
     failures: &mut Vec<String>,
@@ -520,7 +415,7 @@ fn for_each_case<T: Element>(
         DType::F16 => 1,
         DType::BF16 => 2,
     };
-    for (gi, g) in GEOMETRIES.iter().enumerate() {
+    for (gi, g) in fold_layers().enumerate() {
         for conv_bias in [true, false] {
             for affine in [true, false] {
                 let seed = 1000 * gi as u64
@@ -635,10 +530,7 @@ fn a_fold_that_ignores_the_groups_fails_the_check() {
         case.check(&fold_ignoring_groups(&case), 0.5)
     }
     let mut checked = 0;
-    for g in GEOMETRIES
-        .iter()
-        .filter(|g| g.kind == ConvTranspose && g.groups > 1)
-    {
+    for g in fold_layers().filter(|g| g.kind == ConvTranspose && g.groups > 1) {
         for (dtype, outcome) in [
             (DType::F32, wrong::<f32>(g)),
             (DType::F16, wrong::<half::f16>(g)),
@@ -655,8 +547,8 @@ fn a_fold_that_ignores_the_groups_fails_the_check() {
         }
     }
     assert_eq!(
-        checked, 9,
-        "three grouped transposed geometries, three dtypes"
+        checked, 12,
+        "four grouped transposed geometries, three dtypes"
     );
 }
 
@@ -905,10 +797,7 @@ mod gpu_checks {
         }
         let gpu = gpu();
         let mut checked = 0;
-        for g in GEOMETRIES
-            .iter()
-            .filter(|g| g.kind == ConvTranspose && g.groups > 1)
-        {
+        for g in fold_layers().filter(|g| g.kind == ConvTranspose && g.groups > 1) {
             for (dtype, outcome) in [
                 (DType::F32, wrong::<f32>(&gpu, g)),
                 (DType::F16, wrong::<half::f16>(&gpu, g)),
@@ -924,7 +813,10 @@ mod gpu_checks {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 9);
+        assert_eq!(
+            checked, 12,
+            "four grouped transposed geometries, three dtypes"
+        );
     }
 
     #[test]
