@@ -14,26 +14,6 @@ use common::{widen, widen_f32};
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 
-fn dx_tolerance(dtype: DType) -> (f64, f64) {
-    match dtype {
-        DType::F32 => (1e-4, 1e-4),
-        DType::F16 => (4e-3, 2e-3),
-        DType::BF16 => (3e-2, 1.6e-2),
-    }
-}
-
-/// dweight/dbias: rtol 1e-4 of the largest magnitude in the tensor (FORMAT.md).
-fn param_ratio(got: &[f32], want: &[f32]) -> f64 {
-    ratio(
-        &widen_f32(got),
-        &widen_f32(want),
-        common::Tol::OfMax {
-            atol: 1e-4,
-            rtol: 1e-4,
-        },
-    )
-}
-
 struct Inputs<T> {
     x: Vec<T>,
     dy: Vec<T>,
@@ -143,7 +123,7 @@ fn compare_backward<T: Element>(gpu: &GpuContext, desc: &TensorDesc, seed: u64) 
         invstd: download(gpu, &device.saved_invstd),
     };
     let mut ws = Workspace::new();
-    let (atol, rtol) = dx_tolerance(T::DTYPE);
+    let (atol, rtol) = activation_bounds(T::DTYPE);
     let mut worst = [0f64; 3];
     for training in [true, false] {
         let (mut dx, mut dw, mut db) = (vec![T::default(); n], vec![0f32; c], vec![0f32; c]);

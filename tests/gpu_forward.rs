@@ -13,15 +13,6 @@ use half::{bf16, f16};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-/// Per-dtype bounds for outputs (FORMAT.md of the golden cases).
-fn output_tolerance(dtype: DType) -> (f64, f64) {
-    match dtype {
-        DType::F32 => (1e-4, 1e-4),
-        DType::F16 => (4e-3, 2e-3),
-        DType::BF16 => (3e-2, 1.6e-2),
-    }
-}
-
 /// Statistics are f32 whatever the input dtype.
 const STATS_TOL: (f64, f64) = (1e-5, 1e-5);
 
@@ -130,7 +121,7 @@ fn compare_forward<T: Element>(
         .map(|k| f64::from(saved.mean[k].abs() * weight[k].abs() * saved.invstd[k]))
         .fold(0.0, f64::max)
         * f64::from(f32::EPSILON);
-    let (atol, rtol) = output_tolerance(T::DTYPE);
+    let (atol, rtol) = activation_bounds(T::DTYPE);
     let atol = atol + conditioning;
     let y = worst_ratio(&widen(&download(gpu, &dy)), &widen(&ref_y), atol, rtol).max(worst_ratio(
         &widen(&download(gpu, &d_eval)),

@@ -17,31 +17,12 @@ use batchnorm_cuda::{
     BatchNormConfig, DType, Element, Epilogue, Error, Layout, RunningVarUpdate, TensorDesc,
 };
 use common::gpu::*;
-use common::{widen, widen_f32, with_dtype, Tol};
+use common::{widen, widen_f32, with_dtype};
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 
 const EPS: f32 = 1e-5;
 const MOMENTUM: f32 = 0.1;
-
-fn activation_tol(dtype: DType) -> (f64, f64) {
-    match dtype {
-        DType::F32 => (1e-4, 1e-4),
-        DType::F16 => (4e-3, 2e-3),
-        DType::BF16 => (3e-2, 1.6e-2),
-    }
-}
-
-fn param_ratio(got: &[f32], want: &[f32]) -> f64 {
-    ratio(
-        &widen_f32(got),
-        &widen_f32(want),
-        Tol::OfMax {
-            atol: 1e-4,
-            rtol: 1e-4,
-        },
-    )
-}
 
 fn stat_ratio(got: &[f32], want: &[f32]) -> f64 {
     worst_ratio(&widen_f32(got), &widen_f32(want), 1e-4, 1e-4)
@@ -75,7 +56,7 @@ fn check_mask<T: Element>(desc: &TensorDesc, mask: &[u32], y: &[T], y_ref: &[T],
         "{label}: mask is not y > 0"
     );
     assert!(!has_padding_bits(desc, mask), "{label}: padding bits");
-    let (atol, rtol) = activation_tol(T::DTYPE);
+    let (atol, rtol) = activation_bounds(T::DTYPE);
     let got = unpack_mask(desc, mask).unwrap();
     for (i, (&bit, r)) in got.iter().zip(y_ref).enumerate() {
         let r = r.to_f64();
@@ -423,7 +404,7 @@ fn cpu_backward<T: Element>(
 /// Forward and backward of one shape and dtype, both epilogues and modes, against the reference.
 fn compare<T: Element>(gpu: &GpuContext, desc: &TensorDesc, seed: u64, offset: usize) {
     let host = host::<T>(desc, seed);
-    let (atol, rtol) = activation_tol(T::DTYPE);
+    let (atol, rtol) = activation_bounds(T::DTYPE);
     let mut ws = Workspace::new();
     for residual in [false, true] {
         for training in [true, false] {

@@ -65,12 +65,6 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Per-channel sums over a batch: relative to the largest value (as the golden cases' grads).
-const GRADS: Tol = Tol::OfMax {
-    atol: 1e-4,
-    rtol: 1e-4,
-};
-
 fn check(what: &str, got: &[f64], want: &[f64], tol: Tol) -> Result<(), TestCaseError> {
     compare(got, want, tol)
         .map(|_| ())
@@ -323,7 +317,7 @@ fn run<T: Element>(
                     &format!("{what}: {name}"),
                     &widen_f32(&got),
                     &widen_f32(want),
-                    GRADS,
+                    tolerance(DType::F32, Quantity::ParamGrad),
                 )?;
             }
         }

@@ -14,32 +14,16 @@ use batchnorm_cuda::gpu::{GpuContext, Workspace};
 use batchnorm_cuda::reference;
 use batchnorm_cuda::{DType, Element, Layout, TensorDesc};
 use common::gpu::*;
-use common::{widen, widen_f32, with_dtype, Tol};
+use common::{tolerance, widen, widen_f32, with_dtype, Quantity, Tol};
 use cudarc::driver::CudaSlice;
 
 const EPS: f32 = 1e-5;
 const MOMENTUM: f32 = 0.1;
 
-/// Outputs and `dx` (the golden tolerances of `shared/golden/FORMAT.md`).
-fn activation_tol(dtype: DType) -> Tol {
-    let (atol, rtol) = match dtype {
-        DType::F32 => (1e-4, 1e-4),
-        DType::F16 => (4e-3, 2e-3),
-        DType::BF16 => (3e-2, 1.6e-2),
-    };
-    Tol::Elementwise { atol, rtol }
-}
-
 /// f32 statistics.
 const STATS: Tol = Tol::Elementwise {
     atol: 1e-5,
     rtol: 1e-5,
-};
-
-/// Parameter gradients (sums over a channel).
-const GRADS: Tol = Tol::OfMax {
-    atol: 1e-4,
-    rtol: 1e-4,
 };
 
 #[track_caller]
@@ -398,7 +382,7 @@ fn cpu_reference<T: Element>(b: &Batch<T>) -> Outcome<T> {
 /// The ranks against one whole-batch outcome: `y` and `dx` slices, statistics, running
 /// statistics, the parameter gradients summed over the ranks.
 fn compare_ranks<T: Element>(what: &str, b: &Batch<T>, ranks: &[Outcome<T>], want: &Outcome<T>) {
-    let tol = activation_tol(T::DTYPE);
+    let tol = tolerance(T::DTYPE, Quantity::Activation);
     for (r, ((_, range), got)) in b.shards().into_iter().zip(ranks).enumerate() {
         let what = format!("{what} rank {r}");
         check(
@@ -438,13 +422,13 @@ fn compare_ranks<T: Element>(what: &str, b: &Batch<T>, ranks: &[Outcome<T>], wan
         &format!("{what} dweight"),
         &summed(|o| &o.dweight),
         &widen_f32(&want.dweight),
-        GRADS,
+        tolerance(DType::F32, Quantity::ParamGrad),
     );
     check(
         &format!("{what} dbias"),
         &summed(|o| &o.dbias),
         &widen_f32(&want.dbias),
-        GRADS,
+        tolerance(DType::F32, Quantity::ParamGrad),
     );
 }
 
@@ -667,7 +651,7 @@ mod nccl {
                 &format!("{what} dx"),
                 &widen(&download(gpu, &dxs)),
                 &widen(&download(gpu, &dxp)),
-                activation_tol(T::DTYPE),
+                tolerance(T::DTYPE, Quantity::Activation),
             );
             // The local sums are bn_backward's own: accumulated gradients bitwise.
             assert_eq!(

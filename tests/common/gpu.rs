@@ -1,9 +1,9 @@
 //! Helpers of the GPU tests: the device, host <-> device copies, seeded inputs.
 #![allow(dead_code)] // each test binary uses its own subset
 
-use super::{compare, Tol};
+use super::{compare, tolerance, widen_f32, Quantity, Tol};
 use batchnorm_cuda::gpu::GpuContext;
-use batchnorm_cuda::{Element, Layout, TensorDesc};
+use batchnorm_cuda::{DType, Element, Layout, TensorDesc};
 use cudarc::driver::CudaSlice;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -119,4 +119,22 @@ pub fn assert_same_running_stats(
         gpu_layer.num_batches_tracked(),
         cpu_layer.num_batches_tracked()
     );
+}
+
+/// The golden tolerance of activations (`y`, `dx`) of `dtype`, as its `(atol, rtol)`.
+pub fn activation_bounds(dtype: DType) -> (f64, f64) {
+    match tolerance(dtype, Quantity::Activation) {
+        Tol::Elementwise { atol, rtol } => (atol, rtol),
+        other => unreachable!("activations are compared elementwise, not {other:?}"),
+    }
+}
+
+/// How much of the golden parameter-gradient tolerance (`dweight`, `dbias`: relative to the
+/// largest magnitude) `got` uses against `want`.
+pub fn param_ratio(got: &[f32], want: &[f32]) -> f64 {
+    ratio(
+        &widen_f32(got),
+        &widen_f32(want),
+        tolerance(DType::F32, Quantity::ParamGrad),
+    )
 }
