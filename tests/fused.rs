@@ -12,7 +12,7 @@ use batchnorm_cuda::reference::{
     self, fused, BatchNorm, Gradients, RunningStats, RunningUpdate, SavedStats,
 };
 use batchnorm_cuda::{BatchNormConfig, DType, Element, Epilogue, Error, Layout, TensorDesc};
-use common::gpu::{awkward_shapes, random, random_f32};
+use common::gpu::{awkward_shapes, fused_inputs, FusedInputs};
 use common::{ulp, with_dtype};
 use half::{bf16, f16};
 
@@ -68,31 +68,6 @@ fn mask_of<T: Element>(desc: &TensorDesc, y: &[T]) -> Vec<u32> {
     pack_mask(desc, &positive).unwrap()
 }
 
-/// Inputs of one case: x around 0.3 with spread 2 (about half the outputs are negative), a
-/// residual of the same scale, per-channel parameters and running statistics.
-struct Case<T> {
-    x: Vec<T>,
-    z: Vec<T>,
-    dy: Vec<T>,
-    weight: Vec<f32>,
-    bias: Vec<f32>,
-    running_mean: Vec<f32>,
-    running_var: Vec<f32>,
-}
-
-fn case<T: Element>(desc: &TensorDesc, seed: u64) -> Case<T> {
-    let (n, c) = (desc.numel(), desc.channels());
-    Case {
-        x: random(seed, n, 0.3, 2.0),
-        z: random(seed + 1, n, 0.0, 1.5),
-        dy: random(seed + 2, n, 0.0, 1.0),
-        weight: random_f32(seed + 3, c, -1.5, 1.5),
-        bias: random_f32(seed + 4, c, -0.5, 0.5),
-        running_mean: random_f32(seed + 5, c, -0.2, 0.2),
-        running_var: random_f32(seed + 6, c, 0.5, 2.0),
-    }
-}
-
 /// The forward both ways: (fused y, fused mask, unfused BN(x) of the plain reference, saved
 /// statistics of each, running statistics after each).
 struct Forward<T> {
@@ -105,7 +80,7 @@ struct Forward<T> {
 
 fn forward<T: Element>(
     desc: &TensorDesc,
-    case: &Case<T>,
+    case: &FusedInputs<T>,
     training: bool,
     residual: bool,
 ) -> Forward<T> {
@@ -170,7 +145,7 @@ fn forward<T: Element>(
 }
 
 fn relu_matches_plain_then_relu<T: Element>(desc: &TensorDesc, seed: u64) {
-    let case = case::<T>(desc, seed);
+    let case = fused_inputs::<T>(desc, seed);
     for training in [true, false] {
         let f = forward(desc, &case, training, false);
         let want: Vec<T> = f.plain.iter().map(|&v| relu(v)).collect();
@@ -198,7 +173,7 @@ fn relu_forward_is_the_plain_forward_then_relu_bit_for_bit() {
 /// Fused `round(relu(b + z))` against the unfused `relu(round(round(b) + z))`: the two differ
 /// by at most `ulp(b)/2 + ulp(u + z)/2 + ulp(b + z)/2`, under `ulp(u) + 2 ulp(2 max(|u|, |u+z|))`.
 fn add_relu_within_one_rounding<T: Element>(desc: &TensorDesc, seed: u64) {
-    let case = case::<T>(desc, seed);
+    let case = fused_inputs::<T>(desc, seed);
     for training in [true, false] {
         let f = forward(desc, &case, training, true);
         let label = format!("{desc} {} training {training}", T::DTYPE);
@@ -320,7 +295,7 @@ fn values_exactly_at_zero_give_zero_and_mask_bit_zero() {
 /// The backward both ways from the same forward: fused (mask) against ReLU backward computed
 /// from y (`y > 0 ? dy : 0`) then the plain backward; dz is that masked dy.
 fn backward_matches_composition<T: Element>(desc: &TensorDesc, seed: u64) {
-    let case = case::<T>(desc, seed);
+    let case = fused_inputs::<T>(desc, seed);
     let (n, c) = (desc.numel(), desc.channels());
     for residual in [false, true] {
         for training in [true, false] {
@@ -477,7 +452,7 @@ fn nan_and_infinities_follow_pytorch() {
 fn mask_reuse_output_masks_and_accumulation() {
     let d = desc(&[3, 5, 7], Layout::ChannelsLast);
     let (n, c) = (d.numel(), d.channels());
-    let case = case::<f32>(&d, 77);
+    let case = fused_inputs::<f32>(&d, 77);
     let f = forward(&d, &case, true, true);
     let (saved, _) = f.saved.unwrap();
     let w = Some(&case.weight[..]);
@@ -651,7 +626,7 @@ fn layer_fused_calls_match_functional_and_plain_layer() {
     for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
         let d = desc(&[4, 3, 5], layout);
         let c = d.channels();
-        let case = case::<f32>(&d, 900);
+        let case = fused_inputs::<f32>(&d, 900);
         let config = BatchNormConfig::new(c);
         let mut fused_layer = BatchNorm::new(config).unwrap();
         let mut plain_layer = BatchNorm::new(config).unwrap();

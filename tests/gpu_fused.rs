@@ -71,29 +71,6 @@ fn check_mask<T: Element>(desc: &TensorDesc, mask: &[u32], y: &[T], y_ref: &[T],
     }
 }
 
-struct Host<T> {
-    x: Vec<T>,
-    z: Vec<T>,
-    dy: Vec<T>,
-    weight: Vec<f32>,
-    bias: Vec<f32>,
-    running_mean: Vec<f32>,
-    running_var: Vec<f32>,
-}
-
-fn host<T: Element>(desc: &TensorDesc, seed: u64) -> Host<T> {
-    let (n, c) = (desc.numel(), desc.channels());
-    Host {
-        x: random(seed, n, 0.3, 2.0),
-        z: random(seed + 1, n, 0.0, 1.5),
-        dy: random(seed + 2, n, 0.0, 1.0),
-        weight: random_f32(seed + 3, c, -1.5, 1.5),
-        bias: random_f32(seed + 4, c, -0.5, 0.5),
-        running_mean: random_f32(seed + 5, c, -0.2, 0.2),
-        running_var: random_f32(seed + 6, c, 0.5, 2.0),
-    }
-}
-
 /// Device copies, each `offset` elements into its allocation (1: unaligned views, scalar path).
 struct Device<T> {
     offset: usize,
@@ -113,7 +90,7 @@ fn padded<T: Element>(gpu: &GpuContext, values: &[T], offset: usize) -> CudaSlic
 }
 
 impl<T: Element> Device<T> {
-    fn new(gpu: &GpuContext, host: &Host<T>, offset: usize) -> Self {
+    fn new(gpu: &GpuContext, host: &FusedInputs<T>, offset: usize) -> Self {
         Self {
             offset,
             x: padded(gpu, &host.x, offset),
@@ -217,7 +194,7 @@ fn gpu_forward<T: Element>(
 
 /// The reference forward of the same call: (y, mask, saved, running after).
 fn cpu_forward<T: Element>(
-    host: &Host<T>,
+    host: &FusedInputs<T>,
     desc: &TensorDesc,
     training: bool,
     residual: bool,
@@ -352,7 +329,7 @@ fn gpu_backward<T: Element>(
 
 /// The reference backward from the same mask and statistics.
 fn cpu_backward<T: Element>(
-    host: &Host<T>,
+    host: &FusedInputs<T>,
     desc: &TensorDesc,
     mask: &[u32],
     saved: Option<&reference::SavedStats>,
@@ -403,7 +380,7 @@ fn cpu_backward<T: Element>(
 
 /// Forward and backward of one shape and dtype, both epilogues and modes, against the reference.
 fn compare<T: Element>(gpu: &GpuContext, desc: &TensorDesc, seed: u64, offset: usize) {
-    let host = host::<T>(desc, seed);
+    let host = fused_inputs::<T>(desc, seed);
     let (atol, rtol) = activation_bounds(T::DTYPE);
     let mut ws = Workspace::new();
     for residual in [false, true] {
@@ -484,7 +461,7 @@ fn gpu_fused_matches_reference_on_unaligned_views() {
 /// same way: y and the mask are bitwise equal across paths, and a mask written through one path
 /// is read through the other (dx, dz bitwise equal).
 fn paths_agree<T: Element>(gpu: &GpuContext, desc: &TensorDesc) {
-    let host = host::<T>(desc, 77);
+    let host = fused_inputs::<T>(desc, 77);
     let mut ws = Workspace::new();
     let (mut aligned, mut unaligned) = (Device::new(gpu, &host, 0), Device::new(gpu, &host, 1));
     for residual in [false, true] {
@@ -527,7 +504,7 @@ fn gpu_fused_is_bitwise_deterministic() {
         TensorDesc::nchw(16, 8, 56, 56).unwrap(),
         TensorDesc::nhwc(16, 64, 28, 28).unwrap(),
     ] {
-        let host = host::<f16>(&desc, 31);
+        let host = fused_inputs::<f16>(&desc, 31);
         let mut ws = Workspace::new();
         let run = |ws: &mut Workspace| {
             let mut dev = Device::new(&gpu, &host, 0);
@@ -558,7 +535,7 @@ fn gpu_fused_mask_reuse_and_output_masks() {
     let gpu = gpu();
     let desc = TensorDesc::nchw(4, 5, 6, 7).unwrap();
     let (n, c) = (desc.numel(), desc.channels());
-    let host = host::<f32>(&desc, 41);
+    let host = fused_inputs::<f32>(&desc, 41);
     let mut ws = Workspace::new();
     let mut dev = Device::new(&gpu, &host, 0);
     let f = gpu_forward(&gpu, &mut ws, &mut dev, &desc, true, true);
@@ -655,7 +632,7 @@ fn gpu_fused_nan_and_infinities_follow_pytorch() {
         TensorDesc::nhwc(2, 2, 3, 1).unwrap(),
     ] {
         let n = desc.numel();
-        let mut host = host::<f32>(&desc, 5);
+        let mut host = fused_inputs::<f32>(&desc, 5);
         host.x[1] = f32::NAN;
         host.z[4] = f32::INFINITY;
         host.z[5] = f32::NEG_INFINITY;

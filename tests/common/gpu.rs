@@ -42,6 +42,31 @@ pub fn random_f32(seed: u64, len: usize, lo: f32, hi: f32) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(lo..hi)).collect()
 }
 
+/// Inputs of a fused-epilogue case: x around 0.3 with spread 2 (about half the outputs are
+/// negative), a residual of the same scale, dy, per-channel parameters and running statistics.
+pub struct FusedInputs<T> {
+    pub x: Vec<T>,
+    pub z: Vec<T>,
+    pub dy: Vec<T>,
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub running_mean: Vec<f32>,
+    pub running_var: Vec<f32>,
+}
+
+pub fn fused_inputs<T: Element>(desc: &TensorDesc, seed: u64) -> FusedInputs<T> {
+    let (n, c) = (desc.numel(), desc.channels());
+    FusedInputs {
+        x: random(seed, n, 0.3, 2.0),
+        z: random(seed + 1, n, 0.0, 1.5),
+        dy: random(seed + 2, n, 0.0, 1.0),
+        weight: random_f32(seed + 3, c, -1.5, 1.5),
+        bias: random_f32(seed + 4, c, -0.5, 0.5),
+        running_mean: random_f32(seed + 5, c, -0.2, 0.2),
+        running_var: random_f32(seed + 6, c, 0.5, 2.0),
+    }
+}
+
 /// Shapes that exercise every path: vector and scalar loads, tails, one and many splits,
 /// both traversals, more channels than a block, odd sizes.
 pub fn awkward_shapes() -> Vec<TensorDesc> {
