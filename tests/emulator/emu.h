@@ -576,21 +576,39 @@ template <class A> inline A min(A a, A b) { return b < a ? b : a; }
 template <class A> inline A max(A a, A b) { return a < b ? b : a; }
 
 // ------------------------------------------------------------------------------------------------
-// Inline PTX (see tests/kernel_emulator.rs, translate_asm). The approximate MUFU results are the
-// exact ones pushed by g_ulp_* ulps (0: exact), to exercise the refinement sequences around them;
-// the real MUFU error is not modelled (README).
+// Inline PTX (see tests/kernel_emulator.rs, translate_asm). An approximate MUFU result is the
+// correctly rounded one pushed by up to |g_ulp_*| ulps (in the sign's direction), never past the
+// error bound the PTX ISA documents (rsqrt.approx.f32: relative 2^-22.9; rcp.approx.f32: 1 ulp),
+// to exercise the refinement sequences around them; the real MUFU error is not modelled (README).
+// The defaults push rcp up and rsqrt down: invsqrt_rn (ptxas's own sqrt.rn and rcp.rn fast
+// paths, common.cuh) is exact for every such result, but 1 ulp off for a few inputs with an
+// rsqrt above the exact value or an rcp below it, even within the bounds: the hardware's MUFU
+// never gives those, since the same sequences are CUDA's IEEE sqrtf and division.
 // ------------------------------------------------------------------------------------------------
-inline double g_ulp_rcp = 1, g_ulp_rsq = 1;
+inline double g_ulp_rcp = 1, g_ulp_rsq = -1;
 
-inline float emu_push_ulps(float r, double ulps) {
-  for (int i = 0; i < (int)std::fabs(ulps); ++i) r = std::nextafter(r, ulps > 0 ? INFINITY : 0.f);
+// r (the correctly rounded approximation of exact) pushed by up to |ulps| ulps, each step only
+// while the result stays within max_err of exact.
+inline float emu_push_ulps(float r, double ulps, double exact, double max_err) {
+  if (!std::isfinite(exact) || exact == 0) return r;  // the specials are exact
+  for (int i = 0; i < (int)std::fabs(ulps); ++i) {
+    const float next = std::nextafter(r, ulps > 0 ? INFINITY : 0.f);
+    if (!(std::fabs((double)next - exact) <= max_err)) break;
+    r = next;
+  }
   return r;
 }
 inline float emu_ftz(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.f, x) : x; }
 // rcp.approx.ftz.f32 / rsqrt.approx.ftz.f32: subnormal inputs and results flush to zero.
-inline float emu_ptx_rcp_approx_ftz_f32(float x) { return emu_ftz(emu_push_ulps(1.0f / emu_ftz(x), g_ulp_rcp)); }
+inline float emu_ptx_rcp_approx_ftz_f32(float x) {
+  const double exact = 1.0 / (double)emu_ftz(x);
+  int e = 0;
+  std::frexp(exact, &e);  // one ulp of the exact result's binade: 2^(e - 24)
+  return emu_ftz(emu_push_ulps((float)exact, g_ulp_rcp, exact, std::ldexp(1.0, e - 24)));
+}
 inline float emu_ptx_rsqrt_approx_ftz_f32(float x) {
-  return emu_ftz(emu_push_ulps((float)(1.0 / std::sqrt((double)emu_ftz(x))), g_ulp_rsq));
+  const double exact = 1.0 / std::sqrt((double)emu_ftz(x));
+  return emu_ftz(emu_push_ulps((float)exact, g_ulp_rsq, exact, std::exp2(-22.9) * exact));
 }
 // rcp.approx.ftz.f64 (MUFU.RCP64H: about 20 good bits): the exact reciprocal truncated to 22
 // bits, nudged by half of the kept last bit when g_ulp_rcp != 0.

@@ -804,24 +804,44 @@ static void test_helpers() {
   std::uniform_int_distribution<u32> ub;
   auto bits = [](float f) { u32 u; std::memcpy(&u, &f, 4); return u; };
   auto from_bits = [](u32 u) { float f; std::memcpy(&f, &u, 4); return f; };
+  // invsqrt_rn is ptxas's own sqrt.rn and rcp.rn fast paths, exact with the hardware's MUFU
+  // (common.cuh): checked with correctly rounded MUFU results, and with rsqrt results below and
+  // rcp results above the exact value as far as the PTX ISA's bounds allow, on every mantissa of
+  // both exponent parities ([1, 4): every other binade pair runs the same sequence scaled by a
+  // power of 4), on the scaled range below 2^-100, the specials and a million random patterns.
+  for (double ulp : {0.0, 2.0}) {
+    g_ulp_rcp = ulp;
+    g_ulp_rsq = -ulp;
+    int bad = 0, pushed_rcp = 0, pushed_rsq = 0;
+    for (int i = 0; i < 1000; ++i) {  // the pushes happen (about half the rcp results, most rsqrt ones)
+      const float x = 1.0f + (float)i / 337.0f;
+      pushed_rcp += emu_ptx_rcp_approx_ftz_f32(x) != (float)(1.0 / x);
+      pushed_rsq += emu_ptx_rsqrt_approx_ftz_f32(x) != (float)(1.0 / std::sqrt((double)x));
+    }
+    CHECK(ulp == 0 ? pushed_rcp + pushed_rsq == 0 : pushed_rcp > 300 && pushed_rsq > 600, "MUFU pushes of up to %g ulp: %d rcp, %d rsqrt of 1000",
+          ulp, pushed_rcp, pushed_rsq);
+    auto one = [&](float x) {
+      const float got = bn::invsqrt_rn(x), want = 1.0f / std::sqrt(x);  // the spec: IEEE sqrt, then IEEE division
+      const bool ok = (std::isnan(want) && std::isnan(got)) || bits(got) == bits(want);
+      ++g_checks;
+      if (!ok && bad++ < 5) CHECK(false, "invsqrt_rn(%a) = %a, reference %a (MUFU pushed up to %g ulp)", x, got, want, ulp);
+    };
+    for (u32 u = bits(1.0f); u < bits(4.0f); ++u) one(from_bits(u));
+    for (u32 u = 1; u < bits(0x1p-99f); u += 97) one(from_bits(u));
+    for (int i = 0; i < 1000000; ++i) one(from_bits(ub(rng)));
+    for (float x : {0.f, -0.f, INFINITY, -INFINITY, NAN, 1e-45f, 1e-40f, 1.17549435e-38f, 0x1p-100f, 0x1p-101f, 0x1.fffffep-101f,
+                    3.4028235e38f, 1.f, 4.f, 1e-5f})
+      one(x);
+  }
+  {  // the other direction is not safe, even within the bounds: an rsqrt pushed up
+    g_ulp_rcp = 0;
+    g_ulp_rsq = 2;
+    const float x = 0x1.f82294p+0f;
+    CHECK(bits(bn::invsqrt_rn(x)) != bits(1.0f / std::sqrt(x)), "invsqrt_rn(%a) exact with a high rsqrt: the emulator's bound changed?", x);
+  }
   for (double ulp : {0.0, 1.0, -1.0, 2.0, -2.0}) {
     g_ulp_rcp = ulp;
-    g_ulp_rsq = ulp;
     int bad = 0;
-    // invsqrt_rn replicates ptxas's fast paths, exact only with the real MUFU accuracy: checked
-    // with exact approximations (scaling and specials), not with injected errors.
-    if (ulp == 0) {
-      auto one = [&](float x) {
-        const float got = bn::invsqrt_rn(x), want = 1.0f / std::sqrt(x);  // the spec: IEEE sqrt, then IEEE division
-        const bool ok = (std::isnan(want) && std::isnan(got)) || bits(got) == bits(want);
-        ++g_checks;
-        if (!ok && bad++ < 5) CHECK(false, "invsqrt_rn(%a) = %a, reference %a", x, got, want);
-      };
-      for (int i = 0; i < 1000000; ++i) one(from_bits(ub(rng)));
-      for (float x : {0.f, -0.f, INFINITY, -INFINITY, NAN, 1e-45f, 1e-40f, 1.17549435e-38f, 0x1p-100f, 0x1p-101f, 0x1.fffffep-101f,
-                      3.4028235e38f, 1.f, 4.f, 1e-5f})
-        one(x);
-    }
     // div_count: within an ulp of IEEE a / b, exact for n / n
     for (int i = 0; i < 100000; ++i) {
       const float b = (float)(1 + ub(rng) % (1u << 24)), a = (float)(ub(rng) % (1u << 24));
@@ -852,8 +872,8 @@ static void test_helpers() {
     for (u64 m : {(1ull << 24), (1ull << 24) + 1, (1ull << 24) + 2, (1ull << 29) + 1, (1ull << 40) + 1})
       CHECK((float)bn::div_d((double)m, (double)(m - 1)) == (float)((double)m / (double)(m - 1)), "div_d bessel edge m=%llu", m);
   }
-  g_ulp_rcp = 1;
-  g_ulp_rsq = 1;
+  g_ulp_rcp = 1;  // the defaults (emu.h)
+  g_ulp_rsq = -1;
   std::mt19937_64 r64(5);
   for (int i = 0; i < 100000; ++i) {  // udiv / umod: the 32-bit path and the long division
     u64 a = r64() >> (r64() % 64), b = (r64() >> (r64() % 64)) | 1;
