@@ -2,13 +2,17 @@
 //! machine, `scripts/gpu-run.sh`): two layers on two streams of one context, and one context
 //! shared by two threads (on its one stream, and on a stream each), give bitwise the results
 //! each gives when it runs alone. The kernels are deterministic (fixed reduction order, no
-//! float atomics), so "the same" means every bit of every output, gradient and statistic.
+//! float atomics), so "the same" means every bit of every output, gradient and statistic. And
+//! split reductions queued back to back on one workspace never read another launch's partials.
 
 mod common;
 
-use batchnorm_cuda::gpu::{self, GpuContext};
-use batchnorm_cuda::{BatchNormConfig, Element, LayerState, Layout, TensorDesc};
-use common::gpu::{download, gpu, random, random_f32, upload, zeros};
+use batchnorm_cuda::gpu::functional::{self, GradientsMut, SavedStats, SavedStatsMut};
+use batchnorm_cuda::gpu::{self, GpuContext, Workspace};
+use batchnorm_cuda::reference;
+use batchnorm_cuda::{BatchNormConfig, DType, Element, LayerState, Layout, TensorDesc};
+use common::gpu::{download, gpu, param_ratio, random, random_f32, ratio, upload, zeros};
+use common::{tolerance, widen_f32, Quantity};
 use cudarc::driver::CudaSlice;
 use half::f16;
 use std::sync::Arc;
@@ -248,4 +252,129 @@ fn one_context_shared_by_two_threads_matches_running_alone() {
     // One context, a stream per thread.
     two_threads(&gpu, true, (&want_a, &want_b));
     println!("two threads: 4 rounds each, shared stream and a stream each, bitwise equal");
+}
+
+/// The split reductions' last block reads the partials the other blocks of its channel wrote
+/// (fence, semaphore, L2 loads: kernels/common.cuh, arrive_last), which only the hardware's
+/// memory ordering can show. 32 training forwards and backwards queued back to back on one
+/// workspace, alternating two inputs with different statistics, must each give bitwise the
+/// results of the first call on their input (which are checked against the CPU reference): a
+/// partial read before it was published, or left by the previous launch, would carry the
+/// other input's or a zeroed block's sums. Planar and rows kernels, many blocks per channel.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn back_to_back_split_reductions_read_no_stale_partial() {
+    const CALLS: usize = 32;
+    let gpu = gpu();
+    for (dims, layout) in [
+        ([64, 2, 128, 128], Layout::ChannelsFirst),
+        ([64, 8, 64, 64], Layout::ChannelsLast),
+    ] {
+        let desc = TensorDesc::new(&dims, layout).unwrap();
+        let (n, c) = (desc.numel(), desc.channels());
+        let host: Vec<(Vec<f16>, Vec<f16>)> = [(0.0, 1.0), (3.0, 2.0)]
+            .iter()
+            .enumerate()
+            .map(|(k, &(mean, spread))| {
+                let seed = 50 + 2 * k as u64;
+                (
+                    random(seed, n, mean, spread),
+                    random(seed + 1, n, mean / 3.0, 1.0),
+                )
+            })
+            .collect();
+        let inputs: Vec<_> = host
+            .iter()
+            .map(|(x, dy)| (upload(&gpu, x), upload(&gpu, dy)))
+            .collect();
+        let mut ws = Workspace::new();
+        let mut y = zeros::<f16>(&gpu, n);
+        // Per call: mean, invstd, dweight, dbias (C each).
+        let mut out: [CudaSlice<f32>; 4] = std::array::from_fn(|_| zeros(&gpu, CALLS * c));
+        for call in 0..CALLS {
+            let (x, dy) = &inputs[call % 2];
+            let at = call * c..(call + 1) * c;
+            let [mean, invstd, dweight, dbias] = &mut out;
+            functional::forward_training(
+                &gpu,
+                &mut ws,
+                &x.as_view(),
+                &desc,
+                None,
+                None,
+                None,
+                1e-5,
+                &mut y.as_view_mut(),
+                SavedStatsMut {
+                    mean: mean.slice_mut(at.clone()),
+                    invstd: invstd.slice_mut(at.clone()),
+                },
+            )
+            .expect("training forward");
+            functional::backward_training(
+                &gpu,
+                &mut ws,
+                &x.as_view(),
+                &dy.as_view(),
+                &desc,
+                None,
+                &SavedStats {
+                    mean: mean.slice(at.clone()),
+                    invstd: invstd.slice(at.clone()),
+                },
+                GradientsMut {
+                    dx: None,
+                    dweight: Some(dweight.slice_mut(at.clone())),
+                    dbias: Some(dbias.slice_mut(at)),
+                    accumulate: false,
+                },
+            )
+            .expect("training backward");
+        }
+        let got: Vec<Vec<f32>> = out.iter().map(|o| download(&gpu, o)).collect();
+        let of_call = |q: usize, call: usize| &got[q][call * c..(call + 1) * c];
+        for (k, (x, dy)) in host.iter().enumerate() {
+            let mut ref_y = vec![f16::ZERO; n];
+            let saved =
+                reference::forward_training(x, &desc, None, None, None, 1e-5, &mut ref_y).unwrap();
+            let (mut dweight, mut dbias) = (vec![0.0; c], vec![0.0; c]);
+            let grads = reference::Gradients {
+                dx: None,
+                dweight: Some(&mut dweight),
+                dbias: Some(&mut dbias),
+                accumulate: false,
+            };
+            // The backward from the device's saved statistics, as the device's backward ran:
+            // with dy's mean far from 0, one ulp of the mean moves sum(dy * x_hat) by more than
+            // its tolerance.
+            let device_saved = reference::SavedStats {
+                mean: of_call(0, k).to_vec(),
+                invstd: of_call(1, k).to_vec(),
+            };
+            reference::backward_training(x, dy, &desc, None, &device_saved, grads).unwrap();
+            let stat = tolerance(DType::F32, Quantity::Statistic);
+            let checks = [
+                ratio(&widen_f32(of_call(0, k)), &widen_f32(&saved.mean), stat),
+                ratio(&widen_f32(of_call(1, k)), &widen_f32(&saved.invstd), stat),
+                param_ratio(of_call(2, k), &dweight),
+                param_ratio(of_call(3, k), &dbias),
+            ];
+            assert!(
+                checks.iter().all(|r| *r <= 1.0),
+                "{desc} input {k}: {checks:?} of the tolerance"
+            );
+        }
+        assert_ne!(of_call(0, 0), of_call(0, 1), "the two inputs' means differ");
+        for call in 2..CALLS {
+            for (q, what) in ["mean", "invstd", "dweight", "dbias"].iter().enumerate() {
+                let (a, b) = (of_call(q, call), of_call(q, call % 2));
+                assert!(
+                    a.iter().zip(b).all(|(p, r)| p.to_bits() == r.to_bits()),
+                    "{desc}: call {call}'s {what} differs from call {}'s",
+                    call % 2
+                );
+            }
+        }
+        println!("{desc}: {CALLS} back-to-back calls on one workspace, bitwise stable");
+    }
 }
