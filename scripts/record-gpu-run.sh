@@ -28,7 +28,7 @@ gpu=$(sed -n 2p "$device_file" | cut -d, -f1 | tr 'A-Z ' 'a-z-' | tr -cd 'a-z0-9
 dest=${dest:-$root/bench/results/$date-${gpu:-unknown-gpu}}
 mkdir -p "$dest"
 
-# device.txt: date, nvidia-smi's GPU line, libnccl, and the commit gpu-run.sh built from.
+# device.txt: date, nvidia-smi's GPU line, the kernel (runtime), libnccl, and the commit gpu-run.sh built from.
 {
   cat "$device_file"
   echo
