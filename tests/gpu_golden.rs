@@ -7,12 +7,21 @@ mod common;
 
 use batchnorm_cuda::gpu::functional::{self, FoldBatchNorm};
 use batchnorm_cuda::gpu::{BatchNorm, GpuContext};
-use batchnorm_cuda::{Element, Error};
+use batchnorm_cuda::{reference, Element, Error};
 use common::gpu::{download, gpu, upload, zeros};
 use common::{
     run_all, tolerance, tolerance_for, widen, widen_f32, with_dtype, BnInputs, Case, Checks,
     FoldInputs, Quantity, Stored,
 };
+
+/// Element for element the same bits, or both NaN (payloads may differ).
+fn same_bits<T: Element>(a: &[T], b: &[T]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            (x.to_f64().is_nan() && y.to_f64().is_nan())
+                || bytemuck::bytes_of(x) == bytemuck::bytes_of(y)
+        })
+}
 
 fn compare(checks: &mut Checks, case: &Case, name: &str, got: Option<Vec<f64>>) {
     checks.compare(case, name, got, tolerance_for(name, case.dtype()));
@@ -163,6 +172,31 @@ fn fold<T: Element + Stored>(gpu: &GpuContext, case: &Case, checks: &mut Checks)
     let tol = tolerance(case.dtype(), Quantity::Folded);
     checks.compare(case, "weight", Some(widen(&new_weight)), tol);
     checks.compare(case, "bias", Some(widen(&new_bias)), tol);
+    // The device computes the reference's double formula (one fma for the bias) and rounds
+    // once: the two agree to the bit, whatever nvcc contracts.
+    let cpu = reference::fold(
+        &spec,
+        &weight,
+        conv_bias.as_deref(),
+        &reference::FoldBatchNorm {
+            running_mean: &running_mean,
+            running_var: &running_var,
+            weight: bn_weight.as_deref(),
+            bias: bn_bias.as_deref(),
+            eps: case.eps(),
+        },
+    )
+    .unwrap_or_else(|e| panic!("reference fold: {e}"));
+    checks.equal(
+        "weight == CPU reference, bitwise",
+        same_bits(&new_weight, &cpu.weight),
+        true,
+    );
+    checks.equal(
+        "bias == CPU reference, bitwise",
+        same_bits(&new_bias, &cpu.bias),
+        true,
+    );
 
     let mut in_place = upload(gpu, &weight);
     let mut bias_in_place = zeros::<T>(gpu, c_out);

@@ -91,8 +91,9 @@ pub fn fold_in_place<T: Element>(
         *w = T::from_f64(w.to_f64() * scale[map.channel_of(i)]);
     }
     for (o, b) in bias.iter_mut().enumerate() {
-        let shifted = (b.to_f64() - f64::from(bn.running_mean[o])) * scale[o];
-        *b = T::from_f64(shifted + param(bn.bias, o, 0.0));
+        // One fused multiply-add, as the kernel's (which nvcc would fuse anyway).
+        let centered = b.to_f64() - f64::from(bn.running_mean[o]);
+        *b = T::from_f64(centered.mul_add(scale[o], param(bn.bias, o, 0.0)));
     }
     Ok(())
 }

@@ -762,7 +762,7 @@ void test_fold(const char* layout, u64 c_out, u64 numel, u64 group_stride, u64 i
     if (got != want && bad++ < 3) CHECK(false, "%s: weight[%llu] (channel %llu) %.9g, reference %.9g", tag.c_str(), i, o, got, want);
   }
   for (u64 o = 0; o < c_out; ++o) {
-    const double want = round_to<T>(((conv_bias ? decode<T>(cb[o]) : 0.0) - (double)rm[o]) * scale(o) + (affine ? (double)bb[o] : 0.0));
+    const double want = round_to<T>(std::fma((conv_bias ? decode<T>(cb[o]) : 0.0) - (double)rm[o], scale(o), affine ? (double)bb[o] : 0.0));
     CHECK(decode<T>(bo[o]) == want, "%s: bias[%llu] %.9g, reference %.9g", tag.c_str(), o, decode<T>(bo[o]), want);
   }
   for (u64 i = c_out; i < bo.size(); ++i) CHECK(bo[i] == to_raw<T>(-9.0), "%s: write past bias_out", tag.c_str());
