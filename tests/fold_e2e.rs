@@ -266,7 +266,7 @@ impl<T: Element> Case<T> {
         // Device only: the original layer's accumulated magnitude, and gamma(n + 1).
         let (original, gamma) = match arithmetic {
             Arithmetic::Host => (vec![0.0; got.len()], 0.0),
-            Arithmetic::Device => (self.magnitude(), gamma(self.terms() + 1)),
+            Arithmetic::Device => (self.magnitude(), gamma(terms(&self.spec) + 1)),
         };
         (0..got.len())
             .map(|i| {
@@ -301,11 +301,6 @@ impl<T: Element> Case<T> {
             .as_deref()
             .map_or_else(|| vec![0.0; self.spec.c_out()], abs);
         self.conv_f32(&abs(&self.x), &abs(&self.weight), &bias)
-    }
-
-    /// Products per output of the layer.
-    fn terms(&self) -> usize {
-        terms(&self.spec)
     }
 
     /// B: the layer with `folded`'s weight and bias on the same input, compared with A.
@@ -389,8 +384,6 @@ fn line(label: &str, outcome: &Outcome) -> String {
     )
 }
 
-/// Runs `check` on every geometry, conv bias, affine and layout, for the dtype `T`, printing one
-/// line per case and collecting failures.
 /// Most products per output a layer of these checks may have. The bound of a longer sum in bf16
 /// on the device (`gamma(n + 1) sum |W x|` plus bf16 rounding) is too wide for a batch norm to
 /// move the output 10x past it, so the check could not tell a fold from none: the 256- to
@@ -405,6 +398,8 @@ fn fold_layers() -> impl Iterator<Item = &'static ConvLayer> {
     })
 }
 
+/// Runs `check` on every layer of [`fold_layers`], conv bias, affine and layout, for the dtype
+/// `T`, printing one line per case and collecting failures.
 fn for_each_case<T: Element>(
     lines: &mut Vec<String>,
     failures: &mut Vec<String>,
@@ -667,7 +662,7 @@ mod gpu_checks {
         // The device layer against the reference layer (tests/gpu_conv.rs derives this bound):
         // f32 accumulation, each side rounded once to T.
         let magnitude = case.magnitude();
-        let gamma = gamma(case.terms() + 1);
+        let gamma = gamma(terms(&case.spec) + 1);
         for (i, (got, want)) in c.iter().zip(&case.conv_out.values).enumerate() {
             let (got, want) = (got.to_f64(), want.to_f64());
             let m = f64::from(magnitude[i]) * (1.0 + 2f64.powi(-20));

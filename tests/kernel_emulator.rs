@@ -108,35 +108,16 @@ fn kernels_pass_the_cpu_emulator() {
     // Longest first (as measured), so the pool ends evenly; a new group ranks as "*".
     let order = ["backward", "normalize", "*", "stats", "core", "fold"];
     groups.sort_by_key(|g| order.iter().position(|h| h == g).unwrap_or(2));
-    let workers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(1, 8);
     let includes = [
         src_dir.as_path(),
         emulator.as_path(),
         Path::new(cuda_include),
     ];
     let t0 = Instant::now();
-    let next = AtomicUsize::new(0);
-    let mut results: Vec<GroupRun> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..workers.min(groups.len()))
-            .map(|_| {
-                s.spawn(|| {
-                    let mut runs = Vec::new();
-                    while let Some(group) = groups.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        runs.push(compile_and_run(&cxx, group, &test_source, &includes, &dir));
-                    }
-                    runs
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap())
-            .collect()
+    let results = on_all_cores(&groups, |group| {
+        compile_and_run(&cxx, group, &test_source, &includes, &dir)
     });
     let wall_s = t0.elapsed().as_secs_f64();
-    results.sort_by_key(|r| groups.iter().position(|g| *g == r.group));
 
     // The summary goes straight to stderr, past the test harness's capture: CI logs show it.
     let mut summary = String::new();
@@ -168,9 +149,10 @@ fn kernels_pass_the_cpu_emulator() {
         }
     }
     summary += &format!(
-        "kernel emulator: {passed} checks passed, {failed} failed; {} entry points exercised; {wall_s:.1} s for {} groups on {workers} cores\n",
+        "kernel emulator: {passed} checks passed, {failed} failed; {} entry points exercised; {wall_s:.1} s for {} groups on {} cores\n",
         exercised.len(),
-        groups.len()
+        groups.len(),
+        workers()
     );
     if KERNELS_BUILT {
         let missing: Vec<&str> = MODULES
@@ -248,38 +230,20 @@ fn emulated_driver_builds() {
         units.push(unit);
     }
     let t0 = Instant::now();
-    let next = AtomicUsize::new(0);
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let objects: Vec<Result<PathBuf, String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers.min(units.len()))
-            .map(|_| {
-                s.spawn(|| {
-                    let mut done = Vec::new();
-                    while let Some(unit) = units.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        let object = dir.join(unit.file_stem().unwrap()).with_extension("o");
-                        let mut compile = Command::new(&cxx);
-                        compile
-                            .args(["-std=c++20", OPT, "-fPIC", "-pthread", "-w", "-c"])
-                            .args(includes.iter().map(|d| format!("-I{}", d.display())))
-                            .arg(unit)
-                            .arg("-o")
-                            .arg(&object);
-                        let what = format!("compiling {}", unit.display());
-                        done.push(run_compiler(compile, &what).map(|()| object));
-                    }
-                    done
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
-    });
-    let objects: Vec<PathBuf> = objects
-        .into_iter()
-        .collect::<Result<_, _>>()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let objects: Vec<PathBuf> = on_all_cores(&units, |unit| {
+        let object = dir.join(unit.file_stem().unwrap()).with_extension("o");
+        let mut compile = Command::new(&cxx);
+        compile
+            .args(["-std=c++20", OPT, "-fPIC", "-pthread", "-w", "-c"])
+            .args(includes.iter().map(|d| format!("-I{}", d.display())))
+            .arg(unit)
+            .arg("-o")
+            .arg(&object);
+        run_compiler(compile, &format!("compiling {}", unit.display())).map(|()| object)
+    })
+    .into_iter()
+    .collect::<Result<_, _>>()
+    .unwrap_or_else(|e| panic!("{e}"));
 
     fs::create_dir_all(&out).unwrap();
     let library = out.join("libcuda.so.1");
@@ -358,6 +322,37 @@ fn driver_selftest(cxx: &str, cuda_include: &str, emulator: &Path, lib: &Path, d
     );
 }
 
+/// Threads for the compiles and runs: the cores, up to 8.
+fn workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().min(8))
+}
+
+/// `f` of every item, on [`workers`] threads taking the items in order (put the longest first),
+/// returned in the items' order.
+fn on_all_cores<I: Sync, R: Send>(items: &[I], f: impl Fn(&I) -> R + Sync) -> Vec<R> {
+    let next = AtomicUsize::new(0);
+    let mut done: Vec<(usize, R)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers().min(items.len()))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break done };
+                        done.push((i, f(item)));
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    done.sort_by_key(|&(i, _)| i);
+    done.into_iter().map(|(_, r)| r).collect()
+}
+
 /// Runs a C++ compiler or linker command; on failure, `what` failed and its stderr.
 fn run_compiler(mut command: Command, what: &str) -> Result<(), String> {
     let out = command
@@ -393,26 +388,27 @@ fn compile_and_run(
 ) -> GroupRun {
     let binary = dir.join(format!("kernels_test_{group}"));
     let t = Instant::now();
-    let out = Command::new(cxx)
+    let mut compile = Command::new(cxx);
+    compile
         .args(["-std=c++20", OPT, "-pthread", "-w"])
         .arg(format!("-DEMU_GROUP_{group}"))
         .args(includes.iter().map(|d| format!("-I{}", d.display())))
         .arg(source)
         .arg("-o")
-        .arg(&binary)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cxx}: {e}"));
-    let compile_s = t.elapsed().as_secs_f64();
-    if !out.status.success() {
-        let output = Err(format!(
-            "{cxx} failed on {} with -DEMU_GROUP_{group} (rewritten kernels in {}):\n{}",
+        .arg(&binary);
+    let compiled = run_compiler(
+        compile,
+        &format!(
+            "compiling {} with -DEMU_GROUP_{group} (rewritten kernels in {})",
             source.display(),
-            includes[0].display(),
-            String::from_utf8_lossy(&out.stderr)
-        ));
+            includes[0].display()
+        ),
+    );
+    let compile_s = t.elapsed().as_secs_f64();
+    if let Err(output) = compiled {
         return GroupRun {
             group: group.to_owned(),
-            output,
+            output: Err(output),
             compile_s,
             run_s: 0.0,
         };
