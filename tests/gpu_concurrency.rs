@@ -10,9 +10,8 @@ mod common;
 use batchnorm_cuda::gpu::functional::{self, GradientsMut, SavedStats, SavedStatsMut};
 use batchnorm_cuda::gpu::{self, GpuContext, Workspace};
 use batchnorm_cuda::reference;
-use batchnorm_cuda::{BatchNormConfig, DType, Element, LayerState, Layout, TensorDesc};
-use common::gpu::{download, gpu, param_ratio, random, random_f32, ratio, upload, zeros};
-use common::{tolerance, widen_f32, Quantity};
+use batchnorm_cuda::{BatchNormConfig, Element, LayerState, Layout, TensorDesc};
+use common::gpu::{download, gpu, param_ratio, random, random_f32, stat_ratio, upload, zeros};
 use cudarc::driver::CudaSlice;
 use half::f16;
 use std::sync::Arc;
@@ -352,10 +351,9 @@ fn back_to_back_split_reductions_read_no_stale_partial() {
                 invstd: of_call(1, k).to_vec(),
             };
             reference::backward_training(x, dy, &desc, None, &device_saved, grads).unwrap();
-            let stat = tolerance(DType::F32, Quantity::Statistic);
             let checks = [
-                ratio(&widen_f32(of_call(0, k)), &widen_f32(&saved.mean), stat),
-                ratio(&widen_f32(of_call(1, k)), &widen_f32(&saved.invstd), stat),
+                stat_ratio(of_call(0, k), &saved.mean),
+                stat_ratio(of_call(1, k), &saved.invstd),
                 param_ratio(of_call(2, k), &dweight),
                 param_ratio(of_call(3, k), &dbias),
             ];

@@ -17,16 +17,12 @@ use batchnorm_cuda::{
     BatchNormConfig, DType, Element, Epilogue, Error, Layout, RunningVarUpdate, TensorDesc,
 };
 use common::gpu::*;
-use common::{widen, widen_f32, with_dtype};
+use common::{widen, with_dtype};
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 
 const EPS: f32 = 1e-5;
 const MOMENTUM: f32 = 0.1;
-
-fn stat_ratio(got: &[f32], want: &[f32]) -> f64 {
-    worst_ratio(&widen_f32(got), &widen_f32(want), 1e-4, 1e-4)
-}
 
 fn upload_words(gpu: &GpuContext, words: &[u32]) -> CudaSlice<u32> {
     gpu.stream().clone_htod(words).expect("host to device copy")

@@ -154,6 +154,16 @@ pub fn activation_bounds(dtype: DType) -> (f64, f64) {
     }
 }
 
+/// How much of the golden statistics tolerance (saved and running statistics, f32 whatever the
+/// activations) `got` uses against `want`.
+pub fn stat_ratio(got: &[f32], want: &[f32]) -> f64 {
+    ratio(
+        &widen_f32(got),
+        &widen_f32(want),
+        tolerance(DType::F32, Quantity::Statistic),
+    )
+}
+
 /// How much of the golden parameter-gradient tolerance (`dweight`, `dbias`: relative to the
 /// largest magnitude) `got` uses against `want`.
 pub fn param_ratio(got: &[f32], want: &[f32]) -> f64 {
