@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the tests (GPU ones included) and the main example on the EMULATED CUDA driver, on a
-# machine without a GPU (this one, CI). tests/emulator/driver.cpp + the kernels, compiled for the CPU, stand in for
-# libcuda: the crate's own GPU code (cudarc, launchers, layer) and the GPU tests run unchanged,
+# machine without a GPU (this one, CI). tests/emulator/driver.cpp and the kernels, compiled for
+# the CPU, stand in for libcuda: the crate's own GPU code (cudarc, launchers, layer) and the GPU tests run unchanged,
 # the kernels on the fiber emulator of tests/emulator/emu.h. It checks everything except what
 # only silicon can show: real timing, real memory ordering between blocks, MUFU accuracy, and
 # the driver's own JIT. It is NOT a GPU run: scripts/gpu-run.sh is. The tests run twice: with
@@ -69,9 +69,6 @@ if [ $# -eq 0 ]; then
     failed+=(train_resnet_stage)
     echo "main example         FAILED $(tail -1 "$logs/train_resnet_stage.log")"
   fi
-fi
-
-if [ $# -eq 0 ]; then
   # The benchmark harness on a few rows (its timings mean nothing here; its checks do).
   if target/release/examples/gpu_bench --quick --filter bn_bwd/f16/32x2048x7x7/channels_last --out "$logs/bench" \
     >"$logs/gpu_bench.log" 2>&1; then

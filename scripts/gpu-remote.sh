@@ -5,14 +5,14 @@
 # Logs go to $OUT (or out/ beside this script).
 #   bash .gpu-run/run.sh [--no-tests] [--sanitize[=memcheck,racecheck,...]] [--only=GLOB]
 #                        [--bench] [--quick]
-# --only=GLOB picks the staged test binaries (default gpu_*: every binary for the tests, the gpu_
-# ones for the sanitizer). One device call is limited to 10 minutes: split tests, sanitizer tools
+# --only=GLOB picks the staged test binaries (default: every one for the tests, the gpu_* ones
+# for the sanitizer). One device call is limited to 10 minutes: split tests, sanitizer tools
 # and bench over calls, e.g. --no-tests --sanitize=memcheck,initcheck then =racecheck,synccheck.
 set -uo pipefail
 stage=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$stage/out}
 mkdir -p "$out"
-tests=1 sanitize=0 bench=0 quick=0 tools="memcheck racecheck initcheck synccheck" only="gpu_*"
+tests=1 sanitize=0 bench=0 quick=0 tools="memcheck racecheck initcheck synccheck" only=""
 for arg in "$@"; do
   case "$arg" in
     --no-tests) tests=0 ;;
@@ -58,8 +58,7 @@ fi
 
 failed=0
 if [ "$tests" = 1 ]; then
-  [ "$only" = "gpu_*" ] && test_glob="*" || test_glob=$only
-  for t in "$stage"/tests/$test_glob; do
+  for t in "$stage"/tests/${only:-*}; do
     echo "=== $(basename "$t")" | tee -a "$out/tests.log"
     "$t" --include-ignored --test-threads=1 2>&1 | tee -a "$out/tests.log"
     [ "${PIPESTATUS[0]}" = 0 ] || failed=1
@@ -73,7 +72,7 @@ if [ "$sanitize" = 1 ]; then
   # device's memory that the sanitizer's own allocations need. The plain test run covers them.
   export PROPTEST_CASES=8
   for tool in $tools; do
-    for t in "$stage"/tests/$only; do
+    for t in "$stage"/tests/${only:-gpu_*}; do
       echo "=== $tool $(basename "$t")" | tee -a "$out/sanitizer.log"
       compute-sanitizer --tool "$tool" --error-exitcode 9 "$t" --include-ignored --test-threads=1 \
         --skip more_than_2_31_elements --skip failed_allocations_are_errors >>"$out/sanitizer.log" 2>&1
