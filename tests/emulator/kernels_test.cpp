@@ -1676,37 +1676,28 @@ template <class T> void test_conv(const ConvCase& cc, bool cl, bool with_bias, u
                 const u64 ch = g * cin_g + c, o = g * cout_g + ol, j = (j0 * K[1] + j1) * K[2] + j2;
                 const long long jj[3] = {(long long)j0, (long long)j1, (long long)j2};
                 const double wv = cc.transposed ? W(ch, ol, j) : W(o, c, j);
-                if (!cc.transposed) {  // gather: y[q] += W x[q s + j d - p]
-                  for (long long q0 = 0; q0 < O[0]; ++q0)
-                    for (long long q1 = 0; q1 < O[1]; ++q1)
-                      for (long long q2 = 0; q2 < O[2]; ++q2) {
-                        const long long q[3] = {q0, q1, q2};
-                        long long i[3];
-                        bool in = true;
-                        for (int t = 0; t < 3; ++t) {
-                          i[t] = q[t] * S[t] + jj[t] * D[t] - P[t];
-                          in = in && i[t] >= 0 && i[t] < L[t];
-                        }
-                        if (!in) continue;
-                        ref[yi(n, o, q)] += wv * x.at(xi(n, ch, i));
-                        mag[yi(n, o, q)] += std::fabs(wv * x.at(xi(n, ch, i)));
+                // Gather (conv): y[q] += W x[q s + j d - p], walking the outputs q. Scatter
+                // (transposed): x[i] goes to y[i s + j d - p], walking the inputs i. Either way
+                // the walked position u reaches v = u s + j d - p, which must lie in range.
+                const unsigned* walked = cc.transposed ? L : O;
+                const unsigned* reached = cc.transposed ? O : L;
+                for (long long u0 = 0; u0 < walked[0]; ++u0)
+                  for (long long u1 = 0; u1 < walked[1]; ++u1)
+                    for (long long u2 = 0; u2 < walked[2]; ++u2) {
+                      const long long u[3] = {u0, u1, u2};
+                      long long v[3];
+                      bool in = true;
+                      for (int t = 0; t < 3; ++t) {
+                        v[t] = u[t] * S[t] + jj[t] * D[t] - P[t];
+                        in = in && v[t] >= 0 && v[t] < reached[t];
                       }
-                } else {  // scatter: x[i] goes to y[i s + j d - p]
-                  for (long long i0 = 0; i0 < L[0]; ++i0)
-                    for (long long i1 = 0; i1 < L[1]; ++i1)
-                      for (long long i2 = 0; i2 < L[2]; ++i2) {
-                        const long long i[3] = {i0, i1, i2};
-                        long long q[3];
-                        bool in = true;
-                        for (int t = 0; t < 3; ++t) {
-                          q[t] = i[t] * S[t] + jj[t] * D[t] - P[t];
-                          in = in && q[t] >= 0 && q[t] < O[t];
-                        }
-                        if (!in) continue;
-                        ref[yi(n, o, q)] += wv * x.at(xi(n, ch, i));
-                        mag[yi(n, o, q)] += std::fabs(wv * x.at(xi(n, ch, i)));
-                      }
-                }
+                      if (!in) continue;
+                      const long long* q = cc.transposed ? v : u;
+                      const long long* i = cc.transposed ? u : v;
+                      const double term = wv * x.at(xi(n, ch, i));
+                      ref[yi(n, o, q)] += term;
+                      mag[yi(n, o, q)] += std::fabs(term);
+                    }
               }
   if (with_bias)
     for (u64 e = 0; e < ny; ++e) {
