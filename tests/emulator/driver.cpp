@@ -550,8 +550,7 @@ CUresult cuLaunchKernel(CUfunction function, unsigned gx, unsigned gy, unsigned 
                         unsigned shared_bytes, CUstream, void** params, void** extra) {
   API_ENTER();
   auto* f = reinterpret_cast<Function*>(function);
-  const unsigned long long threads = (unsigned long long)bx * by * bz;
-  if (gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535 || threads == 0 || threads > 1024 || bz > 64) {
+  if (!emu::launch_shape_ok(dim3(gx, gy, gz), dim3(bx, by, bz))) {
     complain("%s: invalid launch shape grid (%u,%u,%u) block (%u,%u,%u)", f->name.c_str(), gx, gy, gz, bx, by, bz);
     return CUDA_ERROR_INVALID_VALUE;
   }

@@ -394,9 +394,15 @@ inline Policy next_policy() {
 inline Policy last_policy() { return g.policy; }
 inline const char* policy_name_of_current_launch() { return policy_name(g.policy); }
 
-template <class F> void launch(dim3 grid, dim3 block, size_t dyn_shared_bytes, F&& kernel) {
+// A launch shape a CUDA device takes: 1..1024 threads (z at most 64), grid y and z below 2^16.
+inline bool launch_shape_ok(dim3 grid, dim3 block) {
   const unsigned long long nt = (unsigned long long)block.x * block.y * block.z;
-  if (nt == 0 || nt > kMaxThreads || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
+  return nt > 0 && nt <= kMaxThreads && block.z <= 64 && grid.x > 0 && grid.y > 0 && grid.z > 0 && grid.y <= 65535 &&
+         grid.z <= 65535;
+}
+
+template <class F> void launch(dim3 grid, dim3 block, size_t dyn_shared_bytes, F&& kernel) {
+  if (!launch_shape_ok(grid, block)) {
     error("invalid launch configuration grid (%u,%u,%u) block (%u,%u,%u)", grid.x, grid.y, grid.z, block.x, block.y, block.z);
     return;
   }
@@ -404,7 +410,7 @@ template <class F> void launch(dim3 grid, dim3 block, size_t dyn_shared_bytes, F
   g.policy = next_policy();
   std::mt19937 rng((unsigned)(0x9e3779b9u * (g.launches + 1)));
   ++g.launches;
-  g.nt = (unsigned)nt;
+  g.nt = block.x * block.y * block.z;  // <= kMaxThreads
   gridDim = grid;
   blockDim = block;
   g_dyn_shared.assign(dyn_shared_bytes, kPoison);
