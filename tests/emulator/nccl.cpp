@@ -91,7 +91,8 @@ size_t size_of(ncclDataType_t t) {
   return 0;
 }
 
-template <class T> ncclResult_t reduce(const Round& r, size_t count, ncclRedOp_t op, int ranks) {
+template <class T> ncclResult_t reduce(const Round& r, size_t count, ncclRedOp_t op) {
+  const int ranks = (int)r.send.size();
   std::vector<T> acc(count);
   std::memcpy(acc.data(), r.send[0], count * sizeof(T));
   for (int k = 1; k < ranks; ++k) {
@@ -230,14 +231,13 @@ ncclResult_t ncclAllGather(const void* send, void* recv, size_t count, ncclDataT
 
 ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, ncclDataType_t type, ncclRedOp_t op, ncclComm_t comm, cudaStream_t) {
   return collective(comm, send, recv, [&](const Round& r) {
-    const int ranks = (int)r.send.size();
     switch (type) {
-      case ncclInt32: return reduce<int32_t>(r, count, op, ranks);
-      case ncclUint32: return reduce<uint32_t>(r, count, op, ranks);
-      case ncclInt64: return reduce<int64_t>(r, count, op, ranks);
-      case ncclUint64: return reduce<uint64_t>(r, count, op, ranks);
-      case ncclFloat32: return reduce<float>(r, count, op, ranks);
-      case ncclFloat64: return reduce<double>(r, count, op, ranks);
+      case ncclInt32: return reduce<int32_t>(r, count, op);
+      case ncclUint32: return reduce<uint32_t>(r, count, op);
+      case ncclInt64: return reduce<int64_t>(r, count, op);
+      case ncclUint64: return reduce<uint64_t>(r, count, op);
+      case ncclFloat32: return reduce<float>(r, count, op);
+      case ncclFloat64: return reduce<double>(r, count, op);
       default: complain("ncclAllReduce: this data type is not emulated"); return ncclInvalidArgument;
     }
   });
