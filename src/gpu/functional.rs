@@ -388,7 +388,7 @@ pub(crate) fn backward_training_with<T: Element>(
         eps: 0.0,
         training: true,
     };
-    backward_with(gpu, workspace, x, dy, desc, weight, &stats, grads, relu)
+    backward(gpu, workspace, x, dy, desc, weight, &stats, grads, relu)
 }
 
 /// Eval-mode backward with the running statistics (constants of the forward):
@@ -442,7 +442,7 @@ pub(crate) fn backward_inference_with<T: Element>(
         eps,
         training: false,
     };
-    backward_with(gpu, workspace, x, dy, desc, weight, &stats, grads, relu)
+    backward(gpu, workspace, x, dy, desc, weight, &stats, grads, relu)
 }
 
 /// The fused buffers of a backward, checked after the plain ones.
@@ -480,25 +480,10 @@ pub(crate) struct Normalization<'s, 'a> {
 }
 
 /// The shared body of both backwards (and of the synchronized one's local sums), after
-/// validation.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn backward<T: Element>(
-    gpu: &GpuContext,
-    workspace: &mut Workspace,
-    x: &CudaView<'_, T>,
-    dy: &CudaView<'_, T>,
-    desc: &TensorDesc,
-    weight: Option<&CudaView<'_, f32>>,
-    stats: &Normalization<'_, '_>,
-    grads: GradientsMut<'_, T>,
-) -> Result<()> {
-    backward_with(gpu, workspace, x, dy, desc, weight, stats, grads, None)
-}
-
-/// [`backward`], with `dy_eff = mask ? dy : 0` in place of `dy` when `relu` is given (and
+/// validation; with `dy_eff = mask ? dy : 0` in place of `dy` when `relu` is given (and
 /// `dz = dy_eff` when it asks for it): the `*_relu` kernels.
 #[allow(clippy::too_many_arguments)]
-fn backward_with<T: Element>(
+pub(crate) fn backward<T: Element>(
     gpu: &GpuContext,
     workspace: &mut Workspace,
     x: &CudaView<'_, T>,

@@ -321,7 +321,7 @@ pub fn local_grad_sums<T: Element>(
         dbias: Some(sum_dy),
         accumulate: false,
     };
-    functional::backward(gpu, workspace, x, dy, desc, None, &stats, grads)
+    functional::backward(gpu, workspace, x, dy, desc, None, &stats, grads, None)
 }
 
 fn check_sums<T>(
