@@ -8,9 +8,7 @@ use batchnorm_cuda::reference::{
     self, BatchNorm, CachedStats, Gradients, RunningStats, RunningUpdate,
 };
 use batchnorm_cuda::{DType, Element, Error, Result};
-use common::{
-    run_all, tolerance_for, widen, widen_f32, with_dtype, BnInputs, Case, Checks, Stored,
-};
+use common::{run_all, widen, widen_f32, with_dtype, BnInputs, Case, Checks, Stored};
 
 /// Whether `error` is the typed error a golden `expect.error` names.
 fn is_expected_error(name: &str, error: &Error) -> bool {
@@ -35,7 +33,7 @@ fn refused<V>(case: &Case, checks: &mut Checks, result: &Result<V>) -> bool {
 
 /// Compares a golden tensor of a batch-norm case.
 fn compare(checks: &mut Checks, case: &Case, name: &str, got: Option<Vec<f64>>) {
-    checks.compare(case, name, got, tolerance_for(name, case.dtype()));
+    checks.compare_golden(case, name, got);
 }
 
 /// The functional API: `forward_training` (training, or eval without running statistics) or
