@@ -173,7 +173,7 @@ template <bool MASK> struct BackwardReduceT {
 
   // The walks sum dy*(x - hi); sum dy*(x - hi - lo) = that - lo*sum dy.
   template <typename T> static __device__ __forceinline__ void finalize(const Params& p, u64 c, const Sums2<1>& s) {
-    const float sum_dy = s.a(0), sum_dy_xmu = fmaf(-load_or(p.mean_lo, c, 0.0f), sum_dy, s.b(0));
+    const float sum_dy = s.a(0), sum_dy_xmu = fold_lo(s.b(0), load_or(p.mean_lo, c, 0.0f), sum_dy);
     const float invstd = invstd_of(p.var_or_invstd, c, p.stat_is_var, p.eps);
     const float gw = sum_dy_xmu * invstd;
     if (p.dweight) p.dweight[c] = p.accumulate ? p.dweight[c] + gw : gw;
@@ -205,7 +205,7 @@ struct DxTrainOp {
     Coef k;
     k.mean = mean[c];
     k.proj = sums[2 * c + 1] * invstd;  // xhat*coef1 = (x - mean)*(coef1*invstd)
-    k.grad_mean = fmaf(-load_or(mean_lo, c, 0.0f), k.proj, sums[2 * c]);
+    k.grad_mean = fold_lo(sums[2 * c], load_or(mean_lo, c, 0.0f), k.proj);
     k.scale = load_or(weight, c, 1.0f) * invstd;
     return k;
   }

@@ -62,7 +62,7 @@ struct NormalizeOp {
     Coef k;
     k.mean = mean[c];
     k.scale = load_or(weight, c, 1.0f) * invstd_of(var_or_invstd, c, stat_is_var, eps);
-    k.bias = fmaf(-load_or(mean_lo, c, 0.0f), k.scale, load_or(bias, c, 0.0f));
+    k.bias = fold_lo(load_or(bias, c, 0.0f), load_or(mean_lo, c, 0.0f), k.scale);
     return k;
   }
   __device__ __forceinline__ float apply(const Coef& k, float x, float) const {

@@ -183,6 +183,11 @@ struct MeanPair {
   float hi, lo;
 };
 
+// c - lo*k: a per-channel coefficient with a mean's low part folded in (kernels/ABI.md). Exactly
+// c when lo == 0 (no mean_lo, a constant channel), so an infinite k (zero variance and eps) gives
+// what it gave without lo, not 0 * inf = NaN.
+__device__ __forceinline__ float fold_lo(float c, float lo, float k) { return lo != 0.f ? fmaf(-lo, k, c) : c; }
+
 // a + b exactly as hi + lo (Knuth's TwoSum: no ordering of |a|, |b| assumed; additions only, so
 // no contraction into an fma can change it).
 __device__ __forceinline__ MeanPair two_sum(float a, float b) {

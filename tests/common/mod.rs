@@ -255,16 +255,19 @@ impl Checks {
 
     /// [`Checks::compare`] of the golden batch-norm tensor `name` with its tolerance from the
     /// table; for `y` and `dx` the line also gives the worst error in units in the last place of
-    /// the case's dtype at the expected value (half an ulp is one correct rounding).
+    /// the case's dtype at `max(|expected|, 1)` (half an ulp is one correct rounding of an output
+    /// of at least unit size; smaller outputs are differences of terms of about unit size, whose
+    /// rounding is what bounds them).
     pub fn compare_golden(&mut self, case: &Case, name: &str, got: Option<Vec<f64>>) {
         let dtype = case.dtype();
         let ulps = match (&got, case.expect(name), Quantity::of(name)) {
-            (Some(got), Some(expect), Quantity::Activation) if got.len() == expect.len() => got
-                .iter()
-                .zip(&expect)
-                .filter(|(g, e)| g.is_finite() && e.is_finite())
-                .map(|(g, e)| (g - e).abs() / ulp(dtype, *e))
-                .fold(Some(0.0), |worst: Option<f64>, u| worst.map(|w| w.max(u))),
+            (Some(got), Some(expect), Quantity::Activation) if got.len() == expect.len() => Some(
+                got.iter()
+                    .zip(&expect)
+                    .filter(|(g, e)| g.is_finite() && e.is_finite())
+                    .map(|(g, e)| (g - e).abs() / ulp(dtype, e.abs().max(1.0)))
+                    .fold(0.0, f64::max),
+            ),
             _ => None,
         };
         self.compare(case, name, got, tolerance_for(name, dtype));
