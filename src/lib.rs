@@ -65,6 +65,10 @@ pub use error::{Error, Result};
 pub use shape::{Geometry, Layout, TensorDesc};
 pub use state::LayerState;
 
+/// The cudarc this crate is built on, for streams and device buffers of the same version (and to
+/// make a [`gpu::GpuContext`] from another crate's stream, e.g. candle's).
+pub use cudarc;
+
 /// The README's code compiles (`cargo test --doc`).
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
