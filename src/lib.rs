@@ -6,7 +6,7 @@
 //!
 //! | layer | what it is |
 //! | --- | --- |
-//! | `kernels/*.cu` | CUDA sources, compiled to PTX by `build.rs` (contract: `kernels/ABI.md`) |
+//! | `kernels/*.cu` | CUDA sources, prebuilt to PTX in `kernels/prebuilt/` (contract: `kernels/ABI.md`) |
 //! | [`gpu::ptx`] | the generated registry of PTX modules and their entry points |
 //! | [`gpu::GpuContext`] | a device, a stream, and every kernel loaded once |
 //! | [`gpu::launch`] | grid and block sizes as pure functions |

@@ -80,8 +80,9 @@ impl GpuContext {
         if stream.context().cu_ctx() != self.ctx.cu_ctx() {
             return Err(Error::Unsupported {
                 what: "GpuContext::with_stream",
-                reason: "the stream belongs to another CUDA context (GpuContext::from_stream takes it)"
-                    .into(),
+                reason:
+                    "the stream belongs to another CUDA context (GpuContext::from_stream takes it)"
+                        .into(),
             });
         }
         Ok(Self {
@@ -195,5 +196,79 @@ pub(crate) fn alloc_error(bytes: usize) -> impl Fn(DriverError) -> Error {
     move |e| match e.0 {
         sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => Error::OutOfMemory { bytes },
         _ => Error::Driver(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::ptx::{KERNEL_ORIGIN, MODULES, PTX_ISA};
+
+    /// The shipped kernels load on every CUDA 12.x and 13.x driver: PTX ISA 8.0, which CUDA 12.0
+    /// introduced (NVIDIA's PTX ISA release history), in every module.
+    #[test]
+    fn prebuilt_kernels_need_cuda_12_0() {
+        assert!(KERNELS_BUILT, "no kernels embedded ({KERNEL_ORIGIN})");
+        for module in MODULES {
+            let isa = module
+                .ptx
+                .lines()
+                .find_map(|l| l.strip_prefix(".version ")?.trim().split_once('.'))
+                .and_then(|(major, minor)| Some((major.parse().ok()?, minor.parse().ok()?)));
+            assert!(
+                isa.is_some_and(|isa: (u32, u32)| isa <= PTX_ISA),
+                "{}: PTX ISA {isa:?}, newer than PTX_ISA {PTX_ISA:?} or unreadable",
+                module.name
+            );
+        }
+        if KERNEL_ORIGIN.starts_with("prebuilt") {
+            assert_eq!(PTX_ISA, (8, 0), "{KERNEL_ORIGIN}");
+            assert_eq!(MIN_DRIVER_VERSION, 12000, "{KERNEL_ORIGIN}");
+        } else {
+            println!(
+                "kernels {KERNEL_ORIGIN}: PTX ISA {PTX_ISA:?}, driver >= {MIN_DRIVER_VERSION}"
+            );
+            assert!(MIN_DRIVER_VERSION >= 12000, "{KERNEL_ORIGIN}");
+        }
+    }
+
+    #[test]
+    fn driver_too_old_names_both_versions() {
+        let message = Error::DriverTooOld {
+            driver: 11080,
+            needed: 12040,
+        }
+        .to_string();
+        assert!(
+            message.contains("CUDA 11.8") && message.contains("CUDA 12.4"),
+            "{message}"
+        );
+    }
+
+    /// Every `GpuContext` on one CUDA context shares one set of kernels, whichever cudarc handle
+    /// of the context its stream comes through (candle's `CudaContext` is another handle of the
+    /// same primary context); they are loaded again once all are gone.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn kernels_are_loaded_once_per_cuda_context() -> Result<()> {
+        let first = GpuContext::new(0)?;
+        let other_handle = CudaContext::new(0)?;
+        assert_eq!(
+            other_handle.cu_ctx(),
+            first.cuda().cu_ctx(),
+            "primary context"
+        );
+        let wrapped = GpuContext::from_stream(other_handle.new_stream()?)?;
+        assert!(Arc::ptr_eq(&first.kernels, &wrapped.kernels));
+        let moved = first.with_stream(other_handle.new_stream()?)?;
+        assert!(Arc::ptr_eq(&first.kernels, &moved.kernels));
+        let weak = Arc::downgrade(&first.kernels);
+        drop((first, wrapped, moved));
+        assert!(
+            weak.upgrade().is_none(),
+            "kernels outlived every GpuContext"
+        );
+        let again = GpuContext::from_stream(other_handle.default_stream())?;
+        again.synchronize()
     }
 }
