@@ -208,7 +208,7 @@ mod tests {
     /// introduced (NVIDIA's PTX ISA release history), in every module.
     #[test]
     fn prebuilt_kernels_need_cuda_12_0() {
-        assert!(KERNELS_BUILT, "no kernels embedded ({KERNEL_ORIGIN})");
+        assert!(!MODULES.is_empty(), "no kernels embedded ({KERNEL_ORIGIN})");
         for module in MODULES {
             let isa = module
                 .ptx
@@ -228,7 +228,6 @@ mod tests {
             println!(
                 "kernels {KERNEL_ORIGIN}: PTX ISA {PTX_ISA:?}, driver >= {MIN_DRIVER_VERSION}"
             );
-            assert!(MIN_DRIVER_VERSION >= 12000, "{KERNEL_ORIGIN}");
         }
     }
 
