@@ -43,10 +43,10 @@ fn main() {
     let require = env::var("BATCHNORM_REQUIRE_NVCC").is_ok_and(|v| v == "1");
     let build_locally = env::var("BATCHNORM_BUILD_KERNELS").is_ok_and(|v| v == "1");
     let nvcc = find_nvcc(&manifest);
-    if let Some(nvcc) = &nvcc {
-        // A toolkit installed later into .cuda/ is seen on the next build.
+    if let Some(nvcc) = nvcc.as_ref().filter(|nvcc| nvcc.is_file()) {
+        // A toolkit reinstalled (scripts/install-nvcc.sh) is seen on the next build.
         println!("cargo:rerun-if-changed={}", nvcc.display());
-    } else if require || build_locally {
+    } else if nvcc.is_none() && (require || build_locally) {
         panic!("no nvcc was found (NVCC, CUDA_HOME, CUDA_PATH, PATH, /usr/local/cuda, .cuda/), and {} asks for it: run scripts/install-nvcc.sh",
             if build_locally { "BATCHNORM_BUILD_KERNELS=1" } else { "BATCHNORM_REQUIRE_NVCC=1" });
     }
