@@ -14,6 +14,9 @@ pub enum DType {
 }
 
 impl DType {
+    /// Every dtype, in declaration order.
+    pub const ALL: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
     /// Size of one element in bytes.
     pub const fn size_of(self) -> usize {
         match self {

@@ -40,6 +40,7 @@ struct Device<T> {
     running_mean: CudaSlice<f32>,
     running_var: CudaSlice<f32>,
     saved_mean: CudaSlice<f32>,
+    saved_mean_lo: CudaSlice<f32>,
     saved_invstd: CudaSlice<f32>,
 }
 
@@ -53,6 +54,7 @@ impl<T: Element> Device<T> {
             running_mean: upload(gpu, &inputs.running_mean),
             running_var: upload(gpu, &inputs.running_var),
             saved_mean: zeros(gpu, c),
+            saved_mean_lo: zeros(gpu, c),
             saved_invstd: zeros(gpu, c),
         };
         // The saved statistics come from the GPU's own forward, as in training.
@@ -69,6 +71,7 @@ impl<T: Element> Device<T> {
             &mut y.as_view_mut(),
             SavedStatsMut {
                 mean: device.saved_mean.as_view_mut(),
+                mean_lo: device.saved_mean_lo.as_view_mut(),
                 invstd: device.saved_invstd.as_view_mut(),
             },
         )
@@ -97,6 +100,7 @@ impl<T: Element> Device<T> {
         if training {
             let saved = SavedStats {
                 mean: self.saved_mean.as_view(),
+                mean_lo: Some(self.saved_mean_lo.as_view()),
                 invstd: self.saved_invstd.as_view(),
             };
             functional::backward_training(gpu, ws, &x, &dy, desc, Some(&w), &saved, grads)
@@ -120,6 +124,7 @@ fn compare_backward<T: Element>(gpu: &GpuContext, desc: &TensorDesc, seed: u64) 
     let device = Device::new(gpu, &host, desc);
     let saved = reference::SavedStats {
         mean: download(gpu, &device.saved_mean),
+        mean_lo: download(gpu, &device.saved_mean_lo),
         invstd: download(gpu, &device.saved_invstd),
     };
     let mut ws = Workspace::new();
@@ -224,6 +229,7 @@ fn gpu_backward_output_masks_and_accumulation() {
     let (full_dx, full_dw, full_db) = device.backward(&gpu, &mut ws, &desc, true);
     let saved = SavedStats {
         mean: device.saved_mean.as_view(),
+        mean_lo: Some(device.saved_mean_lo.as_view()),
         invstd: device.saved_invstd.as_view(),
     };
     let (x, dy, w) = (

@@ -10,8 +10,8 @@ use batchnorm_cuda::gpu::{BatchNorm, GpuContext};
 use batchnorm_cuda::{reference, Element, Error};
 use common::gpu::{download, gpu, upload, zeros};
 use common::{
-    run_all, tolerance, tolerance_for, widen, widen_f32, with_dtype, BnInputs, Case, Checks,
-    FoldInputs, Quantity, Stored,
+    run_all, tolerance, widen, widen_f32, with_dtype, BnInputs, Case, Checks, FoldInputs, Quantity,
+    Stored,
 };
 
 /// Element for element the same bits, or both NaN (payloads may differ).
@@ -24,7 +24,7 @@ fn same_bits<T: Element>(a: &[T], b: &[T]) -> bool {
 }
 
 fn compare(checks: &mut Checks, case: &Case, name: &str, got: Option<Vec<f64>>) {
-    checks.compare(case, name, got, tolerance_for(name, case.dtype()));
+    checks.compare_golden(case, name, got);
 }
 
 /// The GPU layer, built from the case's configuration and state: one forward, one backward.

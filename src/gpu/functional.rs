@@ -81,8 +81,11 @@ pub struct RunningStats<'a> {
 /// Where a training forward writes the batch statistics its backward needs.
 #[derive(Debug)]
 pub struct SavedStatsMut<'a> {
-    /// `[C]` batch mean.
+    /// `[C]` batch mean, rounded to f32 (what PyTorch saves).
     pub mean: CudaViewMut<'a, f32>,
+    /// `[C]` the rest of the batch mean: `mean + mean_lo` is the mean to about 48 bits, so that
+    /// `x - mean` loses nothing when the mean is large next to the spread.
+    pub mean_lo: CudaViewMut<'a, f32>,
     /// `[C]` `1 / sqrt(biased_var + eps)`.
     pub invstd: CudaViewMut<'a, f32>,
 }
@@ -90,8 +93,12 @@ pub struct SavedStatsMut<'a> {
 /// The batch statistics a training forward saved, read by its backward.
 #[derive(Debug)]
 pub struct SavedStats<'a> {
-    /// `[C]` batch mean.
+    /// `[C]` batch mean, rounded to f32.
     pub mean: CudaView<'a, f32>,
+    /// `[C]` the low part of the mean ([`SavedStatsMut::mean_lo`]); `None` reads as 0, for
+    /// statistics saved elsewhere (PyTorch's), whose f32 mean then limits the accuracy of `dx`
+    /// and `dweight` on data with a large mean.
+    pub mean_lo: Option<CudaView<'a, f32>>,
     /// `[C]` `1 / sqrt(biased_var + eps)`.
     pub invstd: CudaView<'a, f32>,
 }
@@ -164,6 +171,7 @@ pub(crate) fn forward_training_with<T: Element>(
         running_mean: running.as_ref().map(|r| r.mean.len()),
         running_var: running.as_ref().map(|r| r.var.len()),
         save_mean: Some(saved.mean.len()),
+        save_mean_lo: Some(saved.mean_lo.len()),
         save_invstd: Some(saved.invstd.len()),
         ..Default::default()
     }
@@ -184,14 +192,19 @@ pub(crate) fn forward_training_with<T: Element>(
     let reduce = launch::reduction(&g, T::DTYPE, gpu.sm_count());
     let scratch = workspace.reserve(gpu, 3 * c * reduce.splits as usize, c)?;
     let mut running = RunningParts::of(running);
-    let (mut save_mean, mut save_invstd) = (saved.mean, saved.invstd);
+    let SavedStatsMut {
+        mut mean,
+        mut mean_lo,
+        mut invstd,
+    } = saved;
     let mut guards = Guards::new(stream);
     let stats = StatsParams {
         x: guards.read(x),
         partials: guards.write(scratch.partials),
         semaphores: guards.write(scratch.semaphores),
-        save_mean: guards.write(&mut save_mean),
-        save_invstd: guards.write(&mut save_invstd),
+        save_mean: guards.write(&mut mean),
+        save_mean_lo: guards.write(&mut mean_lo),
+        save_invstd: guards.write(&mut invstd),
         running_mean: guards.write_opt(running.mean.as_mut()),
         running_var: guards.write_opt(running.var.as_mut()),
         g: g.into(),
@@ -212,6 +225,7 @@ pub(crate) fn forward_training_with<T: Element>(
         x: stats.x,
         y: guards.write(y),
         mean: stats.save_mean,
+        mean_lo: stats.save_mean_lo,
         var_or_invstd: stats.save_invstd,
         weight: guards.read_opt(weight),
         bias: guards.read_opt(bias),
@@ -275,6 +289,7 @@ pub(crate) fn forward_inference_with<T: Element>(
         x: guards.read(x),
         y: guards.write(y),
         mean: guards.read(&running.mean),
+        mean_lo: 0,
         var_or_invstd: guards.read(&running.var),
         weight: guards.read_opt(weight),
         bias: guards.read_opt(bias),
@@ -376,6 +391,7 @@ pub(crate) fn backward_training_with<T: Element>(
 ) -> Result<()> {
     Buffers {
         save_mean: Some(saved.mean.len()),
+        save_mean_lo: saved.mean_lo.as_ref().map(|lo| lo.len()),
         save_invstd: Some(saved.invstd.len()),
         ..backward_buffers(x, dy, weight, &grads)
     }
@@ -384,6 +400,7 @@ pub(crate) fn backward_training_with<T: Element>(
     validate::batch_statistics(desc)?;
     let stats = Normalization {
         mean: &saved.mean,
+        mean_lo: saved.mean_lo.as_ref(),
         var_or_invstd: &saved.invstd,
         eps: 0.0,
         training: true,
@@ -438,6 +455,7 @@ pub(crate) fn backward_inference_with<T: Element>(
     validate_eps(eps)?;
     let stats = Normalization {
         mean: &running.mean,
+        mean_lo: None,
         var_or_invstd: &running.var,
         eps,
         training: false,
@@ -470,10 +488,12 @@ fn backward_buffers<T>(
     }
 }
 
-/// The statistics a backward normalizes with: saved batch ones (`var_or_invstd` is invstd) or
-/// running ones (`var_or_invstd` is the variance, `eps` added on the device).
+/// The statistics a backward normalizes with: saved batch ones (`var_or_invstd` is invstd, the
+/// mean `mean + mean_lo`) or running ones (`var_or_invstd` is the variance, `eps` added on the
+/// device, no `mean_lo`).
 pub(crate) struct Normalization<'s, 'a> {
     pub mean: &'s CudaView<'a, f32>,
+    pub mean_lo: Option<&'s CudaView<'a, f32>>,
     pub var_or_invstd: &'s CudaView<'a, f32>,
     pub eps: f32,
     pub training: bool,
@@ -524,6 +544,7 @@ pub(crate) fn backward<T: Element>(
     let x_ptr = guards.read(x);
     let dy_ptr = guards.read(dy);
     let mean = guards.read(stats.mean);
+    let mean_lo = guards.read_opt(stats.mean_lo);
     let var_or_invstd = guards.read(stats.var_or_invstd);
     let stat_is_var = (!stats.training) as i32;
     let mask = guards.read_opt(mask);
@@ -537,6 +558,7 @@ pub(crate) fn backward<T: Element>(
             x: x_ptr,
             dy: dy_ptr,
             mean,
+            mean_lo,
             var_or_invstd,
             partials: guards.write(scratch.partials),
             semaphores: guards.write(scratch.semaphores),
@@ -580,6 +602,7 @@ pub(crate) fn backward<T: Element>(
         dy: dy_ptr,
         dx: guards.write_opt(dx.as_mut()),
         mean,
+        mean_lo,
         var_or_invstd,
         weight: guards.read_opt(weight),
         coef,

@@ -32,12 +32,17 @@
 //! let mut y = stream.alloc_zeros::<half::f16>(desc.numel())?;
 //! let mut mask = stream.alloc_zeros::<u32>(fused::mask_words(&desc))?;
 //! let (mut mean, mut invstd) = (stream.alloc_zeros(64)?, stream.alloc_zeros(64)?);
+//! let mut mean_lo = stream.alloc_zeros(64)?;
 //! let mut ws = Workspace::new();
 //! fused::forward_training(
 //!     &gpu, &mut ws, &x.as_view(), &desc, None, None, None, 1e-5,
 //!     fused::ReluEpilogue { residual: Some(z.as_view()), mask: Some(mask.as_view_mut()) },
 //!     &mut y.as_view_mut(),
-//!     functional::SavedStatsMut { mean: mean.as_view_mut(), invstd: invstd.as_view_mut() },
+//!     functional::SavedStatsMut {
+//!         mean: mean.as_view_mut(),
+//!         mean_lo: mean_lo.as_view_mut(),
+//!         invstd: invstd.as_view_mut(),
+//!     },
 //! )?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

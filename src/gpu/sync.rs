@@ -8,7 +8,7 @@
 //!
 //! | step (per rank) | function | collective between the steps |
 //! | --- | --- | --- |
-//! | forward: `(count, mean, m2)` of the shard, `[C][3]` f32 | [`local_moments`] | all-gather into `[R][C][3]` |
+//! | forward: `(count, mean, mean_lo, m2)` of the shard, `[C][4]` f32 | [`local_moments`] | all-gather into `[R][C][4]` |
 //! | forward: merge in rank order, running update with the global count, normalize | [`forward_training`] | |
 //! | backward: `(sum dy, sum dy * xhat)` of the shard, `[2][C]` f32 | [`local_grad_sums`] | all-reduce (sum) |
 //! | backward: coefficients with the global count, `dx` | [`backward_training`] | |
@@ -16,10 +16,9 @@
 //! # Semantics
 //! PyTorch's `nn.SyncBatchNorm`, with apex's exchange: ranks exchange moments, not `invstd`
 //! (PyTorch rebuilds the variance as `1/invstd^2 - eps`, which loses precision), and every rank
-//! merges the `R` moments with the one Chan merge of `kernels/common.cuh`, in rank order, so
-//! every rank computes bitwise the same statistics (and a world of one reproduces
-//! [`functional::forward_training`] bit for bit). Ranks with an empty shard send
-//! `(0, 0, 0)`, an exact identity of the merge, and must still call every collective (or the
+//! merges the `R` moments with Chan's formula in double, in rank order, so every rank computes
+//! bitwise the same statistics (and a world of one reproduces [`functional::forward_training`]
+//! bit for bit). Ranks with an empty shard send `(0, 0, 0, 0)`, an exact identity of the merge, and must still call every collective (or the
 //! others wait forever). The running statistics use the global count `M` (`M / (M - 1)`).
 //! `dweight` and `dbias` are the rank's own sums, as in PyTorch: data-parallel training
 //! all-reduces parameter gradients itself, and the sum over the ranks is the single-device
@@ -35,25 +34,24 @@
 //! `SyncBatchNorm::last_global_count` reads it on the host for callers that want to refuse
 //! `M == 1`.
 //!
-//! **Precision.** Each rank's mean is rounded to f32 once (as `save_mean` is); the merge's
-//! deltas between rank means inherit that rounding, so the variance carries a relative error of
-//! about `ulp(mean) / (std * sqrt(m_r))` (`m_r` the smallest non-empty shard's count) on top of
-//! the single-device one: negligible unless the mean is large next to the spread and the shards
-//! are tiny (mean 1000, std 0.1, one value per shard: ~6e-4; 1000 values per shard: ~2e-5).
-//! Counts travel as f32 (exact below 2^24 values per channel and rank) and are summed in 64-bit
+//! **Precision.** Each rank's mean travels as two floats, `hi + lo` (a double-float, exact sum of
+//! its per-channel pivot and shifted mean), and the merge runs in double, so the deltas between
+//! rank means carry no f32 rounding of the mean: a large mean next to a small spread costs
+//! nothing, even with one value per shard. The merged mean is saved as `save_mean + save_mean_lo`
+//! and every rank's normalize and backward use both. Counts travel as f32 (exact below 2^24 values per channel and rank) and are summed in 64-bit
 //! integers on the device. The backward all-reduce adds in NCCL's order (the same result on
 //! every rank, not a fixed rank order).
 //!
 //! # Scaling to many nodes: what crosses the network per step
-//! Per batch-norm layer with `C` channels, `R` ranks, f32 (`12 C` bytes of moments per rank):
+//! Per batch-norm layer with `C` channels, `R` ranks, f32 (`16 C` bytes of moments per rank):
 //!
 //! | collective | each rank contributes | each rank receives | ring steps |
 //! | --- | --- | --- | --- |
-//! | forward all-gather of `(count, mean, m2)` | `12 C` bytes | `12 C (R - 1)` bytes | `R - 1` |
+//! | forward all-gather of `(count, mean, mean_lo, m2)` | `16 C` bytes | `16 C (R - 1)` bytes | `R - 1` |
 //! | backward all-reduce of `(sum dy, sum dy * xhat)` | `8 C` bytes | `8 C` bytes (a ring moves `2 (R-1)/R * 8 C` each way) | `2 (R - 1)`, or `2 log R` as a tree |
 //!
-//! For ResNet-50 (53 batch norms, `sum C = 26 560`): `319 KB` of moments per rank per step,
-//! so the all-gather delivers `2.2 MB` to each rank at `R = 8` and `163 MB` at `R = 512`, and
+//! For ResNet-50 (53 batch norms, `sum C = 26 560`): `425 KB` of moments per rank per step,
+//! so the all-gather delivers `3.0 MB` to each rank at `R = 8` and `217 MB` at `R = 512`, and
 //! the backward all-reduces `212 KB`. Next to the `~100 MB` gradient all-reduce of the same
 //! model that is nothing at a few ranks, but the all-gather grows as `O(R C)` where an
 //! all-reduce would stay `O(C)`: this is the price of the fixed-order merge. At a few nodes the
@@ -72,7 +70,7 @@
 //! gradient all-reduce of layers already done in the backward. Not implemented: grouping the
 //! collectives of independent batch norms (a ResNet block's downsample and main branch) into
 //! one `ncclGroupStart/End` to pay one latency for two; sending the count once per rank
-//! instead of per channel (`8 C + 4` bytes instead of `12 C`); an `O(C)` all-reduce of
+//! instead of per channel (`12 C + 4` bytes instead of `16 C`); an `O(C)` all-reduce of
 //! pivot-shifted sums for very large `R`, at the cost of the fixed merge order.
 
 use super::context::GpuContext;
@@ -99,14 +97,18 @@ mod nccl;
 #[cfg(feature = "nccl")]
 pub use nccl::{communicator, unique_id, SyncBatchNorm};
 
-/// Floats per channel in a rank's moments: `(count, mean, m2)`.
-pub const MOMENT_FLOATS: usize = 3;
+/// Floats per channel in a rank's moments: `(count, mean, mean_lo, m2)`, the mean as the exact
+/// sum `mean + mean_lo` of two floats.
+pub const MOMENT_FLOATS: usize = 4;
 
-/// Every rank's moments after the all-gather: `[R][C][3]` f32, rank-major, rank `r`'s
+/// Floats per channel and split in the moments reduction's workspace: `(mean, m2, count)`.
+const PARTIAL_FLOATS: usize = 3;
+
+/// Every rank's moments after the all-gather: `[R][C][4]` f32, rank-major, rank `r`'s
 /// [`local_moments`] at `[r]`.
 #[derive(Debug)]
 pub struct GatheredMoments<'a> {
-    /// The `R * C * 3` floats.
+    /// The `R * C * 4` floats.
     pub moments: CudaView<'a, f32>,
     /// Number of ranks `R` (at least 1).
     pub ranks: usize,
@@ -121,12 +123,12 @@ pub struct ReducedSums<'a> {
     pub global: CudaView<'a, f32>,
 }
 
-/// The `(count, mean, m2)` of each channel of this rank's shard `x` into `moments` (`[C][3]`),
+/// The `(count, mean, mean_lo, m2)` of each channel of this rank's shard `x` into `moments` (`[C][4]`),
 /// one split-reduction launch (bn_stats' reduction, including its per-channel pivot). An empty
 /// shard writes zeros (the identity of the merge) and a shard may hold a single value per
 /// channel.
 ///
-/// Errors: [`Error::BufferLength`] (`moments` needs `3 C`).
+/// Errors: [`Error::BufferLength`] (`moments` needs `4 C`).
 pub fn local_moments<T: Element>(
     gpu: &GpuContext,
     workspace: &mut Workspace,
@@ -148,7 +150,7 @@ pub fn local_moments<T: Element>(
     }
     let g = desc.geometry();
     let reduce = shapes::reduction(&g, T::DTYPE, gpu.sm_count());
-    let scratch = workspace.reserve(gpu, MOMENT_FLOATS * c * reduce.splits as usize, c)?;
+    let scratch = workspace.reserve(gpu, PARTIAL_FLOATS * c * reduce.splits as usize, c)?;
     let mut guards = Guards::new(stream);
     let params = SyncMomentsParams {
         x: guards.read(x),
@@ -174,7 +176,7 @@ pub(crate) fn check_forward(
     weight: Option<usize>,
     bias: Option<usize>,
     running: Option<(usize, usize, f32)>,
-    saved: (usize, usize),
+    saved: (usize, usize, usize),
     eps: f32,
     gathered: (usize, usize),
     total: usize,
@@ -187,7 +189,8 @@ pub(crate) fn check_forward(
         running_mean: running.map(|r| r.0),
         running_var: running.map(|r| r.1),
         save_mean: Some(saved.0),
-        save_invstd: Some(saved.1),
+        save_mean_lo: Some(saved.1),
+        save_invstd: Some(saved.2),
         ..Default::default()
     }
     .check(desc)?;
@@ -239,7 +242,7 @@ pub fn forward_training<T: Element>(
         running
             .as_ref()
             .map(|r| (r.mean.len(), r.var.len(), r.factor)),
-        (saved.mean.len(), saved.invstd.len()),
+        (saved.mean.len(), saved.mean_lo.len(), saved.invstd.len()),
         eps,
         (gathered.moments.len(), gathered.ranks),
         total.len(),
@@ -247,12 +250,17 @@ pub fn forward_training<T: Element>(
     let c = desc.channels();
     let stream = gpu.stream();
     let mut running = RunningParts::of(running);
-    let (mut save_mean, mut save_invstd) = (saved.mean, saved.invstd);
+    let SavedStatsMut {
+        mut mean,
+        mut mean_lo,
+        mut invstd,
+    } = saved;
     let mut guards = Guards::new(stream);
     let merge = SyncMergeParams {
         gathered: guards.read(&gathered.moments),
-        save_mean: guards.write(&mut save_mean),
-        save_invstd: guards.write(&mut save_invstd),
+        save_mean: guards.write(&mut mean),
+        save_mean_lo: guards.write(&mut mean_lo),
+        save_invstd: guards.write(&mut invstd),
         running_mean: guards.write_opt(running.mean.as_mut()),
         running_var: guards.write_opt(running.var.as_mut()),
         total: guards.write(total),
@@ -276,6 +284,7 @@ pub fn forward_training<T: Element>(
         x: guards.read(x),
         y: guards.write(y),
         mean: merge.save_mean,
+        mean_lo: merge.save_mean_lo,
         var_or_invstd: merge.save_invstd,
         weight: guards.read_opt(weight),
         bias: guards.read_opt(bias),
@@ -310,6 +319,7 @@ pub fn local_grad_sums<T: Element>(
     let (sum_dy, sum_dy_xhat) = sums.split_at_mut(desc.channels());
     let stats = Normalization {
         mean: &saved.mean,
+        mean_lo: saved.mean_lo.as_ref(),
         var_or_invstd: &saved.invstd,
         eps: 0.0,
         training: true,
@@ -335,6 +345,7 @@ fn check_sums<T>(
         x: x.len(),
         dy: Some(dy.len()),
         save_mean: Some(saved.mean.len()),
+        save_mean_lo: saved.mean_lo.as_ref().map(|lo| lo.len()),
         save_invstd: Some(saved.invstd.len()),
         ..Default::default()
     }
@@ -401,6 +412,7 @@ pub fn backward_training<T: Element>(
         dy: guards.read(dy),
         dx: guards.write(dx),
         mean: guards.read(&saved.mean),
+        mean_lo: guards.read_opt(saved.mean_lo.as_ref()),
         var_or_invstd: guards.read(&saved.invstd),
         weight: guards.read_opt(weight),
         coef: coefficients.coef,
@@ -435,6 +447,7 @@ pub(crate) fn check_backward<T>(
         dx: grads.dx.as_ref().map(|d| d.len()),
         weight: weight.map(|w| w.len()),
         save_mean: Some(saved.mean.len()),
+        save_mean_lo: saved.mean_lo.as_ref().map(|lo| lo.len()),
         save_invstd: Some(saved.invstd.len()),
         dweight: grads.dweight.as_ref().map(|d| d.len()),
         dbias: grads.dbias.as_ref().map(|d| d.len()),

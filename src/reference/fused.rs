@@ -159,12 +159,9 @@ pub fn backward_training<T: Element>(
     grads: Gradients<'_, T>,
     dz: Option<&mut [T]>,
 ) -> Result<()> {
-    Buffers {
-        save_mean: Some(saved.mean.len()),
-        save_invstd: Some(saved.invstd.len()),
-        ..backward_buffers(x, dy, weight, &grads)
-    }
-    .check(desc)?;
+    saved
+        .buffers(backward_buffers(x, dy, weight, &grads))
+        .check(desc)?;
     epilogue::check_backward(desc, mask.len(), dz.as_deref().map(<[T]>::len))?;
     let dy_eff = masked(dy, mask, desc);
     super::backward_training(x, &dy_eff, desc, weight, saved, grads)?;

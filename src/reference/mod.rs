@@ -58,13 +58,67 @@ use math::Norm;
 
 /// The batch statistics a training forward saves for its backward: per channel, the `mean` and
 /// `invstd = 1 / sqrt(biased_var + eps)`, in f32 whatever the activation dtype (as PyTorch and
-/// cuDNN save them). An empty batch saves mean 0 and `1 / sqrt(eps)`.
+/// cuDNN save them), and `mean_lo`, the part of the mean f32 cannot hold. An empty batch saves
+/// mean 0 and `1 / sqrt(eps)`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SavedStats {
-    /// Batch mean, one per channel.
+    /// Batch mean rounded to f32, one per channel.
     pub mean: Vec<f32>,
+    /// The rest of the batch mean, `mean + mean_lo` (a double-float, about 48 bits): the
+    /// backward forms `x - mean` with both, so a mean large next to the spread loses nothing
+    /// (the f32 mean alone is off by up to half an ulp, 3e-5 at 1000, which `invstd`
+    /// magnifies). Zeros for statistics saved without it (PyTorch's).
+    pub mean_lo: Vec<f32>,
     /// `1 / sqrt(biased_var + eps)`, one per channel.
     pub invstd: Vec<f32>,
+}
+
+impl SavedStats {
+    /// The f32 statistics of f64 ones: the mean as `mean + mean_lo` with `mean` the f32 rounding
+    /// of the pair (as the GPU's), `invstd` rounded once.
+    fn from_f64(mean: &[f64], invstd: &[f64]) -> Self {
+        let hi = narrow(mean);
+        let mean_lo = mean
+            .iter()
+            .zip(&hi)
+            .map(|(&m, &h)| {
+                if !h.is_finite() {
+                    return 0.0;
+                }
+                let lo = (m - f64::from(h)) as f32;
+                // Rounded onto half an ulp of an odd `h`, `h + lo` would tie away from `h`.
+                if (f64::from(h) + f64::from(lo)) as f32 == h {
+                    lo
+                } else {
+                    f32::from_bits(lo.to_bits() - 1)
+                }
+            })
+            .collect();
+        Self {
+            mean: hi,
+            mean_lo,
+            invstd: narrow(invstd),
+        }
+    }
+
+    /// The saved mean in f64: `mean + mean_lo`.
+    fn full_mean(&self) -> Vec<f64> {
+        self.mean
+            .iter()
+            .zip(&self.mean_lo)
+            .map(|(&hi, &lo)| f64::from(hi) + f64::from(lo))
+            .collect()
+    }
+
+    /// `call`'s buffer lengths with the saved statistics' filled in.
+    fn buffers(&self, call: Buffers) -> Buffers {
+        Buffers {
+            save_mean: Some(self.mean.len()),
+            save_mean_lo: Some(self.mean_lo.len()),
+            save_invstd: Some(self.invstd.len()),
+            ..call
+        }
+    }
 }
 
 /// The running statistics a training forward updates, and how:
@@ -223,10 +277,7 @@ fn normalize_batch<T: Element>(
             *var = ((1.0 - f) * f64::from(*var) + f * moments.var[ch] * bessel) as f32;
         }
     }
-    SavedStats {
-        mean: narrow(&moments.mean),
-        invstd: narrow(&invstd),
-    }
+    SavedStats::from_f64(&moments.mean, &invstd)
 }
 
 /// Eval-mode forward: `y = (x - running_mean) * (weight / sqrt(running_var + eps)) + bias`.
@@ -321,17 +372,14 @@ pub fn backward_training<T: Element>(
     saved: &SavedStats,
     grads: Gradients<'_, T>,
 ) -> Result<()> {
-    Buffers {
-        save_mean: Some(saved.mean.len()),
-        save_invstd: Some(saved.invstd.len()),
-        ..backward_buffers(x, dy, weight, &grads)
-    }
-    .check(desc)?;
+    saved
+        .buffers(backward_buffers(x, dy, weight, &grads))
+        .check(desc)?;
     validate::batch_statistics(desc)?;
 
     let (g, c) = (desc.geometry(), desc.channels());
     let (mean, invstd, weight) = (
-        widen(&saved.mean),
+        saved.full_mean(),
         widen(&saved.invstd),
         widen_or(weight, c, 1.0),
     );
