@@ -1271,7 +1271,7 @@ fn run(gpu: Option<GpuContext>, args: &Args) -> BoxResult<bool> {
     let wanted = |name: &str| {
         args.filter
             .as_ref()
-            .map_or(true, |f| name.contains(f.as_str()))
+            .is_none_or(|f| name.contains(f.as_str()))
     };
 
     let mut rows = Vec::new();

@@ -120,8 +120,23 @@ pub enum Error {
     StateFile(String),
 
     /// libcuda could not be loaded.
-    #[error("no CUDA driver: libcuda could not be loaded")]
+    #[error(
+        "no CUDA driver: libcuda could not be loaded. On a machine with an NVIDIA GPU, install its \
+         driver (CUDA 12.0 or newer). Without one, `reference::BatchNorm` runs the same API on the \
+         CPU, and `bash scripts/emulated-gpu.sh` (in the repository) runs the GPU tests on an \
+         emulated driver"
+    )]
     NoDriver,
+
+    /// The driver is older than the CUDA version whose PTX the kernels are (versions as
+    /// `cuDriverGetVersion` gives them: 12040 is CUDA 12.4).
+    #[error(
+        "the CUDA driver supports CUDA {}.{}, but this build's kernels need CUDA {}.{} or newer: \
+         update the NVIDIA driver, or build without BATCHNORM_BUILD_KERNELS=1 to get the \
+         prebuilt kernels, which load on CUDA 12.0",
+        .driver / 1000, .driver % 1000 / 10, .needed / 1000, .needed % 1000 / 10
+    )]
+    DriverTooOld { driver: i32, needed: i32 },
 
     /// No CUDA device with that ordinal.
     #[error("no CUDA device with ordinal {ordinal}: the driver reports {count}")]
@@ -135,8 +150,12 @@ pub enum Error {
     #[error("kernel `{name}` is missing from the compiled PTX")]
     MissingKernel { name: &'static str },
 
-    /// The crate was built without nvcc, so it has no GPU kernels.
-    #[error("this build has no CUDA kernels: nvcc was not found when the crate was compiled")]
+    /// The crate was built without its kernels (`kernels/prebuilt/` was missing).
+    #[error(
+        "this build has no CUDA kernels: kernels/prebuilt/ was missing when the crate was \
+         compiled. In the repository, run `bash scripts/build-kernels.sh`, or build with \
+         BATCHNORM_BUILD_KERNELS=1 and nvcc (`scripts/install-nvcc.sh`)"
+    )]
     KernelsNotBuilt,
 
     /// A valid request this crate does not support.

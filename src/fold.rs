@@ -132,13 +132,13 @@ impl FoldSpec {
                     "a linear layer has no groups, got groups = {groups}"
                 )));
             }
-            FoldKind::Conv if weight_shape[0] % groups != 0 => {
+            FoldKind::Conv if !weight_shape[0].is_multiple_of(groups) => {
                 return Err(invalid(format!(
                     "C_out = {} is not divisible by groups = {groups}",
                     weight_shape[0]
                 )));
             }
-            FoldKind::ConvTranspose if weight_shape[0] % groups != 0 => {
+            FoldKind::ConvTranspose if !weight_shape[0].is_multiple_of(groups) => {
                 return Err(invalid(format!(
                     "C_in = {} is not divisible by groups = {groups}",
                     weight_shape[0]

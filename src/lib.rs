@@ -6,7 +6,7 @@
 //!
 //! | layer | what it is |
 //! | --- | --- |
-//! | `kernels/*.cu` | CUDA sources, compiled to PTX by `build.rs` (contract: `kernels/ABI.md`) |
+//! | `kernels/*.cu` | CUDA sources, prebuilt to PTX in `kernels/prebuilt/` (contract: `kernels/ABI.md`) |
 //! | [`gpu::ptx`] | the generated registry of PTX modules and their entry points |
 //! | [`gpu::GpuContext`] | a device, a stream, and every kernel loaded once |
 //! | [`gpu::launch`] | grid and block sizes as pure functions |
@@ -64,6 +64,10 @@ pub use epilogue::Epilogue;
 pub use error::{Error, Result};
 pub use shape::{Geometry, Layout, TensorDesc};
 pub use state::LayerState;
+
+/// The cudarc this crate is built on, for streams and device buffers of the same version (and to
+/// make a [`gpu::GpuContext`] from another crate's stream, e.g. candle's).
+pub use cudarc;
 
 /// The README's code compiles (`cargo test --doc`).
 #[cfg(doctest)]

@@ -216,6 +216,9 @@ fn golden_layer() {
 #[test]
 fn golden_cases_cover_the_semantics() {
     let cases = common::batchnorm_cases();
+    if cases.is_empty() {
+        return; // no golden folder: batchnorm_cases said it was skipped
+    }
     let any = |f: &dyn Fn(&Case) -> bool| cases.iter().any(f);
     assert!(any(&|c| c.expect_error().is_some()), "no error case");
     assert!(

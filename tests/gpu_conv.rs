@@ -123,7 +123,7 @@ fn check<T: Element>(
     .map_err(|e| format!("reference |w x|: {e}"))?;
     let got = run_gpu(
         gpu,
-        seed % 2 == 0,
+        seed.is_multiple_of(2),
         &x,
         l.x,
         &spec,

@@ -370,8 +370,17 @@ fn load_dir(dir: &Path) -> Vec<Case> {
 }
 
 /// Loads the cases of `sub` (`""` or `"fold"`) under every golden folder; panics when none.
+/// With no golden folder at all (a clone without `../shared`) it says so and gives none, unless
+/// `BATCHNORM_REQUIRE_GOLDEN=1` (CI) makes that a failure too.
 fn load_all(sub: &str, what: &str) -> Vec<Case> {
     let dirs = golden_dirs();
+    if dirs.is_empty() && std::env::var("BATCHNORM_REQUIRE_GOLDEN").as_deref() != Ok("1") {
+        eprintln!(
+            "golden {what} cases SKIPPED: no ../shared/golden beside the crate and no \
+             {GOLDEN_DIR_ENV}; they run in the project's checkout (BATCHNORM_REQUIRE_GOLDEN=1 in CI)"
+        );
+        return Vec::new();
+    }
     let cases: Vec<Case> = dirs.iter().flat_map(|d| load_dir(&d.join(sub))).collect();
     assert!(
         !cases.is_empty(),

@@ -496,6 +496,13 @@ CUresult cuEventElapsedTime(float* ms, CUevent start, CUevent end) {
   return CUDA_SUCCESS;
 }
 
+// cuda.h 12.8+ names the function above cuEventElapsedTime_v2; a real driver still exports the
+// older name for programs built against older headers (cudarc's CUDA 12.0 bindings call it).
+#undef cuEventElapsedTime
+CUresult cuEventElapsedTime(float* ms, CUevent start, CUevent end) {
+  return cuEventElapsedTime_v2(ms, start, end);
+}
+
 // ---- modules and launches -----------------------------------------------------------------------
 CUresult cuModuleLoadData(CUmodule* module, const void* image) {
   API_ENTER();

@@ -30,8 +30,7 @@ fn nccl_error(call: &'static str) -> impl Fn(NcclError) -> Error {
 
 /// libnccl is loaded on first use, and cudarc panics when it is missing: ask first.
 fn require_nccl(call: &'static str) -> Result<()> {
-    // SAFETY: only tries to dlopen the library; no NCCL call is made.
-    if unsafe { cudarc::nccl::sys::is_culib_present() } {
+    if crate::gpu::context::loadable(&["libnccl.so"]) {
         Ok(())
     } else {
         Err(Error::Nccl {
