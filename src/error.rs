@@ -107,6 +107,18 @@ pub enum Error {
     #[error("invalid convolution: {reason}")]
     InvalidConv { reason: String },
 
+    /// A group norm whose group count is 0 or does not divide the channels.
+    #[error("{channels} channels cannot be split into {groups} groups")]
+    GroupsDoNotDivideChannels { groups: usize, channels: usize },
+
+    /// A layer or RMS norm whose `normalized_shape` is empty, has a zero dimension or is not
+    /// the trailing dimensions of the input.
+    #[error("normalized_shape {normalized_shape:?} is not the trailing dimensions of an input of shape {dims:?}")]
+    NormalizedShape {
+        normalized_shape: Vec<usize>,
+        dims: Vec<usize>,
+    },
+
     /// A state file lacks a key.
     #[error("state key `{key}` is missing")]
     StateKeyMissing { key: String },

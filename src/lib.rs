@@ -15,6 +15,7 @@
 //! | [`reference`](mod@reference) | the same functional calls and layer on the CPU, f64 accumulation |
 //! | [`fold`] | conv/linear + batch-norm folding: which weight element scales by which channel |
 //! | [`epilogue`] | fused `relu(BN(x))` / `relu(BN(x) + z)`: the ReLU mask's layout ([`gpu::fused`], [`reference::fused`]) |
+//! | [`norms`] | group, layer, instance and RMS normalization: one row-statistics shape for all four ([`reference::norms`], [`gpu::norms`]) |
 //! | [`state`] | a layer's state in PyTorch's `state_dict` names, as safetensors |
 //!
 //! Activations are `f32`, [`half::f16`] or [`half::bf16`] ([`Element`]) in channels-first or
@@ -53,6 +54,7 @@ pub mod epilogue;
 pub mod error;
 pub mod fold;
 pub mod gpu;
+pub mod norms;
 pub mod reference;
 pub mod shape;
 pub mod state;

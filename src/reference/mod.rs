@@ -11,6 +11,7 @@
 //! | [`exact`] | the training forward and backward entirely in f64, for gradient checks |
 //! | [`conv`] | convolution, transposed convolution and linear layer by direct loops in f64, to check a fold end to end |
 //! | [`sync`] | synchronized batch norm over data-parallel ranks, simulated on one machine |
+//! | [`norms`] | group, layer, instance and RMS normalization ([`crate::norms`]) |
 //! | [`fused`] | the calls with a fused `relu(BN(x) [+ z])` epilogue and its ReLU mask ([`crate::epilogue`]) |
 //!
 //! Activations (`x`, `y`, `dy`, `dx`) are any [`Element`] (f32, f16, bf16), stored in the
@@ -44,6 +45,7 @@ mod fold;
 pub mod fused;
 mod layer;
 mod math;
+pub mod norms;
 pub mod sync;
 
 pub use fold::{fold, fold_in_place, FoldBatchNorm, Folded};

@@ -395,6 +395,12 @@ pub fn batchnorm_cases() -> Vec<Case> {
     load_all("", "batch-norm")
 }
 
+/// Every group, layer, instance and RMS norm case (the `*.safetensors` in each golden folder's
+/// `norms/`, `shared/golden/norms/FORMAT.md`).
+pub fn norm_cases() -> Vec<Case> {
+    load_all("norms", "normalization")
+}
+
 /// Every fold case (the `*.safetensors` in each golden folder's `fold/`).
 pub fn fold_cases() -> Vec<Case> {
     load_all("fold", "fold")

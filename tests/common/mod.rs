@@ -9,10 +9,11 @@
 pub mod conv;
 pub mod golden;
 pub mod gpu;
+pub mod norms;
 pub mod offset;
 
 #[allow(unused_imports)] // each test crate uses some
-pub use golden::{batchnorm_cases, fold_cases, BnInputs, Case, FoldInputs, Stored};
+pub use golden::{batchnorm_cases, fold_cases, norm_cases, BnInputs, Case, FoldInputs, Stored};
 
 use batchnorm_cuda::{DType, Element, LayerState};
 use std::collections::BTreeSet;
