@@ -19,6 +19,7 @@
 
 use crate::error::{Error, Result};
 use crate::shape::{Layout, TensorDesc};
+use crate::validate::buffer;
 
 /// Which normalization a [`NormDesc`] describes: names errors and picks the statistics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -393,6 +394,44 @@ pub fn rms_eps(eps: Option<f32>, dtype: crate::DType) -> f32 {
         crate::DType::F16 => half::f16::EPSILON.to_f32(),
         crate::DType::BF16 => half::bf16::EPSILON.to_f32(),
     })
+}
+
+/// Checks `weight` and `bias` (lengths) against `desc`.
+pub(crate) fn check_params(
+    desc: &NormDesc,
+    weight: Option<usize>,
+    bias: Option<usize>,
+) -> Result<()> {
+    let c = desc.channels();
+    if let Some(len) = weight {
+        buffer("weight", c, len)?;
+    }
+    if let Some(len) = bias {
+        buffer("bias", c, len)?;
+    }
+    Ok(())
+}
+
+/// Running statistics belong to instance norm only.
+pub(crate) fn check_running(desc: &NormDesc, mean: usize, var: usize) -> Result<()> {
+    if desc.kind() != NormKind::Instance {
+        return Err(Error::Unsupported {
+            what: "running statistics",
+            reason: format!("only instance norm keeps them, not {:?} norm", desc.kind()),
+        });
+    }
+    buffer("running_mean", desc.channels(), mean)?;
+    buffer("running_var", desc.channels(), var)
+}
+
+/// Instance norm refuses batch statistics over one value per instance, as PyTorch does.
+pub(crate) fn check_batch_statistics(desc: &NormDesc) -> Result<()> {
+    if desc.kind() == NormKind::Instance && desc.spatial() == 1 && desc.numel() > 0 {
+        return Err(Error::SingleValuePerChannel {
+            dims: vec![desc.batch(), desc.channels(), 1],
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -180,6 +180,7 @@ impl Kernels {
             .chain(FOLD_NAMES)
             .chain(CONV_NAMES)
             .chain(SCALAR_NAMES)
+            .chain(super::norms::ENTRY_POINTS)
     }
 }
 

@@ -11,6 +11,7 @@
 //! | [`functional`] | stateless calls: device buffers + a [`TensorDesc`](crate::TensorDesc) |
 //! | [`conv`] | a direct convolution, transposed convolution and linear layer (a test tool: the device side of the fold check, not fast) |
 //! | [`fused`] | the same calls with a fused `relu(BN(x) [+ z])` epilogue and its 1-bit ReLU mask |
+//! | [`norms`] | group, layer, instance and RMS normalization ([`crate::norms`]) |
 //! | [`BatchNorm`] | parameters, running statistics and mode on the device |
 //! | [`sync`] | synchronized batch norm across data-parallel ranks (`SyncBatchNorm` over NCCL with the `nccl` feature) |
 
@@ -21,6 +22,7 @@ pub mod fused;
 mod kernels;
 pub mod launch;
 mod layer;
+pub mod norms;
 mod params;
 pub mod ptx;
 pub mod sync;

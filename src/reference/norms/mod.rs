@@ -20,8 +20,10 @@
 //! ```
 
 use crate::dtype::Element;
-use crate::error::{Error, Result};
-use crate::norms::{NormDesc, NormEpilogue, NormKind, NormStats};
+use crate::error::Result;
+use crate::norms::{
+    check_batch_statistics, check_params, check_running, NormDesc, NormEpilogue, NormStats,
+};
 use crate::validate::{buffer, validate_eps, validate_momentum};
 use rayon::prelude::*;
 
@@ -167,40 +169,6 @@ fn epilogue_slope(epilogue: NormEpilogue, z: f64) -> f64 {
     }
 }
 
-/// Checks every per-channel buffer and the statistics source against `desc`.
-fn check_params(desc: &NormDesc, weight: Option<&[f32]>, bias: Option<&[f32]>) -> Result<()> {
-    let c = desc.channels();
-    if let Some(w) = weight {
-        buffer("weight", c, w.len())?;
-    }
-    if let Some(b) = bias {
-        buffer("bias", c, b.len())?;
-    }
-    Ok(())
-}
-
-/// Running statistics belong to instance norm only.
-fn check_running(desc: &NormDesc, mean: usize, var: usize) -> Result<()> {
-    if desc.kind() != NormKind::Instance {
-        return Err(Error::Unsupported {
-            what: "running statistics",
-            reason: format!("only instance norm keeps them, not {:?} norm", desc.kind()),
-        });
-    }
-    buffer("running_mean", desc.channels(), mean)?;
-    buffer("running_var", desc.channels(), var)
-}
-
-/// Instance norm refuses batch statistics over one value per instance, as PyTorch does.
-fn check_batch_statistics(desc: &NormDesc) -> Result<()> {
-    if desc.kind() == NormKind::Instance && desc.spatial() == 1 && desc.numel() > 0 {
-        return Err(Error::SingleValuePerChannel {
-            dims: vec![desc.batch(), desc.channels(), 1],
-        });
-    }
-    Ok(())
-}
-
 /// Per row in f64: the mean (0 for RMS norm) and the biased variance (the mean square for RMS
 /// norm); an empty row gives 0 and 0.
 fn row_moments(desc: &NormDesc, h: &[f64]) -> Vec<(f64, f64)> {
@@ -263,7 +231,11 @@ pub fn forward<T: Element>(desc: &NormDesc, call: Forward<'_, T>) -> Result<Opti
         buffer("residual", n, r.residual.len())?;
         buffer("sum", n, r.sum.len())?;
     }
-    check_params(desc, call.weight, call.bias)?;
+    check_params(
+        desc,
+        call.weight.map(<[f32]>::len),
+        call.bias.map(<[f32]>::len),
+    )?;
     match &call.statistics {
         Statistics::Batch => {}
         Statistics::BatchUpdating {
@@ -373,7 +345,11 @@ pub fn backward<T: Element>(desc: &NormDesc, call: Backward<'_, T>) -> Result<()
     if let Some(dx) = &call.dx {
         buffer("dx", n, dx.len())?;
     }
-    check_params(desc, call.weight, call.bias)?;
+    check_params(
+        desc,
+        call.weight.map(<[f32]>::len),
+        call.bias.map(<[f32]>::len),
+    )?;
     match call.stats {
         UsedStats::Batch(s) => {
             buffer("save_mean", desc.rows(), s.mean.len())?;

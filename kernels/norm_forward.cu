@@ -1,0 +1,198 @@
+// norm_forward.cu: the forward of group, layer, instance and RMS normalization (norm_rows.cuh).
+//
+// norm_forward_row_<dt>   grid (min(rows, 2^31 - 1)), block 256: one block per row (rows
+//   strided by gridDim.x), ONE launch: the row's statistics (Welford, block reduction), then
+//   y = epilogue(xhat * weight + bias) over the row, which is re-read from L1/L2. For rows up to
+//   a few thousand values (transformer layer/RMS norm) and whenever there are enough rows to
+//   fill the GPU. With stats_given the statistics are read (running statistics of an eval
+//   instance norm, norm_running_rows) and nothing is reduced.
+// norm_stats_split_<dt>   grid (rows, splits), block 256: split s of row r reduces its chunk to a
+//   partial (count, mean of h - pivot, m2) in partials[(r * splits + s) * 3].
+// norm_apply_split_<dt>   grid (rows, splits), block 256: every block merges its row's partials
+//   in split order (the same merge everywhere: deterministic), block (r, 0) writes the
+//   statistics, each block normalizes its chunk. For long rows (group norm on large images).
+// norm_running_rows       grid (ceil(rows / 256)), block 256: per-row statistics of an eval
+//   instance norm from the running ones: mean = running_mean[c], rstd = 1/sqrt(running_var + eps).
+// norm_running_update     grid (ceil(C / 256)), block 256: instance norm's running update from
+//   the batch average of the per-instance means and unbiased variances, in double, rounded once.
+#include "norm_rows.cuh"
+
+struct NormForwardParams {
+  const void* x;
+  const void* residual;  // nullable: normalize x + residual, written to sum
+  void* sum;
+  void* y;
+  const float* weight;  // nullable: 1
+  const float* bias;    // nullable: 0
+  float* mean;          // [rows] saved (or, with stats_given, read) statistics
+  float* mean_lo;
+  float* rstd;
+  float* row_var;   // nullable: the biased variance of every row (instance running update)
+  float* partials;  // split kernels: [rows][splits][3]
+  NormShape shape;
+  float eps;
+  int epilogue;
+  int splits;
+  int stats_given;
+};
+
+struct NormRunningParams {
+  float* running_mean;  // [C]: read by norm_running_rows, updated by norm_running_update
+  float* running_var;
+  float* mean;  // [rows]
+  float* mean_lo;
+  float* rstd;
+  const float* row_var;
+  NormShape shape;
+  float eps;
+  float momentum;
+};
+
+namespace bn {
+namespace norm {
+
+__device__ __forceinline__ void store_stats(const NormForwardParams& p, u64 row, const RowStats& st) {
+  p.mean[row] = st.hi;
+  p.mean_lo[row] = st.lo;
+  p.rstd[row] = st.rstd;
+  if (p.row_var) p.row_var[row] = st.var;
+}
+
+__device__ __forceinline__ RowStats given_stats(const NormForwardParams& p, u64 row) {
+  RowStats st;
+  st.hi = p.mean[row];
+  st.lo = p.mean_lo[row];
+  st.rstd = p.rstd[row];
+  st.var = 0.f;
+  return st;
+}
+
+// y (and the residual sum) over elements [e0, e1) of a row.
+template <typename T> __device__ __forceinline__ void apply(const NormForwardParams& p, u64 row, u64 e0, u64 e1,
+                                                             const RowStats& st) {
+  const u64 step = blockDim.x;
+  RowWalk w = walk(p.shape, row, e0 + threadIdx.x, step);
+  for (u64 e = e0 + threadIdx.x; e < e1; e += step, w.advance()) {
+    const u64 i = w.addr(), c = w.channel();
+    const float h = load_h<T>(p.x, p.residual, i);
+    if (p.sum) static_cast<Raw<T>*>(p.sum)[i] = Dtype<T>::from_f(h);
+    const float z = fmaf(xhat(h, st), load_or(p.weight, c, 1.f), load_or(p.bias, c, 0.f));
+    static_cast<Raw<T>*>(p.y)[i] = Dtype<T>::from_f(epilogue(p.epilogue, z));
+  }
+}
+
+__device__ __forceinline__ void park(float* bc, const RowStats& st) {
+  bc[0] = st.hi;
+  bc[1] = st.lo;
+  bc[2] = st.rstd;
+}
+
+__device__ __forceinline__ RowStats unpark(const float* bc) {
+  RowStats st;
+  st.hi = bc[0];
+  st.lo = bc[1];
+  st.rstd = bc[2];
+  st.var = 0.f;
+  return st;
+}
+
+template <typename T> __device__ __forceinline__ void forward_row(const NormForwardParams& p) {
+  __shared__ float red[Welford<1>::NF * kWarps];
+  __shared__ float bc[3];
+  const u64 n_rows = rows(p.shape), len = row_len(p.shape);
+  for (u64 row = blockIdx.x; row < n_rows; row += gridDim.x) {
+    if (p.stats_given) {
+      apply<T>(p, row, 0, len, given_stats(p, row));
+      continue;
+    }
+    const float pivot = row_pivot<T>(p.shape, p.x, p.residual, row);
+    Welford<1> s = row_moments<T>(p.shape, p.x, p.residual, row, 0, len, pivot);
+    s = block_reduce(s, red);
+    if (threadIdx.x == 0) {
+      const RowStats st = finalize(s, pivot, p.eps, p.shape.centered);
+      store_stats(p, row, st);
+      park(bc, st);
+    }
+    __syncthreads();
+    apply<T>(p, row, 0, len, unpark(bc));
+    __syncthreads();  // red and bc are reused by the next row
+  }
+}
+
+template <typename T> __device__ __forceinline__ void stats_split(const NormForwardParams& p) {
+  __shared__ float red[Welford<1>::NF * kWarps];
+  const u64 row = blockIdx.x, split = blockIdx.y;
+  u64 e0, e1;
+  split_range(row_len(p.shape), split, p.splits, e0, e1);
+  const float pivot = row_pivot<T>(p.shape, p.x, p.residual, row);
+  Welford<1> s = row_moments<T>(p.shape, p.x, p.residual, row, e0, e1, pivot);
+  s = block_reduce(s, red);
+  if (threadIdx.x == 0) {
+    float* out = p.partials + (row * p.splits + split) * Welford<1>::NF;
+#pragma unroll
+    for (int i = 0; i < Welford<1>::NF; ++i) out[i] = s.v[i];
+  }
+}
+
+template <typename T> __device__ __forceinline__ void apply_split(const NormForwardParams& p) {
+  __shared__ float bc[3];
+  const u64 row = blockIdx.x, split = blockIdx.y;
+  if (threadIdx.x == 0) {
+    RowStats st;
+    if (p.stats_given) {
+      st = given_stats(p, row);
+    } else {
+      Welford<1> s = Welford<1>::empty();
+      const float* in = p.partials + row * p.splits * Welford<1>::NF;
+      for (int k = 0; k < p.splits; ++k) {
+        Welford<1> t;
+#pragma unroll
+        for (int i = 0; i < Welford<1>::NF; ++i) t.v[i] = in[k * Welford<1>::NF + i];
+        s = Welford<1>::merge(s, t);
+      }
+      st = finalize(s, row_pivot<T>(p.shape, p.x, p.residual, row), p.eps, p.shape.centered);
+      if (split == 0) store_stats(p, row, st);
+    }
+    park(bc, st);
+  }
+  __syncthreads();
+  u64 e0, e1;
+  split_range(row_len(p.shape), split, p.splits, e0, e1);
+  apply<T>(p, row, e0, e1, unpark(bc));
+}
+
+__device__ __forceinline__ void running_rows(const NormRunningParams& p) {
+  const u64 row = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (row >= rows(p.shape)) return;
+  const u64 c = row - udiv(row, p.shape.channels) * p.shape.channels;
+  p.mean[row] = p.running_mean[c];
+  p.mean_lo[row] = 0.f;
+  p.rstd[row] = invsqrt_rn(p.running_var[c] + p.eps);
+}
+
+__device__ __forceinline__ void running_update(const NormRunningParams& p) {
+  const u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x, C = p.shape.channels, n = p.shape.batch;
+  if (c >= C || n == 0) return;
+  const double len = (double)row_len(p.shape), bessel = div_d(len, len - 1.0);
+  double mean = 0.0, var = 0.0;
+  for (u64 k = 0; k < n; ++k) {
+    const u64 row = k * C + c;
+    mean += (double)p.mean[row] + (double)p.mean_lo[row];
+    var += (double)p.row_var[row] * bessel;
+  }
+  const double m = (double)p.momentum, inv_n = div_d(1.0, (double)n);
+  p.running_mean[c] = (float)((1.0 - m) * (double)p.running_mean[c] + m * (mean * inv_n));
+  p.running_var[c] = (float)((1.0 - m) * (double)p.running_var[c] + m * (var * inv_n));
+}
+
+}  // namespace norm
+}  // namespace bn
+
+#define NORM_FORWARD_ENTRIES(dt, T)                                                              \
+  BN_KERNEL(norm_forward_row_##dt, NormForwardParams, bn::norm::forward_row<T>)                  \
+  BN_KERNEL(norm_stats_split_##dt, NormForwardParams, bn::norm::stats_split<T>)                  \
+  BN_KERNEL(norm_apply_split_##dt, NormForwardParams, bn::norm::apply_split<T>)
+
+NORM_FOR_EACH_TYPE(NORM_FORWARD_ENTRIES)
+BN_KERNEL(norm_running_rows, NormRunningParams, bn::norm::running_rows)
+BN_KERNEL(norm_running_update, NormRunningParams, bn::norm::running_update)

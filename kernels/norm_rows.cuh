@@ -1,0 +1,165 @@
+// norm_rows.cuh: the row machinery of group, layer, instance and RMS normalization (src/norms.rs).
+//
+// Every one of them is a tensor (N, C, S) whose channels form G groups per sample; the values of
+// one (sample, group) are a ROW of L = C/G * S values with its own statistics, and the affine
+// parameters are per channel. Channels-first (or S == 1) rows are contiguous: row r starts at
+// r * L, as cpg runs of S values (channel = g*cpg + run). Channels-last rows are S runs of cpg
+// values, C apart (channel = g*cpg + position in the run). RowWalk walks element e, e + step, ...
+// of a row as (run a, position b) with one division at the start and carries after.
+//
+// Statistics (common.cuh's Welford, fixed-order reductions: deterministic, no atomics):
+//   centered (group, instance, layer norm): Welford on h - pivot, pivot = the row's first value,
+//     so the differences are exact for clustered rows (Sterbenz); the mean is kept as a
+//     double-float hi + lo = pivot + mean(h - pivot) (two-sum), and x - mean is formed as
+//     (x - hi) - lo everywhere (normalize, backward): rounding the mean to f32 first would cost
+//     up to half an ulp of the offset times rstd (3e-5 * 10 at mean 1000, std 0.1).
+//   RMS norm: the mean of h^2 through the same Welford state (its m2 unused); hi = lo = 0.
+//   rstd = 1 / sqrt(var + eps), bit-identical to IEEE 1.0f / sqrtf (invsqrt_rn).
+// h is x, or x + residual rounded to T (the fused residual add; the sum is written by the
+// normalize pass). Counts are f32: rows hold fewer than 2^24 values (checked by the host).
+#pragma once
+#include "common.cuh"
+
+// The (N, C, G, S) shape of src/norms.rs's NormDesc.
+struct NormShape {
+  unsigned long long batch, channels, groups, spatial;
+  int channels_last;  // N, S, C memory order with S > 1: strided rows
+  int centered;       // 0 for RMS norm
+};
+
+namespace bn {
+namespace norm {
+
+constexpr int kNone = 0, kSilu = 1;  // NormEpilogue
+
+__device__ __forceinline__ u64 rows(const NormShape& s) { return s.batch * s.groups; }
+__device__ __forceinline__ u64 cpg(const NormShape& s) { return udiv(s.channels, s.groups); }
+__device__ __forceinline__ u64 row_len(const NormShape& s) { return cpg(s) * s.spatial; }
+__device__ __forceinline__ bool contiguous(const NormShape& s) { return !s.channels_last || s.spatial == 1; }
+
+struct RowWalk {
+  u64 base, stride_a, len_b, chan0;
+  u64 a, b, step_a, step_b;
+  bool chan_from_a;
+  __device__ __forceinline__ u64 addr() const { return base + a * stride_a + b; }
+  __device__ __forceinline__ u64 channel() const { return chan0 + (chan_from_a ? a : b); }
+  __device__ __forceinline__ void advance() {
+    a += step_a;
+    b += step_b;
+    if (b >= len_b) {
+      b -= len_b;
+      ++a;
+    }
+  }
+};
+
+// Element e of row `row`, advancing by `step` elements.
+__device__ __forceinline__ RowWalk walk(const NormShape& s, u64 row, u64 e, u64 step) {
+  const u64 k = cpg(s), g = row - udiv(row, s.groups) * s.groups, n = udiv(row, s.groups);
+  RowWalk w;
+  w.chan0 = g * k;
+  if (contiguous(s)) {
+    w.base = row * k * s.spatial;
+    w.stride_a = s.spatial;
+    w.len_b = s.spatial;
+    w.chan_from_a = true;
+  } else {
+    w.base = n * s.spatial * s.channels + g * k;
+    w.stride_a = s.channels;
+    w.len_b = k;
+    w.chan_from_a = false;
+  }
+  w.a = udiv(e, w.len_b);
+  w.b = e - w.a * w.len_b;
+  w.step_a = udiv(step, w.len_b);
+  w.step_b = step - w.step_a * w.len_b;
+  return w;
+}
+
+// h = x, or x + residual rounded to T.
+template <typename T>
+__device__ __forceinline__ float load_h(const void* x, const void* residual, u64 i) {
+  const float v = Dtype<T>::to_f(static_cast<const Raw<T>*>(x)[i]);
+  if (!residual) return v;
+  return Dtype<T>::to_f(Dtype<T>::from_f(v + Dtype<T>::to_f(static_cast<const Raw<T>*>(residual)[i])));
+}
+
+// A row's statistics: mean = hi + lo (0 for RMS norm), rstd, and the biased variance (mean
+// square for RMS norm).
+struct RowStats {
+  float hi, lo, rstd, var;
+};
+
+__device__ __forceinline__ float xhat(float h, const RowStats& st) { return ((h - st.hi) - st.lo) * st.rstd; }
+
+__device__ __forceinline__ float sigmoid(float z) { return 1.f / (1.f + expf(-z)); }
+
+__device__ __forceinline__ float epilogue(int kind, float z) { return kind == kSilu ? z * sigmoid(z) : z; }
+
+// d epilogue / dz.
+__device__ __forceinline__ float epilogue_slope(int kind, float z) {
+  if (kind != kSilu) return 1.f;
+  const float s = sigmoid(z);
+  return s * fmaf(z, 1.f - s, 1.f);
+}
+
+// The statistics from a row's merged Welford state (of h - pivot, or of h^2).
+__device__ __forceinline__ RowStats finalize(const Welford<1>& w, float pivot, float eps, int centered) {
+  RowStats st;
+  st.hi = 0.f;
+  st.lo = 0.f;
+  st.var = 0.f;
+  if (w.n() > 0.f) {
+    if (centered) {
+      // two-sum: hi + lo == pivot + mean exactly.
+      const float d = w.mean(0);
+      st.hi = pivot + d;
+      const float dd = st.hi - pivot;
+      st.lo = (pivot - (st.hi - dd)) + (d - dd);
+      st.var = w.m2(0) / w.n();
+    } else {
+      st.var = w.mean(0);
+    }
+  }
+  st.rstd = invsqrt_rn(st.var + eps);
+  return st;
+}
+
+// The first value of a row (0 for an empty row): the pivot every block of the row shares.
+template <typename T>
+__device__ __forceinline__ float row_pivot(const NormShape& s, const void* x, const void* residual, u64 row) {
+  if (row_len(s) == 0 || !s.centered) return 0.f;
+  return load_h<T>(x, residual, walk(s, row, 0, 1).addr());
+}
+
+// This thread's Welford state over elements [e0, e1) of a row (stride blockDim.x).
+template <typename T>
+__device__ __forceinline__ Welford<1> row_moments(const NormShape& s, const void* x, const void* residual, u64 row,
+                                                  u64 e0, u64 e1, float pivot) {
+  Welford<1> acc = Welford<1>::empty();
+  const u64 step = blockDim.x * blockDim.y;
+  const u64 t = threadIdx.y * blockDim.x + threadIdx.x;
+  RowWalk w = walk(s, row, e0 + t, step);
+  for (u64 e = e0 + t; e < e1; e += step, w.advance()) {
+    const float h = load_h<T>(x, residual, w.addr());
+    const float v[1] = {s.centered ? h - pivot : h * h};
+    acc = Welford<1>::merge(acc, Welford<1>::sample(v));
+  }
+  return acc;
+}
+
+// [e0, e1) of split `split` of `splits` over a row of `len` values.
+__device__ __forceinline__ void split_range(u64 len, u64 split, u64 splits, u64& e0, u64& e1) {
+  const u64 chunk = udiv(len + splits - 1, splits);
+  e0 = split * chunk < len ? split * chunk : len;
+  e1 = e0 + chunk < len ? e0 + chunk : len;
+}
+
+}  // namespace norm
+}  // namespace bn
+
+// One entry point per dtype: ONE params struct by value, forwarded to a device template.
+#define NORM_FOR_EACH_TYPE(X) \
+  X(f32, float)               \
+  X(f16, __half)              \
+  X(bf16, __nv_bfloat16)
