@@ -1,0 +1,477 @@
+//! Group, layer, instance and RMS normalization on the GPU (`gpu::norms`): every golden case of
+//! `../shared/golden/norms`, then both row plans, the fused forms, offset data and bad calls
+//! against the CPU reference. Needs a CUDA device (or the emulated driver of
+//! scripts/emulated-gpu.sh): run with `--include-ignored`; `-- --nocapture` prints each golden
+//! case with its worst share of tolerance.
+
+mod common;
+
+use batchnorm_cuda::gpu::norms::{
+    self, row_plan, Backward, DeviceNormStats, Forward, NormWorkspace, Norms, Residual, RowPlan,
+    Statistics, StatsSource,
+};
+use batchnorm_cuda::norms::{NormDesc, NormEpilogue, NormStats};
+use batchnorm_cuda::reference::norms as cpu;
+use batchnorm_cuda::{DType, Element, Error, Layout, TensorDesc};
+use common::gpu::{download, gpu, random, random_f32, upload, zeros};
+use common::norms::{offset_pair, Mode, NormCall, NormInputs};
+use common::{
+    assert_close, run_all, tolerance_for, widen, widen_f32, with_dtype, Case, Checks, Stored,
+};
+
+/// What one forward and backward on the device produced, in f64.
+struct Outputs {
+    y: Vec<f64>,
+    sum: Option<Vec<f64>>,
+    stats: NormStats,
+    dx: Vec<f64>,
+    dweight: Vec<f64>,
+    dbias: Vec<f64>,
+}
+
+/// The inputs of one device run.
+struct Run<'a, T> {
+    x: &'a [T],
+    residual: Option<&'a [T]>,
+    dy: &'a [T],
+    weight: Option<&'a [f32]>,
+    bias: Option<&'a [f32]>,
+    eps: f32,
+    mode: Mode,
+    running_mean: Option<&'a mut Vec<f32>>,
+    running_var: Option<&'a mut Vec<f32>>,
+    epilogue: NormEpilogue,
+}
+
+fn run<T: Element>(norms: &Norms, desc: &NormDesc, run: Run<'_, T>) -> Outputs {
+    let ctx = norms.context();
+    let n = desc.numel();
+    let c = desc.channels();
+    let mut ws = NormWorkspace::new();
+    let x = upload(ctx, run.x);
+    let residual = run.residual.map(|r| upload(ctx, r));
+    let mut sum = zeros::<T>(ctx, n.max(1));
+    let mut y = zeros::<T>(ctx, n.max(1));
+    let weight = run.weight.map(|w| upload(ctx, w));
+    let bias = run.bias.map(|b| upload(ctx, b));
+    let mut stats = DeviceNormStats::new(ctx, desc.rows()).unwrap();
+    let mut rm = run.running_mean.as_ref().map(|v| upload(ctx, v));
+    let mut rv = run.running_var.as_ref().map(|v| upload(ctx, v));
+    let statistics = match (run.mode, rm.as_mut(), rv.as_mut()) {
+        (Mode::Batch, ..) => Statistics::Batch,
+        (Mode::BatchUpdating { momentum }, Some(m), Some(v)) => Statistics::BatchUpdating {
+            running_mean: m.as_view_mut(),
+            running_var: v.as_view_mut(),
+            momentum,
+        },
+        (Mode::Running, Some(m), Some(v)) => Statistics::Running {
+            mean: m.as_view(),
+            var: v.as_view(),
+        },
+        _ => panic!("tracked statistics without running_mean/var"),
+    };
+    let call = Forward {
+        residual: residual.as_ref().map(|r| Residual {
+            residual: r.as_view(),
+            sum: sum.slice_mut(..n),
+        }),
+        weight: weight.as_ref().map(|w| w.as_view()),
+        bias: bias.as_ref().map(|b| b.as_view()),
+        statistics,
+        epilogue: run.epilogue,
+        ..Forward::new(x.as_view(), run.eps, y.slice_mut(..n), stats.as_mut())
+    };
+    norms::forward(norms, &mut ws, desc, call).unwrap_or_else(|e| panic!("forward: {e}"));
+    if let (Some(m), Some(v)) = (rm.as_ref(), rv.as_ref()) {
+        *run.running_mean.unwrap() = download(ctx, m);
+        *run.running_var.unwrap() = download(ctx, v);
+    }
+
+    // The backward reads the normalized input: the sum of a fused residual add.
+    let input = if residual.is_some() {
+        sum.slice(..n)
+    } else {
+        x.as_view()
+    };
+    let dy = upload(ctx, run.dy);
+    let mut dx = zeros::<T>(ctx, n.max(1));
+    let (mut dweight, mut dbias) = (zeros::<f32>(ctx, c), zeros::<f32>(ctx, c));
+    let call = Backward {
+        x: input,
+        dy: dy.as_view(),
+        weight: weight.as_ref().map(|w| w.as_view()),
+        bias: bias.as_ref().map(|b| b.as_view()),
+        stats: stats.as_view(),
+        source: match run.mode {
+            Mode::Running => StatsSource::Running,
+            _ => StatsSource::Batch,
+        },
+        epilogue: run.epilogue,
+        dx: Some(dx.slice_mut(..n)),
+        dweight: Some(dweight.as_view_mut()),
+        dbias: Some(dbias.as_view_mut()),
+        accumulate: false,
+    };
+    norms::backward(norms, &mut ws, desc, call).unwrap_or_else(|e| panic!("backward: {e}"));
+    Outputs {
+        y: widen(&download(ctx, &y)[..n]),
+        sum: residual.is_some().then(|| widen(&download(ctx, &sum)[..n])),
+        stats: stats.to_host(ctx).unwrap(),
+        dx: widen(&download(ctx, &dx)[..n]),
+        dweight: widen_f32(&download(ctx, &dweight)),
+        dbias: widen_f32(&download(ctx, &dbias)),
+    }
+}
+
+fn compare(checks: &mut Checks, case: &Case, name: &str, got: Option<Vec<f64>>) {
+    checks.compare(case, name, got, tolerance_for(name, case.dtype()));
+}
+
+fn golden<T: Element + Stored>(norms: &Norms, case: &Case, checks: &mut Checks) {
+    let NormCall { desc, eps, mode } = NormCall::of(case);
+    let NormInputs {
+        x,
+        dy,
+        weight,
+        bias,
+        mut running_mean,
+        mut running_var,
+    } = NormInputs::<T>::of(case);
+    let dy = dy.unwrap_or_else(|| panic!("{}: every norm case has dy", case.name));
+    let out = run(
+        norms,
+        &desc,
+        Run {
+            x: &x,
+            residual: None,
+            dy: &dy,
+            weight: weight.as_deref(),
+            bias: bias.as_deref(),
+            eps,
+            mode,
+            running_mean: running_mean.as_mut(),
+            running_var: running_var.as_mut(),
+            epilogue: NormEpilogue::None,
+        },
+    );
+    compare(checks, case, "y", Some(out.y));
+    if mode != Mode::Running {
+        if desc.kind().centered() {
+            compare(checks, case, "save_mean", Some(widen_f32(&out.stats.mean)));
+        }
+        compare(checks, case, "save_rstd", Some(widen_f32(&out.stats.rstd)));
+    }
+    compare(
+        checks,
+        case,
+        "running_mean",
+        running_mean.as_deref().map(widen_f32),
+    );
+    compare(
+        checks,
+        case,
+        "running_var",
+        running_var.as_deref().map(widen_f32),
+    );
+    compare(checks, case, "dx", Some(out.dx));
+    compare(
+        checks,
+        case,
+        "dweight",
+        weight.is_some().then_some(out.dweight),
+    );
+    compare(checks, case, "dbias", bias.is_some().then_some(out.dbias));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn golden_norms_gpu() {
+    let norms = Norms::new(&gpu()).unwrap();
+    run_all(&common::norm_cases(), "norms gpu", |case, checks| {
+        with_dtype!(case.dtype(), golden(&norms, case, checks))
+    });
+}
+
+/// Both row plans on the emulated or real GPU's SM count: some shapes split their rows.
+fn shapes(sm_count: u32) -> Vec<NormDesc> {
+    let t = |dims: &[usize], layout| TensorDesc::new(dims, layout).unwrap();
+    let descs = vec![
+        NormDesc::group(&t(&[3, 12, 7, 5], Layout::ChannelsFirst), 4).unwrap(),
+        NormDesc::group(&t(&[3, 12, 7, 5], Layout::ChannelsLast), 3).unwrap(),
+        NormDesc::group(&t(&[1, 4, 96, 100], Layout::ChannelsFirst), 2).unwrap(),
+        NormDesc::group(&t(&[1, 6, 60, 60], Layout::ChannelsLast), 2).unwrap(),
+        NormDesc::instance(&t(&[2, 5, 33], Layout::ChannelsLast)),
+        NormDesc::layer(&[9, 1000], &[1000]).unwrap(),
+        NormDesc::layer(&[2, 3, 4, 50], &[3, 4, 50]).unwrap(),
+        NormDesc::rms(&[7, 257], &[257]).unwrap(),
+        NormDesc::rms(&[2, 20_000], &[20_000]).unwrap(),
+    ];
+    assert!(
+        descs.iter().any(|d| matches!(
+            row_plan(d.rows(), d.row_len(), sm_count),
+            RowPlan::Split { .. }
+        )),
+        "no shape takes the split plan on {sm_count} SMs"
+    );
+    descs
+}
+
+/// Device against the CPU reference (the f64 oracle), golden tolerances: every plan, layout and
+/// dtype, plain and with the SiLU epilogue and the residual add.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn norms_gpu_matches_the_reference() {
+    fn check<T: Element>(norms: &Norms, dtype: DType) {
+        for (k, desc) in shapes(norms.context().sm_count()).iter().enumerate() {
+            let n = desc.numel();
+            let x: Vec<T> = random(k as u64, n, 0.3, 2.0);
+            let r: Vec<T> = random(50 + k as u64, n, 0.0, 1.0);
+            let dy: Vec<T> = random(100 + k as u64, n, 0.0, 1.0);
+            let w = random_f32(7, desc.channels(), -1.5, 1.5);
+            let b = random_f32(8, desc.channels(), -0.5, 0.5);
+            for (epilogue, residual) in [
+                (NormEpilogue::None, false),
+                (NormEpilogue::Silu, false),
+                (NormEpilogue::None, true),
+            ] {
+                let what =
+                    |q: &str| format!("{desc:?} {dtype} {epilogue:?} residual {residual} {q}");
+                let got = run(
+                    norms,
+                    desc,
+                    Run {
+                        x: &x,
+                        residual: residual.then_some(r.as_slice()),
+                        dy: &dy,
+                        weight: Some(&w),
+                        bias: Some(&b),
+                        eps: 1e-5,
+                        mode: Mode::Batch,
+                        running_mean: None,
+                        running_var: None,
+                        epilogue,
+                    },
+                );
+                let input: Vec<T> = if residual {
+                    x.iter()
+                        .zip(&r)
+                        .map(|(a, b)| T::from_f64(a.to_f64() + b.to_f64()))
+                        .collect()
+                } else {
+                    x.clone()
+                };
+                if let Some(sum) = &got.sum {
+                    assert_eq!(sum, &widen(&input), "{}", what("sum"));
+                }
+                let want = reference(desc, &input, &dy, &w, &b, epilogue);
+                let act = tolerance_for("y", dtype);
+                assert_close(&what("y"), &got.y, &want.y, act);
+                assert_close(&what("dx"), &got.dx, &want.dx, act);
+                let pg = tolerance_for("dweight", dtype);
+                assert_close(&what("dweight"), &got.dweight, &want.dweight, pg);
+                assert_close(&what("dbias"), &got.dbias, &want.dbias, pg);
+                let st = tolerance_for("save_rstd", dtype);
+                assert_close(
+                    &what("rstd"),
+                    &widen_f32(&got.stats.rstd),
+                    &widen_f32(&want.stats.rstd),
+                    st,
+                );
+                let mean = |s: &NormStats| -> Vec<f64> {
+                    s.mean
+                        .iter()
+                        .zip(&s.mean_lo)
+                        .map(|(h, l)| f64::from(*h) + f64::from(*l))
+                        .collect()
+                };
+                assert_close(&what("mean"), &mean(&got.stats), &mean(&want.stats), st);
+            }
+        }
+    }
+    let norms = Norms::new(&gpu()).unwrap();
+    check::<f32>(&norms, DType::F32);
+    check::<half::f16>(&norms, DType::F16);
+    check::<half::bf16>(&norms, DType::BF16);
+}
+
+/// The CPU reference's forward and backward with batch statistics and affine parameters.
+fn reference<T: Element>(
+    desc: &NormDesc,
+    x: &[T],
+    dy: &[T],
+    weight: &[f32],
+    bias: &[f32],
+    epilogue: NormEpilogue,
+) -> Outputs {
+    let mut y = vec![T::default(); x.len()];
+    let call = cpu::Forward {
+        weight: Some(weight),
+        bias: Some(bias),
+        epilogue,
+        ..cpu::Forward::new(x, 1e-5, &mut y)
+    };
+    let stats = cpu::forward(desc, call).unwrap().unwrap();
+    let c = weight.len();
+    let (mut dx, mut dweight, mut dbias) =
+        (vec![T::default(); x.len()], vec![0.0; c], vec![0.0; c]);
+    let call = cpu::Backward {
+        x,
+        dy,
+        weight: Some(weight),
+        bias: Some(bias),
+        stats: cpu::UsedStats::Batch(&stats),
+        epilogue,
+        dx: Some(&mut dx),
+        dweight: Some(&mut dweight),
+        dbias: Some(&mut dbias),
+        accumulate: false,
+    };
+    cpu::backward(desc, call).unwrap();
+    Outputs {
+        y: widen(&y),
+        sum: None,
+        stats,
+        dx: widen(&dx),
+        dweight: widen_f32(&dweight),
+        dbias: widen_f32(&dbias),
+    }
+}
+
+/// Rows with a large common offset (mean 1000 and spread 0.1 in f32, -700 and 0.07, 100 and
+/// 0.5 in f16, 64 and 2 in bf16), both plans: the device gives what the f64 oracle gives on the
+/// same rows without the offset (the same exact result, well conditioned), within the golden
+/// tolerances. A mean rounded to f32 before `x - mean` fails this by up to 10 times.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn norms_gpu_is_offset_robust() {
+    fn check<T: Element>(norms: &Norms, dtype: DType, offset: f64, spread: f64) {
+        let sm = norms.context().sm_count();
+        for (k, desc) in shapes(sm)
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.kind().centered())
+        {
+            let (small, shifted) = offset_pair::<T>(k as u64, desc.numel(), offset, spread);
+            let dy: Vec<T> = random(100 + k as u64, desc.numel(), 0.0, 1.0);
+            let w = random_f32(7, desc.channels(), 0.5, 1.5);
+            let b = random_f32(8, desc.channels(), -0.5, 0.5);
+            for epilogue in [NormEpilogue::None, NormEpilogue::Silu] {
+                let want = reference(desc, &small, &dy, &w, &b, epilogue);
+                let got = run(
+                    norms,
+                    desc,
+                    Run {
+                        x: &shifted,
+                        residual: None,
+                        dy: &dy,
+                        weight: Some(&w),
+                        bias: Some(&b),
+                        eps: 1e-5,
+                        mode: Mode::Batch,
+                        running_mean: None,
+                        running_var: None,
+                        epilogue,
+                    },
+                );
+                let what = |q: &str| format!("{desc:?} {dtype} offset {offset} {epilogue:?} {q}");
+                let act = tolerance_for("y", dtype);
+                assert_close(&what("y"), &got.y, &want.y, act);
+                assert_close(&what("dx"), &got.dx, &want.dx, act);
+                let pg = tolerance_for("dweight", dtype);
+                assert_close(&what("dweight"), &got.dweight, &want.dweight, pg);
+                assert_close(&what("dbias"), &got.dbias, &want.dbias, pg);
+                let st = tolerance_for("save_rstd", dtype);
+                assert_close(
+                    &what("rstd"),
+                    &widen_f32(&got.stats.rstd),
+                    &widen_f32(&want.stats.rstd),
+                    st,
+                );
+            }
+        }
+    }
+    let norms = Norms::new(&gpu()).unwrap();
+    check::<f32>(&norms, DType::F32, 1000.0, 0.1);
+    check::<f32>(&norms, DType::F32, -700.0, 0.07);
+    check::<half::f16>(&norms, DType::F16, 100.0, 0.5);
+    check::<half::bf16>(&norms, DType::BF16, 64.0, 2.0);
+}
+
+/// Two runs of the same call give the same bits (fixed-order reductions, no atomics).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn norms_gpu_is_deterministic() {
+    let norms = Norms::new(&gpu()).unwrap();
+    for desc in shapes(norms.context().sm_count()) {
+        let n = desc.numel();
+        let x: Vec<f32> = random(1, n, 0.0, 3.0);
+        let dy: Vec<f32> = random(2, n, 0.0, 1.0);
+        let w = random_f32(3, desc.channels(), -1.0, 1.0);
+        let go = || {
+            let r = Run {
+                x: &x,
+                residual: None,
+                dy: &dy,
+                weight: Some(&w),
+                bias: Some(&w),
+                eps: 1e-5,
+                mode: Mode::Batch,
+                running_mean: None,
+                running_var: None,
+                epilogue: NormEpilogue::Silu,
+            };
+            let o = run(&norms, &desc, r);
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            [bits(&o.y), bits(&o.dx), bits(&o.dweight), bits(&o.dbias)]
+        };
+        assert_eq!(go(), go(), "{desc:?}");
+    }
+}
+
+/// Bad calls are refused with the reference's typed errors and write nothing.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn norms_gpu_refuses_bad_calls_and_writes_nothing() {
+    let norms = Norms::new(&gpu()).unwrap();
+    let ctx = norms.context();
+    let desc = NormDesc::group(&TensorDesc::nchw(2, 4, 3, 3).unwrap(), 2).unwrap();
+    let x = upload(ctx, &vec![1.0f32; desc.numel()]);
+    let mut y = upload(ctx, &vec![7.0f32; desc.numel()]);
+    let mut stats = DeviceNormStats::new(ctx, desc.rows()).unwrap();
+    let short = upload(ctx, &[1.0f32; 3]);
+    let mut ws = NormWorkspace::new();
+    let call = Forward {
+        weight: Some(short.as_view()),
+        ..Forward::new(x.as_view(), 1e-5, y.as_view_mut(), stats.as_mut())
+    };
+    assert!(matches!(
+        norms::forward(&norms, &mut ws, &desc, call),
+        Err(Error::BufferLength {
+            what: "weight",
+            needed: 4,
+            got: 3
+        })
+    ));
+    let call = Forward::new(x.as_view(), f32::NAN, y.as_view_mut(), stats.as_mut());
+    assert!(matches!(
+        norms::forward(&norms, &mut ws, &desc, call),
+        Err(Error::InvalidEps { .. })
+    ));
+    let (mut m, mut v) = (upload(ctx, &[0.0f32; 4]), upload(ctx, &[1.0f32; 4]));
+    let call = Forward {
+        statistics: Statistics::BatchUpdating {
+            running_mean: m.as_view_mut(),
+            running_var: v.as_view_mut(),
+            momentum: 0.1,
+        },
+        ..Forward::new(x.as_view(), 1e-5, y.as_view_mut(), stats.as_mut())
+    };
+    assert!(matches!(
+        norms::forward(&norms, &mut ws, &desc, call),
+        Err(Error::Unsupported { .. })
+    ));
+    assert!(download(ctx, &y).iter().all(|&v| v == 7.0));
+    assert_eq!(download(ctx, &m), [0.0; 4]);
+    assert_eq!(download(ctx, &v), [1.0; 4]);
+    assert!(download(ctx, &stats.rstd).iter().all(|&v| v == 0.0));
+}
