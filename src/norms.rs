@@ -19,6 +19,7 @@
 
 use crate::error::{Error, Result};
 use crate::shape::{Layout, TensorDesc};
+use crate::state::LayerState;
 use crate::validate::buffer;
 
 /// Which normalization a [`NormDesc`] describes: names errors and picks the statistics.
@@ -394,6 +395,178 @@ pub fn rms_eps(eps: Option<f32>, dtype: crate::DType) -> f32 {
         crate::DType::F16 => half::f16::EPSILON.to_f32(),
         crate::DType::BF16 => half::bf16::EPSILON.to_f32(),
     })
+}
+
+/// Any of the four layer configurations: what a layer ([`crate::reference::norms::NormLayer`],
+/// [`crate::gpu::norms::NormLayer`]) is built from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum NormConfig {
+    /// `nn.GroupNorm`.
+    Group(GroupNormConfig),
+    /// `nn.LayerNorm`.
+    Layer(LayerNormConfig),
+    /// `nn.InstanceNorm{1,2,3}d`.
+    Instance(InstanceNormConfig),
+    /// `nn.RMSNorm`.
+    Rms(RmsNormConfig),
+}
+
+impl NormConfig {
+    /// Checks the configuration (see each config's `validate`).
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            NormConfig::Group(c) => c.validate(),
+            NormConfig::Layer(c) => c.validate(),
+            NormConfig::Instance(c) => c.validate(),
+            NormConfig::Rms(c) => c.validate(),
+        }
+    }
+
+    /// The shape of a call on an input of logical shape `dims` stored in `layout`.
+    ///
+    /// Errors: those of [`TensorDesc::new`] and [`Error::ChannelMismatch`] for group and
+    /// instance norm, [`Error::NormalizedShape`] and [`Error::Unsupported`] (channels-last) for
+    /// layer and RMS norm.
+    pub fn describe(&self, dims: &[usize], layout: Layout) -> Result<NormDesc> {
+        let tensor = |channels: usize| -> Result<TensorDesc> {
+            let desc = TensorDesc::new(dims, layout)?;
+            if desc.channels() != channels {
+                return Err(Error::ChannelMismatch {
+                    expected: channels,
+                    got: desc.channels(),
+                });
+            }
+            Ok(desc)
+        };
+        let contiguous = |what: &'static str| -> Result<()> {
+            if layout == Layout::ChannelsLast {
+                return Err(Error::Unsupported {
+                    what,
+                    reason: "normalizes trailing dimensions of a contiguous input; channels-last has no meaning here".into(),
+                });
+            }
+            Ok(())
+        };
+        match self {
+            NormConfig::Group(c) => NormDesc::group(&tensor(c.num_channels)?, c.num_groups),
+            NormConfig::Instance(c) => Ok(NormDesc::instance(&tensor(c.num_features)?)),
+            NormConfig::Layer(c) => {
+                contiguous("LayerNorm")?;
+                NormDesc::layer(dims, &c.normalized_shape)
+            }
+            NormConfig::Rms(c) => {
+                contiguous("RMSNorm")?;
+                NormDesc::rms(dims, &c.normalized_shape)
+            }
+        }
+    }
+
+    /// Values of `weight` (and `bias`): C, or `prod(normalized_shape)`.
+    pub fn param_len(&self) -> usize {
+        match self {
+            NormConfig::Group(c) => c.num_channels,
+            NormConfig::Instance(c) => c.num_features,
+            NormConfig::Layer(LayerNormConfig {
+                normalized_shape, ..
+            })
+            | NormConfig::Rms(RmsNormConfig {
+                normalized_shape, ..
+            }) => normalized_shape.iter().product(),
+        }
+    }
+
+    /// Whether the layer has a `weight`.
+    pub fn has_weight(&self) -> bool {
+        match self {
+            NormConfig::Group(c) => c.affine,
+            NormConfig::Instance(c) => c.affine,
+            NormConfig::Layer(c) => c.elementwise_affine,
+            NormConfig::Rms(c) => c.elementwise_affine,
+        }
+    }
+
+    /// Whether the layer has a `bias`.
+    pub fn has_bias(&self) -> bool {
+        match self {
+            NormConfig::Layer(c) => c.elementwise_affine && c.bias,
+            NormConfig::Rms(_) => false,
+            other => other.has_weight(),
+        }
+    }
+
+    /// The momentum of tracked running statistics (instance norm with `track_running_stats`).
+    pub fn running_momentum(&self) -> Option<f32> {
+        match self {
+            NormConfig::Instance(c) if c.track_running_stats => Some(c.momentum),
+            _ => None,
+        }
+    }
+
+    /// The epsilon used on `dtype` input.
+    pub fn eps(&self, dtype: crate::DType) -> f32 {
+        match self {
+            NormConfig::Group(c) => c.eps,
+            NormConfig::Instance(c) => c.eps,
+            NormConfig::Layer(c) => c.eps,
+            NormConfig::Rms(c) => rms_eps(c.eps, dtype),
+        }
+    }
+
+    /// A fresh layer's state, as PyTorch initializes it: weight 1, bias 0, running mean 0 and
+    /// variance 1, counter 0 (kept, never advanced: instance norm does not count batches).
+    pub fn initial_state(&self) -> LayerState {
+        let (len, running) = (self.param_len(), self.running_momentum().is_some());
+        LayerState {
+            weight: self.has_weight().then(|| vec![1.0; len]),
+            bias: self.has_bias().then(|| vec![0.0; len]),
+            running_mean: running.then(|| vec![0.0; len]),
+            running_var: running.then(|| vec![1.0; len]),
+            num_batches_tracked: 0,
+        }
+    }
+
+    /// Checks that `state` fits: each `state_dict` key present exactly when the configuration
+    /// has it, with `param_len` values, and a finite non-negative running variance.
+    ///
+    /// Errors: [`Error::StateKeyMissing`], [`Error::StateKeyMalformed`],
+    /// [`Error::InvalidRunningVar`].
+    pub fn check_state(&self, state: &LayerState) -> Result<()> {
+        let running = self.running_momentum().is_some();
+        let len = self.param_len();
+        for (key, wanted, value) in [
+            ("weight", self.has_weight(), &state.weight),
+            ("bias", self.has_bias(), &state.bias),
+            ("running_mean", running, &state.running_mean),
+            ("running_var", running, &state.running_var),
+        ] {
+            match (wanted, value) {
+                (true, None) => return Err(Error::StateKeyMissing { key: key.into() }),
+                (false, Some(_)) => {
+                    return Err(Error::StateKeyMalformed {
+                        key: key.into(),
+                        reason: "this layer has no such parameter".into(),
+                    })
+                }
+                (true, Some(v)) if v.len() != len => {
+                    return Err(Error::StateKeyMalformed {
+                        key: key.into(),
+                        reason: format!("{} values, the layer has {len}", v.len()),
+                    })
+                }
+                _ => {}
+            }
+        }
+        if !running && state.num_batches_tracked != 0 {
+            return Err(Error::StateKeyMalformed {
+                key: "num_batches_tracked".into(),
+                reason: "the layer keeps no running statistics".into(),
+            });
+        }
+        state
+            .running_var
+            .as_deref()
+            .map_or(Ok(()), crate::validate::running_var)
+    }
 }
 
 /// Checks `weight` and `bias` (lengths) against `desc`.

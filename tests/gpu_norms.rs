@@ -7,14 +7,16 @@
 mod common;
 
 use batchnorm_cuda::gpu::norms::{
-    self, row_plan, Backward, DeviceNormStats, Forward, NormWorkspace, Norms, Residual, RowPlan,
-    Statistics, StatsSource,
+    self, row_plan, Backward, DeviceNormStats, Forward, NormLayer, NormWorkspace, Norms, Residual,
+    RowPlan, Statistics, StatsSource,
 };
-use batchnorm_cuda::norms::{NormDesc, NormEpilogue, NormStats};
+use batchnorm_cuda::norms::{InstanceNormConfig, NormConfig, NormDesc, NormEpilogue, NormStats};
 use batchnorm_cuda::reference::norms as cpu;
 use batchnorm_cuda::{DType, Element, Error, Layout, TensorDesc};
 use common::gpu::{download, gpu, random, random_f32, upload, zeros};
-use common::norms::{offset_pair, Mode, NormCall, NormInputs};
+use common::norms::{
+    input_dims, layer_config, layer_state, offset_pair, Mode, NormCall, NormInputs,
+};
 use common::{
     assert_close, run_all, tolerance_for, widen, widen_f32, with_dtype, Case, Checks, Stored,
 };
@@ -190,6 +192,116 @@ fn golden_norms_gpu() {
     run_all(&common::norm_cases(), "norms gpu", |case, checks| {
         with_dtype!(case.dtype(), golden(&norms, case, checks))
     });
+}
+
+/// The GPU layer, built from the case's configuration and state: one forward, one backward.
+fn golden_layer<T: Element + Stored>(norms: &Norms, case: &Case, checks: &mut Checks) {
+    let ctx = norms.context();
+    let inputs = NormInputs::<T>::of(case);
+    let mut layer = NormLayer::new(norms, layer_config(case)).unwrap();
+    layer.load_state(layer_state(&inputs)).unwrap();
+    if case.meta("training") == Some("false") {
+        layer.eval();
+    }
+    let (dims, layout) = input_dims(case);
+    let n = inputs.x.len();
+    let x = upload(ctx, &inputs.x);
+    let mut y = zeros::<T>(ctx, n);
+    let cache = layer
+        .forward(&x.as_view(), &dims, layout, &mut y.as_view_mut())
+        .unwrap_or_else(|e| panic!("forward: {e}"));
+    compare(checks, case, "y", Some(widen(&download(ctx, &y))));
+    if layer.is_training() || case.meta("track_running_stats") != Some("true") {
+        let stats = cache.stats().to_host(ctx).unwrap();
+        if !matches!(layer.config(), NormConfig::Rms(_)) {
+            compare(checks, case, "save_mean", Some(widen_f32(&stats.mean)));
+        }
+        compare(checks, case, "save_rstd", Some(widen_f32(&stats.rstd)));
+    }
+    let state = layer.state().unwrap();
+    compare(
+        checks,
+        case,
+        "running_mean",
+        state.running_mean.as_deref().map(widen_f32),
+    );
+    compare(
+        checks,
+        case,
+        "running_var",
+        state.running_var.as_deref().map(widen_f32),
+    );
+    let dy = upload(ctx, inputs.dy.as_ref().expect("every norm case has dy"));
+    let mut dx = zeros::<T>(ctx, n);
+    layer
+        .backward(&cache, &x.as_view(), &dy.as_view(), &mut dx.as_view_mut())
+        .unwrap_or_else(|e| panic!("backward: {e}"));
+    compare(checks, case, "dx", Some(widen(&download(ctx, &dx))));
+    let grad = |g: Option<&cudarc::driver::CudaSlice<f32>>| g.map(|g| widen_f32(&download(ctx, g)));
+    compare(checks, case, "dweight", grad(layer.grad_weight()));
+    compare(checks, case, "dbias", grad(layer.grad_bias()));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn golden_norms_gpu_layer() {
+    let norms = Norms::new(&gpu()).unwrap();
+    run_all(&common::norm_cases(), "norms gpu layer", |case, checks| {
+        with_dtype!(case.dtype(), golden_layer(&norms, case, checks))
+    });
+}
+
+/// A refused call leaves the GPU layer's state and gradients as they were.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn norms_gpu_layer_state_is_untouched_on_failure() {
+    let norms = Norms::new(&gpu()).unwrap();
+    let ctx = norms.context();
+    let config = NormConfig::Instance(InstanceNormConfig {
+        affine: true,
+        track_running_stats: true,
+        ..InstanceNormConfig::new(3)
+    });
+    let mut layer = NormLayer::new(&norms, config).unwrap();
+    let x = upload(ctx, &random::<f32>(1, 60, 1.0, 2.0));
+    let mut y = zeros::<f32>(ctx, 60);
+    let cache = layer
+        .forward(
+            &x.as_view(),
+            &[2, 3, 10],
+            Layout::ChannelsFirst,
+            &mut y.as_view_mut(),
+        )
+        .unwrap();
+    let before = layer.state().unwrap();
+    assert!(matches!(
+        layer.forward(
+            &x.as_view(),
+            &[2, 5, 6],
+            Layout::ChannelsFirst,
+            &mut y.as_view_mut()
+        ),
+        Err(Error::ChannelMismatch {
+            expected: 3,
+            got: 5
+        })
+    ));
+    let short = zeros::<f32>(ctx, 10);
+    let mut dx = zeros::<f32>(ctx, 60);
+    assert!(matches!(
+        layer.backward(
+            &cache,
+            &x.as_view(),
+            &short.as_view(),
+            &mut dx.as_view_mut()
+        ),
+        Err(Error::BufferLength { what: "dy", .. })
+    ));
+    assert!(
+        layer.grad_weight().is_none(),
+        "a failed first backward leaves no gradient"
+    );
+    assert_eq!(common::state_change(&before, &layer.state().unwrap()), None);
 }
 
 /// Both row plans on the emulated or real GPU's SM count: some shapes split their rows.

@@ -5,12 +5,15 @@
 
 mod common;
 
-use batchnorm_cuda::norms::{NormDesc, NormEpilogue, NormStats};
+use batchnorm_cuda::norms::{
+    GroupNormConfig, InstanceNormConfig, LayerNormConfig, NormConfig, NormDesc, NormEpilogue,
+    NormStats,
+};
 use batchnorm_cuda::reference::norms::{
-    self, Backward, Forward, Residual, RunningStats, Statistics, UsedStats,
+    self, Backward, Forward, NormLayer, Residual, RunningStats, Statistics, UsedStats,
 };
 use batchnorm_cuda::{DType, Element, Error, Layout, TensorDesc};
-use common::norms::{offset_pair, Mode, NormCall, NormInputs};
+use common::norms::{layer_config, layer_state, offset_pair, Mode, NormCall, NormInputs};
 use common::{
     assert_close, run_all, tolerance_for, widen, widen_f32, with_dtype, Case, Checks, Stored,
 };
@@ -119,6 +122,117 @@ fn golden_norms_reference() {
     run_all(&common::norm_cases(), "norms reference", |case, checks| {
         with_dtype!(case.dtype(), functional(case, checks))
     });
+}
+
+/// The layer, built from the case's configuration and state: one forward, one backward.
+fn layer<T: Element + Stored>(case: &Case, checks: &mut Checks) {
+    let inputs = NormInputs::<T>::of(case);
+    let mut layer = NormLayer::new(layer_config(case)).unwrap();
+    layer.load_state(layer_state(&inputs)).unwrap();
+    if case.meta("training") == Some("false") {
+        layer.eval();
+    }
+    let dims = common::norms::input_dims(case);
+    let (y, cache) = layer
+        .forward(&inputs.x, &dims.0, dims.1)
+        .unwrap_or_else(|e| panic!("forward: {e}"));
+    compare(checks, case, "y", Some(widen(&y)));
+    if let Some(stats) = cache.stats() {
+        if !matches!(layer.config(), NormConfig::Rms(_)) {
+            compare(checks, case, "save_mean", Some(widen_f32(&stats.mean)));
+        }
+        compare(checks, case, "save_rstd", Some(widen_f32(&stats.rstd)));
+    }
+    let state = layer.state().clone();
+    compare(
+        checks,
+        case,
+        "running_mean",
+        state.running_mean.as_deref().map(widen_f32),
+    );
+    compare(
+        checks,
+        case,
+        "running_var",
+        state.running_var.as_deref().map(widen_f32),
+    );
+    let dy = inputs.dy.as_ref().expect("every norm case has dy");
+    let dx = layer
+        .backward(&cache, &inputs.x, dy)
+        .unwrap_or_else(|e| panic!("backward: {e}"));
+    compare(checks, case, "dx", Some(widen(&dx)));
+    compare(checks, case, "dweight", layer.grad_weight().map(widen_f32));
+    compare(checks, case, "dbias", layer.grad_bias().map(widen_f32));
+}
+
+#[test]
+fn golden_norms_reference_layer() {
+    run_all(
+        &common::norm_cases(),
+        "norms reference layer",
+        |case, checks| with_dtype!(case.dtype(), layer(case, checks)),
+    );
+}
+
+/// A refused call leaves the layer's state and gradients as they were; gradients accumulate.
+#[test]
+fn norms_layer_state_is_untouched_on_failure_and_grads_accumulate() {
+    let config = NormConfig::Instance(InstanceNormConfig {
+        affine: true,
+        track_running_stats: true,
+        ..InstanceNormConfig::new(3)
+    });
+    let mut layer = NormLayer::new(config).unwrap();
+    let x: Vec<f32> = common::gpu::random(1, 2 * 3 * 10, 1.0, 2.0);
+    let (y, cache) = layer
+        .forward(&x, &[2, 3, 10], Layout::ChannelsFirst)
+        .unwrap();
+    layer.backward(&cache, &x, &y).unwrap();
+    let (state, grad) = (layer.state().clone(), layer.grad_weight().unwrap().to_vec());
+    assert_ne!(
+        state.running_mean,
+        Some(vec![0.0; 3]),
+        "training updates the running mean"
+    );
+    // Wrong channel count, wrong layout for a layer norm, a short dy, a bad state.
+    assert!(matches!(
+        layer.forward(&x, &[2, 5, 6], Layout::ChannelsFirst),
+        Err(Error::ChannelMismatch {
+            expected: 3,
+            got: 5
+        })
+    ));
+    assert!(matches!(
+        layer.backward(&cache, &x, &y[..10]),
+        Err(Error::BufferLength { what: "dy", .. })
+    ));
+    let bad = batchnorm_cuda::LayerState {
+        running_var: Some(vec![1.0, -1.0, 1.0]),
+        ..state.clone()
+    };
+    assert!(matches!(
+        layer.load_state(bad),
+        Err(Error::InvalidRunningVar { channel: 1, .. })
+    ));
+    assert_eq!(common::state_change(&state, layer.state()), None);
+    assert_eq!(layer.grad_weight().unwrap(), grad.as_slice());
+    // A second backward adds the same gradient.
+    layer.backward(&cache, &x, &y).unwrap();
+    for (twice, once) in layer.grad_weight().unwrap().iter().zip(&grad) {
+        assert!((twice - 2.0 * once).abs() <= 1e-6 * once.abs().max(1.0));
+    }
+    let mut ln = NormLayer::new(NormConfig::Layer(LayerNormConfig::new(&[10]))).unwrap();
+    assert!(matches!(
+        ln.forward(&x, &[2, 3, 10], Layout::ChannelsLast),
+        Err(Error::Unsupported { .. })
+    ));
+    assert!(matches!(
+        NormLayer::new(NormConfig::Group(GroupNormConfig::new(4, 6))),
+        Err(Error::GroupsDoNotDivideChannels {
+            groups: 4,
+            channels: 6
+        })
+    ));
 }
 
 /// The cases cover the four normalizations, half precision, channels-last and tracked instance

@@ -3,7 +3,10 @@
 //! seeded inputs with a large common offset for the accuracy tests.
 
 use super::golden::{Case, Stored};
-use batchnorm_cuda::norms::{rms_eps, NormDesc};
+use batchnorm_cuda::norms::{
+    rms_eps, GroupNormConfig, InstanceNormConfig, LayerNormConfig, NormConfig, NormDesc,
+    RmsNormConfig,
+};
 use batchnorm_cuda::{Element, TensorDesc};
 
 /// Where a case's forward took its statistics from.
@@ -75,6 +78,58 @@ impl NormCall {
             (true, false) => Mode::Running,
         };
         Self { desc, eps, mode }
+    }
+}
+
+/// The logical shape and layout of a case's input.
+pub fn input_dims(case: &Case) -> (Vec<usize>, batchnorm_cuda::Layout) {
+    let layout = batchnorm_cuda::Layout::parse(case.require("layout")).unwrap();
+    (dims(case, "shape"), layout)
+}
+
+/// The layer configuration a case was recorded with.
+pub fn layer_config(case: &Case) -> NormConfig {
+    let affine = case.flag("affine");
+    let eps = || parse::<f32>(case, "eps");
+    match case.require("op") {
+        "group_norm" => NormConfig::Group(GroupNormConfig {
+            eps: eps(),
+            affine,
+            ..GroupNormConfig::new(parse(case, "num_groups"), dims(case, "shape")[1])
+        }),
+        "instance_norm" => NormConfig::Instance(InstanceNormConfig {
+            eps: eps(),
+            momentum: parse(case, "momentum"),
+            affine,
+            track_running_stats: case.flag("track_running_stats"),
+            ..InstanceNormConfig::new(dims(case, "shape")[1])
+        }),
+        "layer_norm" => NormConfig::Layer(LayerNormConfig {
+            eps: eps(),
+            elementwise_affine: affine,
+            bias: case.flag("has_bias"),
+            ..LayerNormConfig::new(&dims(case, "normalized_shape"))
+        }),
+        "rms_norm" => NormConfig::Rms(RmsNormConfig {
+            eps: match case.require("eps") {
+                "none" => None,
+                _ => Some(eps()),
+            },
+            elementwise_affine: affine,
+            ..RmsNormConfig::new(&dims(case, "normalized_shape"))
+        }),
+        other => panic!("{}: unknown op {other:?}", case.name),
+    }
+}
+
+/// The case's state as a layer holds it.
+pub fn layer_state<T: Element + Stored>(inputs: &NormInputs<T>) -> batchnorm_cuda::LayerState {
+    batchnorm_cuda::LayerState {
+        weight: inputs.weight.clone(),
+        bias: inputs.bias.clone(),
+        running_mean: inputs.running_mean.clone(),
+        running_var: inputs.running_var.clone(),
+        num_batches_tracked: 0,
     }
 }
 

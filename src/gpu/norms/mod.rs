@@ -24,10 +24,12 @@
 //! ```
 
 mod kernels;
+mod layer;
 
 #[cfg(test)]
 pub(crate) use kernels::ENTRY_POINTS;
 pub use kernels::{row_plan, RowPlan, MAX_SPLITS};
+pub use layer::{NormCache, NormLayer};
 
 use super::context::alloc_error;
 use super::functional::Guards;

@@ -1,7 +1,8 @@
 //! Group, layer, instance and RMS normalization on the CPU: the oracle of [`crate::gpu::norms`].
 //!
 //! One functional pair, [`forward`] and [`backward`], serves all four normalizations through a
-//! [`NormDesc`]. Everything is computed in f64 from the stored values
+//! [`NormDesc`]; the layer [`NormLayer`] holds the parameters, tracked statistics and
+//! gradients on top of it. Everything is computed in f64 from the stored values
 //! (row statistics in two passes) and each output is rounded once; the backward reads the
 //! double-float mean of [`NormStats`], so it never works from an f32-rounded mean.
 //!
@@ -18,6 +19,10 @@
 //! assert!((y[0] + 1.3416).abs() < 1e-4 && (y[7] - 1.7320).abs() < 1e-4);
 //! # Ok::<(), batchnorm_cuda::Error>(())
 //! ```
+
+mod layer;
+
+pub use layer::{NormCache, NormLayer};
 
 use crate::dtype::Element;
 use crate::error::Result;
