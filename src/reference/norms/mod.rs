@@ -223,10 +223,10 @@ fn saved_rows(stats: &NormStats) -> Vec<(f64, f64)> {
 /// Returns the row statistics for [`backward`], or `None` when it normalized with running
 /// statistics.
 ///
-/// Errors, checked before anything is written: [`Error::BufferLength`] (x, y, residual, sum,
-/// weight, bias, running statistics), [`Error::Unsupported`] for running statistics of anything
-/// but instance norm, [`Error::InvalidEps`], [`Error::InvalidMomentum`],
-/// [`Error::SingleValuePerChannel`] for batch statistics of an instance norm over one value per
+/// Errors, checked before anything is written: [`Error::BufferLength`](crate::Error::BufferLength) (x, y, residual, sum,
+/// weight, bias, running statistics), [`Error::Unsupported`](crate::Error::Unsupported) for running statistics of anything
+/// but instance norm, [`Error::InvalidEps`](crate::Error::InvalidEps), [`Error::InvalidMomentum`](crate::Error::InvalidMomentum),
+/// [`Error::SingleValuePerChannel`](crate::Error::SingleValuePerChannel) for batch statistics of an instance norm over one value per
 /// instance.
 pub fn forward<T: Element>(desc: &NormDesc, call: Forward<'_, T>) -> Result<Option<NormStats>> {
     let n = desc.numel();
@@ -340,9 +340,9 @@ fn update_running(
 /// `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))` over each row (no `mean(g)` term for
 /// RMS norm; `dx = g * rstd` with running statistics, which do not depend on `x`).
 ///
-/// Errors, checked before anything is written: [`Error::BufferLength`] (x, dy, dx, weight,
-/// bias, the statistics, dweight, dbias), [`Error::Unsupported`] for running statistics of
-/// anything but instance norm, [`Error::InvalidEps`].
+/// Errors, checked before anything is written: [`Error::BufferLength`](crate::Error::BufferLength) (x, dy, dx, weight,
+/// bias, the statistics, dweight, dbias), [`Error::Unsupported`](crate::Error::Unsupported) for running statistics of
+/// anything but instance norm, [`Error::InvalidEps`](crate::Error::InvalidEps).
 pub fn backward<T: Element>(desc: &NormDesc, call: Backward<'_, T>) -> Result<()> {
     let n = desc.numel();
     buffer("x", n, call.x.len())?;
