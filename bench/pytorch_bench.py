@@ -25,6 +25,10 @@ exposes `torch._C._select_batch_norm_backend`, the backend it picks is recorded 
   the timed region; each timed run is one `torch.autograd.grad(y, (x, weight, bias), dy,
   retain_graph=True)`: the batch-norm backward kernels (dx, dweight, dbias) plus autograd's own
   small overhead;
+- group, layer, RMS and instance norm (`F.group_norm`, `F.layer_norm`, `F.rms_norm`,
+  `F.instance_norm`, PyTorch's native kernels, weights cast to the input dtype where PyTorch wants
+  them so): the training forward under `torch.no_grad()`, and one `torch.autograd.grad` call for
+  the backward, as for batch norm;
 - fold: `torch.nn.utils.fusion.fuse_conv_bn_weights` / `fuse_linear_bn_weights` under
   `torch.no_grad()` (a few elementwise ops; one row, reported as native).
 """
@@ -49,9 +53,12 @@ COPY_BYTES = 1 << 30
 COPY_RUNS = 30
 EPS = 1e-5
 MOMENTUM = 0.1
-OPS = ("bn_fwd", "bn_eval", "bn_bwd", "bn_fold")
+NORM_OPS = ("group_norm_fwd", "group_norm_bwd", "layer_norm_fwd", "layer_norm_bwd",
+            "rms_norm_fwd", "rms_norm_bwd", "instance_norm_fwd", "instance_norm_bwd")
+OPS = ("bn_fwd", "bn_eval", "bn_bwd", "bn_fold") + NORM_OPS
 # Passes over the tensor (minimal model, practical model), as in gpu_bench.
-PASSES = {"bn_fwd": (2, 3), "bn_eval": (2, 2), "bn_bwd": (3, 5), "bn_fold": (2, 2)}
+PASSES = {"bn_fwd": (2, 3), "bn_eval": (2, 2), "bn_bwd": (3, 5), "bn_fold": (2, 2),
+          **{op: ((3, 7) if op.endswith("_bwd") else (2, 3)) for op in NORM_OPS}}
 DTYPES = ("f32", "f16", "bf16")
 SIZES = {"f32": 4, "f16": 2, "bf16": 2}
 
@@ -89,6 +96,23 @@ def fold_cases(quick):
     return cases
 
 
+def norm_cases(quick):
+    """(suite, op prefix, shape, groups, layout or None); keep in sync with examples/gpu_bench/norms.rs."""
+    tokens = 2048 if quick else 8192
+    cases = []
+    for layout in ("channels_first", "channels_last"):
+        cases.append(("unet", "group_norm", [2, 320, 64, 64], 32, layout))
+        if not quick:
+            cases.append(("unet", "group_norm", [2, 640, 32, 32], 32, layout))
+            cases.append(("unet", "group_norm", [8, 128, 128, 128], 32, layout))
+    cases.append(("transformer", "layer_norm", [tokens, 4096], 1, None))
+    cases.append(("transformer", "rms_norm", [tokens, 4096], 1, None))
+    if not quick:
+        cases.append(("transformer", "layer_norm", [tokens, 1024], 1, None))
+        cases.append(("style", "instance_norm", [16, 64, 128, 128], 64, "channels_first"))
+    return cases
+
+
 def default_rows(quick):
     """The rows gpu_bench would write, without its measurements."""
     rows = []
@@ -105,6 +129,13 @@ def default_rows(quick):
             rows.append({"name": f"bn_fold/{dtype}/{kind}{g}/{dims_name(shape)}", "op": "bn_fold",
                          "suite": "fold", "dtype": dtype, "layout": None, "shape": shape,
                          "fold_kind": kind, "groups": groups})
+    for suite, prefix, shape, groups, layout in norm_cases(quick):
+        for dtype in DTYPES:
+            for op in (f"{prefix}_fwd", f"{prefix}_bwd"):
+                tail = f"/{layout}" if layout else ""
+                rows.append({"name": f"{op}/{dtype}/{dims_name(shape)}{tail}", "op": op,
+                             "suite": suite, "dtype": dtype, "layout": layout, "shape": shape,
+                             "groups": groups})
     return rows
 
 
@@ -259,6 +290,45 @@ def bench_bn(torch, timer, row, cudnn):
                 torch.autograd.grad(y, (x, weight, bias), dy, retain_graph=True)
         timing = timer.time(fn)
     return timing, backend
+
+
+def bench_norm(torch, timer, row):
+    """Times one group/layer/RMS/instance norm row (PyTorch's native kernels: none of them has a
+    cuDNN path): the training forward, or one autograd.grad call of its backward."""
+    F = torch.nn.functional
+    shape, op = row["shape"], row["op"]
+    dtype = torch_dtype(torch, row["dtype"])
+    x = make_input(torch, shape, row.get("layout"), dtype, lambda ch: (ch * 7 % 13) * 0.5 - 3.0,
+                   lambda ch: 0.5 + (ch * 5 % 11) * 0.1)
+    c = shape[1]
+    weight = torch.rand(c, device="cuda") * 0.5 + 0.75
+    bias = torch.rand(c, device="cuda") - 0.5
+    if op.startswith("group_norm"):
+        def forward():
+            return F.group_norm(x, row["groups"], weight.to(dtype), bias.to(dtype), EPS)
+    elif op.startswith("layer_norm"):
+        def forward():
+            return F.layer_norm(x, shape[1:], weight.to(dtype), bias.to(dtype), EPS)
+    elif op.startswith("rms_norm"):
+        def forward():
+            return F.rms_norm(x, shape[1:], weight.to(dtype), EPS)
+    else:
+        def forward():
+            return F.instance_norm(x, None, None, weight, bias, True, MOMENTUM, EPS)
+    if op.endswith("_fwd"):
+        def fn():
+            with torch.no_grad():
+                forward()
+        return timer.time(fn)
+    dy = make_input(torch, shape, row.get("layout"), dtype, lambda ch: 0.1 * ((ch * 7 % 13) * 0.5 - 3.0),
+                    lambda ch: torch.ones_like(ch))
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    y = forward()
+    def fn():
+        torch.autograd.grad(y, (x, weight, bias), dy, retain_graph=True, allow_unused=True)
+    return timer.time(fn)
 
 
 def bench_fold(torch, timer, row):
@@ -456,6 +526,8 @@ def run(args):
         try:
             if row["op"] == "bn_fold":
                 row["torch_native"] = bench_fold(torch, timer, row)
+            elif row["op"] in NORM_OPS:
+                row["torch_native"] = bench_norm(torch, timer, row)
             else:
                 row["torch_cudnn"], row["torch_cudnn_backend"] = bench_bn(torch, timer, row, True)
                 row["torch_native"], row["torch_native_backend"] = bench_bn(torch, timer, row, False)
@@ -490,7 +562,7 @@ def self_test(ours_path=None):
             assert row_bytes(mine) == (theirs["bytes_min"], theirs["bytes_practical"]), mine["name"]
         rows = ours["rows"]
     for k, row in enumerate(rows):
-        if row["op"] != "bn_fold":
+        if row["op"] in ("bn_fwd", "bn_eval", "bn_bwd"):
             row["torch_cudnn"] = {"median_us": 100.0 + k}
             row["torch_cudnn_backend"] = "Cudnn" if row["dtype"] != "bf16" else "Native"
         row["torch_native"] = {"median_us": 120.0 + k}
@@ -511,7 +583,7 @@ def self_test(ours_path=None):
     bytes_min = 2 * numel(rows[0]["shape"]) * 4
     assert abs(m0["ours_frac_copy_min"] - bytes_min / 50e-6 / 1e9 / 3000.0) < 1e-12
     assert abs(geomean([2.0, 8.0]) - 4.0) < 1e-12 and geomean([None]) is None
-    assert len(default_rows(quick=False)) == (24 + 5 + 1) * 2 * 3 * 3 + 1 * 3 * 3 + 7 * 3
+    assert len(default_rows(quick=False)) == (24 + 5 + 1) * 2 * 3 * 3 + 1 * 3 * 3 + 7 * 3 + 10 * 3 * 2
     print(md)
     print(f"self-test passed on {len(rows)} rows" + (f" of {ours_path}" if ours else "")
           + " (fake timings above; nothing was measured)")

@@ -47,6 +47,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+// The rows of group, layer, instance and RMS norm.
+#[path = "gpu_bench/norms.rs"]
+mod norms;
+
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// Written between timed runs: several times any L2 (H100: 50 MB).
@@ -83,6 +87,11 @@ enum Op {
     Eval,
     Bwd,
     Fold,
+    /// A training forward (batch statistics) or backward of another normalization.
+    Norm {
+        kind: batchnorm_cuda::norms::NormKind,
+        backward: bool,
+    },
 }
 
 impl Op {
@@ -92,6 +101,14 @@ impl Op {
             Op::Eval => "bn_eval",
             Op::Bwd => "bn_bwd",
             Op::Fold => "bn_fold",
+            Op::Norm { kind, backward } => {
+                let [fwd, bwd] = norms::op_names(kind);
+                if backward {
+                    bwd
+                } else {
+                    fwd
+                }
+            }
         }
     }
 
@@ -101,6 +118,12 @@ impl Op {
             Op::Fwd => (2, 3),
             Op::Eval | Op::Fold => (2, 2),
             Op::Bwd => (3, 5),
+            // Forward: x read twice (statistics, then normalize from L1/L2 or HBM).
+            Op::Norm {
+                backward: false, ..
+            } => (2, 3),
+            // Backward: row sums (x, dy), dx (x, dy, dx), parameter sums (x, dy).
+            Op::Norm { backward: true, .. } => (3, 7),
         }
     }
 }
@@ -1099,7 +1122,13 @@ fn write_markdown(h: &Header, rows: &[Row]) -> String {
          reference; `rel` is the largest relative L2 error over the op's outputs.\n",
         FLUSH_BYTES >> 20
     );
-    for op in [Op::Fwd, Op::Eval, Op::Bwd, Op::Fold] {
+    let mut ops: Vec<Op> = Vec::new();
+    for row in rows {
+        if !ops.contains(&row.op) {
+            ops.push(row.op);
+        }
+    }
+    for op in ops {
         let rows: Vec<&Row> = rows.iter().filter(|r| r.op == op).collect();
         if rows.is_empty() {
             continue;
@@ -1318,6 +1347,29 @@ fn run(gpu: Option<GpuContext>, args: &Args) -> BoxResult<bool> {
                 DType::F16 => bench_fold::<half::f16>(env, &case),
                 DType::BF16 => bench_fold::<half::bf16>(env, &case),
             }]);
+        }
+    }
+
+    let norm_kernels = env
+        .as_ref()
+        .map(|env| batchnorm_cuda::gpu::norms::Norms::new(&env.gpu))
+        .transpose()?;
+    for case in norms::suite(args.quick) {
+        for dtype in DTYPES {
+            let planned = norms::rows(&case, dtype, vec![Err(NOT_MEASURED.into()); 2]);
+            let (Some(env), Some(kernels)) = (
+                env.as_mut()
+                    .filter(|_| planned.iter().any(|r| wanted(&r.name))),
+                norm_kernels.as_ref(),
+            ) else {
+                report(planned);
+                continue;
+            };
+            report(match dtype {
+                DType::F32 => norms::bench::<f32>(env, kernels, &case),
+                DType::F16 => norms::bench::<half::f16>(env, kernels, &case),
+                DType::BF16 => norms::bench::<half::bf16>(env, kernels, &case),
+            });
         }
     }
 
