@@ -587,3 +587,60 @@ fn norms_gpu_refuses_bad_calls_and_writes_nothing() {
     assert_eq!(download(ctx, &v), [1.0; 4]);
     assert!(download(ctx, &stats.rstd).iter().all(|&v| v == 0.0));
 }
+
+/// A NaN stays in its row, a constant row normalizes to exactly `bias` (its mean is exact, its
+/// variance 0; RMS norm excepted, which subtracts nothing), on both row plans and layouts, and
+/// the other rows match the reference.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn norms_gpu_keeps_nan_in_its_row_and_constant_rows_exact() {
+    let norms = Norms::new(&gpu()).unwrap();
+    for desc in shapes(norms.context().sm_count()) {
+        let n = desc.numel();
+        let mut x: Vec<f32> = random(3, n, 0.5, 1.0);
+        let last = desc.rows() - 1;
+        let first = desc.row_offsets(0).next().unwrap();
+        x[first] = f32::NAN;
+        for i in desc.row_offsets(last) {
+            x[i] = 1234.5;
+        }
+        let dy: Vec<f32> = random(4, n, 0.0, 1.0);
+        let (w, b) = (
+            random_f32(5, desc.channels(), 0.5, 1.5),
+            random_f32(6, desc.channels(), -1.0, 1.0),
+        );
+        let got = run(
+            &norms,
+            &desc,
+            Run {
+                x: &x,
+                residual: None,
+                dy: &dy,
+                weight: Some(&w),
+                bias: Some(&b),
+                eps: 1e-5,
+                mode: Mode::Batch,
+                running_mean: None,
+                running_var: None,
+                epilogue: NormEpilogue::None,
+            },
+        );
+        let want = reference(&desc, &x, &dy, &w, &b, NormEpilogue::None);
+        let what = format!("{desc:?}");
+        let act = tolerance_for("y", DType::F32);
+        if desc.rows() > 1 {
+            for i in desc.row_offsets(last).filter(|_| desc.kind().centered()) {
+                let c = desc.locate(i).1;
+                assert_eq!(got.y[i], f64::from(b[c]), "{what}: constant row");
+            }
+            for i in desc.row_offsets(0) {
+                assert!(got.y[i].is_nan() && got.dx[i].is_nan(), "{what}: NaN row");
+            }
+            // The rows between are untouched by the NaN: compare them alone.
+            let clean: Vec<usize> = (1..last).flat_map(|r| desc.row_offsets(r)).collect();
+            let pick = |v: &[f64]| clean.iter().map(|&i| v[i]).collect::<Vec<_>>();
+            assert_close(&format!("{what} y"), &pick(&got.y), &pick(&want.y), act);
+            assert_close(&format!("{what} dx"), &pick(&got.dx), &pick(&want.dx), act);
+        }
+    }
+}
