@@ -2,9 +2,10 @@
 //
 // norm_forward_row_<dt>   grid (min(rows, 2^31 - 1)), block 256: one block per row (rows
 //   strided by gridDim.x), ONE launch: the row's statistics (Welford, block reduction), then
-//   y = epilogue(xhat * weight + bias) over the row, which is re-read from L1/L2. For rows up to
-//   a few thousand values (transformer layer/RMS norm) and whenever there are enough rows to
-//   fill the GPU. With stats_given the statistics are read (running statistics of an eval
+//   y = epilogue(xhat * weight + bias) over the row. A row of up to 4096 values (transformer
+//   layer/RMS norm) is read once and kept in registers (16 per thread); a longer one is read
+//   again for the normalize (from L1/L2 when it fits). Used for rows up to 8192 values and
+//   whenever there are enough rows to fill the GPU. With stats_given the statistics are read (running statistics of an eval
 //   instance norm, norm_running_rows) and nothing is reduced.
 // norm_stats_split_<dt>   grid (rows, splits), block 256: split s of row r reduces its chunk to a
 //   partial (count, mean of h - pivot, m2) in partials[(r * splits + s) * 3].
@@ -67,17 +68,22 @@ __device__ __forceinline__ RowStats given_stats(const NormForwardParams& p, u64 
   return st;
 }
 
+// y (and the residual sum) of element i (channel c) whose input is h.
+template <typename T>
+__device__ __forceinline__ void store(const NormForwardParams& p, u64 i, u64 c, float h, const RowStats& st) {
+  if (p.sum) static_cast<Raw<T>*>(p.sum)[i] = Dtype<T>::from_f(h);
+  const float z = fmaf(xhat(h, st), load_or(p.weight, c, 1.f), load_or(p.bias, c, 0.f));
+  static_cast<Raw<T>*>(p.y)[i] = Dtype<T>::from_f(epilogue(p.epilogue, z));
+}
+
 // y (and the residual sum) over elements [e0, e1) of a row.
 template <typename T> __device__ __forceinline__ void apply(const NormForwardParams& p, u64 row, u64 e0, u64 e1,
                                                              const RowStats& st) {
   const u64 step = blockDim.x;
   RowWalk w = walk(p.shape, row, e0 + threadIdx.x, step);
   for (u64 e = e0 + threadIdx.x; e < e1; e += step, w.advance()) {
-    const u64 i = w.addr(), c = w.channel();
-    const float h = load_h<T>(p.x, p.residual, i);
-    if (p.sum) static_cast<Raw<T>*>(p.sum)[i] = Dtype<T>::from_f(h);
-    const float z = fmaf(xhat(h, st), load_or(p.weight, c, 1.f), load_or(p.bias, c, 0.f));
-    static_cast<Raw<T>*>(p.y)[i] = Dtype<T>::from_f(epilogue(p.epilogue, z));
+    const u64 i = w.addr();
+    store<T>(p, i, w.channel(), load_h<T>(p.x, p.residual, i), st);
   }
 }
 
@@ -96,17 +102,39 @@ __device__ __forceinline__ RowStats unpark(const float* bc) {
   return st;
 }
 
+// Values each thread keeps in registers when the whole row fits the block (rows up to 4096):
+// the statistics pass loads the row once and the normalize pass reuses it.
+constexpr int kHeld = 16;
+
 template <typename T> __device__ __forceinline__ void forward_row(const NormForwardParams& p) {
   __shared__ float red[Welford<1>::NF * kWarps];
   __shared__ float bc[3];
   const u64 n_rows = rows(p.shape), len = row_len(p.shape);
+  const bool held = len <= (u64)kThreads * kHeld;  // uniform over the grid
   for (u64 row = blockIdx.x; row < n_rows; row += gridDim.x) {
     if (p.stats_given) {
       apply<T>(p, row, 0, len, given_stats(p, row));
       continue;
     }
     const float pivot = row_pivot<T>(p.shape, p.x, p.residual, row);
-    Welford<1> s = row_moments<T>(p.shape, p.x, p.residual, row, 0, len, pivot);
+    float h[kHeld];
+    Welford<1> s = Welford<1>::empty();
+    if (held) {
+      // Element threadIdx.x + k * 256 of the row in h[k].
+      RowWalk w = walk(p.shape, row, threadIdx.x, kThreads);
+#pragma unroll
+      for (int k = 0; k < kHeld; ++k) {
+        const u64 e = threadIdx.x + (u64)k * kThreads;
+        h[k] = e < len ? load_h<T>(p.x, p.residual, w.addr()) : 0.f;
+        if (e < len) {
+          const float v[1] = {p.shape.centered ? h[k] - pivot : h[k] * h[k]};
+          s = Welford<1>::merge(s, Welford<1>::sample(v));
+        }
+        w.advance();
+      }
+    } else {
+      s = row_moments<T>(p.shape, p.x, p.residual, row, 0, len, pivot);
+    }
     s = block_reduce(s, red);
     if (threadIdx.x == 0) {
       const RowStats st = finalize(s, pivot, p.eps, p.shape.centered);
@@ -114,7 +142,17 @@ template <typename T> __device__ __forceinline__ void forward_row(const NormForw
       park(bc, st);
     }
     __syncthreads();
-    apply<T>(p, row, 0, len, unpark(bc));
+    const RowStats st = unpark(bc);
+    if (held) {
+      RowWalk w = walk(p.shape, row, threadIdx.x, kThreads);
+#pragma unroll
+      for (int k = 0; k < kHeld; ++k) {
+        if (threadIdx.x + (u64)k * kThreads < len) store<T>(p, w.addr(), w.channel(), h[k], st);
+        w.advance();
+      }
+    } else {
+      apply<T>(p, row, 0, len, st);
+    }
     __syncthreads();  // red and bc are reused by the next row
   }
 }

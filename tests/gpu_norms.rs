@@ -314,6 +314,8 @@ fn shapes(sm_count: u32) -> Vec<NormDesc> {
         NormDesc::group(&t(&[1, 6, 60, 60], Layout::ChannelsLast), 2).unwrap(),
         NormDesc::instance(&t(&[2, 5, 33], Layout::ChannelsLast)),
         NormDesc::layer(&[9, 1000], &[1000]).unwrap(),
+        // Longer than the 4096 values a block keeps in registers: read twice.
+        NormDesc::layer(&[3, 5000], &[5000]).unwrap(),
         NormDesc::layer(&[2, 3, 4, 50], &[3, 4, 50]).unwrap(),
         NormDesc::rms(&[7, 257], &[257]).unwrap(),
         NormDesc::rms(&[2, 20_000], &[20_000]).unwrap(),
