@@ -10,8 +10,8 @@
 // Statistics (common.cuh's Welford, fixed-order reductions: deterministic, no atomics):
 //   centered (group, instance, layer norm): Welford on h - pivot, pivot = the row's first value,
 //     so the differences are exact for clustered rows (Sterbenz); the mean is kept as a
-//     double-float hi + lo = pivot + mean(h - pivot) (two-sum), and x - mean is formed as
-//     (x - hi) - lo everywhere (normalize, backward): rounding the mean to f32 first would cost
+//     double-float hi + lo = pivot + mean(h - pivot) (common.cuh's MeanPair and two_sum), and
+//     x - mean is formed as (x - hi) - lo everywhere (normalize, backward): rounding the mean to f32 first would cost
 //     up to half an ulp of the offset times rstd (3e-5 * 10 at mean 1000, std 0.1).
 //   RMS norm: the mean of h^2 through the same Welford state (its m2 unused); hi = lo = 0.
 //   rstd = 1 / sqrt(var + eps), bit-identical to IEEE 1.0f / sqrtf (invsqrt_rn).
@@ -111,11 +111,10 @@ __device__ __forceinline__ RowStats finalize(const Welford<1>& w, float pivot, f
   st.var = 0.f;
   if (w.n() > 0.f) {
     if (centered) {
-      // two-sum: hi + lo == pivot + mean exactly.
-      const float d = w.mean(0);
-      st.hi = pivot + d;
-      const float dd = st.hi - pivot;
-      st.lo = (pivot - (st.hi - dd)) + (d - dd);
+      // hi + lo == pivot + mean(h - pivot) exactly (common.cuh's two_sum).
+      const MeanPair mean = two_sum(pivot, w.mean(0));
+      st.hi = mean.hi;
+      st.lo = mean.lo;
       st.var = w.m2(0) / w.n();
     } else {
       st.var = w.mean(0);
