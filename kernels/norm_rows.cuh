@@ -11,8 +11,9 @@
 //   centered (group, instance, layer norm): Welford on h - pivot, pivot = the row's first value,
 //     so the differences are exact for clustered rows (Sterbenz); the mean is kept as a
 //     double-float hi + lo = pivot + mean(h - pivot) (common.cuh's MeanPair and two_sum), and
-//     x - mean is formed as (x - hi) - lo everywhere (normalize, backward): rounding the mean to f32 first would cost
-//     up to half an ulp of the offset times rstd (3e-5 * 10 at mean 1000, std 0.1).
+//     x - mean is formed as (x - hi) - lo everywhere (normalize, backward): rounding the mean to
+//     f32 first would cost up to half an ulp of the offset times rstd (3e-5 * 10 at mean 1000,
+//     std 0.1).
 //   RMS norm: the mean of h^2 through the same Welford state (its m2 unused); hi = lo = 0.
 //   rstd = 1 / sqrt(var + eps), bit-identical to IEEE 1.0f / sqrtf (invsqrt_rn).
 // h is x, or x + residual rounded to T (the fused residual add; the sum is written by the
