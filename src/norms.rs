@@ -71,7 +71,7 @@ impl NormDesc {
     /// Errors: [`Error::GroupsDoNotDivideChannels`] when `groups` is 0 or does not divide `C`.
     pub fn group(desc: &TensorDesc, groups: usize) -> Result<Self> {
         let channels = desc.channels();
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(Error::GroupsDoNotDivideChannels { groups, channels });
         }
         Ok(Self::from_tensor(NormKind::Group, desc, groups))
@@ -275,7 +275,7 @@ impl GroupNormConfig {
         if self.num_channels == 0 {
             return Err(Error::ZeroChannels);
         }
-        if self.num_groups == 0 || self.num_channels % self.num_groups != 0 {
+        if self.num_groups == 0 || !self.num_channels.is_multiple_of(self.num_groups) {
             return Err(Error::GroupsDoNotDivideChannels {
                 groups: self.num_groups,
                 channels: self.num_channels,

@@ -269,7 +269,7 @@ impl NormWorkspace {
     }
 
     fn reserve(&mut self, gpu: &GpuContext, len: usize) -> Result<&mut CudaSlice<f32>> {
-        if !self.floats.as_ref().is_some_and(|b| b.len() >= len) {
+        if self.floats.as_ref().is_none_or(|b| b.len() < len) {
             let fresh = gpu
                 .stream()
                 .alloc_zeros::<f32>(len.max(1))
