@@ -648,17 +648,22 @@ fn run_bn<T: Element>(env: &mut Env, desc: &TensorDesc) -> BoxResult<Vec<(Timing
             mean: sm.as_view_mut(),
             invstd: si.as_view_mut(),
         };
-        functional::forward_training(
+        functional::forward(
             gpu,
             workspace,
-            &x.as_view(),
-            desc,
-            Some(&weight.as_view()),
-            Some(&bias.as_view()),
-            Some(running),
-            EPS,
-            &mut y.as_view_mut(),
-            saved,
+            functional::Forward {
+                desc: *desc,
+                x: x.as_view(),
+                weight: Some(weight.as_view()),
+                bias: Some(bias.as_view()),
+                stats: functional::ForwardStats::Batch(functional::BatchStats {
+                    saved,
+                    running: Some(running),
+                    eps: EPS,
+                }),
+                y: y.as_view_mut(),
+                epilogue: functional::Epilogue::None,
+            },
         )?;
         Ok(())
     };
@@ -667,15 +672,21 @@ fn run_bn<T: Element>(env: &mut Env, desc: &TensorDesc) -> BoxResult<Vec<(Timing
             mean: eval_mean.as_view(),
             var: eval_var.as_view(),
         };
-        functional::forward_inference(
+        functional::forward(
             gpu,
-            &x.as_view(),
-            desc,
-            Some(&weight.as_view()),
-            Some(&bias.as_view()),
-            &running,
-            EPS,
-            &mut y.as_view_mut(),
+            &mut Workspace::new(),
+            functional::Forward {
+                desc: *desc,
+                x: x.as_view(),
+                weight: Some(weight.as_view()),
+                bias: Some(bias.as_view()),
+                stats: functional::ForwardStats::Running {
+                    stats: running,
+                    eps: EPS,
+                },
+                y: y.as_view_mut(),
+                epilogue: functional::Epilogue::None,
+            },
         )?;
         Ok(())
     };
@@ -696,15 +707,18 @@ fn run_bn<T: Element>(env: &mut Env, desc: &TensorDesc) -> BoxResult<Vec<(Timing
             dbias: Some(db.as_view_mut()),
             accumulate: false,
         };
-        functional::backward_training(
+        functional::backward(
             gpu,
             workspace,
-            &x.as_view(),
-            &dy.as_view(),
-            desc,
-            Some(&weight.as_view()),
-            &saved,
-            grads,
+            functional::Backward {
+                desc: *desc,
+                x: x.as_view(),
+                dy: dy.as_view(),
+                weight: Some(weight.as_view()),
+                stats: functional::BackwardStats::Batch(saved),
+                grads,
+                epilogue: functional::EpilogueGrad::None,
+            },
         )?;
         Ok(())
     };

@@ -13,7 +13,9 @@ mod common;
 use batchnorm_cuda::epilogue::{mask_words, unpack_mask};
 use batchnorm_cuda::gpu::{self, GpuContext};
 use batchnorm_cuda::reference;
-use batchnorm_cuda::{BatchNormConfig, DType, Element, Epilogue, LayerState, Layout, TensorDesc};
+use batchnorm_cuda::{
+    BatchNormConfig, DType, Element, EpilogueKind, LayerState, Layout, TensorDesc,
+};
 use common::gpu::*;
 use common::{compare, tolerance, widen, widen_f32, Quantity, Tol};
 use proptest::prelude::*;
@@ -27,7 +29,7 @@ enum Op {
         n: usize,
         seed: u64,
         backward: bool,
-        epilogue: Option<Epilogue>,
+        epilogue: Option<EpilogueKind>,
     },
     Train,
     Eval,
@@ -46,8 +48,8 @@ fn op() -> impl Strategy<Value = Op> {
             any::<bool>(),
             prop_oneof![
                 2 => Just(None),
-                1 => Just(Some(Epilogue::Relu)),
-                1 => Just(Some(Epilogue::AddRelu))
+                1 => Just(Some(EpilogueKind::Relu)),
+                1 => Just(Some(EpilogueKind::AddRelu))
             ]
         )
             .prop_map(|(n, seed, backward, epilogue)| Op::Forward {
@@ -116,7 +118,7 @@ fn forward_step<T: Element>(
     desc: &TensorDesc,
     seed: u64,
     backward: bool,
-    epilogue: Option<Epilogue>,
+    epilogue: Option<EpilogueKind>,
     what: &str,
 ) -> Result<bool, TestCaseError> {
     let act = tolerance(T::DTYPE, Quantity::Activation);
@@ -135,15 +137,16 @@ fn forward_step<T: Element>(
     let mut y_ = yd.as_view_mut();
     let got = match epilogue {
         None => m.gpu.forward(desc, &x_, &mut y_),
-        Some(Epilogue::Relu) => m.gpu.forward_relu(desc, &x_, &mut y_, Some(&mut mask)),
-        Some(Epilogue::AddRelu) => m
-            .gpu
-            .forward_add_relu(desc, &x_, &z_, &mut y_, Some(&mut mask)),
+        Some(EpilogueKind::Relu) => m.gpu.forward_relu(desc, &x_, &mut y_, Some(&mut mask)),
+        Some(EpilogueKind::AddRelu) => {
+            m.gpu
+                .forward_add_relu(desc, &x_, &z_, &mut y_, Some(&mut mask))
+        }
     };
     let want = match epilogue {
         None => m.cpu.forward(&x, desc),
-        Some(Epilogue::Relu) => m.cpu.forward_relu(&x, desc).map(|(y, _, cache)| (y, cache)),
-        Some(Epilogue::AddRelu) => m
+        Some(EpilogueKind::Relu) => m.cpu.forward_relu(&x, desc).map(|(y, _, cache)| (y, cache)),
+        Some(EpilogueKind::AddRelu) => m
             .cpu
             .forward_add_relu(&x, &z, desc)
             .map(|(y, _, cache)| (y, cache)),
@@ -192,13 +195,13 @@ fn forward_step<T: Element>(
             m.gpu.backward(&gcache, &x_, &dy_, dx_).unwrap();
             m.cpu.backward(&cache, &x, &dy).unwrap()
         }
-        Some(Epilogue::Relu) => {
+        Some(EpilogueKind::Relu) => {
             m.gpu
                 .backward_relu(&gcache, &x_, &dy_, &mask_, dx_)
                 .unwrap();
             m.cpu.backward_relu(&cache, &x, &dy, &mask_host).unwrap()
         }
-        Some(Epilogue::AddRelu) => {
+        Some(EpilogueKind::AddRelu) => {
             m.gpu
                 .backward_add_relu(&gcache, &x_, &dy_, &mask_, dx_, Some(dzd.as_view_mut()))
                 .unwrap();

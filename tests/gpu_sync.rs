@@ -7,7 +7,7 @@
 mod common;
 
 use batchnorm_cuda::gpu::functional::{
-    self, GradientsMut, RunningUpdate, SavedStats, SavedStatsMut,
+    self, BatchStats, GradientsMut, RunningUpdate, SavedStats, SavedStatsMut,
 };
 use batchnorm_cuda::gpu::sync::{self, GatheredMoments, ReducedSums, MOMENT_FLOATS};
 use batchnorm_cuda::gpu::{GpuContext, Workspace};
@@ -119,24 +119,29 @@ fn single_device<T: Element>(gpu: &GpuContext, b: &Batch<T>) -> Outcome<T> {
     let (mut rm, mut rv) = (upload(gpu, &b.running_mean), upload(gpu, &b.running_var));
     let (mut mean, mut invstd) = (zeros::<f32>(gpu, c), zeros::<f32>(gpu, c));
     let mut y = zeros::<T>(gpu, n);
-    functional::forward_training(
+    functional::forward(
         gpu,
         &mut ws,
-        &x.as_view(),
-        desc,
-        Some(&w.as_view()),
-        Some(&bias.as_view()),
-        Some(RunningUpdate {
-            mean: rm.as_view_mut(),
-            var: rv.as_view_mut(),
-            factor: MOMENTUM,
-            var_update: Default::default(),
-        }),
-        EPS,
-        &mut y.as_view_mut(),
-        SavedStatsMut {
-            mean: mean.as_view_mut(),
-            invstd: invstd.as_view_mut(),
+        functional::Forward {
+            desc: *desc,
+            x: x.as_view(),
+            weight: Some(w.as_view()),
+            bias: Some(bias.as_view()),
+            stats: functional::ForwardStats::Batch(functional::BatchStats {
+                saved: SavedStatsMut {
+                    mean: mean.as_view_mut(),
+                    invstd: invstd.as_view_mut(),
+                },
+                running: Some(RunningUpdate {
+                    mean: rm.as_view_mut(),
+                    var: rv.as_view_mut(),
+                    factor: MOMENTUM,
+                    var_update: Default::default(),
+                }),
+                eps: EPS,
+            }),
+            y: y.as_view_mut(),
+            epilogue: functional::Epilogue::None,
         },
     )
     .expect("single-device forward");
@@ -152,15 +157,18 @@ fn single_device<T: Element>(gpu: &GpuContext, b: &Batch<T>) -> Outcome<T> {
         dbias: Some(db.as_view_mut()),
         accumulate: false,
     };
-    functional::backward_training(
+    functional::backward(
         gpu,
         &mut ws,
-        &x.as_view(),
-        &dy.as_view(),
-        desc,
-        Some(&w.as_view()),
-        &saved,
-        grads,
+        functional::Backward {
+            desc: *desc,
+            x: x.as_view(),
+            dy: dy.as_view(),
+            weight: Some(w.as_view()),
+            stats: functional::BackwardStats::Batch(saved),
+            grads,
+            epilogue: functional::EpilogueGrad::None,
+        },
     )
     .expect("single-device backward");
     Outcome {
@@ -234,31 +242,32 @@ fn shards_on_device<T: Element>(gpu: &GpuContext, b: &Batch<T>) -> Vec<Outcome<T
     }
     for rank in &mut ranks {
         let n = rank.range.len();
-        sync::forward_training(
-            gpu,
-            &x.slice(rank.range.clone()),
-            &rank.desc,
-            Some(&w.as_view()),
-            Some(&bias.as_view()),
-            Some(RunningUpdate {
-                mean: rank.running_mean.as_view_mut(),
-                var: rank.running_var.as_view_mut(),
-                factor: MOMENTUM,
-                var_update: Default::default(),
-            }),
-            EPS,
-            &GatheredMoments {
-                moments: gathered.as_view(),
-                ranks: world,
+        let request = sync::SyncForward {
+            desc: rank.desc,
+            x: x.slice(rank.range.clone()),
+            weight: Some(w.as_view()),
+            bias: Some(bias.as_view()),
+            stats: BatchStats {
+                saved: SavedStatsMut {
+                    mean: rank.mean.as_view_mut(),
+                    invstd: rank.invstd.as_view_mut(),
+                },
+                running: Some(RunningUpdate {
+                    mean: rank.running_mean.as_view_mut(),
+                    var: rank.running_var.as_view_mut(),
+                    factor: MOMENTUM,
+                    var_update: Default::default(),
+                }),
+                eps: EPS,
             },
-            &mut rank.y.slice_mut(..n),
-            SavedStatsMut {
-                mean: rank.mean.as_view_mut(),
-                invstd: rank.invstd.as_view_mut(),
-            },
-            &mut rank.total.as_view_mut(),
-        )
-        .expect("sync forward");
+            y: rank.y.slice_mut(..n),
+            total: rank.total.as_view_mut(),
+        };
+        let gathered = GatheredMoments {
+            moments: gathered.as_view(),
+            ranks: world,
+        };
+        sync::forward_training(gpu, request, &gathered).expect("sync forward");
     }
     for rank in &mut ranks {
         let saved = SavedStats {
@@ -300,19 +309,16 @@ fn shards_on_device<T: Element>(gpu: &GpuContext, b: &Batch<T>) -> Vec<Outcome<T
             dbias: Some(rank.dbias.as_view_mut()),
             accumulate: false,
         };
-        sync::backward_training(
-            gpu,
-            &mut rank.ws,
-            &x.slice(rank.range.clone()),
-            &dy.slice(rank.range.clone()),
-            &rank.desc,
-            Some(&w.as_view()),
-            &saved,
-            &sums,
-            &rank.total.as_view(),
+        let request = sync::SyncBackward {
+            desc: rank.desc,
+            x: x.slice(rank.range.clone()),
+            dy: dy.slice(rank.range.clone()),
+            weight: Some(w.as_view()),
+            saved,
+            total: rank.total.as_view(),
             grads,
-        )
-        .expect("sync backward");
+        };
+        sync::backward_training(gpu, &mut rank.ws, request, &sums).expect("sync backward");
     }
     ranks
         .iter()

@@ -278,4 +278,22 @@ mod tests {
             Traversal::Rows
         );
     }
+
+    /// The normalize kernels write a rows mask word from the lanes of one block: they need
+    /// `bx * VEC >= 32` (a word's 32 channels inside one block) or a single channel tile
+    /// (kernels/epilogue.cuh, store_mask). The elementwise launch must keep it for every C.
+    #[test]
+    fn rows_launches_keep_mask_words_inside_a_block() {
+        for c in (1..=300).chain([511, 512, 513, 1000, 1001, 4096, 65_537]) {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let desc = TensorDesc::new(&[3, c], Layout::ChannelsLast).unwrap();
+                let g = desc.geometry();
+                assert_eq!(Traversal::of(&g), Traversal::Rows);
+                let l = elementwise(&g, dtype, 132);
+                let vec = vector_width(dtype);
+                let (bx, tiles) = (l.block.0 as u64, l.grid.0);
+                assert!(bx * vec >= 32 || tiles == 1, "C = {c} {dtype}: {l:?}");
+            }
+        }
+    }
 }

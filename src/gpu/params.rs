@@ -185,7 +185,7 @@ pub(crate) struct BackwardElementwiseReluParams {
 }
 
 /// `struct ConvDirectParams` of `kernels/conv_direct.cu` (the direct convolution of
-/// [`crate::gpu::conv`]).
+/// [`crate::conv::gpu`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ConvDirectParams {

@@ -9,7 +9,6 @@
 //! | [`BatchNorm`] | a stateful layer like `torch.nn.BatchNorm{1,2,3}d` |
 //! | [`fold`], [`fold_in_place`] | conv / linear + batch-norm folding for inference |
 //! | [`exact`] | the training forward and backward entirely in f64, for gradient checks |
-//! | [`conv`] | convolution, transposed convolution and linear layer by direct loops in f64, to check a fold end to end |
 //! | [`sync`] | synchronized batch norm over data-parallel ranks, simulated on one machine |
 //! | [`fused`] | the calls with a fused `relu(BN(x) [+ z])` epilogue and its ReLU mask ([`crate::epilogue`]) |
 //!
@@ -38,7 +37,6 @@
 //! # Ok::<(), batchnorm_cuda::Error>(())
 //! ```
 
-pub mod conv;
 pub mod exact;
 mod fold;
 pub mod fused;
@@ -46,6 +44,7 @@ mod layer;
 mod math;
 pub mod sync;
 
+pub use crate::stats::SavedStats;
 pub use fold::{fold, fold_in_place, FoldBatchNorm, Folded};
 pub use layer::{BatchNorm, CachedStats, ForwardCache, Grads};
 
@@ -56,16 +55,13 @@ use crate::shape::TensorDesc;
 use crate::validate::{self, validate_eps, validate_momentum, Buffers};
 use math::Norm;
 
-/// The batch statistics a training forward saves for its backward: per channel, the `mean` and
-/// `invstd = 1 / sqrt(biased_var + eps)`, in f32 whatever the activation dtype (as PyTorch and
-/// cuDNN save them). An empty batch saves mean 0 and `1 / sqrt(eps)`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SavedStats {
-    /// Batch mean, one per channel.
-    pub mean: Vec<f32>,
-    /// `1 / sqrt(biased_var + eps)`, one per channel.
-    pub invstd: Vec<f32>,
-}
+/// A forward's epilogue on host slices ([`crate::epilogue::Epilogue`]): `z` laid out as `x`,
+/// the mask [`mask_words`](crate::epilogue::mask_words) words.
+pub type Epilogue<'a, T> = crate::epilogue::Epilogue<&'a [T], &'a mut [u32]>;
+
+/// A backward's epilogue on host slices ([`crate::epilogue::EpilogueGrad`]): the forward's
+/// mask, and `dz` laid out as `x`.
+pub type EpilogueGrad<'a, T> = crate::epilogue::EpilogueGrad<&'a [u32], &'a mut [T]>;
 
 /// The running statistics a training forward updates, and how:
 /// `running = (1 - factor) * running + factor * batch`.
@@ -173,32 +169,38 @@ pub fn forward_training<T: Element>(
     validate::batch_statistics(desc)?;
 
     let moments = math::moments(x, desc.geometry());
-    Ok(normalize_batch(
-        x,
-        desc,
-        weight,
-        bias,
-        running,
-        eps,
-        &moments,
-        desc.per_channel(),
-        y,
-    ))
+    update_running(running, &moments, desc.per_channel());
+    Ok(normalize_batch(x, desc, weight, bias, eps, &moments, y))
 }
 
-/// The rest of a training forward once the batch moments are known (from `x` alone, or merged
-/// over every rank by [`sync`]), after validation: `y`, the running update from a batch of `m`
-/// values per channel (none when `m == 0`), the saved statistics.
-#[allow(clippy::too_many_arguments)]
+/// `running = (1 - factor) * running + factor * batch` from the moments of a batch of `m`
+/// values per channel (from `x` alone, or merged over every rank by [`sync`]); none when
+/// `m == 0`.
+fn update_running(running: Option<RunningUpdate<'_>>, moments: &math::Moments, m: usize) {
+    let Some(running) = running.filter(|_| m > 0) else {
+        return;
+    };
+    let f = f64::from(running.factor);
+    let bessel = match running.var_update {
+        RunningVarUpdate::Unbiased => m as f64 / (m - 1) as f64,
+        RunningVarUpdate::Biased => 1.0,
+    };
+    for ch in 0..moments.mean.len() {
+        let (mean, var) = (&mut running.mean[ch], &mut running.var[ch]);
+        *mean = ((1.0 - f) * f64::from(*mean) + f * moments.mean[ch]) as f32;
+        *var = ((1.0 - f) * f64::from(*var) + f * moments.var[ch] * bessel) as f32;
+    }
+}
+
+/// The rest of a training forward once the batch moments are known, after validation: `y` and
+/// the saved statistics.
 fn normalize_batch<T: Element>(
     x: &[T],
     desc: &TensorDesc,
     weight: Option<&[f32]>,
     bias: Option<&[f32]>,
-    running: Option<RunningUpdate<'_>>,
     eps: f32,
     moments: &math::Moments,
-    m: usize,
     y: &mut [T],
 ) -> SavedStats {
     let (g, c) = (desc.geometry(), desc.channels());
@@ -210,19 +212,6 @@ fn normalize_batch<T: Element>(
         weight: &weight,
     };
     math::normalize(x, g, &norm, &widen_or(bias, c, 0.0), y);
-
-    if let (Some(running), true) = (running, m > 0) {
-        let f = f64::from(running.factor);
-        let bessel = match running.var_update {
-            RunningVarUpdate::Unbiased => m as f64 / (m - 1) as f64,
-            RunningVarUpdate::Biased => 1.0,
-        };
-        for ch in 0..c {
-            let (mean, var) = (&mut running.mean[ch], &mut running.var[ch]);
-            *mean = ((1.0 - f) * f64::from(*mean) + f * moments.mean[ch]) as f32;
-            *var = ((1.0 - f) * f64::from(*var) + f * moments.var[ch] * bessel) as f32;
-        }
-    }
     SavedStats {
         mean: narrow(&moments.mean),
         invstd: narrow(&invstd),
