@@ -65,7 +65,6 @@ const MOMENTUM: f32 = 0.1;
 const FULL_CHECK_NUMEL: usize = 1 << 22;
 /// Channels checked on larger tensors.
 const SAMPLED_CHANNELS: usize = 8;
-const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Largest accepted `rel_err`: a few units of rounding of the output dtype (f32: the GPU
 /// accumulates in f32 where the reference uses f64).
@@ -1305,7 +1304,7 @@ fn run(gpu: Option<GpuContext>, args: &Args) -> BoxResult<bool> {
             &[Layout::ChannelsFirst, Layout::ChannelsLast]
         };
         for &layout in layouts {
-            for dtype in DTYPES {
+            for dtype in DType::ALL {
                 // Skip the work when the filter keeps none of the three rows.
                 let planned = bn_rows(&case, layout, dtype, vec![Err(NOT_MEASURED.into()); 3]);
                 let Some(env) = env
@@ -1324,7 +1323,7 @@ fn run(gpu: Option<GpuContext>, args: &Args) -> BoxResult<bool> {
         }
     }
     for case in fold_suite(args.quick) {
-        for dtype in DTYPES {
+        for dtype in DType::ALL {
             let planned = fold_row(&case, dtype, Err(NOT_MEASURED.into()));
             let Some(env) = env.as_mut().filter(|_| wanted(&planned.name)) else {
                 report(vec![planned]);

@@ -14,6 +14,9 @@ pub enum DType {
 }
 
 impl DType {
+    /// Every dtype, in this order.
+    pub const ALL: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
     /// Size of one element in bytes.
     pub const fn size_of(self) -> usize {
         match self {
@@ -172,7 +175,7 @@ mod tests {
 
     #[test]
     fn dtype_names_round_trip() {
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for dtype in DType::ALL {
             assert_eq!(DType::parse(dtype.kernel_suffix()), Some(dtype));
         }
         assert_eq!(DType::parse("f64"), None);

@@ -448,7 +448,7 @@ fn for_each_case<T: Element>(
 
 fn run_all_dtypes(what: &str, mut each: impl FnMut(&mut Vec<String>, &mut Vec<String>, DType)) {
     let (mut lines, mut failures) = (Vec::new(), Vec::new());
-    for dtype in [DType::F32, DType::F16, DType::BF16] {
+    for dtype in DType::ALL {
         each(&mut lines, &mut failures, dtype);
     }
     println!(

@@ -167,7 +167,7 @@ fn relu_matches_plain_then_relu<T: Element>(desc: &TensorDesc, seed: u64) {
 #[test]
 fn relu_forward_is_the_plain_forward_then_relu_bit_for_bit() {
     for (i, d) in shapes().iter().enumerate() {
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for dtype in DType::ALL {
             with_dtype!(dtype, relu_matches_plain_then_relu(d, 100 + i as u64));
         }
     }
@@ -208,7 +208,7 @@ fn add_relu_within_one_rounding<T: Element>(desc: &TensorDesc, seed: u64) {
 #[test]
 fn add_relu_forward_is_within_one_rounding_of_the_unfused_ops() {
     for (i, d) in shapes().iter().enumerate() {
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for dtype in DType::ALL {
             with_dtype!(dtype, add_relu_within_one_rounding(d, 300 + i as u64));
         }
     }
@@ -403,7 +403,7 @@ fn backward_matches_composition<T: Element>(desc: &TensorDesc, seed: u64) {
 #[test]
 fn backward_is_relu_backward_then_the_plain_backward() {
     for (i, d) in shapes().iter().enumerate() {
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for dtype in DType::ALL {
             with_dtype!(dtype, backward_matches_composition(d, 500 + i as u64));
         }
     }

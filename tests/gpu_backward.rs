@@ -204,7 +204,7 @@ fn compare_backward<T: Element>(gpu: &GpuContext, desc: &TensorDesc, seed: u64) 
 fn gpu_backward_matches_reference_on_awkward_shapes() {
     let gpu = gpu();
     for (i, desc) in awkward_shapes().iter().enumerate() {
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for dtype in DType::ALL {
             let worst = match dtype {
                 DType::F32 => compare_backward::<f32>(&gpu, desc, 200 + i as u64),
                 DType::F16 => compare_backward::<f16>(&gpu, desc, 200 + i as u64),

@@ -211,7 +211,7 @@ fn gpu_context_loads_every_kernel() {
 fn gpu_forward_matches_reference_on_awkward_shapes() {
     let gpu = gpu();
     for (i, desc) in awkward_shapes().iter().enumerate() {
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for dtype in DType::ALL {
             let o = compare_any(&gpu, dtype, desc, 100 + i as u64, 0.3, 2.0);
             assert_within(&format!("{desc} {dtype}"), &o);
         }
@@ -241,7 +241,7 @@ fn gpu_forward_random_shapes_property() {
                 Layout::ChannelsFirst
             };
             let desc = TensorDesc::new(&dims, layout).unwrap();
-            let dtype = [DType::F32, DType::F16, DType::BF16][dtype];
+            let dtype = DType::ALL[dtype];
             let o = compare_any(&gpu, dtype, &desc, seed, 1.0, 3.0);
             prop_assert!(
                 o.y <= 1.0 && o.stats <= 1.0 && o.running <= 1.0,

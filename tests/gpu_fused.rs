@@ -466,7 +466,7 @@ fn compare<T: Element>(gpu: &GpuContext, desc: &TensorDesc, seed: u64, offset: u
 fn gpu_fused_matches_reference_on_awkward_shapes() {
     let gpu = gpu();
     for (i, desc) in awkward_shapes().iter().enumerate() {
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for dtype in DType::ALL {
             with_dtype!(dtype, compare(&gpu, desc, 1000 + i as u64, 0));
         }
         println!("{desc}: ok");
@@ -479,7 +479,7 @@ fn gpu_fused_matches_reference_on_awkward_shapes() {
 fn gpu_fused_matches_reference_on_unaligned_views() {
     let gpu = gpu();
     for (i, desc) in awkward_shapes().iter().enumerate() {
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for dtype in DType::ALL {
             with_dtype!(dtype, compare(&gpu, desc, 2000 + i as u64, 1));
         }
     }

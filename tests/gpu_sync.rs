@@ -524,7 +524,7 @@ fn shards_on_one_device_match_the_concatenated_batch() {
     for &ranks in &[1usize, 2, 3, 8] {
         for d in dims {
             for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
-                for dtype in [DType::F32, DType::F16, DType::BF16] {
+                for dtype in DType::ALL {
                     seed += 10;
                     let full = TensorDesc::new(d, layout).unwrap();
                     with_dtype!(dtype, shards_match(&gpu, full, ranks, seed));

@@ -393,7 +393,7 @@ fn constant_channel<T: Element>() {
 
 #[test]
 fn constant_channel_gives_bias_exactly() {
-    for dtype in [DType::F32, DType::F16, DType::BF16] {
+    for dtype in DType::ALL {
         with_dtype!(dtype, constant_channel());
     }
 }
@@ -922,7 +922,7 @@ proptest! {
     fn layer_matches_functional(
         dims in dims_strategy(),
         channels_last: bool,
-        dtype in prop::sample::select(vec![DType::F32, DType::F16, DType::BF16]),
+        dtype in prop::sample::select(DType::ALL.to_vec()),
         training: bool,
         affine: bool,
         track: bool,
