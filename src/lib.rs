@@ -67,7 +67,7 @@ pub use dtype::{DType, Element};
 pub use epilogue::EpilogueKind;
 pub use error::{Error, Result};
 pub use shape::{Geometry, Layout, TensorDesc};
-pub use state::LayerState;
+pub use state::{LayerState, StatefulLayer};
 
 /// The README's code compiles (`cargo test --doc`).
 #[cfg(doctest)]

@@ -14,7 +14,7 @@ use batchnorm_cuda::epilogue::{mask_words, unpack_mask};
 use batchnorm_cuda::gpu::{self, GpuContext};
 use batchnorm_cuda::reference;
 use batchnorm_cuda::{
-    BatchNormConfig, DType, Element, EpilogueKind, LayerState, Layout, TensorDesc,
+    BatchNormConfig, DType, Element, EpilogueKind, LayerState, Layout, StatefulLayer, TensorDesc,
 };
 use common::gpu::*;
 use common::{compare, tolerance, widen, widen_f32, Quantity, Tol};
@@ -109,6 +109,13 @@ struct Model {
     /// The CPU side's accumulated parameter gradients (the reference returns each backward's).
     grad_weight: Vec<f32>,
     grad_bias: Vec<f32>,
+}
+
+impl Model {
+    /// Both layers, through the trait they share: the same call on each.
+    fn both(&mut self) -> [&mut dyn StatefulLayer; 2] {
+        [&mut self.cpu, &mut self.gpu]
+    }
 }
 
 /// One forward (and its backward) on both layers; `Ok(false)` when both refused it alike.
@@ -256,14 +263,8 @@ fn run<T: Element>(
                     continue;
                 }
             }
-            Op::Train => {
-                m.cpu.train();
-                m.gpu.train();
-            }
-            Op::Eval => {
-                m.cpu.eval();
-                m.gpu.eval();
-            }
+            Op::Train => m.both().into_iter().for_each(|layer| layer.train()),
+            Op::Eval => m.both().into_iter().for_each(|layer| layer.eval()),
             Op::ZeroGrad => {
                 m.gpu.zero_grad().unwrap();
                 m.grad_weight.fill(0.0);
@@ -274,30 +275,32 @@ fn run<T: Element>(
                     random_f32(seed, c, -1.5, 1.5),
                     random_f32(seed + 1, c, -0.5, 0.5),
                 );
-                m.cpu.set_weight(&w).unwrap();
-                m.cpu.set_bias(&b).unwrap();
-                m.gpu.set_weight(&w).unwrap();
-                m.gpu.set_bias(&b).unwrap();
+                for layer in m.both() {
+                    layer.set_weight(&w).unwrap();
+                    layer.set_bias(&b).unwrap();
+                }
             }
             Op::SetRunningStats(seed) if config.track_running_stats => {
                 let (mean, var) = (
                     random_f32(seed, c, -1.0, 1.0),
                     random_f32(seed + 1, c, 0.1, 3.0),
                 );
-                m.cpu.set_running_mean(&mean).unwrap();
-                m.cpu.set_running_var(&var).unwrap();
-                m.gpu.set_running_stats(&mean, &var).unwrap();
+                for layer in m.both() {
+                    layer.set_running_stats(&mean, &var).unwrap();
+                }
             }
             Op::SetParameters(_) | Op::SetRunningStats(_) => {}
             Op::Reload => {
                 let training = m.cpu.is_training();
                 let mut cpu = reference::BatchNorm::new(config).unwrap();
-                cpu.load_state(&m.cpu.state()).unwrap();
                 let mut fresh = gpu::BatchNorm::new(ctx, config).unwrap();
-                fresh.load_state(&m.gpu.state().unwrap()).unwrap();
-                if !training {
-                    cpu.eval();
-                    fresh.eval();
+                let reloaded: [(&mut dyn StatefulLayer, &dyn StatefulLayer); 2] =
+                    [(&mut cpu, &m.cpu), (&mut fresh, &m.gpu)];
+                for (layer, from) in reloaded {
+                    layer.load_state(&from.state().unwrap()).unwrap();
+                    if !training {
+                        layer.eval();
+                    }
                 }
                 // Gradients are not state: the fresh layer starts from zero.
                 m = Model {

@@ -443,6 +443,27 @@ impl BatchNorm {
         Ok(self.gpu.stream().memcpy_htod(values, target)?)
     }
 
+    /// Replaces the running mean, as the CPU layer's: [`Error::NoRunningStats`], then
+    /// [`Error::BufferLength`].
+    pub fn set_running_mean(&mut self, values: &[f32]) -> Result<()> {
+        let target = self.running_mean.as_mut().ok_or(Error::NoRunningStats {
+            what: "set_running_mean",
+        })?;
+        validate::buffer("running_mean", self.config.num_features, values.len())?;
+        Ok(self.gpu.stream().memcpy_htod(values, target)?)
+    }
+
+    /// Replaces the running variance, as the CPU layer's: [`Error::NoRunningStats`],
+    /// [`Error::BufferLength`], then [`Error::InvalidRunningVar`].
+    pub fn set_running_var(&mut self, values: &[f32]) -> Result<()> {
+        let target = self.running_var.as_mut().ok_or(Error::NoRunningStats {
+            what: "set_running_var",
+        })?;
+        validate::buffer("running_var", self.config.num_features, values.len())?;
+        validate::running_var(values)?;
+        Ok(self.gpu.stream().memcpy_htod(values, target)?)
+    }
+
     /// Replaces both running statistics (checked first: lengths, a finite non-negative
     /// variance); [`Error::NoRunningStats`] when the layer keeps none.
     pub fn set_running_stats(&mut self, mean: &[f32], var: &[f32]) -> Result<()> {
@@ -697,3 +718,5 @@ fn check_epilogue(kind: EpilogueKind, cache: &ForwardCache) -> Result<()> {
         ran,
     })
 }
+
+crate::state::stateful_layer_by_inherent_methods!(BatchNorm, state: |layer| layer.state());

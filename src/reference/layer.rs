@@ -229,6 +229,24 @@ impl BatchNorm {
         )
     }
 
+    /// Replaces both running statistics, checked first (lengths, a finite non-negative
+    /// variance), then [`Error::NoRunningStats`], as the GPU layer's.
+    pub fn set_running_stats(&mut self, mean: &[f32], var: &[f32]) -> Result<()> {
+        let c = self.config.num_features;
+        validate::buffer("running_mean", c, mean.len())?;
+        validate::buffer("running_var", c, var.len())?;
+        validate::running_var(var)?;
+        let (Some(dst_mean), Some(dst_var)) = (&mut self.running_mean, &mut self.running_var)
+        else {
+            return Err(Error::NoRunningStats {
+                what: "set_running_stats",
+            });
+        };
+        dst_mean.copy_from_slice(mean);
+        dst_var.copy_from_slice(var);
+        Ok(())
+    }
+
     /// Sets the counter (e.g. when loading a checkpoint). Errors: [`Error::NoRunningStats`].
     pub fn set_num_batches_tracked(&mut self, count: u64) -> Result<()> {
         if !self.config.track_running_stats {
@@ -627,3 +645,5 @@ fn fused_request<'a, T>(
         epilogue,
     }
 }
+
+crate::state::stateful_layer_by_inherent_methods!(BatchNorm, state: |layer| Ok(layer.state()));

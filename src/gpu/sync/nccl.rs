@@ -365,6 +365,16 @@ impl SyncBatchNorm {
         self.bn.set_bias(values)
     }
 
+    /// [`BatchNorm::set_running_mean`].
+    pub fn set_running_mean(&mut self, values: &[f32]) -> Result<()> {
+        self.bn.set_running_mean(values)
+    }
+
+    /// [`BatchNorm::set_running_var`].
+    pub fn set_running_var(&mut self, values: &[f32]) -> Result<()> {
+        self.bn.set_running_var(values)
+    }
+
     /// Replaces both running statistics (see [`BatchNorm::set_running_stats`]).
     pub fn set_running_stats(&mut self, mean: &[f32], var: &[f32]) -> Result<()> {
         self.bn.set_running_stats(mean, var)
@@ -413,3 +423,5 @@ fn device_zeros<T: DeviceRepr + ValidAsZeroBits>(
         .alloc_zeros::<T>(len)
         .map_err(alloc_error(len.saturating_mul(std::mem::size_of::<T>())))
 }
+
+crate::state::stateful_layer_by_inherent_methods!(SyncBatchNorm, state: |layer| layer.state());
