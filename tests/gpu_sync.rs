@@ -7,7 +7,8 @@
 mod common;
 
 use batchnorm_cuda::gpu::functional::{
-    self, BatchStats, GradientsMut, RunningUpdate, SavedStats, SavedStatsMut,
+    self, BatchStats, Epilogue, ForwardStats, GradientsMut, RunningUpdate, SavedStats,
+    SavedStatsMut,
 };
 use batchnorm_cuda::gpu::sync::{self, GatheredMoments, ReducedSums, MOMENT_FLOATS};
 use batchnorm_cuda::gpu::{GpuContext, Workspace};
@@ -242,12 +243,12 @@ fn shards_on_device<T: Element>(gpu: &GpuContext, b: &Batch<T>) -> Vec<Outcome<T
     }
     for rank in &mut ranks {
         let n = rank.range.len();
-        let request = sync::SyncForward {
+        let request = functional::Forward {
             desc: rank.desc,
             x: x.slice(rank.range.clone()),
             weight: Some(w.as_view()),
             bias: Some(bias.as_view()),
-            stats: BatchStats {
+            stats: ForwardStats::Batch(BatchStats {
                 saved: SavedStatsMut {
                     mean: rank.mean.as_view_mut(),
                     invstd: rank.invstd.as_view_mut(),
@@ -259,15 +260,16 @@ fn shards_on_device<T: Element>(gpu: &GpuContext, b: &Batch<T>) -> Vec<Outcome<T
                     var_update: Default::default(),
                 }),
                 eps: EPS,
-            },
+            }),
             y: rank.y.slice_mut(..n),
-            total: rank.total.as_view_mut(),
+            epilogue: Epilogue::None,
         };
         let gathered = GatheredMoments {
             moments: gathered.as_view(),
             ranks: world,
         };
-        sync::forward_training(gpu, request, &gathered).expect("sync forward");
+        let total = rank.total.as_view_mut();
+        sync::forward_training(gpu, request, total, &gathered).expect("sync forward");
     }
     for rank in &mut ranks {
         let saved = SavedStats {

@@ -84,6 +84,30 @@ pub struct Forward<'a, T> {
     pub epilogue: Epilogue<'a, T>,
 }
 
+impl<T> Forward<'_, T> {
+    /// The checks every forward makes before it queues anything (the synchronized one too):
+    /// the plain buffers, the epilogue's, eps and the running update's factor.
+    pub(crate) fn check(&self) -> Result<()> {
+        let stat_buffers = match &self.stats {
+            ForwardStats::Batch(batch) => batch.buffers(),
+            ForwardStats::Running { stats, .. } => stats.buffers(),
+        };
+        Buffers {
+            x: self.x.len(),
+            y: Some(self.y.len()),
+            weight: self.weight.as_ref().map(|w| w.len()),
+            bias: self.bias.as_ref().map(|b| b.len()),
+            ..stat_buffers
+        }
+        .check(&self.desc)?;
+        self.epilogue.check(&self.desc)?;
+        match &self.stats {
+            ForwardStats::Batch(batch) => batch.check_scalars(),
+            ForwardStats::Running { eps, .. } => validate_eps(*eps),
+        }
+    }
+}
+
 /// Batch-norm forward.
 ///
 /// - [`ForwardStats::Batch`] (training): batch statistics (a split Welford reduction whose last
@@ -103,6 +127,10 @@ pub fn forward<T: Element>(
     workspace: &mut Workspace,
     request: Forward<'_, T>,
 ) -> Result<()> {
+    request.check()?;
+    if let ForwardStats::Batch(_) = request.stats {
+        validate::batch_statistics(&request.desc)?;
+    }
     let Forward {
         desc,
         x,
@@ -112,26 +140,6 @@ pub fn forward<T: Element>(
         mut y,
         mut epilogue,
     } = request;
-    let stat_buffers = match &stats {
-        ForwardStats::Batch(batch) => batch.buffers(),
-        ForwardStats::Running { stats, .. } => stats.buffers(),
-    };
-    Buffers {
-        x: x.len(),
-        y: Some(y.len()),
-        weight: weight.as_ref().map(|w| w.len()),
-        bias: bias.as_ref().map(|b| b.len()),
-        ..stat_buffers
-    }
-    .check(&desc)?;
-    epilogue.check(&desc)?;
-    match &stats {
-        ForwardStats::Batch(batch) => {
-            batch.check_scalars()?;
-            validate::batch_statistics(&desc)?;
-        }
-        ForwardStats::Running { eps, .. } => validate_eps(*eps)?,
-    }
     if desc.numel() == 0 {
         return Ok(());
     }

@@ -9,7 +9,7 @@
 //! | step (per rank) | function | collective between the steps |
 //! | --- | --- | --- |
 //! | forward: `(count, mean, m2)` of the shard, `[C][3]` f32 | [`local_moments`] | all-gather into `[R][C][3]` |
-//! | forward: merge in rank order, running update with the global count, normalize | [`forward_training`] | |
+//! | forward: merge in rank order, running update with the global count, normalize | [`forward_training`] (a [`functional::Forward`](super::functional::Forward) request) | |
 //! | backward: `(sum dy, sum dy * xhat)` of the shard, `[2][C]` f32 | [`local_grad_sums`] | all-reduce (sum) |
 //! | backward: coefficients with the global count, `dx` | [`backward_training`] | |
 //!
@@ -76,8 +76,9 @@
 //! pivot-shifted sums for very large `R`, at the cost of the fixed merge order.
 
 use super::context::GpuContext;
+use super::functional::{Forward, ForwardStats};
 use super::ops::{self, GlobalSums, Gradient, Merge, Normalization, Normalize, ParamSums};
-use super::views::{BatchStats, Epilogue, EpilogueGrad, GradientsMut, SavedStats};
+use super::views::{EpilogueGrad, GradientsMut, SavedStats};
 use super::workspace::Workspace;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -137,78 +138,81 @@ pub fn local_moments<T: Element>(
     ops::sync_moments(gpu, workspace, desc, x, moments)
 }
 
-/// One rank's synchronized training forward, once the moments are gathered.
-#[derive(Debug)]
-pub struct SyncForward<'a, T> {
-    /// Shape and memory order of this rank's shard `x` and of `y`.
-    pub desc: TensorDesc,
-    /// The shard, `desc.numel()` elements.
-    pub x: CudaView<'a, T>,
-    /// `[C]`, or `None` for 1.
-    pub weight: Option<CudaView<'a, f32>>,
-    /// `[C]`, or `None` for 0.
-    pub bias: Option<CudaView<'a, f32>>,
-    /// Receives the global statistics; the running update uses the global count.
-    pub stats: BatchStats<'a>,
-    /// `desc.numel()` elements, overwritten.
-    pub y: CudaViewMut<'a, T>,
-    /// Receives the global count `M` (one `u64`), read by [`backward_training`].
-    pub total: CudaViewMut<'a, u64>,
+/// Checks a synchronized training forward in the order of
+/// [`functional::forward`](super::functional::forward) (without its one-value-per-channel check:
+/// only the merge sees the global count), then the gathered moments (`gathered` floats for
+/// `ranks` ranks) and `total`. The layer calls it before the first collective, so a refused
+/// call leaves the communicator unused.
+///
+/// Errors: [`Error::Unsupported`] for [`ForwardStats::Running`] (eval mode does not
+/// synchronize: [`functional::forward`](super::functional::forward) serves it) or `R == 0`,
+/// [`Error::BufferLength`], [`Error::InvalidEps`], [`Error::InvalidMomentum`].
+pub(crate) fn check_forward<T>(
+    request: &Forward<'_, T>,
+    total: usize,
+    gathered: usize,
+    ranks: usize,
+) -> Result<()> {
+    if let ForwardStats::Running { .. } = request.stats {
+        return Err(eval_does_not_synchronize());
+    }
+    request.check()?;
+    if ranks == 0 {
+        return Err(Error::Unsupported {
+            what: "synchronized batch norm",
+            reason: "the world needs at least one rank".into(),
+        });
+    }
+    let per_rank = MOMENT_FLOATS * request.desc.channels();
+    validate::buffer("gathered", ranks.saturating_mul(per_rank), gathered)?;
+    validate::buffer("total", 1, total)
 }
 
-impl<T> SyncForward<'_, T> {
-    /// Checks the request in the order of [`functional::forward`](super::functional::forward),
-    /// then the gathered moments (`gathered` floats for `ranks` ranks) and `total`. The layer
-    /// calls it before the first collective, so a refused call leaves the communicator unused.
-    pub(crate) fn check(&self, gathered: usize, ranks: usize) -> Result<()> {
-        Buffers {
-            x: self.x.len(),
-            y: Some(self.y.len()),
-            weight: self.weight.as_ref().map(|w| w.len()),
-            bias: self.bias.as_ref().map(|b| b.len()),
-            ..self.stats.buffers()
-        }
-        .check(&self.desc)?;
-        self.stats.check_scalars()?;
-        if ranks == 0 {
-            return Err(Error::Unsupported {
-                what: "synchronized batch norm",
-                reason: "the world needs at least one rank".into(),
-            });
-        }
-        let per_rank = MOMENT_FLOATS * self.desc.channels();
-        validate::buffer("gathered", ranks.saturating_mul(per_rank), gathered)?;
-        validate::buffer("total", 1, self.total.len())
+fn eval_does_not_synchronize() -> Error {
+    Error::Unsupported {
+        what: "synchronized batch norm",
+        reason: "eval mode normalizes with the running statistics and does not synchronize: use \
+                 functional::forward"
+            .into(),
     }
 }
 
 /// One rank's training forward once the moments are gathered: merges `gathered` in rank order
-/// (writing `stats.saved`, the running update with the global count `M`, and `M` into `total`),
-/// then normalizes the shard `x` into `y`. Two launches; an empty shard skips the second. See
-/// the module docs for `M < 2`.
+/// (writing the request's saved statistics, the running update with the global count `M`, and
+/// `M` into `total`, one `u64` that [`backward_training`] reads), then normalizes the shard
+/// `x` into `y`, with the request's epilogue. Two launches; an empty shard skips the second.
+/// `request.stats` is [`ForwardStats::Batch`]. See the module docs for `M < 2`.
 ///
-/// Errors, before anything is queued: [`Error::BufferLength`], [`Error::InvalidEps`],
-/// [`Error::InvalidMomentum`], [`Error::Unsupported`] for `R == 0`.
+/// Errors, before anything is queued: those of [`check_forward`].
 pub fn forward_training<T: Element>(
     gpu: &GpuContext,
-    request: SyncForward<'_, T>,
+    request: Forward<'_, T>,
+    mut total: CudaViewMut<'_, u64>,
     gathered: &GatheredMoments<'_>,
 ) -> Result<()> {
-    request.check(gathered.moments.len(), gathered.ranks)?;
-    let SyncForward {
+    check_forward(
+        &request,
+        total.len(),
+        gathered.moments.len(),
+        gathered.ranks,
+    )?;
+    let Forward {
         desc,
         x,
         weight,
         bias,
-        mut stats,
+        stats,
         mut y,
-        total,
+        mut epilogue,
     } = request;
+    let ForwardStats::Batch(mut stats) = stats else {
+        return Err(eval_does_not_synchronize());
+    };
     let merge = Merge {
         gathered: gathered.moments.slice(..),
         ranks: gathered.ranks,
         channels: desc.channels(),
-        total,
+        total: total.slice_mut(..),
     };
     ops::sync_merge(gpu, merge, &mut stats)?;
     if desc.numel() == 0 {
@@ -225,7 +229,7 @@ pub fn forward_training<T: Element>(
         bias: bias.as_ref(),
         stats: Normalization::Batch(&saved),
     };
-    ops::normalize(gpu, &op, &mut y, &mut Epilogue::None)
+    ops::normalize(gpu, &op, &mut y, &mut epilogue)
 }
 
 /// This rank's `sum(dy)` and `sum(dy * xhat)` per channel into `sums` (`[2][C]`), `xhat` from the
@@ -329,14 +333,8 @@ pub fn backward_training<T: Element>(
         weight,
         saved,
         total,
-        grads,
+        mut grads,
     } = request;
-    let GradientsMut {
-        mut dx,
-        mut dweight,
-        mut dbias,
-        accumulate,
-    } = grads;
     let c = desc.channels();
     let scratch = workspace.reserve(gpu, 0, c)?;
     let global = GlobalSums {
@@ -346,12 +344,12 @@ pub fn backward_training<T: Element>(
         channels: c,
     };
     let params = ParamSums {
-        dweight: dweight.as_mut(),
-        dbias: dbias.as_mut(),
-        accumulate,
+        dweight: grads.dweight.as_mut(),
+        dbias: grads.dbias.as_mut(),
+        accumulate: grads.accumulate,
     };
     ops::sync_coefficients(gpu, global, scratch.coef, params)?;
-    if desc.numel() == 0 || dx.is_none() {
+    if desc.numel() == 0 || grads.dx.is_none() {
         return Ok(());
     }
     let op = Gradient {
@@ -361,11 +359,6 @@ pub fn backward_training<T: Element>(
         weight: weight.as_ref(),
         stats: Normalization::Batch(&saved),
     };
-    ops::backward_dx(
-        gpu,
-        workspace.coef(),
-        &op,
-        dx.as_mut(),
-        &mut EpilogueGrad::None,
-    )
+    let dx = grads.dx.as_mut();
+    ops::backward_dx(gpu, workspace.coef(), &op, dx, &mut EpilogueGrad::None)
 }

@@ -1,16 +1,17 @@
 //! The NCCL glue (feature `nccl`): communicators and the [`SyncBatchNorm`] layer.
 
 use super::{
-    backward_training, forward_training, local_grad_sums, local_moments, GatheredMoments,
-    ReducedSums, SyncBackward, SyncForward, MOMENT_FLOATS,
+    backward_training, check_forward, forward_training, local_grad_sums, local_moments,
+    GatheredMoments, ReducedSums, SyncBackward, MOMENT_FLOATS,
 };
 use crate::config::BatchNormConfig;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::fold::FoldSpec;
 use crate::gpu::context::{alloc_error, GpuContext};
+use crate::gpu::functional::{Forward, ForwardStats};
 use crate::gpu::layer::{BatchNorm, ForwardCache};
-use crate::gpu::views::{BackwardStats, GradientsMut};
+use crate::gpu::views::{BackwardStats, Epilogue, GradientsMut};
 use crate::shape::TensorDesc;
 use crate::state::LayerState;
 use crate::stats::SavedStats as SavedStatsHost;
@@ -210,16 +211,16 @@ impl SyncBatchNorm {
             validate::batch_statistics(desc)?;
         }
         bn.batch_forward(|step| {
-            let request = SyncForward {
+            let request = Forward {
                 desc: *desc,
                 x: x.slice(..),
                 weight: step.weight,
                 bias: step.bias,
-                stats: step.stats,
+                stats: ForwardStats::Batch(step.stats),
                 y: y.slice_mut(..),
-                total: total.as_view_mut(),
+                epilogue: Epilogue::None,
             };
-            request.check(gathered.len(), comm.world_size())?;
+            check_forward(&request, total.len(), gathered.len(), comm.world_size())?;
             local_moments(
                 step.gpu,
                 step.workspace,
@@ -233,7 +234,7 @@ impl SyncBatchNorm {
                 moments: gathered.as_view(),
                 ranks: comm.world_size(),
             };
-            forward_training(step.gpu, request, &gathered)
+            forward_training(step.gpu, request, total.as_view_mut(), &gathered)
         })?;
         self.synced = true;
         Ok(self.bn.record_forward(desc, T::DTYPE, true))
