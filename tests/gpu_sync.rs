@@ -6,14 +6,15 @@
 
 mod common;
 
+use batchnorm_cuda::epilogue::mask_words;
 use batchnorm_cuda::gpu::functional::{
-    self, BatchStats, Epilogue, ForwardStats, GradientsMut, RunningUpdate, SavedStats,
-    SavedStatsMut,
+    self, BatchStats, Epilogue, ForwardStats, GradientsMut, RunningStats, RunningUpdate,
+    SavedStats, SavedStatsMut,
 };
 use batchnorm_cuda::gpu::sync::{self, GatheredMoments, ReducedSums, MOMENT_FLOATS};
 use batchnorm_cuda::gpu::{GpuContext, Workspace};
 use batchnorm_cuda::reference;
-use batchnorm_cuda::{DType, Element, Layout, TensorDesc};
+use batchnorm_cuda::{DType, Element, Error, Layout, TensorDesc};
 use common::gpu::*;
 use common::{tolerance, widen, widen_f32, with_dtype, Quantity, Tol};
 use cudarc::driver::CudaSlice;
@@ -507,6 +508,94 @@ fn shards_match<T: Element>(gpu: &GpuContext, full: TensorDesc, ranks: usize, se
         );
         assert_eq!(widen(&o.y), widen(&single.y), "{what} y");
     }
+}
+
+/// The synchronized forward takes functional's request: in a world of one, a fused epilogue
+/// gives `y` and the mask of the single-device forward bit for bit; running statistics (eval,
+/// which does not synchronize) are refused before anything is written.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn sync_forward_runs_the_epilogue_as_the_single_device_forward() {
+    let gpu = gpu();
+    let desc = TensorDesc::nchw(6, 5, 7, 3).unwrap();
+    let (n, c) = (desc.numel(), desc.channels());
+    let x = upload(&gpu, &random::<f32>(31, n, 0.5, 2.0));
+    let z = upload(&gpu, &random::<f32>(32, n, -1.0, 1.0));
+    let run = |sync_path: bool| {
+        let stream = gpu.stream();
+        let mut y = zeros::<f32>(&gpu, n);
+        let mut mask = stream.alloc_zeros::<u32>(mask_words(&desc)).unwrap();
+        let (mut mean, mut invstd) = (zeros::<f32>(&gpu, c), zeros::<f32>(&gpu, c));
+        let mut ws = Workspace::new();
+        let request = functional::Forward {
+            desc,
+            x: x.as_view(),
+            weight: None,
+            bias: None,
+            stats: ForwardStats::Batch(BatchStats {
+                saved: SavedStatsMut {
+                    mean: mean.as_view_mut(),
+                    invstd: invstd.as_view_mut(),
+                },
+                running: None,
+                eps: EPS,
+            }),
+            y: y.as_view_mut(),
+            epilogue: Epilogue::AddRelu {
+                z: z.as_view(),
+                mask: Some(mask.as_view_mut()),
+            },
+        };
+        if sync_path {
+            let mut moments = zeros::<f32>(&gpu, MOMENT_FLOATS * c);
+            let mut total = stream.alloc_zeros::<u64>(1).unwrap();
+            let xv = x.as_view();
+            sync::local_moments(&gpu, &mut ws, &xv, &desc, &mut moments.as_view_mut())
+                .expect("local moments");
+            let gathered = GatheredMoments {
+                moments: moments.as_view(),
+                ranks: 1,
+            };
+            sync::forward_training(&gpu, request, total.as_view_mut(), &gathered)
+                .expect("sync forward");
+        } else {
+            functional::forward(&gpu, &mut ws, request).expect("forward");
+        }
+        (download(&gpu, &y), stream.clone_dtoh(&mask).unwrap())
+    };
+    let (sync_y, sync_mask) = run(true);
+    let (y, mask) = run(false);
+    assert_eq!(bits(&sync_y), bits(&y), "y");
+    assert_eq!(sync_mask, mask, "mask");
+    assert!(mask.iter().any(|&w| w != 0) && y.contains(&0.0));
+
+    let (mean, var) = (upload(&gpu, &[0f32; 5]), upload(&gpu, &[1f32; 5]));
+    let sentinel = vec![7f32; n];
+    let mut y = upload(&gpu, &sentinel);
+    let mut total = gpu.stream().alloc_zeros::<u64>(1).unwrap();
+    let moments = zeros::<f32>(&gpu, MOMENT_FLOATS * c);
+    let eval = functional::Forward {
+        desc,
+        x: x.as_view(),
+        weight: None,
+        bias: None,
+        stats: ForwardStats::Running {
+            stats: RunningStats {
+                mean: mean.as_view(),
+                var: var.as_view(),
+            },
+            eps: EPS,
+        },
+        y: y.as_view_mut(),
+        epilogue: Epilogue::None,
+    };
+    let gathered = GatheredMoments {
+        moments: moments.as_view(),
+        ranks: 1,
+    };
+    let got = sync::forward_training(&gpu, eval, total.as_view_mut(), &gathered);
+    assert!(matches!(got, Err(Error::Unsupported { .. })), "{got:?}");
+    assert_eq!(download(&gpu, &y), sentinel);
 }
 
 #[test]
