@@ -34,7 +34,8 @@ impl DType {
         }
     }
 
-    /// Parses the names used by the golden files (`f32`, `f16`, `bf16`).
+    /// Parses the names used by the golden files (a test tool) (`f32`, `f16`, `bf16`).
+    #[cfg(feature = "test-tools")]
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "f32" => Some(DType::F32),

@@ -13,7 +13,7 @@
 //! | [`gpu::functional`] | stateless calls: request structs of borrowed device memory and a [`TensorDesc`], like cuDNN |
 //! | [`gpu::BatchNorm`] | the stateful layer: parameters, gradients, running statistics, train/eval |
 //! | [`reference`](mod@reference) | the same functional calls and layer on the CPU, f64 accumulation |
-//! | [`conv`] | convolution, transposed convolution and linear layer by direct loops (f64 on the CPU, f32 on the GPU in [`conv::gpu`]): test tools that check a fold end to end |
+//! | `conv` | convolution, transposed convolution and linear layer by direct loops (f64 on the CPU, f32 on the GPU in `conv::gpu`): test tools that check a fold end to end (feature `test-tools`) |
 //! | [`fold`] | conv/linear + batch-norm folding: which weight element scales by which channel |
 //! | [`epilogue`] | fused `relu(BN(x))` / `relu(BN(x) + z)`: the epilogue with its buffers and the ReLU mask's layout ([`gpu::functional`], [`reference::fused`]) |
 //! | [`stats`] | the saved batch statistics on the host, as both the GPU layers and the reference hand them out |
@@ -50,6 +50,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+#[cfg(feature = "test-tools")]
 pub mod conv;
 pub mod dtype;
 pub mod epilogue;

@@ -7,10 +7,12 @@
 //! only a typed family hands out: a kernel cannot be launched with another family's struct.
 
 use super::launch::{Launch, Traversal};
+#[cfg(feature = "test-tools")]
+use super::params::ConvDirectParams;
 use super::params::{
     BackwardElementwiseParams, BackwardElementwiseReluParams, BackwardReduceParams,
-    BackwardReduceReluParams, ConvDirectParams, FoldParams, NormalizeParams, NormalizeReluParams,
-    StatsParams, SyncCoefficientsParams, SyncMergeParams, SyncMomentsParams,
+    BackwardReduceReluParams, FoldParams, NormalizeParams, NormalizeReluParams, StatsParams,
+    SyncCoefficientsParams, SyncMergeParams, SyncMomentsParams,
 };
 use super::ptx::MODULES;
 use crate::dtype::DType;
@@ -75,25 +77,26 @@ copy_handle!(Family, PerDtype, Single);
 macro_rules! kernel_table {
     (
         families { $($family:ident: $fparams:ty => $fbase:literal),* $(,)? }
-        per_dtype { $($typed:ident: $tparams:ty => $tbase:literal),* $(,)? }
+        per_dtype { $($(#[$tattr:meta])* $typed:ident: $tparams:ty => $tbase:literal),* $(,)? }
         single { $($single:ident: $sparams:ty => $sname:literal),* $(,)? }
     ) => {
         kernel_table!(@consts Family 0usize; $($family: $fparams,)*);
-        kernel_table!(@consts PerDtype 0usize; $($typed: $tparams,)*);
+        kernel_table!(@consts PerDtype 0usize; $($(#[$tattr])* $typed: $tparams,)*);
         kernel_table!(@consts Single 0usize; $($single: $sparams,)*);
 
         /// Entry-point names of the families, indexed by `[family][traversal][dtype][width]`.
         const FAMILY_NAMES: &[[[[&str; 2]; 3]; 2]] = &[$(kernel_table!(@family $fbase)),*];
 
         /// Entry-point names of the per-dtype kernels, indexed by `[kernel][dtype]`.
-        const PER_DTYPE_NAMES: &[[&str; 3]] = &[$([
+        const PER_DTYPE_NAMES: &[[&str; 3]] = &[$($(#[$tattr])* [
             concat!($tbase, "_f32"), concat!($tbase, "_f16"), concat!($tbase, "_bf16"),
         ]),*];
 
         /// Entry-point names of the single kernels (per-channel f32 scalars only).
         const SINGLE_NAMES: &[&str] = &[$($sname),*];
     };
-    (@consts $kind:ident $index:expr; $name:ident: $params:ty, $($rest:tt)*) => {
+    (@consts $kind:ident $index:expr; $(#[$attr:meta])* $name:ident: $params:ty, $($rest:tt)*) => {
+        $(#[$attr])*
         pub(crate) const $name: $kind<$params> = $kind { index: $index, params: PhantomData };
         kernel_table!(@consts $kind $index + 1; $($rest)*);
     };
@@ -130,7 +133,9 @@ kernel_table! {
     // Weights are small: no index-width split, always 64-bit offsets.
     per_dtype {
         FOLD: FoldParams => "bn_fold",
-        // The direct convolution of `conv::gpu` (a test tool).
+        // The direct convolution of `conv::gpu` (a test tool, last: the indices before it do
+        // not depend on the feature).
+        #[cfg(feature = "test-tools")]
         CONV_DIRECT: ConvDirectParams => "conv_direct",
     }
     single {
@@ -188,8 +193,12 @@ pub(crate) struct Kernels {
 impl Kernels {
     /// Loads every PTX module and looks up every entry point the crate launches.
     pub(crate) fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
+        // Only the modules that hold a kernel of the tables: a test tool's module (compiled in
+        // every build) stays out of a product context.
+        let launched: Vec<&str> = Self::all_names().collect();
         let modules = MODULES
             .iter()
+            .filter(|m| m.entry_points.iter().any(|e| launched.contains(e)))
             .map(|m| Ok((m, ctx.load_module(Ptx::from_src(m.ptx))?)))
             .collect::<Result<Vec<_>>>()?;
         let function = |name: &'static str| -> Result<CudaFunction> {
@@ -270,8 +279,7 @@ impl Kernels {
         }
     }
 
-    /// Every entry-point name the crate launches, for the registry check.
-    #[cfg(test)]
+    /// Every entry-point name the crate launches.
     fn all_names() -> impl Iterator<Item = &'static str> {
         FAMILY_NAMES
             .iter()

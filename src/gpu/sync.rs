@@ -183,7 +183,11 @@ fn eval_does_not_synchronize() -> Error {
 /// `x` into `y`, with the request's epilogue. Two launches; an empty shard skips the second.
 /// `request.stats` is [`ForwardStats::Batch`]. See the module docs for `M < 2`.
 ///
-/// Errors, before anything is queued: those of [`check_forward`].
+/// Errors, before anything is queued: [`Error::Unsupported`] for [`ForwardStats::Running`]
+/// (eval mode does not synchronize) or `R == 0`; those of
+/// [`functional::forward`](super::functional::forward) but for one value per channel
+/// ([`Error::BufferLength`], [`Error::InvalidEps`], [`Error::InvalidMomentum`]); then
+/// [`Error::BufferLength`] for `gathered` and `total`.
 pub fn forward_training<T: Element>(
     gpu: &GpuContext,
     request: Forward<'_, T>,

@@ -8,7 +8,7 @@
 //! | [`forward_training`], [`forward_inference`], [`backward_training`], [`backward_inference`] | cuDNN-like functional calls on caller-owned buffers |
 //! | [`BatchNorm`] | a stateful layer like `torch.nn.BatchNorm{1,2,3}d` |
 //! | [`fold`], [`fold_in_place`] | conv / linear + batch-norm folding for inference |
-//! | [`exact`] | the training forward and backward entirely in f64, for gradient checks |
+//! | `exact` | the training forward and backward entirely in f64, for gradient checks (feature `test-tools`) |
 //! | [`sync`] | synchronized batch norm over data-parallel ranks, simulated on one machine |
 //! | [`fused`] | the calls with a fused `relu(BN(x) [+ z])` epilogue and its ReLU mask ([`crate::epilogue`]) |
 //!
@@ -37,6 +37,7 @@
 //! # Ok::<(), batchnorm_cuda::Error>(())
 //! ```
 
+#[cfg(feature = "test-tools")]
 pub mod exact;
 mod fold;
 pub mod fused;

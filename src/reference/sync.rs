@@ -130,8 +130,8 @@ pub fn merge(gathered: &[ChannelMoments]) -> Result<ChannelMoments> {
     Ok(total)
 }
 
-/// One rank's training forward on host slices, as [`crate::gpu::sync::SyncForward`] on the
-/// device.
+/// One rank's training forward on host slices, as the [`crate::gpu::functional::Forward`] that
+/// [`crate::gpu::sync::forward_training`] takes on the device.
 #[derive(Debug)]
 pub struct SyncForward<'a, T> {
     /// Shape and memory order of this rank's shard `x` and of `y`.
