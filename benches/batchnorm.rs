@@ -207,6 +207,7 @@ struct Buffers<T> {
     running_mean: CudaSlice<f32>,
     running_var: CudaSlice<f32>,
     save_mean: CudaSlice<f32>,
+    save_mean_lo: CudaSlice<f32>,
     save_invstd: CudaSlice<f32>,
     dweight: CudaSlice<f32>,
     dbias: CudaSlice<f32>,
@@ -225,6 +226,7 @@ impl<T: Element> Buffers<T> {
             running_mean: s.alloc_zeros(ch)?,
             running_var: s.clone_htod(&vec![1.0f32; ch])?,
             save_mean: s.alloc_zeros(ch)?,
+            save_mean_lo: s.alloc_zeros(ch)?,
             save_invstd: s.alloc_zeros(ch)?,
             dweight: s.alloc_zeros(ch)?,
             dbias: s.alloc_zeros(ch)?,
@@ -245,6 +247,7 @@ impl<T: Element> Buffers<T> {
         };
         let saved = SavedStatsMut {
             mean: self.save_mean.as_view_mut(),
+            mean_lo: self.save_mean_lo.as_view_mut(),
             invstd: self.save_invstd.as_view_mut(),
         };
         let request = Forward {
@@ -296,6 +299,7 @@ impl<T: Element> Buffers<T> {
     ) -> batchnorm_cuda::Result<()> {
         let saved = SavedStats {
             mean: self.save_mean.as_view(),
+            mean_lo: Some(self.save_mean_lo.as_view()),
             invstd: self.save_invstd.as_view(),
         };
         let grads = GradientsMut {

@@ -626,6 +626,7 @@ fn run_bn<T: Element>(env: &mut Env, desc: &TensorDesc) -> BoxResult<Vec<(Timing
     let mut y = stream.alloc_zeros::<T>(n)?;
     let mut dx = stream.alloc_zeros::<T>(n)?;
     let mut save_mean = stream.alloc_zeros::<f32>(c)?;
+    let mut save_mean_lo = stream.alloc_zeros::<f32>(c)?;
     let mut save_invstd = stream.alloc_zeros::<f32>(c)?;
     let mut dweight = stream.alloc_zeros::<f32>(c)?;
     let mut dbias = stream.alloc_zeros::<f32>(c)?;
@@ -634,8 +635,7 @@ fn run_bn<T: Element>(env: &mut Env, desc: &TensorDesc) -> BoxResult<Vec<(Timing
                    y: &mut CudaSlice<T>,
                    rm: &mut CudaSlice<f32>,
                    rv: &mut CudaSlice<f32>,
-                   sm: &mut CudaSlice<f32>,
-                   si: &mut CudaSlice<f32>|
+                   [sm, sl, si]: [&mut CudaSlice<f32>; 3]|
      -> BoxResult<()> {
         let running = RunningUpdate {
             mean: rm.as_view_mut(),
@@ -645,6 +645,7 @@ fn run_bn<T: Element>(env: &mut Env, desc: &TensorDesc) -> BoxResult<Vec<(Timing
         };
         let saved = SavedStatsMut {
             mean: sm.as_view_mut(),
+            mean_lo: sl.as_view_mut(),
             invstd: si.as_view_mut(),
         };
         functional::forward(
@@ -690,14 +691,14 @@ fn run_bn<T: Element>(env: &mut Env, desc: &TensorDesc) -> BoxResult<Vec<(Timing
         Ok(())
     };
     let backward = |workspace: &mut Workspace,
-                    sm: &CudaSlice<f32>,
-                    si: &CudaSlice<f32>,
+                    [sm, sl, si]: [&CudaSlice<f32>; 3],
                     dx: &mut CudaSlice<T>,
                     dw: &mut CudaSlice<f32>,
                     db: &mut CudaSlice<f32>|
      -> BoxResult<()> {
         let saved = SavedStats {
             mean: sm.as_view(),
+            mean_lo: Some(sl.as_view()),
             invstd: si.as_view(),
         };
         let grads = GradientsMut {
@@ -734,8 +735,7 @@ fn run_bn<T: Element>(env: &mut Env, desc: &TensorDesc) -> BoxResult<Vec<(Timing
         &mut y,
         &mut running_mean,
         &mut running_var,
-        &mut save_mean,
-        &mut save_invstd,
+        [&mut save_mean, &mut save_mean_lo, &mut save_invstd],
     )?;
     let mut fwd = Check::new(T::DTYPE, &subset);
     let y_gpu = download(&stream, &y)?;
@@ -793,8 +793,7 @@ fn run_bn<T: Element>(env: &mut Env, desc: &TensorDesc) -> BoxResult<Vec<(Timing
     poison(&stream, &mut dbias)?;
     backward(
         workspace,
-        &save_mean,
-        &save_invstd,
+        [&save_mean, &save_mean_lo, &save_invstd],
         &mut dx,
         &mut dweight,
         &mut dbias,
@@ -830,16 +829,14 @@ fn run_bn<T: Element>(env: &mut Env, desc: &TensorDesc) -> BoxResult<Vec<(Timing
             &mut y,
             &mut running_mean,
             &mut running_var,
-            &mut save_mean,
-            &mut save_invstd,
+            [&mut save_mean, &mut save_mean_lo, &mut save_invstd],
         )
     })?;
     let t_eval = timer.time(|| eval(&mut y))?;
     let t_bwd = timer.time(|| {
         backward(
             workspace,
-            &save_mean,
-            &save_invstd,
+            [&save_mean, &save_mean_lo, &save_invstd],
             &mut dx,
             &mut dweight,
             &mut dbias,

@@ -11,7 +11,8 @@
 // bn_backward_dx_rows_<dt>_<ix>        grid (ceil(C/(bx*VEC)), row_blocks) } bn_normalize
 //   dx = w*invstd * (dy - coef0 - xhat*coef1), xhat = (x - mean)*invstd, evaluated as
 //   (dy - coef0 - (x - mean)*(coef1*invstd)) * (w*invstd) (PyTorch's grad_mean / proj_scale /
-//   grad_scale). coef == null: eval-mode backward dx = dy * (w*invstd), x is not read.
+//   grad_scale). A double-float batch mean (mean, mean_lo) enters both passes as mean = hi
+//   per element and lo per channel (the reduce's finalize, dx's grad_mean). coef == null: eval-mode backward dx = dy * (w*invstd), x is not read.
 //   dx may alias dy. No shared memory.
 //
 // ReLU backward (epilogue.cuh): the same kernels with dy_eff = mask bit ? dy : 0 in place of dy.
@@ -27,6 +28,7 @@ struct BackwardReduceParams {
   const void* x;
   const void* dy;
   const float* mean;
+  const float* mean_lo;  // nullable (0): the low part of a double-float batch mean
   const float* var_or_invstd;
   float* partials;
   unsigned int* semaphores;
@@ -45,6 +47,7 @@ struct BackwardElementwiseParams {
   const void* dy;
   void* dx;
   const float* mean;
+  const float* mean_lo;  // nullable (0)
   const float* var_or_invstd;
   const float* weight;
   const float* coef;
@@ -62,8 +65,8 @@ struct BackwardElementwiseReluParams : BackwardElementwiseParams {
   const unsigned int* mask;  // [mask words] from the relu forward
   void* dz;                  // T, nullable: add_relu's residual gradient (dx_add_relu only)
 };
-static_assert(sizeof(BackwardReduceParams) == 112 && sizeof(BackwardReduceReluParams) == 120, "Rust mirrors");
-static_assert(sizeof(BackwardElementwiseParams) == 88 && sizeof(BackwardElementwiseReluParams) == 104,
+static_assert(sizeof(BackwardReduceParams) == 120 && sizeof(BackwardReduceReluParams) == 128, "Rust mirrors");
+static_assert(sizeof(BackwardElementwiseParams) == 96 && sizeof(BackwardElementwiseReluParams) == 112,
               "Rust mirrors");
 
 namespace bn {
@@ -168,8 +171,9 @@ template <bool MASK> struct BackwardReduceT {
     s.b(k) = __ldcg(src + 1);
   }
 
+  // The walks sum dy*(x - hi); sum dy*(x - hi - lo) = that - lo*sum dy.
   template <typename T> static __device__ __forceinline__ void finalize(const Params& p, u64 c, const Sums2<1>& s) {
-    const float sum_dy = s.a(0), sum_dy_xmu = s.b(0);
+    const float sum_dy = s.a(0), sum_dy_xmu = fmaf(-load_or(p.mean_lo, c, 0.0f), sum_dy, s.b(0));
     const float invstd = invstd_of(p.var_or_invstd, c, p.stat_is_var, p.eps);
     const float gw = sum_dy_xmu * invstd;
     if (p.dweight) p.dweight[c] = p.accumulate ? p.dweight[c] + gw : gw;
@@ -189,17 +193,19 @@ struct DxTrainOp {
     float mean, grad_mean, proj, scale;
   };
   const float* mean;
+  const float* mean_lo;
   const float* var_or_invstd;
   const float* weight;
   const float* sums;  // BackwardElementwiseParams::coef
   float eps;
   int stat_is_var;
+  // (x - hi - lo)*proj = (x - hi)*proj - lo*proj: lo is folded into grad_mean per channel.
   __device__ __forceinline__ Coef coef(u64 c) const {
     const float invstd = invstd_of(var_or_invstd, c, stat_is_var, eps);
     Coef k;
     k.mean = mean[c];
-    k.grad_mean = sums[2 * c];
     k.proj = sums[2 * c + 1] * invstd;  // xhat*coef1 = (x - mean)*(coef1*invstd)
+    k.grad_mean = fmaf(-load_or(mean_lo, c, 0.0f), k.proj, sums[2 * c]);
     k.scale = load_or(weight, c, 1.0f) * invstd;
     return k;
   }
@@ -233,6 +239,7 @@ __device__ __forceinline__ void backward_dx(const BackwardElementwiseParams& p, 
   if (p.coef) {
     DxTrainOp op;
     op.mean = p.mean;
+    op.mean_lo = p.mean_lo;
     op.var_or_invstd = p.var_or_invstd;
     op.weight = p.weight;
     op.sums = p.coef;

@@ -1,5 +1,6 @@
 // bn_normalize.cu: y = (x - mean[c]) * (weight[c] * invstd[c]) + bias[c]  (training forward
-// second pass, and the whole eval forward).
+// second pass, and the whole eval forward). The training mean is a double-float (mean, mean_lo;
+// common.cuh MeanPair); mean_lo is folded into the bias per channel.
 //
 // bn_normalize_planar_<dt>_<ix>  (inner > 1)   grid (blocks), block 256: the grid's warps split
 //   all outer*C*chunks warp units into contiguous ranges; the channel of each unit is tracked
@@ -24,6 +25,7 @@ struct NormalizeParams {
   const void* x;
   void* y;
   const float* mean;
+  const float* mean_lo;  // nullable (0): the low part of a double-float batch mean
   const float* var_or_invstd;
   const float* weight;
   const float* bias;
@@ -38,7 +40,7 @@ struct NormalizeReluParams : NormalizeParams {
   const void* z;        // T, the residual (add_relu entries only; ignored by relu)
   unsigned int* mask;   // [mask words] out, nullable: no mask
 };
-static_assert(sizeof(NormalizeParams) == 80 && sizeof(NormalizeReluParams) == 96, "Rust mirrors");
+static_assert(sizeof(NormalizeParams) == 88 && sizeof(NormalizeReluParams) == 104, "Rust mirrors");
 
 namespace bn {
 
@@ -47,16 +49,20 @@ struct NormalizeOp {
     float mean, scale, bias;
   };
   const float* mean;
+  const float* mean_lo;
   const float* var_or_invstd;
   const float* weight;
   const float* bias;
   float eps;
   int stat_is_var;
+  // (x - hi - lo)*scale + bias = (x - hi)*scale + (bias - lo*scale): x - hi is exact for x near
+  // the mean (Sterbenz), and lo*scale is far below |bias| or the spread, so folding it into the
+  // bias costs one rounding at the scale of y and nothing per element.
   __device__ __forceinline__ Coef coef(u64 c) const {
     Coef k;
     k.mean = mean[c];
     k.scale = load_or(weight, c, 1.0f) * invstd_of(var_or_invstd, c, stat_is_var, eps);
-    k.bias = load_or(bias, c, 0.0f);
+    k.bias = fmaf(-load_or(mean_lo, c, 0.0f), k.scale, load_or(bias, c, 0.0f));
     return k;
   }
   __device__ __forceinline__ float apply(const Coef& k, float x, float) const {
@@ -67,6 +73,7 @@ struct NormalizeOp {
 __device__ __forceinline__ NormalizeOp normalize_op(const NormalizeParams& p) {
   NormalizeOp op;
   op.mean = p.mean;
+  op.mean_lo = p.mean_lo;
   op.var_or_invstd = p.var_or_invstd;
   op.weight = p.weight;
   op.bias = p.bias;

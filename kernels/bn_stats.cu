@@ -11,8 +11,8 @@
 // vector); rows: one value per channel per row, one division per row shared by the VEC channels.
 // Then warp shuffles + shared memory (fixed order), partial (mean of x - pivot, m2, count) to
 // partials[c][split], semaphore; the last block merges the partials in split order and writes
-// save_mean = pivot + mean, save_invstd = 1/sqrt(var + eps) (bit-identical to 1.0f / sqrtf) and
-// the running update.
+// save_mean + save_mean_lo = pivot + mean exactly (two_sum: save_mean is the rounded f32 mean),
+// save_invstd = 1/sqrt(var + eps) (bit-identical to 1.0f / sqrtf) and the running update.
 // Shared memory: planar 3*8 floats; rows (1 + 2*VEC)*256 floats (9 KB f32, 17 KB f16/bf16).
 // Assumes m = outer*inner >= 2 (host), partials sized [C][splits][3] (< 2^32 floats),
 // semaphores zero, gridDim.x (planar) / gridDim.y (rows) == splits.
@@ -23,6 +23,7 @@ struct StatsParams {
   float* partials;
   unsigned int* semaphores;
   float* save_mean;
+  float* save_mean_lo;  // nullable
   float* save_invstd;
   float* running_mean;
   float* running_var;
@@ -38,7 +39,7 @@ namespace bn {
 // The accumulation (per-channel pivot, Welford, partials) is moments.cuh's, shared with bn_sync.
 struct Stats : MomentsAcc<StatsParams> {
   template <typename T> static __device__ __forceinline__ void finalize(const Params& p, u64 c, const Welford<1>& s) {
-    write_batch_stats(p, c, pivot<T>(p, c) + s.mean(0), s.m2(0), p.g.outer * p.g.inner);
+    write_batch_stats(p, c, two_sum(pivot<T>(p, c), s.mean(0)), s.m2(0), p.g.outer * p.g.inner);
   }
 };
 

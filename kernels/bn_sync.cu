@@ -1,19 +1,20 @@
 // bn_sync.cu: synchronized batch norm across ranks (data-parallel replicas, each with a shard of
-// the batch). The ranks exchange per-channel (count, mean, m2), not invstd (PyTorch's
+// the batch). The ranks exchange per-channel (count, mean hi, mean lo, m2), not invstd (PyTorch's
 // SyncBatchNorm rebuilds the variance from invstd and loses precision), and every rank merges
 // the R moments in the same fixed order, so all ranks hold bitwise the same statistics.
 //
 // bn_sync_moments_planar_<dt>_<ix>  (inner > 1)   } bn_stats' split reduction and accumulation
 // bn_sync_moments_rows_<dt>_<ix>    (inner == 1)  } (moments.cuh, same grids and workspace);
-//   the last block of each channel writes moments[c] = (count, mean, m2) of this rank's shard:
-//   count = (float)(outer*inner) (exact below 2^24), mean = pivot + shifted mean (one rounding,
-//   as bn_stats' save_mean), m2 of the shifted values. Assumes m = outer*inner >= 1 (an empty
+//   the last block of each channel writes moments[c] = (count, hi, lo, m2) of this rank's shard:
+//   count = (float)(outer*inner) (exact below 2^24), hi + lo = pivot + shifted mean exactly (as
+//   bn_stats' save_mean, save_mean_lo), m2 of the shifted values. Assumes m = outer*inner >= 1 (an empty
 //   shard launches nothing: the host zeroes its moments, an empty Welford state).
 // bn_sync_merge        grid-stride over channels, block 256, no shared memory.
-//   Thread of channel c merges gathered[r][c] for r = 0, 1, ..., R-1 in that order with THE Chan
-//   merge (Welford<1>::merge: an empty rank is an exact identity, so R == 1 reproduces bn_stats
-//   bit for bit), sums the counts exactly in 64 bits (M), and finalizes with M as bn_stats does
-//   (write_batch_stats): save_mean, save_invstd, running update with M/(M-1). M == 0 (every
+//   Thread of channel c merges gathered[r][c] for r = 0, 1, ..., R-1 in that order with Chan's
+//   formula in double (each rank's mean is hi + lo, exact in double; an empty rank is an exact
+//   identity, so R == 1 reproduces bn_stats bit for bit), sums the counts exactly in 64 bits (M),
+//   and finalizes with M as bn_stats does (write_batch_stats): save_mean, save_mean_lo (the
+//   double mean split into two floats), save_invstd, running update with M/(M-1). M == 0 (every
 //   shard empty) writes mean 0, invstd 1/sqrt(eps) and no running update; M == 1 (one value in
 //   the whole world, which only the device can see) writes the statistics but no running update.
 //   Channel 0's thread writes M to *total for the backward.
@@ -27,14 +28,15 @@ struct SyncMomentsParams {
   const void* x;
   float* partials;
   unsigned int* semaphores;
-  float* moments;  // [C][3] out: (count, mean, m2)
+  float* moments;  // [C][4] out: (count, mean hi, mean lo, m2)
   bn::Geometry g;
   int splits;
 };
 
 struct SyncMergeParams {
-  const float* gathered;        // [R][C][3]: every rank's moments, rank-major
+  const float* gathered;        // [R][C][4]: every rank's moments, rank-major
   float* save_mean;             // [C] out
+  float* save_mean_lo;          // [C] out, nullable
   float* save_invstd;           // [C] out
   float* running_mean;          // [C] in/out, nullable
   float* running_var;           // [C] in/out, nullable
@@ -59,12 +61,16 @@ struct SyncCoefficientsParams {
 
 namespace bn {
 
+constexpr int kMomentFloats = 4;  // (count, mean hi, mean lo, m2) per channel and rank
+
 struct SyncMoments : MomentsAcc<SyncMomentsParams> {
   template <typename T> static __device__ __forceinline__ void finalize(const Params& p, u64 c, const Welford<1>& s) {
-    float* dst = p.moments + 3 * c;
+    const MeanPair mean = two_sum(pivot<T>(p, c), s.mean(0));
+    float* dst = p.moments + kMomentFloats * c;
     dst[0] = (float)(p.g.outer * p.g.inner);
-    dst[1] = pivot<T>(p, c) + s.mean(0);
-    dst[2] = s.m2(0);
+    dst[1] = mean.hi;
+    dst[2] = mean.lo;
+    dst[3] = s.m2(0);
   }
 };
 
@@ -76,21 +82,39 @@ template <typename T> __host__ __device__ constexpr int moments_rows_unroll() {
   return sizeof(T) == 2 ? 3 : rows_unroll<T, 1>();
 }
 
+// A double mean as hi + lo with hi = (float)mean, as two_sum's pairs: lo is the rest rounded to
+// f32, moved one step toward 0 in the one case where it rounds onto half an ulp of an odd hi
+// (then hi + lo would be a tie that rounds away from hi). lo is 0 when hi is not finite.
+__device__ __forceinline__ MeanPair split_mean(double mean) {
+  MeanPair r;
+  r.hi = (float)mean;
+  r.lo = 0.f;
+  if (!(fabsf(r.hi) <= 3.40282346638528859812e+38f)) return r;
+  r.lo = (float)(mean - (double)r.hi);
+  if ((float)((double)r.hi + (double)r.lo) != r.hi) r.lo = __int_as_float(__float_as_int(r.lo) - 1);
+  return r;
+}
+
+// Chan's merge in double, once per channel and rank (not a hot loop): w = nb / n (0 when both
+// are empty, exactly 1 when a is), mean = ma + d*w, m2 = m2a + m2b + d^2 * na * w. With a empty
+// the result is b exactly; so R == 1 gives back the rank's (hi, lo, m2) bit for bit.
 __device__ __forceinline__ void sync_merge(const SyncMergeParams& p) {
   const u64 C = p.channels;
   for (u64 c = (u64)blockIdx.x * kThreads + threadIdx.x; c < C; c += (u64)gridDim.x * kThreads) {
-    Welford<1> t = Welford<1>::empty();
+    double n = 0.0, mean = 0.0, m2 = 0.0;
     u64 m = 0;
-    const float* src = p.gathered + 3 * c;
-    for (u64 r = 0; r < p.ranks; ++r, src += 3 * C) {
-      Welford<1> q;
-      q.n() = src[0];
-      q.mean(0) = src[1];
-      q.m2(0) = src[2];
-      t = Welford<1>::merge(t, q);
+    const float* src = p.gathered + kMomentFloats * c;
+    for (u64 r = 0; r < p.ranks; ++r, src += kMomentFloats * C) {
+      const double nb = src[0], mb = (double)src[1] + (double)src[2], m2b = src[3];
+      const double nn = n + nb;
+      const double w = nn > 0.0 ? div_d(nb, nn) : 0.0;
+      const double d = mb - mean;
+      mean = fma(d, w, mean);
+      m2 = fma(d * d, n * w, m2 + m2b);
+      n = nn;
       m += (u64)src[0];
     }
-    write_batch_stats(p, c, t.mean(0), t.m2(0), m);
+    write_batch_stats(p, c, split_mean(mean), (float)m2, m);
     if (c == 0 && p.total) *p.total = m;
   }
 }

@@ -175,6 +175,26 @@ __device__ __forceinline__ float invsqrt_rn(float x) {
   return q;
 }
 
+// A batch mean as an unevaluated sum hi + lo of two floats (a double-float): hi is the f32 mean
+// PyTorch saves, lo what f32 cannot hold of it. Rounding the mean once to f32 and forming x - hi
+// loses up to half an ulp of the mean (3e-5 at 1000), which invstd then magnifies (x10 at std
+// 0.1); x - hi - lo keeps it. lo is 0 when hi is not finite.
+struct MeanPair {
+  float hi, lo;
+};
+
+// a + b exactly as hi + lo (Knuth's TwoSum: no ordering of |a|, |b| assumed; additions only, so
+// no contraction into an fma can change it).
+__device__ __forceinline__ MeanPair two_sum(float a, float b) {
+  const float s = a + b;
+  const float bb = s - a;
+  const float err = (a - (s - bb)) + (b - bb);
+  MeanPair r;
+  r.hi = s;
+  r.lo = fabsf(s) <= 3.40282346638528859812e+38f ? err : 0.f;  // finite s
+  return r;
+}
+
 // invstd from the stored statistic: save_invstd as is, or 1/sqrt(running_var + eps).
 __device__ __forceinline__ float invstd_of(const float* var_or_invstd, u64 c, int stat_is_var, float eps) {
   const float v = var_or_invstd[c];

@@ -87,21 +87,24 @@ template <class P> struct MomentsAcc {
   }
 };
 
-// Channel c's batch statistics from its mean, m2 and count m (m >= 1; m == 0 only for an empty
-// sync batch, which writes mean 0 and 1/sqrt(eps) as the CPU reference does): save_mean,
-// save_invstd = 1/sqrt(m2/m + eps), and, when running_mean / running_var are given and m >= 2,
+// Channel c's batch statistics from its mean (hi + lo), m2 and count m (m >= 1; m == 0 only for
+// an empty sync batch, which writes mean 0 and 1/sqrt(eps) as the CPU reference does):
+// save_mean = hi (PyTorch's f32 mean), save_mean_lo = lo (nullable), save_invstd =
+// 1/sqrt(m2/m + eps), and, when running_mean / running_var are given and m >= 2,
 // r = (1 - factor)*r + factor*batch with the unbiased (unbiased != 0) or biased variance.
-// O: any params struct with save_mean, save_invstd, running_mean, running_var, eps, factor,
-// unbiased (StatsParams, SyncMergeParams).
+// O: any params struct with save_mean, save_mean_lo, save_invstd, running_mean, running_var, eps,
+// factor, unbiased (StatsParams, SyncMergeParams).
 template <class O>
-__device__ __forceinline__ void write_batch_stats(const O& o, u64 c, float mean, float m2, u64 m) {
+__device__ __forceinline__ void write_batch_stats(const O& o, u64 c, MeanPair mean, float m2, u64 m) {
   // Biased variance, IEEE m2 / (float)m (PyTorch's var_n / N), through div_d: no call.
   const float var = m > 0 ? (float)div_d((double)m2, (double)(float)m) : 0.f;
-  o.save_mean[c] = mean;
+  o.save_mean[c] = mean.hi;
+  if (o.save_mean_lo) o.save_mean_lo[c] = mean.lo;
   o.save_invstd[c] = invsqrt_rn(var + o.eps);  // == 1.0f / sqrtf(var + eps)
   if (m < 2) return;
   const float f = o.factor;
-  if (o.running_mean) o.running_mean[c] = f * mean + (1.0f - f) * o.running_mean[c];
+  // The f32 mean, as PyTorch's update (lo is below the running mean's own rounding).
+  if (o.running_mean) o.running_mean[c] = f * mean.hi + (1.0f - f) * o.running_mean[c];
   if (o.running_var) {
     // Bessel factor as PyTorch: static_cast<float>(double(m) / double(m - 1)). x = m/(m-1) is
     // never within 2^-48 (relative) of a f32 rounding midpoint unless m - 1 > 2^24, where both

@@ -91,6 +91,8 @@ pub struct Buffers {
     pub running_var: Option<usize>,
     /// The batch mean saved by a training forward.
     pub save_mean: Option<usize>,
+    /// The low part of that mean (`save_mean + save_mean_lo` is the mean in double-float).
+    pub save_mean_lo: Option<usize>,
     /// The batch `1 / sqrt(var + eps)` saved by a training forward.
     pub save_invstd: Option<usize>,
     /// The weight gradient a backward writes.
@@ -121,6 +123,7 @@ impl Buffers {
             ("running_mean", self.running_mean),
             ("running_var", self.running_var),
             ("save_mean", self.save_mean),
+            ("save_mean_lo", self.save_mean_lo),
             ("save_invstd", self.save_invstd),
             ("dweight", self.dweight),
             ("dbias", self.dbias),
@@ -219,6 +222,7 @@ mod tests {
             running_mean: Some(3),
             running_var: Some(3),
             save_mean: Some(3),
+            save_mean_lo: Some(3),
             save_invstd: Some(3),
             dweight: Some(3),
             dbias: Some(3),

@@ -198,3 +198,25 @@ fn fold_refuses_wrong_lengths() {
         Err(Error::InvalidEps { .. })
     ));
 }
+
+/// The fold rounds its double result to a half type once: weight and bias land just past a
+/// midpoint (`common::fold_halfway`), where rounding through f32 would tie down to 1.
+#[test]
+fn fold_rounds_once_past_a_half_way_point() {
+    fn check<T: Element>() {
+        let case = common::fold_halfway(T::DTYPE);
+        let spec = FoldSpec::new(FoldKind::Conv, &[1, 1, 1, 1], 1, Layout::ChannelsFirst).unwrap();
+        let bn = FoldBatchNorm {
+            running_mean: &case.running_mean,
+            running_var: &case.running_var,
+            weight: Some(&case.bn_weight),
+            bias: Some(&case.bn_bias),
+            eps: case.eps,
+        };
+        let folded = reference::fold(&spec, &[T::from_f64(1.0)], None, &bn).unwrap();
+        let got = (folded.weight[0].to_f64(), folded.bias[0].to_f64());
+        assert_eq!(got, (case.expected, case.expected), "{}", T::DTYPE);
+    }
+    check::<half::f16>();
+    check::<half::bf16>();
+}

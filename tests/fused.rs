@@ -668,6 +668,7 @@ fn refused_calls_name_the_buffer_and_change_nothing() {
 
     let saved = SavedStats {
         mean: vec![0.0; 3],
+        mean_lo: vec![0.0; 3],
         invstd: vec![1.0; 3],
     };
     let mut dx = vec![5.0f32; n];
@@ -840,4 +841,59 @@ fn empty_batches_write_nothing_and_count() {
     let (grads, dz) = bn.backward_add_relu::<f32>(&cache, &[], &[], &[]).unwrap();
     assert!(grads.dx.is_empty() && dz.is_empty());
     assert_eq!(grads.dweight, Some(vec![0.0; 3]));
+}
+
+/// One rounding of each output: an eval forward whose f64 result lies just past a half type's
+/// midpoint, plain and through the fused add (`common::eval_halfway`), rounds up, where a result
+/// rounded through f32 (or `BN(x)` rounded before the add) would tie down to 1.
+#[test]
+fn outputs_round_once_past_a_half_way_point() {
+    fn check<T: Element>() {
+        let case = common::eval_halfway(T::DTYPE);
+        let desc = desc(&[1, 1], Layout::ChannelsFirst);
+        let (x, z) = ([T::from_f64(0.0)], [T::from_f64(1.0)]);
+        let weight = [1.0f32];
+        let (mean, bias) = case.plain;
+        let running = RunningStats {
+            mean: &mean,
+            var: &case.running_var,
+        };
+        let mut y = [T::default()];
+        reference::forward_inference(
+            &x,
+            &desc,
+            Some(&weight),
+            Some(&bias),
+            running,
+            case.eps,
+            &mut y,
+        )
+        .unwrap();
+        assert_eq!(y[0].to_f64(), case.expected, "{} plain", T::DTYPE);
+        let (mean, bias) = case.add;
+        let running = RunningStats {
+            mean: &mean,
+            var: &case.running_var,
+        };
+        let mut mask = [0u32];
+        fused::forward_inference(
+            fused::Forward {
+                desc,
+                x: &x,
+                weight: Some(&weight),
+                bias: Some(&bias),
+                y: &mut y,
+                epilogue: Epilogue::AddRelu {
+                    z: &z,
+                    mask: Some(&mut mask),
+                },
+            },
+            running,
+            case.eps,
+        )
+        .unwrap();
+        assert_eq!(y[0].to_f64(), case.expected, "{} fused add", T::DTYPE);
+    }
+    check::<f16>();
+    check::<bf16>();
 }

@@ -241,3 +241,74 @@ fn golden_cases_cover_the_semantics() {
         "no channels-last case"
     );
 }
+
+/// An empty batch in training, written as `FORMAT.md` describes it (no saved statistics: PyTorch
+/// records none): the harness takes the saved statistics the crate produces as unspecified, and
+/// every specified tensor still has to match (empty outputs, running statistics unchanged,
+/// counter incremented, zero parameter gradients).
+#[test]
+fn an_empty_batch_case_leaves_the_saved_statistics_unspecified() {
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let f64s = |v: &[f64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let (running_mean, running_var) = ([0.5f32, -1.0, 2.0], [1.5f32, 0.25, 4.0]);
+    let tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = vec![
+        ("x", Dtype::F32, vec![0, 3], vec![]),
+        ("dy", Dtype::F32, vec![0, 3], vec![]),
+        ("weight", Dtype::F32, vec![3], f32s(&[1.0, 2.0, 3.0])),
+        ("bias", Dtype::F32, vec![3], f32s(&[0.0, 0.5, -0.5])),
+        ("running_mean", Dtype::F32, vec![3], f32s(&running_mean)),
+        ("running_var", Dtype::F32, vec![3], f32s(&running_var)),
+        ("expect.y", Dtype::F64, vec![0, 3], vec![]),
+        ("expect.dx", Dtype::F64, vec![0, 3], vec![]),
+        (
+            "expect.running_mean",
+            Dtype::F64,
+            vec![3],
+            f64s(&running_mean.map(f64::from)),
+        ),
+        (
+            "expect.running_var",
+            Dtype::F64,
+            vec![3],
+            f64s(&running_var.map(f64::from)),
+        ),
+        ("expect.dweight", Dtype::F64, vec![3], f64s(&[0.0; 3])),
+        ("expect.dbias", Dtype::F64, vec![3], f64s(&[0.0; 3])),
+    ];
+    let meta = [
+        ("shape", "0,3"),
+        ("layout", "channels_first"),
+        ("dtype", "f32"),
+        ("training", "true"),
+        ("momentum", "0.1"),
+        ("eps", "1e-05"),
+        ("affine", "true"),
+        ("track_running_stats", "true"),
+        ("num_batches_tracked", "2"),
+        ("expect.num_batches_tracked", "3"),
+        ("note", "an empty batch: no saved statistics"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let views = tensors.iter().map(|(name, dtype, shape, bytes)| {
+        (
+            *name,
+            TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
+        )
+    });
+    let bytes = safetensors::serialize(views, Some(meta)).unwrap();
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("golden-empty-batch");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("empty_batch_train.safetensors");
+    std::fs::write(&path, bytes).unwrap();
+    let case = Case::load(&path);
+    assert!(case.unspecified("save_mean") && !case.unspecified("y"));
+    let cases = [case];
+    run_all(&cases, "functional", |case, checks| {
+        functional::<f32>(case, checks)
+    });
+    run_all(&cases, "layer", layer::<f32>);
+}

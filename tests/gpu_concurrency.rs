@@ -288,12 +288,12 @@ fn back_to_back_split_reductions_read_no_stale_partial() {
             .collect();
         let mut ws = Workspace::new();
         let mut y = zeros::<f16>(&gpu, n);
-        // Per call: mean, invstd, dweight, dbias (C each).
-        let mut out: [CudaSlice<f32>; 4] = std::array::from_fn(|_| zeros(&gpu, CALLS * c));
+        // Per call: mean, invstd, dweight, dbias, mean_lo (C each).
+        let mut out: [CudaSlice<f32>; 5] = std::array::from_fn(|_| zeros(&gpu, CALLS * c));
         for call in 0..CALLS {
             let (x, dy) = &inputs[call % 2];
             let at = call * c..(call + 1) * c;
-            let [mean, invstd, dweight, dbias] = &mut out;
+            let [mean, invstd, dweight, dbias, mean_lo] = &mut out;
             functional::forward(
                 &gpu,
                 &mut ws,
@@ -305,6 +305,7 @@ fn back_to_back_split_reductions_read_no_stale_partial() {
                     stats: functional::ForwardStats::Batch(functional::BatchStats {
                         saved: SavedStatsMut {
                             mean: mean.slice_mut(at.clone()),
+                            mean_lo: mean_lo.slice_mut(at.clone()),
                             invstd: invstd.slice_mut(at.clone()),
                         },
                         running: None,
@@ -325,6 +326,7 @@ fn back_to_back_split_reductions_read_no_stale_partial() {
                     weight: None,
                     stats: functional::BackwardStats::Batch(SavedStats {
                         mean: mean.slice(at.clone()),
+                        mean_lo: Some(mean_lo.slice(at.clone())),
                         invstd: invstd.slice(at.clone()),
                     }),
                     grads: GradientsMut {
@@ -351,11 +353,11 @@ fn back_to_back_split_reductions_read_no_stale_partial() {
                 dbias: Some(&mut dbias),
                 accumulate: false,
             };
-            // The backward from the device's saved statistics, as the device's backward ran:
-            // with dy's mean far from 0, one ulp of the mean moves sum(dy * x_hat) by more than
-            // its tolerance.
+            // The backward from the device's saved statistics, as the device's backward ran
+            // (the device's bits are the point of this test).
             let device_saved = reference::SavedStats {
                 mean: of_call(0, k).to_vec(),
+                mean_lo: of_call(4, k).to_vec(),
                 invstd: of_call(1, k).to_vec(),
             };
             reference::backward_training(x, dy, &desc, None, &device_saved, grads).unwrap();

@@ -120,6 +120,7 @@ fn gpu_forward<T: Element>(
     let mut y = zeros::<T>(gpu, n + o);
     let mut mask = upload_words(gpu, &vec![u32::MAX; mask_words(desc)]);
     let (mut save_mean, mut save_invstd) = (zeros::<f32>(gpu, c), zeros::<f32>(gpu, c));
+    let mut save_mean_lo = zeros::<f32>(gpu, c);
     {
         let x = dev.x.slice(o..);
         let z = dev.z.slice(o..);
@@ -142,6 +143,7 @@ fn gpu_forward<T: Element>(
             };
             let saved = SavedStatsMut {
                 mean: save_mean.as_view_mut(),
+                mean_lo: save_mean_lo.as_view_mut(),
                 invstd: save_invstd.as_view_mut(),
             };
             functional::forward(
@@ -191,6 +193,7 @@ fn gpu_forward<T: Element>(
         mask: download_words(gpu, &mask),
         saved: training.then(|| reference::SavedStats {
             mean: download(gpu, &save_mean),
+            mean_lo: download(gpu, &save_mean_lo),
             invstd: download(gpu, &save_invstd),
         }),
         running: (
@@ -289,8 +292,10 @@ fn gpu_backward<T: Element>(
         match saved {
             Some(s) => {
                 let (mean, invstd) = (upload(gpu, &s.mean), upload(gpu, &s.invstd));
+                let mean_lo = upload(gpu, &s.mean_lo);
                 let saved = SavedStats {
                     mean: mean.as_view(),
+                    mean_lo: Some(mean_lo.as_view()),
                     invstd: invstd.as_view(),
                 };
                 functional::backward(
@@ -573,8 +578,10 @@ fn gpu_fused_mask_reuse_and_output_masks() {
 
     let saved = f.saved.as_ref().unwrap();
     let (mean, invstd) = (upload(&gpu, &saved.mean), upload(&gpu, &saved.invstd));
+    let mean_lo = upload(&gpu, &saved.mean_lo);
     let saved = SavedStats {
         mean: mean.as_view(),
+        mean_lo: Some(mean_lo.as_view()),
         invstd: invstd.as_view(),
     };
     let mask = upload_words(&gpu, &f.mask);
@@ -897,4 +904,48 @@ fn gpu_fused_refuses_bad_buffers_before_launching() {
     assert!(matches!(err, Err(Error::BufferLength { what: "mask", .. })));
     assert!(download(&gpu, &y).iter().all(|&v| v == 9.0));
     assert!(download_words(&gpu, &mask).iter().all(|&m| m == 9));
+}
+
+/// `BN(x) + z` is rounded once to the half type: an f32 sum just past a midpoint
+/// (`common::eval_halfway`) rounds up, where rounding `BN(x)` first would tie down to 1.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_fused_add_rounds_once_past_a_half_way_point() {
+    fn check<T: Element>(gpu: &GpuContext) {
+        let case = common::eval_halfway(T::DTYPE);
+        let desc = TensorDesc::new(&[1, 1], Layout::ChannelsFirst).unwrap();
+        let (x, z) = (
+            upload(gpu, &[T::from_f64(0.0)]),
+            upload(gpu, &[T::from_f64(1.0)]),
+        );
+        let (mean, bias) = case.add;
+        let (mean, var) = (upload(gpu, &mean), upload(gpu, &case.running_var));
+        let (w, b) = (upload(gpu, &[1.0f32]), upload(gpu, &bias));
+        let mut y = zeros::<T>(gpu, 1);
+        let mut mask = upload_words(gpu, &[0]);
+        functional::forward(
+            gpu,
+            &mut Workspace::new(),
+            functional::Forward {
+                desc,
+                x: x.as_view(),
+                weight: Some(w.as_view()),
+                bias: Some(b.as_view()),
+                stats: functional::ForwardStats::Running {
+                    stats: RunningStats {
+                        mean: mean.as_view(),
+                        var: var.as_view(),
+                    },
+                    eps: case.eps,
+                },
+                y: y.as_view_mut(),
+                epilogue: functional::Epilogue::relu(Some(z.as_view()), Some(mask.as_view_mut())),
+            },
+        )
+        .unwrap();
+        assert_eq!(download(gpu, &y)[0].to_f64(), case.expected, "{}", T::DTYPE);
+    }
+    let gpu = gpu();
+    check::<f16>(&gpu);
+    check::<bf16>(&gpu);
 }

@@ -802,6 +802,7 @@ fn functional_calls_validate_everything_first() {
 
     let saved = SavedStats {
         mean: vec![0.0; 3],
+        mean_lo: vec![0.0; 3],
         invstd: vec![1.0; 2],
     };
     let grads = Gradients::<f32> {

@@ -33,6 +33,7 @@
 //! let mut y = stream.alloc_zeros::<half::f16>(desc.numel())?;
 //! let mut mask = stream.alloc_zeros::<u32>(mask_words(&desc))?;
 //! let (mut mean, mut invstd) = (stream.alloc_zeros(64)?, stream.alloc_zeros(64)?);
+//! let mut mean_lo = stream.alloc_zeros(64)?;
 //! let mut ws = Workspace::new();
 //! functional::forward(&gpu, &mut ws, functional::Forward {
 //!     desc,
@@ -40,7 +41,11 @@
 //!     weight: None,
 //!     bias: None,
 //!     stats: ForwardStats::Batch(BatchStats {
-//!         saved: SavedStatsMut { mean: mean.as_view_mut(), invstd: invstd.as_view_mut() },
+//!         saved: SavedStatsMut {
+//!             mean: mean.as_view_mut(),
+//!             mean_lo: mean_lo.as_view_mut(),
+//!             invstd: invstd.as_view_mut(),
+//!         },
 //!         running: None,
 //!         eps: 1e-5,
 //!     }),
@@ -150,6 +155,7 @@ pub fn forward<T: Element>(
             ops::batch_statistics(gpu, workspace, &desc, &x, batch)?;
             saved = SavedStats {
                 mean: batch.saved.mean.as_view(),
+                mean_lo: Some(batch.saved.mean_lo.as_view()),
                 invstd: batch.saved.invstd.as_view(),
             };
             Normalization::Batch(&saved)

@@ -43,6 +43,7 @@ pub struct BatchNorm {
     running_var: Option<CudaSlice<f32>>,
     num_batches_tracked: u64,
     saved_mean: CudaSlice<f32>,
+    saved_mean_lo: CudaSlice<f32>,
     saved_invstd: CudaSlice<f32>,
     workspace: Workspace,
     /// Tells this layer's caches from another's.
@@ -135,6 +136,7 @@ impl BatchNorm {
             running_var: optional(config.track_running_stats, 1.0)?,
             num_batches_tracked: 0,
             saved_mean: filled(0.0)?,
+            saved_mean_lo: filled(0.0)?,
             saved_invstd: filled(0.0)?,
             workspace: Workspace::new(),
             id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
@@ -253,6 +255,7 @@ impl BatchNorm {
             stats: BatchStats {
                 saved: SavedStatsMut {
                     mean: self.saved_mean.as_view_mut(),
+                    mean_lo: self.saved_mean_lo.as_view_mut(),
                     invstd: self.saved_invstd.as_view_mut(),
                 },
                 running,
@@ -344,6 +347,7 @@ impl BatchNorm {
         let stats = if cache.batch_stats {
             BackwardStats::Batch(SavedStats {
                 mean: self.saved_mean.as_view(),
+                mean_lo: Some(self.saved_mean_lo.as_view()),
                 invstd: self.saved_invstd.as_view(),
             })
         } else {
@@ -493,6 +497,7 @@ impl BatchNorm {
         let stream = self.gpu.stream();
         Ok(Some(SavedStatsHost {
             mean: stream.clone_dtoh(&self.saved_mean)?,
+            mean_lo: stream.clone_dtoh(&self.saved_mean_lo)?,
             invstd: stream.clone_dtoh(&self.saved_invstd)?,
         }))
     }

@@ -16,7 +16,7 @@ use super::params::{
 };
 use super::views::{
     BackwardStats, BatchStats, Epilogue, EpilogueGrad, GradientsMut, RunningStats, RunningUpdate,
-    SavedStats, MOMENT_FLOATS,
+    SavedStats,
 };
 use super::workspace::{Scratch, Workspace};
 use crate::config::RunningVarUpdate;
@@ -102,6 +102,7 @@ pub(crate) enum Normalization<'s, 'a> {
 /// [`Normalization`] as the kernels take it.
 struct StatPointers {
     mean: u64,
+    mean_lo: u64,
     var_or_invstd: u64,
     eps: f32,
     stat_is_var: i32,
@@ -126,12 +127,14 @@ impl<'s, 'a> Normalization<'s, 'a> {
         match *self {
             Self::Batch(saved) => StatPointers {
                 mean: guards.read(&saved.mean),
+                mean_lo: guards.read_opt(saved.mean_lo.as_ref()),
                 var_or_invstd: guards.read(&saved.invstd),
                 eps: 0.0,
                 stat_is_var: 0,
             },
             Self::Running(running, eps) => StatPointers {
                 mean: guards.read(&running.mean),
+                mean_lo: 0,
                 var_or_invstd: guards.read(&running.var),
                 eps,
                 stat_is_var: 1,
@@ -188,6 +191,7 @@ pub(crate) fn batch_statistics<T: Element>(
         partials: guards.write(scratch.partials),
         semaphores: guards.write(scratch.semaphores),
         save_mean: guards.write(&mut stats.saved.mean),
+        save_mean_lo: guards.write(&mut stats.saved.mean_lo),
         save_invstd: guards.write(&mut stats.saved.invstd),
         running_mean: running.mean,
         running_var: running.var,
@@ -223,6 +227,7 @@ pub(crate) fn normalize<T: Element>(
         x: guards.read(op.x),
         y: guards.write(y),
         mean: stats.mean,
+        mean_lo: stats.mean_lo,
         var_or_invstd: stats.var_or_invstd,
         weight: guards.read_opt(op.weight),
         bias: guards.read_opt(op.bias),
@@ -318,6 +323,7 @@ pub(crate) fn backward_reduce<T: Element>(
         x: guards.read(op.x),
         dy: guards.read(op.dy),
         mean: stats.mean,
+        mean_lo: stats.mean_lo,
         var_or_invstd: stats.var_or_invstd,
         partials: guards.write(scratch.partials),
         semaphores: guards.write(scratch.semaphores),
@@ -366,6 +372,7 @@ pub(crate) fn backward_dx<T: Element>(
         dy: guards.read(op.dy),
         dx: guards.write_opt(dx),
         mean: stats.mean,
+        mean_lo: stats.mean_lo,
         var_or_invstd: stats.var_or_invstd,
         weight: guards.read_opt(op.weight),
         coef: guards.read_opt(coef.filter(|_| op.stats.is_batch())),
@@ -401,7 +408,11 @@ pub(crate) fn backward_dx<T: Element>(
     elementwise::<T, _>(gpu, family, op.desc, &params)
 }
 
-/// The `(count, mean, m2)` of each channel of a non-empty shard `x` into `moments` (`[C][3]`):
+/// Floats per channel and split in the moments reduction's workspace: `(mean, m2, count)`.
+const PARTIAL_FLOATS: usize = 3;
+
+/// The `(count, mean, mean_lo, m2)` of each channel of a non-empty shard `x` into `moments`
+/// (`[C][4]`):
 /// bn_stats' split reduction. One launch.
 pub(crate) fn sync_moments<T: Element>(
     gpu: &GpuContext,
@@ -412,7 +423,7 @@ pub(crate) fn sync_moments<T: Element>(
 ) -> Result<()> {
     let (c, g) = (desc.channels(), desc.geometry());
     let reduce = launch::reduction(&g, T::DTYPE, gpu.sm_count());
-    let scratch = workspace.reserve(gpu, MOMENT_FLOATS * c * reduce.splits as usize, c)?;
+    let scratch = workspace.reserve(gpu, PARTIAL_FLOATS * c * reduce.splits as usize, c)?;
     let mut guards = Guards::new(gpu.stream());
     let params = SyncMomentsParams {
         x: guards.read(x),
@@ -425,7 +436,7 @@ pub(crate) fn sync_moments<T: Element>(
     launch_family::<T, _>(gpu, kernels::SYNC_MOMENTS, desc, reduce, &params)
 }
 
-/// Every rank's moments, `[R][C][3]`, and the global count's one-element buffer.
+/// Every rank's moments, `[R][C][4]`, and the global count's one-element buffer.
 pub(crate) struct Merge<'a> {
     pub gathered: CudaView<'a, f32>,
     pub ranks: usize,
@@ -445,6 +456,7 @@ pub(crate) fn sync_merge(
     let params = SyncMergeParams {
         gathered: guards.read(&merge.gathered),
         save_mean: guards.write(&mut stats.saved.mean),
+        save_mean_lo: guards.write(&mut stats.saved.mean_lo),
         save_invstd: guards.write(&mut stats.saved.invstd),
         running_mean: running.mean,
         running_var: running.var,

@@ -31,6 +31,7 @@ pub(crate) struct StatsParams {
     pub partials: u64,
     pub semaphores: u64,
     pub save_mean: u64,
+    pub save_mean_lo: u64,
     pub save_invstd: u64,
     pub running_mean: u64,
     pub running_var: u64,
@@ -48,6 +49,7 @@ pub(crate) struct NormalizeParams {
     pub x: u64,
     pub y: u64,
     pub mean: u64,
+    pub mean_lo: u64,
     pub var_or_invstd: u64,
     pub weight: u64,
     pub bias: u64,
@@ -63,6 +65,7 @@ pub(crate) struct BackwardReduceParams {
     pub x: u64,
     pub dy: u64,
     pub mean: u64,
+    pub mean_lo: u64,
     pub var_or_invstd: u64,
     pub partials: u64,
     pub semaphores: u64,
@@ -84,6 +87,7 @@ pub(crate) struct BackwardElementwiseParams {
     pub dy: u64,
     pub dx: u64,
     pub mean: u64,
+    pub mean_lo: u64,
     pub var_or_invstd: u64,
     pub weight: u64,
     pub coef: u64,
@@ -130,6 +134,7 @@ pub(crate) struct SyncMomentsParams {
 pub(crate) struct SyncMergeParams {
     pub gathered: u64,
     pub save_mean: u64,
+    pub save_mean_lo: u64,
     pub save_invstd: u64,
     pub running_mean: u64,
     pub running_var: u64,
@@ -236,15 +241,15 @@ mod tests {
     #[test]
     fn layouts_match_the_c_structs() {
         assert_eq!(size_of::<GeometryParams>(), 24);
-        assert_eq!(size_of::<StatsParams>(), 7 * 8 + 24 + 16);
-        assert_eq!(size_of::<NormalizeParams>(), 6 * 8 + 24 + 8);
-        assert_eq!(size_of::<BackwardReduceParams>(), 9 * 8 + 24 + 16);
-        assert_eq!(size_of::<BackwardElementwiseParams>(), 7 * 8 + 24 + 8);
+        assert_eq!(size_of::<StatsParams>(), 8 * 8 + 24 + 16);
+        assert_eq!(size_of::<NormalizeParams>(), 7 * 8 + 24 + 8);
+        assert_eq!(size_of::<BackwardReduceParams>(), 10 * 8 + 24 + 16);
+        assert_eq!(size_of::<BackwardElementwiseParams>(), 8 * 8 + 24 + 8);
         assert_eq!(size_of::<FoldParams>(), 13 * 8 + 8);
         #[cfg(feature = "test-tools")]
         assert_eq!(size_of::<ConvDirectParams>(), 10 * 8 + 18 * 4 + 8);
         assert_eq!(size_of::<SyncMomentsParams>(), 4 * 8 + 24 + 8);
-        assert_eq!(size_of::<SyncMergeParams>(), 8 * 8 + 16);
+        assert_eq!(size_of::<SyncMergeParams>(), 9 * 8 + 16);
         assert_eq!(size_of::<SyncCoefficientsParams>(), 7 * 8 + 8);
     }
 
@@ -252,11 +257,11 @@ mod tests {
     /// 8 bytes), then the new pointers, as the kernels' `static_assert`s say.
     #[test]
     fn relu_layouts_match_the_c_structs() {
-        assert_eq!(size_of::<NormalizeReluParams>(), 80 + 2 * 8);
-        assert_eq!(size_of::<BackwardReduceReluParams>(), 112 + 8);
-        assert_eq!(size_of::<BackwardElementwiseReluParams>(), 88 + 2 * 8);
-        assert_eq!(std::mem::offset_of!(NormalizeReluParams, z), 80);
-        assert_eq!(std::mem::offset_of!(BackwardReduceReluParams, mask), 112);
-        assert_eq!(std::mem::offset_of!(BackwardElementwiseReluParams, dz), 96);
+        assert_eq!(size_of::<NormalizeReluParams>(), 88 + 2 * 8);
+        assert_eq!(size_of::<BackwardReduceReluParams>(), 120 + 8);
+        assert_eq!(size_of::<BackwardElementwiseReluParams>(), 96 + 2 * 8);
+        assert_eq!(std::mem::offset_of!(NormalizeReluParams, z), 88);
+        assert_eq!(std::mem::offset_of!(BackwardReduceReluParams, mask), 120);
+        assert_eq!(std::mem::offset_of!(BackwardElementwiseReluParams, dz), 104);
     }
 }

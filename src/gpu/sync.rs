@@ -8,7 +8,7 @@
 //!
 //! | step (per rank) | function | collective between the steps |
 //! | --- | --- | --- |
-//! | forward: `(count, mean, m2)` of the shard, `[C][3]` f32 | [`local_moments`] | all-gather into `[R][C][3]` |
+//! | forward: `(count, mean, mean_lo, m2)` of the shard, `[C][4]` f32 | [`local_moments`] | all-gather into `[R][C][4]` |
 //! | forward: merge in rank order, running update with the global count, normalize | [`forward_training`] (a [`functional::Forward`](super::functional::Forward) request) | |
 //! | backward: `(sum dy, sum dy * xhat)` of the shard, `[2][C]` f32 | [`local_grad_sums`] | all-reduce (sum) |
 //! | backward: coefficients with the global count, `dx` | [`backward_training`] | |
@@ -16,11 +16,11 @@
 //! # Semantics
 //! PyTorch's `nn.SyncBatchNorm`, with apex's exchange: ranks exchange moments, not `invstd`
 //! (PyTorch rebuilds the variance as `1/invstd^2 - eps`, which loses precision), and every rank
-//! merges the `R` moments with the one Chan merge of `kernels/common.cuh`, in rank order, so
-//! every rank computes bitwise the same statistics (and a world of one reproduces
-//! [`functional::forward`](super::functional::forward) bit for bit). Ranks with an empty shard send
-//! `(0, 0, 0)`, an exact identity of the merge, and must still call every collective (or the
-//! others wait forever). The running statistics use the global count `M` (`M / (M - 1)`).
+//! merges the `R` moments with Chan's formula in double, in rank order, so every rank computes
+//! bitwise the same statistics (and a world of one reproduces
+//! [`functional::forward`](super::functional::forward) bit for bit). Ranks with an empty shard
+//! send `(0, 0, 0, 0)`, an exact identity of the merge, and must still call every collective (or
+//! the others wait forever). The running statistics use the global count `M` (`M / (M - 1)`).
 //! `dweight` and `dbias` are the rank's own sums, as in PyTorch: data-parallel training
 //! all-reduces parameter gradients itself, and the sum over the ranks is the single-device
 //! gradient. Eval mode does not synchronize.
@@ -35,25 +35,24 @@
 //! `SyncBatchNorm::last_global_count` reads it on the host for callers that want to refuse
 //! `M == 1`.
 //!
-//! **Precision.** Each rank's mean is rounded to f32 once (as `save_mean` is); the merge's
-//! deltas between rank means inherit that rounding, so the variance carries a relative error of
-//! about `ulp(mean) / (std * sqrt(m_r))` (`m_r` the smallest non-empty shard's count) on top of
-//! the single-device one: negligible unless the mean is large next to the spread and the shards
-//! are tiny (mean 1000, std 0.1, one value per shard: ~6e-4; 1000 values per shard: ~2e-5).
-//! Counts travel as f32 (exact below 2^24 values per channel and rank) and are summed in 64-bit
-//! integers on the device. The backward all-reduce adds in NCCL's order (the same result on
+//! **Precision.** Each rank's mean travels as two floats, `hi + lo` (a double-float, exact sum of
+//! its per-channel pivot and shifted mean), and the merge runs in double, so the deltas between
+//! rank means carry no f32 rounding of the mean: a large mean next to a small spread costs
+//! nothing, even with one value per shard. The merged mean is saved as `save_mean + save_mean_lo`
+//! and every rank's normalize and backward use both. Counts travel as f32 (exact below 2^24
+//! values per channel and rank) and are summed in 64-bit integers on the device. The backward all-reduce adds in NCCL's order (the same result on
 //! every rank, not a fixed rank order).
 //!
 //! # Scaling to many nodes: what crosses the network per step
-//! Per batch-norm layer with `C` channels, `R` ranks, f32 (`12 C` bytes of moments per rank):
+//! Per batch-norm layer with `C` channels, `R` ranks, f32 (`16 C` bytes of moments per rank):
 //!
 //! | collective | each rank contributes | each rank receives | ring steps |
 //! | --- | --- | --- | --- |
-//! | forward all-gather of `(count, mean, m2)` | `12 C` bytes | `12 C (R - 1)` bytes | `R - 1` |
+//! | forward all-gather of `(count, mean, mean_lo, m2)` | `16 C` bytes | `16 C (R - 1)` bytes | `R - 1` |
 //! | backward all-reduce of `(sum dy, sum dy * xhat)` | `8 C` bytes | `8 C` bytes (a ring moves `2 (R-1)/R * 8 C` each way) | `2 (R - 1)`, or `2 log R` as a tree |
 //!
-//! For ResNet-50 (53 batch norms, `sum C = 26 560`): `319 KB` of moments per rank per step,
-//! so the all-gather delivers `2.2 MB` to each rank at `R = 8` and `163 MB` at `R = 512`, and
+//! For ResNet-50 (53 batch norms, `sum C = 26 560`): `425 KB` of moments per rank per step,
+//! so the all-gather delivers `3.0 MB` to each rank at `R = 8` and `217 MB` at `R = 512`, and
 //! the backward all-reduces `212 KB`. Next to the `~100 MB` gradient all-reduce of the same
 //! model that is nothing at a few ranks, but the all-gather grows as `O(R C)` where an
 //! all-reduce would stay `O(C)`: this is the price of the fixed-order merge. At a few nodes the
@@ -72,7 +71,7 @@
 //! gradient all-reduce of layers already done in the backward. Not implemented: grouping the
 //! collectives of independent batch norms (a ResNet block's downsample and main branch) into
 //! one `ncclGroupStart/End` to pay one latency for two; sending the count once per rank
-//! instead of per channel (`8 C + 4` bytes instead of `12 C`); an `O(C)` all-reduce of
+//! instead of per channel (`12 C + 4` bytes instead of `16 C`); an `O(C)` all-reduce of
 //! pivot-shifted sums for very large `R`, at the cost of the fixed merge order.
 
 use super::context::GpuContext;
@@ -93,11 +92,11 @@ pub use nccl::{communicator, unique_id, SyncBatchNorm};
 
 pub use super::views::MOMENT_FLOATS;
 
-/// Every rank's moments after the all-gather: `[R][C][3]` f32, rank-major, rank `r`'s
+/// Every rank's moments after the all-gather: `[R][C][4]` f32, rank-major, rank `r`'s
 /// [`local_moments`] at `[r]`.
 #[derive(Debug)]
 pub struct GatheredMoments<'a> {
-    /// The `R * C * 3` floats.
+    /// The `R * C * 4` floats.
     pub moments: CudaView<'a, f32>,
     /// Number of ranks `R` (at least 1).
     pub ranks: usize,
@@ -112,12 +111,13 @@ pub struct ReducedSums<'a> {
     pub global: CudaView<'a, f32>,
 }
 
-/// The `(count, mean, m2)` of each channel of this rank's shard `x` into `moments` (`[C][3]`),
+/// The `(count, mean, mean_lo, m2)` of each channel of this rank's shard `x` into `moments`
+/// (`[C][4]`),
 /// one split-reduction launch (bn_stats' reduction, including its per-channel pivot). An empty
 /// shard writes zeros (the identity of the merge) and a shard may hold a single value per
 /// channel.
 ///
-/// Errors: [`Error::BufferLength`] (`moments` needs `3 C`).
+/// Errors: [`Error::BufferLength`] (`moments` needs `4 C`).
 pub fn local_moments<T: Element>(
     gpu: &GpuContext,
     workspace: &mut Workspace,
@@ -224,6 +224,7 @@ pub fn forward_training<T: Element>(
     }
     let saved = SavedStats {
         mean: stats.saved.mean.as_view(),
+        mean_lo: Some(stats.saved.mean_lo.as_view()),
         invstd: stats.saved.invstd.as_view(),
     };
     let op = Normalize {

@@ -34,8 +34,11 @@ pub struct RunningStats<'a> {
 /// Where a training forward writes the batch statistics its backward needs.
 #[derive(Debug)]
 pub struct SavedStatsMut<'a> {
-    /// `[C]` batch mean.
+    /// `[C]` batch mean, rounded to f32 (what PyTorch saves).
     pub mean: CudaViewMut<'a, f32>,
+    /// `[C]` the rest of the batch mean: `mean + mean_lo` is the mean to about 48 bits, so that
+    /// `x - mean` loses nothing when the mean is large next to the spread.
+    pub mean_lo: CudaViewMut<'a, f32>,
     /// `[C]` `1 / sqrt(biased_var + eps)`.
     pub invstd: CudaViewMut<'a, f32>,
 }
@@ -43,8 +46,12 @@ pub struct SavedStatsMut<'a> {
 /// The batch statistics a training forward saved, read by its backward.
 #[derive(Debug)]
 pub struct SavedStats<'a> {
-    /// `[C]` batch mean.
+    /// `[C]` batch mean, rounded to f32.
     pub mean: CudaView<'a, f32>,
+    /// `[C]` the low part of the mean ([`SavedStatsMut::mean_lo`]); `None` reads as 0, for
+    /// statistics saved elsewhere (PyTorch's), whose f32 mean then limits the accuracy of `dx`
+    /// and `dweight` on data with a large mean.
+    pub mean_lo: Option<CudaView<'a, f32>>,
     /// `[C]` `1 / sqrt(biased_var + eps)`.
     pub invstd: CudaView<'a, f32>,
 }
@@ -118,8 +125,9 @@ pub type Epilogue<'a, T> = epilogue::Epilogue<CudaView<'a, T>, CudaViewMut<'a, u
 /// extra is written.
 pub type EpilogueGrad<'a, T> = epilogue::EpilogueGrad<CudaView<'a, u32>, CudaViewMut<'a, T>>;
 
-/// Floats per channel in a rank's moments: `(count, mean, m2)`.
-pub const MOMENT_FLOATS: usize = 3;
+/// Floats per channel in a rank's moments: `(count, mean, mean_lo, m2)`, the mean as the exact
+/// sum `mean + mean_lo` of two floats.
+pub const MOMENT_FLOATS: usize = 4;
 
 impl BatchStats<'_> {
     /// The statistics' buffers, for [`Buffers::check`] beside the activations.
@@ -128,6 +136,7 @@ impl BatchStats<'_> {
             running_mean: self.running.as_ref().map(|r| r.mean.len()),
             running_var: self.running.as_ref().map(|r| r.var.len()),
             save_mean: Some(self.saved.mean.len()),
+            save_mean_lo: Some(self.saved.mean_lo.len()),
             save_invstd: Some(self.saved.invstd.len()),
             ..Default::default()
         }
@@ -148,6 +157,7 @@ impl Clone for SavedStats<'_> {
     fn clone(&self) -> Self {
         Self {
             mean: self.mean.slice(..),
+            mean_lo: self.mean_lo.as_ref().map(|lo| lo.slice(..)),
             invstd: self.invstd.slice(..),
         }
     }
@@ -167,6 +177,7 @@ impl SavedStats<'_> {
     pub(crate) fn buffers(&self) -> Buffers {
         Buffers {
             save_mean: Some(self.mean.len()),
+            save_mean_lo: self.mean_lo.as_ref().map(|lo| lo.len()),
             save_invstd: Some(self.invstd.len()),
             ..Default::default()
         }

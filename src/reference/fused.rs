@@ -201,12 +201,9 @@ pub fn backward_training<T: Element>(request: Backward<'_, T>, saved: &SavedStat
         grads,
         epilogue,
     } = request;
-    Buffers {
-        save_mean: Some(saved.mean.len()),
-        save_invstd: Some(saved.invstd.len()),
-        ..backward_buffers(x, dy, weight, &grads)
-    }
-    .check(&desc)?;
+    saved
+        .buffers(backward_buffers(x, dy, weight, &grads))
+        .check(&desc)?;
     epilogue.check(&desc)?;
     let dy_eff = masked(dy, &epilogue, &desc);
     super::backward_training(x, &dy_eff, &desc, weight, saved, grads)?;

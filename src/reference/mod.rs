@@ -56,6 +56,56 @@ use crate::shape::TensorDesc;
 use crate::validate::{self, validate_eps, validate_momentum, Buffers};
 use math::Norm;
 
+/// What the reference computes with the saved statistics (the type is the crate's shared
+/// [`SavedStats`]).
+impl SavedStats {
+    /// The f32 statistics of f64 ones: the mean as `mean + mean_lo` with `mean` the f32 rounding
+    /// of the pair (as the GPU's), `invstd` rounded once.
+    fn from_f64(mean: &[f64], invstd: &[f64]) -> Self {
+        let hi = narrow(mean);
+        let mean_lo = mean
+            .iter()
+            .zip(&hi)
+            .map(|(&m, &h)| {
+                if !h.is_finite() {
+                    return 0.0;
+                }
+                let lo = (m - f64::from(h)) as f32;
+                // Rounded onto half an ulp of an odd `h`, `h + lo` would tie away from `h`.
+                if (f64::from(h) + f64::from(lo)) as f32 == h {
+                    lo
+                } else {
+                    f32::from_bits(lo.to_bits() - 1)
+                }
+            })
+            .collect();
+        Self {
+            mean: hi,
+            mean_lo,
+            invstd: narrow(invstd),
+        }
+    }
+
+    /// The saved mean in f64: `mean + mean_lo`.
+    fn full_mean(&self) -> Vec<f64> {
+        self.mean
+            .iter()
+            .zip(&self.mean_lo)
+            .map(|(&hi, &lo)| f64::from(hi) + f64::from(lo))
+            .collect()
+    }
+
+    /// `call`'s buffer lengths with the saved statistics' filled in.
+    fn buffers(&self, call: Buffers) -> Buffers {
+        Buffers {
+            save_mean: Some(self.mean.len()),
+            save_mean_lo: Some(self.mean_lo.len()),
+            save_invstd: Some(self.invstd.len()),
+            ..call
+        }
+    }
+}
+
 /// A forward's epilogue on host slices ([`crate::epilogue::Epilogue`]): `z` laid out as `x`,
 /// the mask [`mask_words`](crate::epilogue::mask_words) words.
 pub type Epilogue<'a, T> = crate::epilogue::Epilogue<&'a [T], &'a mut [u32]>;
@@ -213,10 +263,7 @@ fn normalize_batch<T: Element>(
         weight: &weight,
     };
     math::normalize(x, g, &norm, &widen_or(bias, c, 0.0), y);
-    SavedStats {
-        mean: narrow(&moments.mean),
-        invstd: narrow(&invstd),
-    }
+    SavedStats::from_f64(&moments.mean, &invstd)
 }
 
 /// Eval-mode forward: `y = (x - running_mean) * (weight / sqrt(running_var + eps)) + bias`.
@@ -311,17 +358,14 @@ pub fn backward_training<T: Element>(
     saved: &SavedStats,
     grads: Gradients<'_, T>,
 ) -> Result<()> {
-    Buffers {
-        save_mean: Some(saved.mean.len()),
-        save_invstd: Some(saved.invstd.len()),
-        ..backward_buffers(x, dy, weight, &grads)
-    }
-    .check(desc)?;
+    saved
+        .buffers(backward_buffers(x, dy, weight, &grads))
+        .check(desc)?;
     validate::batch_statistics(desc)?;
 
     let (g, c) = (desc.geometry(), desc.channels());
     let (mean, invstd, weight) = (
-        widen(&saved.mean),
+        saved.full_mean(),
         widen(&saved.invstd),
         widen_or(weight, c, 1.0),
     );

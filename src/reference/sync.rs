@@ -43,7 +43,8 @@ use crate::shape::TensorDesc;
 use crate::validate::{self, validate_eps, validate_momentum, Buffers};
 
 /// Per-channel moments of a set of values: what a rank sends in the forward all-gather (its
-/// shard), or the merge of every rank's (the whole batch). In f64 here; the GPU sends f32.
+/// shard), or the merge of every rank's (the whole batch). In f64 here; the GPU sends f32, the
+/// mean as two floats (`hi + lo`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ChannelMoments {
     /// Values per channel (`N * spatial`), the same for every channel; 0 for an empty shard.
@@ -238,15 +239,14 @@ pub fn local_grad_sums<T: Element>(
     desc: &TensorDesc,
     saved: &SavedStats,
 ) -> Result<GradSums> {
-    Buffers {
-        x: x.len(),
-        dy: Some(dy.len()),
-        save_mean: Some(saved.mean.len()),
-        save_invstd: Some(saved.invstd.len()),
-        ..Default::default()
-    }
-    .check(desc)?;
-    let (mean, invstd) = (widen(&saved.mean), widen(&saved.invstd));
+    saved
+        .buffers(Buffers {
+            x: x.len(),
+            dy: Some(dy.len()),
+            ..Default::default()
+        })
+        .check(desc)?;
+    let (mean, invstd) = (saved.full_mean(), widen(&saved.invstd));
     let weight = vec![1.0; desc.channels()];
     let norm = Norm {
         mean: &mean,
@@ -308,18 +308,17 @@ pub fn backward_training<T: Element>(
         grads,
     } = request;
     let desc = &desc;
-    Buffers {
-        x: x.len(),
-        dy: Some(dy.len()),
-        dx: grads.dx.as_ref().map(|dx| dx.len()),
-        weight: weight.map(<[f32]>::len),
-        save_mean: Some(saved.mean.len()),
-        save_invstd: Some(saved.invstd.len()),
-        dweight: grads.dweight.as_ref().map(|d| d.len()),
-        dbias: grads.dbias.as_ref().map(|d| d.len()),
-        ..Default::default()
-    }
-    .check(desc)?;
+    saved
+        .buffers(Buffers {
+            x: x.len(),
+            dy: Some(dy.len()),
+            dx: grads.dx.as_ref().map(|dx| dx.len()),
+            weight: weight.map(<[f32]>::len),
+            dweight: grads.dweight.as_ref().map(|d| d.len()),
+            dbias: grads.dbias.as_ref().map(|d| d.len()),
+            ..Default::default()
+        })
+        .check(desc)?;
     let c = desc.channels();
     for (what, len) in [
         ("local.sum_dy", local.sum_dy.len()),
@@ -333,7 +332,7 @@ pub fn backward_training<T: Element>(
 
     if let Some(dx) = grads.dx {
         let (mean, invstd, weight) = (
-            widen(&saved.mean),
+            saved.full_mean(),
             widen(&saved.invstd),
             widen_or(weight, c, 1.0),
         );

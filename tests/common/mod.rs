@@ -9,6 +9,7 @@
 pub mod conv;
 pub mod golden;
 pub mod gpu;
+pub mod offset;
 
 #[allow(unused_imports)] // each test crate uses some
 pub use golden::{batchnorm_cases, fold_cases, BnInputs, Case, FoldInputs, Stored};
@@ -227,7 +228,8 @@ impl Checks {
     }
 
     /// Compares a result with `expect.{name}` under `tol`. A result with no expectation is a
-    /// failure (the case should have recorded one), and so is an expectation with no result.
+    /// failure (the case should have recorded one) unless `FORMAT.md` says the quantity is
+    /// absent there ([`Case::unspecified`]), and an expectation with no result is a failure.
     pub fn compare(&mut self, case: &Case, name: &str, got: Option<Vec<f64>>, tol: Tol) {
         self.checked.insert(name.to_owned());
         match (got, case.expect(name)) {
@@ -241,6 +243,9 @@ impl Checks {
             (None, Some(_)) => self
                 .failures
                 .push(format!("{name}: expected, but not produced")),
+            (Some(_), None) if case.unspecified(name) => {
+                self.lines.push(format!("{name} unspecified"))
+            }
             (Some(_), None) => self.failures.push(format!(
                 "{name}: produced, but the case has no expect.{name}"
             )),
@@ -359,4 +364,83 @@ pub fn state_change(before: &LayerState, after: &LayerState) -> Option<String> {
         changed.push("num_batches_tracked");
     }
     (!changed.is_empty()).then(|| format!("changed: {changed:?}"))
+}
+
+/// Inputs whose exact result lies just past a rounding midpoint of a half type: a result
+/// rounded once lands on the upper neighbour, one rounded to f32 first lands exactly on the
+/// midpoint and ties to even, the lower one. For `dtype` (F16 or BF16) with `h` the half ulp
+/// at 1 (2^-11, 2^-8): `1 + h + tiny` must round to `1 + 2h`, never to 1.
+pub struct Halfway {
+    /// `h`, the distance from 1 to the midpoint above it.
+    pub half_ulp: f64,
+    /// The result a single rounding gives: `1 + 2h`.
+    pub once: f64,
+}
+
+pub fn halfway(dtype: DType) -> Halfway {
+    let half_ulp = match dtype {
+        DType::F16 => 2f64.powi(-11),
+        DType::BF16 => 2f64.powi(-8),
+        DType::F32 => unreachable!("f32 outputs are rounded from f64 once by construction"),
+    };
+    Halfway {
+        half_ulp,
+        once: 1.0 + 2.0 * half_ulp,
+    }
+}
+
+/// A fold whose folded weight and bias land just past a midpoint (see [`Halfway`]): one output
+/// channel, a 1x1 conv with weight 1 and bias 0, `eps = 2^-30`, `running_var = 1 - 2^-24`
+/// (so `s = bn_weight / sqrt(1 - 2^-24 + 2^-30)` is `(1 + h)(1 + ~2^-25)`, below f32's half ulp
+/// past the midpoint), `bn_weight = bn_bias = 1 + h` and `running_mean = -2^-40` (so
+/// `b' = 2^-40 * s + 1 + h`). Both must fold to [`Halfway::once`].
+pub struct FoldHalfway {
+    pub eps: f32,
+    pub running_mean: [f32; 1],
+    pub running_var: [f32; 1],
+    pub bn_weight: [f32; 1],
+    pub bn_bias: [f32; 1],
+    pub expected: f64,
+}
+
+pub fn fold_halfway(dtype: DType) -> FoldHalfway {
+    let h = halfway(dtype);
+    let past = (1.0 + h.half_ulp) as f32;
+    FoldHalfway {
+        eps: 2f32.powi(-30),
+        running_mean: [-(2f32.powi(-40))],
+        running_var: [1.0 - 2f32.powi(-24)],
+        bn_weight: [past],
+        bn_bias: [past],
+        expected: h.once,
+    }
+}
+
+/// An eval-mode batch norm of one value whose `y` lands just past a midpoint of a half type
+/// (see [`Halfway`]): `x = 0`, `running_var = 1 - 2^-20` with `eps = 2^-20` (so `invstd` is 1
+/// exactly, in f32 and in f64), weight 1.
+/// - `running_mean = -2^-40`, `bias = 1 + h`: `y = 1 + h + 2^-40` exactly, only in f64; the
+///   reference, which rounds its f64 result once, must give [`Halfway::once`].
+/// - `running_mean = 0`, `bias = h + 2^-23` and a residual `z = 1`: `BN(x) + z = 1 + h + 2^-23`,
+///   exact in f32; the fused add, which rounds the f32 sum once (GPU) or the f64 one (CPU), must
+///   give [`Halfway::once`] (rounding `BN(x)` to the half type first gives `h`, then a tie).
+pub struct EvalHalfway {
+    pub eps: f32,
+    pub running_var: [f32; 1],
+    /// `(running_mean, bias)` of the f64-only case.
+    pub plain: ([f32; 1], [f32; 1]),
+    /// `(running_mean, bias)` of the fused-add case (with `z = 1`).
+    pub add: ([f32; 1], [f32; 1]),
+    pub expected: f64,
+}
+
+pub fn eval_halfway(dtype: DType) -> EvalHalfway {
+    let h = halfway(dtype);
+    EvalHalfway {
+        eps: 2f32.powi(-20),
+        running_var: [1.0 - 2f32.powi(-20)],
+        plain: ([-(2f32.powi(-40))], [(1.0 + h.half_ulp) as f32]),
+        add: ([0.0], [(h.half_ulp + 2f64.powi(-23)) as f32]),
+        expected: h.once,
+    }
 }

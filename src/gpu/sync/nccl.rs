@@ -76,7 +76,7 @@ pub fn communicator(gpu: &GpuContext, rank: usize, world_size: usize, id: Id) ->
 /// (`nn.SyncBatchNorm`): the interface of [`BatchNorm`], whose state it keeps (parameters and
 /// their gradients, running statistics, counter), plus the communicator.
 ///
-/// In training mode a forward runs [`local_moments`], an all-gather of `12 C` bytes per rank,
+/// In training mode a forward runs [`local_moments`], an all-gather of `16 C` bytes per rank,
 /// and [`forward_training`] (merge in rank order, running update with the global count,
 /// normalize); a backward runs [`local_grad_sums`], an all-reduce of `8 C` bytes, and
 /// [`backward_training`]. Every rank must call every training `forward` and `backward`, with
