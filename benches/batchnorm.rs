@@ -18,7 +18,8 @@
 //! the copy yardstick and the comparison with PyTorch, come from `examples/gpu_bench.rs`.
 
 use batchnorm_cuda::gpu::functional::{
-    self, GradientsMut, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
+    self, Backward, BackwardStats, BatchStats, Epilogue, EpilogueGrad, Forward, ForwardStats,
+    GradientsMut, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
 };
 use batchnorm_cuda::gpu::{GpuContext, Workspace};
 use batchnorm_cuda::reference;
@@ -249,35 +250,45 @@ impl<T: Element> Buffers<T> {
             mean_lo: self.save_mean_lo.as_view_mut(),
             invstd: self.save_invstd.as_view_mut(),
         };
-        functional::forward_training(
-            gpu,
-            ws,
-            &self.x.as_view(),
-            desc,
-            Some(&self.weight.as_view()),
-            Some(&self.bias.as_view()),
-            Some(running),
-            EPS,
-            &mut self.y.as_view_mut(),
-            saved,
-        )
+        let request = Forward {
+            desc: *desc,
+            x: self.x.as_view(),
+            weight: Some(self.weight.as_view()),
+            bias: Some(self.bias.as_view()),
+            stats: ForwardStats::Batch(BatchStats {
+                saved,
+                running: Some(running),
+                eps: EPS,
+            }),
+            y: self.y.as_view_mut(),
+            epilogue: Epilogue::None,
+        };
+        functional::forward(gpu, ws, request)
     }
 
-    fn eval(&mut self, gpu: &GpuContext, desc: &TensorDesc) -> batchnorm_cuda::Result<()> {
+    fn eval(
+        &mut self,
+        gpu: &GpuContext,
+        ws: &mut Workspace,
+        desc: &TensorDesc,
+    ) -> batchnorm_cuda::Result<()> {
         let running = RunningStats {
             mean: self.running_mean.as_view(),
             var: self.running_var.as_view(),
         };
-        functional::forward_inference(
-            gpu,
-            &self.x.as_view(),
-            desc,
-            Some(&self.weight.as_view()),
-            Some(&self.bias.as_view()),
-            &running,
-            EPS,
-            &mut self.y.as_view_mut(),
-        )
+        let request = Forward {
+            desc: *desc,
+            x: self.x.as_view(),
+            weight: Some(self.weight.as_view()),
+            bias: Some(self.bias.as_view()),
+            stats: ForwardStats::Running {
+                stats: running,
+                eps: EPS,
+            },
+            y: self.y.as_view_mut(),
+            epilogue: Epilogue::None,
+        };
+        functional::forward(gpu, ws, request)
     }
 
     fn backward(
@@ -297,16 +308,16 @@ impl<T: Element> Buffers<T> {
             dbias: Some(self.dbias.as_view_mut()),
             accumulate: false,
         };
-        functional::backward_training(
-            gpu,
-            ws,
-            &self.x.as_view(),
-            &self.dy.as_view(),
-            desc,
-            Some(&self.weight.as_view()),
-            &saved,
+        let request = Backward {
+            desc: *desc,
+            x: self.x.as_view(),
+            dy: self.dy.as_view(),
+            weight: Some(self.weight.as_view()),
+            stats: BackwardStats::Batch(saved),
             grads,
-        )
+            epilogue: EpilogueGrad::None,
+        };
+        functional::backward(gpu, ws, request)
     }
 }
 
@@ -340,7 +351,7 @@ fn gpu_shape<T: Element>(
     let mut buf = Buffers::<T>::new(gpu, desc)?;
     // One call of each outside the timing: errors surface here, and the workspace is grown.
     buf.forward(gpu, &mut ws, desc)?;
-    buf.eval(gpu, desc)?;
+    buf.eval(gpu, &mut ws, desc)?;
     buf.backward(gpu, &mut ws, desc)?;
     gpu.synchronize()?;
 
@@ -354,7 +365,7 @@ fn gpu_shape<T: Element>(
     let mut group = c.benchmark_group("bn_eval");
     group.throughput(bytes::<T>(desc, 2));
     group.bench_function(&name, |b| {
-        b.iter_custom(|iters| time_gpu(gpu, iters, || buf.eval(gpu, desc)))
+        b.iter_custom(|iters| time_gpu(gpu, iters, || buf.eval(gpu, &mut ws, desc)))
     });
     group.finish();
 

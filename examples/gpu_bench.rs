@@ -69,7 +69,6 @@ const MOMENTUM: f32 = 0.1;
 const FULL_CHECK_NUMEL: usize = 1 << 22;
 /// Channels checked on larger tensors.
 const SAMPLED_CHANNELS: usize = 8;
-const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Largest accepted `rel_err`: a few units of rounding of the output dtype (f32: the GPU
 /// accumulates in f32 where the reference uses f64).
@@ -672,17 +671,22 @@ fn run_bn<T: Element>(env: &mut Env, desc: &TensorDesc) -> BoxResult<Vec<(Timing
             mean_lo: sl.as_view_mut(),
             invstd: si.as_view_mut(),
         };
-        functional::forward_training(
+        functional::forward(
             gpu,
             workspace,
-            &x.as_view(),
-            desc,
-            Some(&weight.as_view()),
-            Some(&bias.as_view()),
-            Some(running),
-            EPS,
-            &mut y.as_view_mut(),
-            saved,
+            functional::Forward {
+                desc: *desc,
+                x: x.as_view(),
+                weight: Some(weight.as_view()),
+                bias: Some(bias.as_view()),
+                stats: functional::ForwardStats::Batch(functional::BatchStats {
+                    saved,
+                    running: Some(running),
+                    eps: EPS,
+                }),
+                y: y.as_view_mut(),
+                epilogue: functional::Epilogue::None,
+            },
         )?;
         Ok(())
     };
@@ -691,15 +695,21 @@ fn run_bn<T: Element>(env: &mut Env, desc: &TensorDesc) -> BoxResult<Vec<(Timing
             mean: eval_mean.as_view(),
             var: eval_var.as_view(),
         };
-        functional::forward_inference(
+        functional::forward(
             gpu,
-            &x.as_view(),
-            desc,
-            Some(&weight.as_view()),
-            Some(&bias.as_view()),
-            &running,
-            EPS,
-            &mut y.as_view_mut(),
+            &mut Workspace::new(),
+            functional::Forward {
+                desc: *desc,
+                x: x.as_view(),
+                weight: Some(weight.as_view()),
+                bias: Some(bias.as_view()),
+                stats: functional::ForwardStats::Running {
+                    stats: running,
+                    eps: EPS,
+                },
+                y: y.as_view_mut(),
+                epilogue: functional::Epilogue::None,
+            },
         )?;
         Ok(())
     };
@@ -720,15 +730,18 @@ fn run_bn<T: Element>(env: &mut Env, desc: &TensorDesc) -> BoxResult<Vec<(Timing
             dbias: Some(db.as_view_mut()),
             accumulate: false,
         };
-        functional::backward_training(
+        functional::backward(
             gpu,
             workspace,
-            &x.as_view(),
-            &dy.as_view(),
-            desc,
-            Some(&weight.as_view()),
-            &saved,
-            grads,
+            functional::Backward {
+                desc: *desc,
+                x: x.as_view(),
+                dy: dy.as_view(),
+                weight: Some(weight.as_view()),
+                stats: functional::BackwardStats::Batch(saved),
+                grads,
+                epilogue: functional::EpilogueGrad::None,
+            },
         )?;
         Ok(())
     };
@@ -1317,7 +1330,7 @@ fn run(gpu: Option<GpuContext>, args: &Args) -> BoxResult<bool> {
             &[Layout::ChannelsFirst, Layout::ChannelsLast]
         };
         for &layout in layouts {
-            for dtype in DTYPES {
+            for dtype in DType::ALL {
                 // Skip the work when the filter keeps none of the three rows.
                 let planned = bn_rows(&case, layout, dtype, vec![Err(NOT_MEASURED.into()); 3]);
                 let Some(env) = env
@@ -1336,7 +1349,7 @@ fn run(gpu: Option<GpuContext>, args: &Args) -> BoxResult<bool> {
         }
     }
     for case in fold_suite(args.quick) {
-        for dtype in DTYPES {
+        for dtype in DType::ALL {
             let planned = fold_row(&case, dtype, Err(NOT_MEASURED.into()));
             let Some(env) = env.as_mut().filter(|_| wanted(&planned.name)) else {
                 report(vec![planned]);
@@ -1355,7 +1368,7 @@ fn run(gpu: Option<GpuContext>, args: &Args) -> BoxResult<bool> {
         .map(|env| batchnorm_cuda::gpu::norms::Norms::new(&env.gpu))
         .transpose()?;
     for case in norms::suite(args.quick) {
-        for dtype in DTYPES {
+        for dtype in DType::ALL {
             let planned = norms::rows(&case, dtype, vec![Err(NOT_MEASURED.into()); 2]);
             let (Some(env), Some(kernels)) = (
                 env.as_mut()

@@ -11,8 +11,8 @@
 
 use batchnorm_cuda::fold::{FoldKind, FoldSpec};
 use batchnorm_cuda::gpu::{self, GpuContext};
-use batchnorm_cuda::reference::{self, conv};
 use batchnorm_cuda::state::StateFile;
+use batchnorm_cuda::{conv, reference};
 use batchnorm_cuda::{BatchNormConfig, Element, Layout, Result, TensorDesc};
 use half::{bf16, f16};
 use std::time::Instant;

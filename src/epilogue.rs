@@ -1,6 +1,6 @@
 //! Fused epilogues: `y = relu(BN(x))` and the ResNet block's `y = relu(BN(x) + z)`, and the
 //! ReLU mask their backward reads instead of `y` (cuDNN's "reserve space"; apex groupbn's
-//! bitmask), shared by the GPU ([`crate::gpu::fused`]) and the CPU reference
+//! bitmask), shared by the GPU ([`crate::gpu::functional`]) and the CPU reference
 //! ([`crate::reference::fused`]).
 //!
 //! # The mask
@@ -32,25 +32,144 @@
 
 use crate::error::Result;
 use crate::shape::TensorDesc;
-use crate::validate;
+use crate::validate::{self, Length};
 
 /// Which fused epilogue a forward ran.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Epilogue {
+pub enum EpilogueKind {
     /// `y = relu(BN(x))`.
     Relu,
     /// `y = relu(BN(x) + z)`: the backward also gives `dz`.
     AddRelu,
 }
 
-impl Epilogue {
-    /// The epilogue of a call given its optional residual `z`.
+impl EpilogueKind {
+    /// The epilogue of a call given whether it has a residual `z`.
     pub fn with_residual(residual: bool) -> Self {
         if residual {
-            Epilogue::AddRelu
+            EpilogueKind::AddRelu
         } else {
-            Epilogue::Relu
+            EpilogueKind::Relu
         }
+    }
+}
+
+/// What a forward does after the batch norm, with its buffers: `Z` holds the shortcut `z`
+/// (`desc.numel()` values in the layout of `x`, may be the memory of `y`), `M` receives the
+/// ReLU mask ([`mask_words`] words, every one written; `None` writes no mask: inference
+/// without a backward). The GPU's is [`crate::gpu::functional::Epilogue`], the CPU
+/// reference's [`crate::reference::Epilogue`].
+#[derive(Debug)]
+pub enum Epilogue<Z, M> {
+    /// `y = BN(x)`.
+    None,
+    /// `y = relu(BN(x))`.
+    Relu {
+        /// Receives the ReLU mask.
+        mask: Option<M>,
+    },
+    /// `y = relu(BN(x) + z)`.
+    AddRelu {
+        /// The shortcut.
+        z: Z,
+        /// Receives the ReLU mask.
+        mask: Option<M>,
+    },
+}
+
+impl<Z: Length, M: Length> Epilogue<Z, M> {
+    /// `relu(BN(x) + z)` when there is a residual `z`, else `relu(BN(x))`.
+    pub fn relu(residual: Option<Z>, mask: Option<M>) -> Self {
+        match residual {
+            Some(z) => Epilogue::AddRelu { z, mask },
+            None => Epilogue::Relu { mask },
+        }
+    }
+
+    /// The fused epilogue, `None` for the plain batch norm.
+    pub fn kind(&self) -> Option<EpilogueKind> {
+        match self {
+            Epilogue::None => None,
+            Epilogue::Relu { .. } => Some(EpilogueKind::Relu),
+            Epilogue::AddRelu { .. } => Some(EpilogueKind::AddRelu),
+        }
+    }
+
+    /// Whether the epilogue writes a mask.
+    pub fn writes_mask(&self) -> bool {
+        matches!(
+            self,
+            Epilogue::Relu { mask: Some(_) } | Epilogue::AddRelu { mask: Some(_), .. }
+        )
+    }
+
+    /// The buffers a fused forward adds to the plain one, checked after the plain call's
+    /// buffers: `z`, then the mask, each when given.
+    pub(crate) fn check(&self, desc: &TensorDesc) -> Result<()> {
+        let (z, mask) = match self {
+            Epilogue::None => return Ok(()),
+            Epilogue::Relu { mask } => (None, mask),
+            Epilogue::AddRelu { z, mask } => (Some(z), mask),
+        };
+        if let Some(z) = z {
+            validate::buffer("z", desc.numel(), z.length())?;
+        }
+        if let Some(mask) = mask {
+            validate::buffer("mask", mask_words(desc), mask.length())?;
+        }
+        Ok(())
+    }
+}
+
+/// The backward of an [`Epilogue`], with its buffers: `M` holds the forward's mask (read only:
+/// one mask serves any number of backwards), `D` receives `dz`. The backward runs the plain
+/// batch-norm backward of `dy_eff = mask ? dy : 0`.
+#[derive(Debug)]
+pub enum EpilogueGrad<M, D> {
+    /// The backward of [`Epilogue::None`].
+    None,
+    /// The backward of [`Epilogue::Relu`].
+    Relu {
+        /// The forward's mask.
+        mask: M,
+    },
+    /// The backward of [`Epilogue::AddRelu`]: also `dz = dy_eff`, the shortcut's gradient
+    /// (shape and layout of `x`), when `dz` is given.
+    AddRelu {
+        /// The forward's mask.
+        mask: M,
+        /// Receives the shortcut's gradient.
+        dz: Option<D>,
+    },
+}
+
+impl<M: Length, D: Length> EpilogueGrad<M, D> {
+    /// The fused epilogue whose backward this is, `None` for the plain batch norm.
+    pub fn kind(&self) -> Option<EpilogueKind> {
+        match self {
+            EpilogueGrad::None => None,
+            EpilogueGrad::Relu { .. } => Some(EpilogueKind::Relu),
+            EpilogueGrad::AddRelu { .. } => Some(EpilogueKind::AddRelu),
+        }
+    }
+
+    /// The forward's mask, `None` for the plain backward.
+    pub fn mask(&self) -> Option<&M> {
+        match self {
+            EpilogueGrad::None => None,
+            EpilogueGrad::Relu { mask } | EpilogueGrad::AddRelu { mask, .. } => Some(mask),
+        }
+    }
+
+    /// The buffers a fused backward adds to the plain one: the mask, then `dz` when given.
+    pub(crate) fn check(&self, desc: &TensorDesc) -> Result<()> {
+        if let Some(mask) = self.mask() {
+            validate::buffer("mask", mask_words(desc), mask.length())?;
+        }
+        if let EpilogueGrad::AddRelu { dz: Some(dz), .. } = self {
+            validate::buffer("dz", desc.numel(), dz.length())?;
+        }
+        Ok(())
     }
 }
 
@@ -120,31 +239,6 @@ pub fn has_padding_bits(desc: &TensorDesc, mask: &[u32]) -> bool {
             .skip(words - 1)
             .step_by(words)
             .any(|w| w >> tail != 0)
-}
-
-/// The buffers a fused forward adds to the plain one, checked after the plain call's buffers:
-/// `z` (`numel` values, the residual) and the mask (`mask_words` words), each when given.
-pub(crate) fn check_forward(
-    desc: &TensorDesc,
-    residual: Option<usize>,
-    mask: Option<usize>,
-) -> Result<()> {
-    if let Some(len) = residual {
-        validate::buffer("z", desc.numel(), len)?;
-    }
-    if let Some(len) = mask {
-        validate::buffer("mask", mask_words(desc), len)?;
-    }
-    Ok(())
-}
-
-/// The buffers a fused backward adds to the plain one: the mask, then `dz` when given.
-pub(crate) fn check_backward(desc: &TensorDesc, mask: usize, dz: Option<usize>) -> Result<()> {
-    validate::buffer("mask", mask_words(desc), mask)?;
-    if let Some(len) = dz {
-        validate::buffer("dz", desc.numel(), len)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -237,11 +331,23 @@ mod tests {
 
     #[test]
     fn fused_buffers_are_checked_in_order() {
+        type Forward<'a> = Epilogue<&'a [f32], &'a mut [u32]>;
+        type Backward<'a> = EpilogueGrad<&'a [u32], &'a mut [f32]>;
         let d = desc(&[2, 3, 5], Layout::ChannelsFirst);
-        assert!(check_forward(&d, Some(30), Some(6)).is_ok());
-        assert!(check_forward(&d, None, None).is_ok());
+        let (z, mut mask) = ([0.0f32; 31], [0u32; 7]);
+        let ok: Forward = Epilogue::AddRelu {
+            z: &z[..30],
+            mask: Some(&mut mask[..6]),
+        };
+        assert!(ok.check(&d).is_ok());
+        assert!(Forward::Relu { mask: None }.check(&d).is_ok());
+        assert!(Forward::None.check(&d).is_ok());
+        let short_both: Forward = Epilogue::AddRelu {
+            z: &z[..29],
+            mask: Some(&mut mask[..5]),
+        };
         assert!(matches!(
-            check_forward(&d, Some(29), Some(5)),
+            short_both.check(&d),
             Err(crate::Error::BufferLength {
                 what: "z",
                 needed: 30,
@@ -249,16 +355,28 @@ mod tests {
             })
         ));
         assert!(matches!(
-            check_forward(&d, None, Some(5)),
+            Forward::Relu {
+                mask: Some(&mut mask[..5])
+            }
+            .check(&d),
             Err(crate::Error::BufferLength {
                 what: "mask",
                 needed: 6,
                 got: 5
             })
         ));
-        assert!(check_backward(&d, 6, Some(30)).is_ok());
+        let (saved_mask, mut dz) = ([0u32; 6], [0.0f32; 31]);
+        let ok: Backward = EpilogueGrad::AddRelu {
+            mask: &saved_mask,
+            dz: Some(&mut dz[..30]),
+        };
+        assert!(ok.check(&d).is_ok());
+        let long_dz: Backward = EpilogueGrad::AddRelu {
+            mask: &saved_mask,
+            dz: Some(&mut dz),
+        };
         assert!(matches!(
-            check_backward(&d, 6, Some(31)),
+            long_dz.check(&d),
             Err(crate::Error::BufferLength { what: "dz", .. })
         ));
     }

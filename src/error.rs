@@ -103,7 +103,7 @@ pub enum Error {
     #[error("cannot fold: {reason}")]
     InvalidFold { reason: String },
 
-    /// A reference convolution whose shapes or parameters do not fit (`reference::conv`).
+    /// A reference convolution whose shapes or parameters do not fit (`conv`).
     #[error("invalid convolution: {reason}")]
     InvalidConv { reason: String },
 

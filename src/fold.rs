@@ -34,7 +34,8 @@ pub enum FoldKind {
 }
 
 impl FoldKind {
-    /// Parses the names used by the golden fold files (`conv`, `conv_transpose`, `linear`).
+    /// Parses the names used by the golden fold files (a test tool) (`conv`, `conv_transpose`, `linear`).
+    #[cfg(feature = "test-tools")]
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "conv" => Some(FoldKind::Conv),

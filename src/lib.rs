@@ -10,11 +10,13 @@
 //! | [`gpu::ptx`] | the generated registry of PTX modules and their entry points |
 //! | [`gpu::GpuContext`] | a device, a stream, and every kernel loaded once |
 //! | [`gpu::launch`] | grid and block sizes as pure functions |
-//! | [`gpu::functional`] | stateless calls over borrowed device memory and a [`TensorDesc`], like cuDNN |
+//! | [`gpu::functional`] | stateless calls: request structs of borrowed device memory and a [`TensorDesc`], like cuDNN |
 //! | [`gpu::BatchNorm`] | the stateful layer: parameters, gradients, running statistics, train/eval |
 //! | [`reference`](mod@reference) | the same functional calls and layer on the CPU, f64 accumulation |
+//! | `conv` | convolution, transposed convolution and linear layer by direct loops (f64 on the CPU, f32 on the GPU in `conv::gpu`): test tools that check a fold end to end (feature `test-tools`) |
 //! | [`fold`] | conv/linear + batch-norm folding: which weight element scales by which channel |
-//! | [`epilogue`] | fused `relu(BN(x))` / `relu(BN(x) + z)`: the ReLU mask's layout ([`gpu::fused`], [`reference::fused`]) |
+//! | [`epilogue`] | fused `relu(BN(x))` / `relu(BN(x) + z)`: the epilogue with its buffers and the ReLU mask's layout ([`gpu::functional`], [`reference::fused`]) |
+//! | [`stats`] | the saved batch statistics on the host, as both the GPU layers and the reference hand them out |
 //! | [`norms`] | group, layer, instance and RMS normalization: one row-statistics shape for all four ([`reference::norms`], [`gpu::norms`]) |
 //! | [`state`] | a layer's state in PyTorch's `state_dict` names, as safetensors |
 //!
@@ -49,6 +51,8 @@
 #![warn(missing_docs)]
 
 pub mod config;
+#[cfg(feature = "test-tools")]
+pub mod conv;
 pub mod dtype;
 pub mod epilogue;
 pub mod error;
@@ -58,14 +62,15 @@ pub mod norms;
 pub mod reference;
 pub mod shape;
 pub mod state;
+pub mod stats;
 pub mod validate;
 
 pub use config::{BatchNormConfig, RunningVarUpdate};
 pub use dtype::{DType, Element};
-pub use epilogue::Epilogue;
+pub use epilogue::EpilogueKind;
 pub use error::{Error, Result};
 pub use shape::{Geometry, Layout, TensorDesc};
-pub use state::LayerState;
+pub use state::{LayerState, StatefulLayer};
 
 /// The cudarc this crate is built on, for streams and device buffers of the same version (and to
 /// make a [`gpu::GpuContext`] from another crate's stream, e.g. candle's).

@@ -14,7 +14,8 @@ pub enum Layout {
 }
 
 impl Layout {
-    /// Parses the names used by the golden files.
+    /// Parses the names used by the golden files (a test tool).
+    #[cfg(feature = "test-tools")]
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "channels_first" => Some(Layout::ChannelsFirst),

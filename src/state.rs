@@ -596,3 +596,99 @@ fn write_error(err: SafeTensorError) -> Error {
         other => Error::StateFile(format!("cannot serialize: {other}")),
     }
 }
+
+/// The host-side state and mode of a batch-norm layer: the same methods on the GPU layer
+/// ([`gpu::BatchNorm`](crate::gpu::BatchNorm)), the CPU reference
+/// ([`reference::BatchNorm`](crate::reference::BatchNorm)) and, with the `nccl` feature, the
+/// synchronized layer, so that code (a checkpoint loader, a test) can drive any of them. The
+/// activations' side (forward, backward) stays on each layer: device views on the GPU, host
+/// slices on the CPU.
+///
+/// Every setter checks before it writes: on error nothing changes.
+pub trait StatefulLayer {
+    /// The layer's configuration.
+    fn config(&self) -> &BatchNormConfig;
+    /// Training mode: batch statistics, running statistics updated.
+    fn train(&mut self);
+    /// Eval mode: running statistics (batch statistics when `track_running_stats` is false).
+    fn eval(&mut self);
+    /// Whether the layer is in training mode.
+    fn is_training(&self) -> bool;
+    /// The number of training forwards that updated the running statistics.
+    fn num_batches_tracked(&self) -> u64;
+    /// Sets the counter; [`Error::NoRunningStats`] when the layer keeps no running statistics.
+    fn set_num_batches_tracked(&mut self, value: u64) -> Result<()>;
+    /// A host copy of the whole state (the GPU layers copy from the device).
+    fn state(&self) -> Result<LayerState>;
+    /// Replaces the whole state after checking it against the configuration.
+    fn load_state(&mut self, state: &LayerState) -> Result<()>;
+    /// Replaces the weight: [`Error::NotAffine`], [`Error::BufferLength`].
+    fn set_weight(&mut self, values: &[f32]) -> Result<()>;
+    /// Replaces the bias: [`Error::NotAffine`], [`Error::BufferLength`].
+    fn set_bias(&mut self, values: &[f32]) -> Result<()>;
+    /// Replaces the running mean: [`Error::NoRunningStats`], [`Error::BufferLength`].
+    fn set_running_mean(&mut self, values: &[f32]) -> Result<()>;
+    /// Replaces the running variance: [`Error::NoRunningStats`], [`Error::BufferLength`],
+    /// [`Error::InvalidRunningVar`] for a negative or non-finite value.
+    fn set_running_var(&mut self, values: &[f32]) -> Result<()>;
+    /// Replaces both running statistics, checked first (lengths, a finite non-negative
+    /// variance), then [`Error::NoRunningStats`].
+    fn set_running_stats(&mut self, mean: &[f32], var: &[f32]) -> Result<()>;
+}
+
+/// Implements [`StatefulLayer`] for a layer type by its inherent methods of the same names;
+/// `state` says how to get a `Result<LayerState>` from the layer.
+macro_rules! stateful_layer_by_inherent_methods {
+    ($layer:ty, state: |$l:ident| $state:expr) => {
+        impl $crate::state::StatefulLayer for $layer {
+            fn config(&self) -> &$crate::config::BatchNormConfig {
+                <$layer>::config(self)
+            }
+            fn train(&mut self) {
+                <$layer>::train(self)
+            }
+            fn eval(&mut self) {
+                <$layer>::eval(self)
+            }
+            fn is_training(&self) -> bool {
+                <$layer>::is_training(self)
+            }
+            fn num_batches_tracked(&self) -> u64 {
+                <$layer>::num_batches_tracked(self)
+            }
+            fn set_num_batches_tracked(&mut self, value: u64) -> $crate::error::Result<()> {
+                <$layer>::set_num_batches_tracked(self, value)
+            }
+            fn state(&self) -> $crate::error::Result<$crate::state::LayerState> {
+                let $l = self;
+                $state
+            }
+            fn load_state(
+                &mut self,
+                state: &$crate::state::LayerState,
+            ) -> $crate::error::Result<()> {
+                <$layer>::load_state(self, state)
+            }
+            fn set_weight(&mut self, values: &[f32]) -> $crate::error::Result<()> {
+                <$layer>::set_weight(self, values)
+            }
+            fn set_bias(&mut self, values: &[f32]) -> $crate::error::Result<()> {
+                <$layer>::set_bias(self, values)
+            }
+            fn set_running_mean(&mut self, values: &[f32]) -> $crate::error::Result<()> {
+                <$layer>::set_running_mean(self, values)
+            }
+            fn set_running_var(&mut self, values: &[f32]) -> $crate::error::Result<()> {
+                <$layer>::set_running_var(self, values)
+            }
+            fn set_running_stats(
+                &mut self,
+                mean: &[f32],
+                var: &[f32],
+            ) -> $crate::error::Result<()> {
+                <$layer>::set_running_stats(self, mean, var)
+            }
+        }
+    };
+}
+pub(crate) use stateful_layer_by_inherent_methods;

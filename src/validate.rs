@@ -10,8 +10,39 @@
 
 use crate::error::{Error, Result};
 use crate::shape::TensorDesc;
+use cudarc::driver::{CudaView, CudaViewMut};
 
 pub use crate::config::{validate_eps, validate_momentum};
+
+/// The element count of a buffer, host slice or device view, for the checks.
+pub trait Length {
+    /// Number of elements.
+    fn length(&self) -> usize;
+}
+
+impl<T> Length for &[T] {
+    fn length(&self) -> usize {
+        self.len()
+    }
+}
+
+impl<T> Length for &mut [T] {
+    fn length(&self) -> usize {
+        self.len()
+    }
+}
+
+impl<T> Length for CudaView<'_, T> {
+    fn length(&self) -> usize {
+        self.len()
+    }
+}
+
+impl<T> Length for CudaViewMut<'_, T> {
+    fn length(&self) -> usize {
+        self.len()
+    }
+}
 
 /// A buffer named `what` must hold exactly `needed` elements.
 ///

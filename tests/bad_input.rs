@@ -14,7 +14,7 @@ mod common;
 use batchnorm_cuda::fold::{FoldKind, FoldSpec};
 use batchnorm_cuda::gpu::{self, GpuContext};
 use batchnorm_cuda::reference;
-use batchnorm_cuda::state::StateFile;
+use batchnorm_cuda::state::{StateFile, StatefulLayer};
 use batchnorm_cuda::{
     BatchNormConfig, DType, Element, Error, LayerState, Layout, Result, TensorDesc,
 };
@@ -108,10 +108,9 @@ struct Grads {
 /// A batch-norm layer under test, CPU or GPU, driven with host data.
 trait Subject {
     fn path(&self) -> Path;
-    fn config(&self) -> BatchNormConfig;
-    fn state(&self) -> LayerState;
-    fn load_state(&mut self, state: &LayerState) -> Result<()>;
-    fn eval(&mut self);
+    /// The layer's state and mode, through the trait both layers implement.
+    fn layer(&self) -> &dyn StatefulLayer;
+    fn layer_mut(&mut self) -> &mut dyn StatefulLayer;
     /// Builds (and drops) another layer with `config` on the same path.
     fn build(&self, config: BatchNormConfig) -> Result<()>;
     /// A forward; `y_len` (GPU only: the CPU layer allocates `y`) gives `y` another length.
@@ -129,9 +128,6 @@ trait Subject {
         dy: &Acts,
         dx_len: Option<usize>,
     ) -> Result<Grads>;
-    fn set_weight(&mut self, weight: &[f32]) -> Result<()>;
-    fn set_running_var(&mut self, var: &[f32]) -> Result<()>;
-    fn set_num_batches_tracked(&mut self, count: u64) -> Result<()>;
     /// Folds into a conv / linear weight, returning the folded weight and bias.
     fn fold(
         &self,
@@ -142,6 +138,34 @@ trait Subject {
 
     fn forward(&mut self, desc: &TensorDesc, x: &Acts) -> Result<(Acts, Cache)> {
         self.forward_sized(desc, x, None)
+    }
+
+    fn config(&self) -> BatchNormConfig {
+        *self.layer().config()
+    }
+
+    fn state(&self) -> LayerState {
+        self.layer().state().expect("layer state")
+    }
+
+    fn load_state(&mut self, state: &LayerState) -> Result<()> {
+        self.layer_mut().load_state(state)
+    }
+
+    fn eval(&mut self) {
+        self.layer_mut().eval()
+    }
+
+    fn set_weight(&mut self, weight: &[f32]) -> Result<()> {
+        self.layer_mut().set_weight(weight)
+    }
+
+    fn set_running_var(&mut self, var: &[f32]) -> Result<()> {
+        self.layer_mut().set_running_var(var)
+    }
+
+    fn set_num_batches_tracked(&mut self, count: u64) -> Result<()> {
+        self.layer_mut().set_num_batches_tracked(count)
     }
 
     fn backward(&mut self, cache: &Cache, x: &Acts, dy: &Acts) -> Result<Grads> {
@@ -162,20 +186,12 @@ impl Subject for Cpu {
         Path::Cpu
     }
 
-    fn config(&self) -> BatchNormConfig {
-        *self.0.config()
+    fn layer(&self) -> &dyn StatefulLayer {
+        &self.0
     }
 
-    fn state(&self) -> LayerState {
-        self.0.state()
-    }
-
-    fn load_state(&mut self, state: &LayerState) -> Result<()> {
-        self.0.load_state(state)
-    }
-
-    fn eval(&mut self) {
-        self.0.eval()
+    fn layer_mut(&mut self) -> &mut dyn StatefulLayer {
+        &mut self.0
     }
 
     fn build(&self, config: BatchNormConfig) -> Result<()> {
@@ -234,18 +250,6 @@ impl Subject for Cpu {
             }
             _ => panic!("x and dy of different dtypes"),
         })
-    }
-
-    fn set_weight(&mut self, weight: &[f32]) -> Result<()> {
-        self.0.set_weight(weight)
-    }
-
-    fn set_running_var(&mut self, var: &[f32]) -> Result<()> {
-        self.0.set_running_var(var)
-    }
-
-    fn set_num_batches_tracked(&mut self, count: u64) -> Result<()> {
-        self.0.set_num_batches_tracked(count)
     }
 
     fn fold(
@@ -352,20 +356,12 @@ impl Subject for Gpu {
         Path::Gpu
     }
 
-    fn config(&self) -> BatchNormConfig {
-        *self.bn.config()
+    fn layer(&self) -> &dyn StatefulLayer {
+        &self.bn
     }
 
-    fn state(&self) -> LayerState {
-        self.bn.state().expect("GPU layer state")
-    }
-
-    fn load_state(&mut self, state: &LayerState) -> Result<()> {
-        self.bn.load_state(state)
-    }
-
-    fn eval(&mut self) {
-        self.bn.eval()
+    fn layer_mut(&mut self) -> &mut dyn StatefulLayer {
+        &mut self.bn
     }
 
     fn build(&self, config: BatchNormConfig) -> Result<()> {
@@ -410,20 +406,6 @@ impl Subject for Gpu {
             dweight: self.bn.grad_weight()?,
             dbias: self.bn.grad_bias()?,
         })
-    }
-
-    fn set_weight(&mut self, weight: &[f32]) -> Result<()> {
-        self.bn.set_weight(weight)
-    }
-
-    /// The GPU layer sets both running statistics at once: the current mean goes with `var`.
-    fn set_running_var(&mut self, var: &[f32]) -> Result<()> {
-        let mean = self.bn.running_mean()?.unwrap_or_default();
-        self.bn.set_running_stats(&mean, var)
-    }
-
-    fn set_num_batches_tracked(&mut self, count: u64) -> Result<()> {
-        self.bn.set_num_batches_tracked(count)
     }
 
     fn fold(

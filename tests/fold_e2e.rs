@@ -6,15 +6,15 @@
 //!   layer's `BatchNorm::fold_into`, which must agree bit for bit),
 //!
 //! and `|A - B|` within the rounding bound of [`Case::bound`], element by element. The layers are
-//! `reference::conv`'s direct loops: conv 1-D, 2-D, 3-D, grouped, depthwise, transposed with
+//! `conv`'s direct loops: conv 1-D, 2-D, 3-D, grouped, depthwise, transposed with
 //! groups (the fold PyTorch gets wrong), linear; with and without conv bias, affine or not,
 //! channels-first and channels-last weights, f32, f16 and bf16.
 //!
 //! The GPU checks (ignored without a device) fold the same cases with `gpu::functional::fold`
 //! and `gpu::BatchNorm::fold_into`, compare them with the CPU fold (one rounding of `T`), and
-//! run the whole check **on the device**: A = `gpu::functional::forward_inference` of
-//! `gpu::conv` (the direct convolution of `kernels/conv_direct.cu`: f32 accumulation, one
-//! rounding to `T`) and B = `gpu::conv` with the GPU-folded weight and bias, straight from the
+//! run the whole check **on the device**: A = `gpu::functional::forward` in eval of
+//! `conv::gpu` (the direct convolution of `kernels/conv_direct.cu`: f32 accumulation, one
+//! rounding to `T`) and B = `conv::gpu` with the GPU-folded weight and bias, straight from the
 //! fold's output buffers, within the bound of [`Case::bound`] for device arithmetic (which adds
 //! the f32 accumulation of both convolutions and the f32 batch norm). The device convolution of
 //! the original layer is also checked against the reference layer's output.
@@ -23,8 +23,8 @@
 
 mod common;
 
+use batchnorm_cuda::conv::{self, ConvOutput, ConvParams};
 use batchnorm_cuda::fold::{FoldKind, FoldSpec};
-use batchnorm_cuda::reference::conv::{self, ConvOutput, ConvParams};
 use batchnorm_cuda::reference::{self, FoldBatchNorm, Folded, RunningStats};
 use batchnorm_cuda::{BatchNormConfig, DType, Element, Error, Layout};
 use common::conv::{gamma, terms, to_channels_last, ConvLayer, LAYERS};
@@ -71,9 +71,9 @@ struct Outcome {
 /// Where A and B were computed, for [`Case::bound`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Arithmetic {
-    /// `reference::conv` and `reference::forward_inference`: f64, each result rounded once.
+    /// `conv` and `reference::forward_inference`: f64, each result rounded once.
     Host,
-    /// `gpu::conv` and `gpu::functional::forward_inference`: f32, each result rounded once.
+    /// `conv::gpu` and `gpu::functional::forward` in eval: f32, each result rounded once.
     Device,
 }
 
@@ -220,7 +220,7 @@ impl<T: Element> Case<T> {
     /// - f64 arithmetic (sums of at most a few hundred terms, the scale) adds below
     ///   `2^-40 (sum |W' x| + |b'| + |A|)`, and the f32 bound conv 2^-20 of itself.
     ///
-    /// On the device ([`Arithmetic::Device`]: `gpu::conv`, `gpu::functional::forward_inference`)
+    /// On the device ([`Arithmetic::Device`]: `conv::gpu`, `gpu::functional::forward` in eval)
     /// three more terms, with `u = 2^-24` and `n` the products per output:
     /// - both convolutions accumulate in f32 (`n` fmaf and the bias: `n + 1` roundings, every
     ///   partial sum at most the accumulated magnitude): `gamma(n + 1) sum |W' x| + |b'|` for B,
@@ -448,7 +448,7 @@ fn for_each_case<T: Element>(
 
 fn run_all_dtypes(what: &str, mut each: impl FnMut(&mut Vec<String>, &mut Vec<String>, DType)) {
     let (mut lines, mut failures) = (Vec::new(), Vec::new());
-    for dtype in [DType::F32, DType::F16, DType::BF16] {
+    for dtype in DType::ALL {
         each(&mut lines, &mut failures, dtype);
     }
     println!(
@@ -592,7 +592,7 @@ mod gpu_checks {
     use common::{compare, widen, Tol};
     use cudarc::driver::CudaSlice;
 
-    /// The layer of `case` on the device with the given weight and bias: `gpu::conv`.
+    /// The layer of `case` on the device with the given weight and bias: `conv::gpu`.
     fn conv_gpu<T: Element>(
         gpu: &GpuContext,
         case: &Case<T>,
@@ -601,10 +601,12 @@ mod gpu_checks {
         bias: Option<&CudaSlice<T>>,
     ) -> Result<CudaSlice<T>, String> {
         let mut y = zeros::<T>(gpu, case.conv_out.values.len());
-        gpu::conv::apply(
+        conv::gpu::apply(
             gpu,
-            &x.as_view(),
-            &case.x_dims,
+            conv::gpu::Input {
+                values: x.as_view(),
+                dims: &case.x_dims,
+            },
             &case.spec,
             &weight.as_view(),
             bias.map(|b| b.as_view()).as_ref(),
@@ -638,18 +640,32 @@ mod gpu_checks {
         let d_bn_weight = case.bn_weight.as_ref().map(|w| upload(gpu, w));
         let d_bn_bias = case.bn_bias.as_ref().map(|b| upload(gpu, b));
         let mut d_a = zeros::<T>(gpu, case.conv_out.values.len());
-        functional::forward_inference(
+        functional::forward(
             gpu,
-            &d_c.as_view(),
-            &case.conv_out.desc().map_err(|e| e.to_string())?,
-            d_bn_weight.as_ref().map(|w| w.as_view()).as_ref(),
-            d_bn_bias.as_ref().map(|b| b.as_view()).as_ref(),
-            &functional::RunningStats {
-                mean: d_mean.as_view(),
-                var: d_var.as_view(),
+            &mut gpu::Workspace::new(),
+            functional::Forward {
+                desc: case.conv_out.desc().map_err(|e| e.to_string())?,
+                x: d_c.as_view(),
+                weight: d_bn_weight
+                    .as_ref()
+                    .map(|w| w.as_view())
+                    .as_ref()
+                    .map(|v| v.slice(..)),
+                bias: d_bn_bias
+                    .as_ref()
+                    .map(|b| b.as_view())
+                    .as_ref()
+                    .map(|v| v.slice(..)),
+                stats: functional::ForwardStats::Running {
+                    stats: functional::RunningStats {
+                        mean: d_mean.as_view(),
+                        var: d_var.as_view(),
+                    },
+                    eps: case.eps,
+                },
+                y: d_a.as_view_mut(),
+                epilogue: functional::Epilogue::None,
             },
-            case.eps,
-            &mut d_a.as_view_mut(),
         )
         .map_err(|e| format!("gpu batch norm: {e}"))?;
         let d_b = conv_gpu(gpu, case, &d_x, d_folded_weight, Some(d_folded_bias))?;

@@ -9,9 +9,10 @@ mod common;
 
 use batchnorm_cuda::epilogue::{self, mask_words, pack_mask, unpack_mask};
 use batchnorm_cuda::reference::{
-    self, fused, BatchNorm, Gradients, RunningStats, RunningUpdate, SavedStats,
+    self, fused, BatchNorm, Epilogue, EpilogueGrad, Gradients, RunningStats, RunningUpdate,
+    SavedStats,
 };
-use batchnorm_cuda::{BatchNormConfig, DType, Element, Epilogue, Error, Layout, TensorDesc};
+use batchnorm_cuda::{BatchNormConfig, DType, Element, EpilogueKind, Error, Layout, TensorDesc};
 use common::gpu::{awkward_shapes, fused_inputs, FusedInputs};
 use common::{ulp, with_dtype};
 use half::{bf16, f16};
@@ -93,15 +94,16 @@ fn forward<T: Element>(
     let (mut pm, mut pv) = (case.running_mean.clone(), case.running_var.clone());
     let saved = if training {
         let fused_saved = fused::forward_training(
-            &case.x,
-            desc,
-            w,
-            b,
+            fused::Forward {
+                desc: *desc,
+                x: &case.x,
+                weight: w,
+                bias: b,
+                y: &mut y,
+                epilogue: Epilogue::relu(z, Some(&mut mask)),
+            },
             Some(RunningUpdate::pytorch(&mut fm, &mut fv, 0.1)),
             EPS,
-            z,
-            &mut y,
-            Some(&mut mask),
         )
         .unwrap();
         let plain_saved = reference::forward_training(
@@ -121,15 +123,16 @@ fn forward<T: Element>(
             var: &case.running_var,
         };
         fused::forward_inference(
-            &case.x,
-            desc,
-            w,
-            b,
+            fused::Forward {
+                desc: *desc,
+                x: &case.x,
+                weight: w,
+                bias: b,
+                y: &mut y,
+                epilogue: Epilogue::relu(z, Some(&mut mask)),
+            },
             running,
             EPS,
-            z,
-            &mut y,
-            Some(&mut mask),
         )
         .unwrap();
         reference::forward_inference(&case.x, desc, w, b, running, EPS, &mut plain).unwrap();
@@ -164,7 +167,7 @@ fn relu_matches_plain_then_relu<T: Element>(desc: &TensorDesc, seed: u64) {
 #[test]
 fn relu_forward_is_the_plain_forward_then_relu_bit_for_bit() {
     for (i, d) in shapes().iter().enumerate() {
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for dtype in DType::ALL {
             with_dtype!(dtype, relu_matches_plain_then_relu(d, 100 + i as u64));
         }
     }
@@ -205,7 +208,7 @@ fn add_relu_within_one_rounding<T: Element>(desc: &TensorDesc, seed: u64) {
 #[test]
 fn add_relu_forward_is_within_one_rounding_of_the_unfused_ops() {
     for (i, d) in shapes().iter().enumerate() {
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for dtype in DType::ALL {
             with_dtype!(dtype, add_relu_within_one_rounding(d, 300 + i as u64));
         }
     }
@@ -237,15 +240,19 @@ fn exact_add_relu<T: Element>(layout: Layout) {
     let (mut y, mut plain) = (vec![T::default(); n], vec![T::default(); n]);
     let mut mask = vec![0u32; mask_words(&d)];
     fused::forward_inference(
-        &x,
-        &d,
-        None,
-        None,
+        fused::Forward {
+            desc: d,
+            x: &x,
+            weight: None,
+            bias: None,
+            y: &mut y,
+            epilogue: Epilogue::AddRelu {
+                z: &z,
+                mask: Some(&mut mask),
+            },
+        },
         running,
         0.0,
-        Some(&z),
-        &mut y,
-        Some(&mut mask),
     )
     .unwrap();
     reference::forward_inference(&x, &d, None, None, running, 0.0, &mut plain).unwrap();
@@ -264,15 +271,18 @@ fn exact_add_relu<T: Element>(layout: Layout) {
     // relu(BN(x)) alone at BN(x) == 0 (x = 0.5), and at -0: +0 with bit 0.
     let mut y = vec![T::default(); n];
     fused::forward_inference(
-        &x,
-        &d,
-        None,
-        None,
+        fused::Forward {
+            desc: d,
+            x: &x,
+            weight: None,
+            bias: None,
+            y: &mut y,
+            epilogue: Epilogue::Relu {
+                mask: Some(&mut mask),
+            },
+        },
         running,
         0.0,
-        None,
-        &mut y,
-        Some(&mut mask),
     )
     .unwrap();
     for (i, v) in y.iter().enumerate() {
@@ -323,24 +333,39 @@ fn backward_matches_composition<T: Element>(desc: &TensorDesc, seed: u64) {
                 let dz_out = residual.then_some(&mut dz[..]);
                 match (&f.saved, fused_call) {
                     (Some((saved, _)), true) => fused::backward_training(
-                        &case.x, &case.dy, &f.mask, desc, w, saved, grads, dz_out,
+                        fused::Backward {
+                            desc: *desc,
+                            x: &case.x,
+                            dy: &case.dy,
+                            weight: w,
+                            grads,
+                            epilogue: EpilogueGrad::AddRelu {
+                                mask: &f.mask,
+                                dz: dz_out,
+                            },
+                        },
+                        saved,
                     ),
                     (Some((saved, _)), false) => {
                         reference::backward_training(&case.x, &dy_eff, desc, w, saved, grads)
                     }
                     (None, true) => fused::backward_inference(
-                        &case.x,
-                        &case.dy,
-                        &f.mask,
-                        desc,
-                        w,
+                        fused::Backward {
+                            desc: *desc,
+                            x: &case.x,
+                            dy: &case.dy,
+                            weight: w,
+                            grads,
+                            epilogue: EpilogueGrad::AddRelu {
+                                mask: &f.mask,
+                                dz: dz_out,
+                            },
+                        },
                         RunningStats {
                             mean: &case.running_mean,
                             var: &case.running_var,
                         },
                         EPS,
-                        grads,
-                        dz_out,
                     ),
                     (None, false) => reference::backward_inference(
                         &case.x,
@@ -378,7 +403,7 @@ fn backward_matches_composition<T: Element>(desc: &TensorDesc, seed: u64) {
 #[test]
 fn backward_is_relu_backward_then_the_plain_backward() {
     for (i, d) in shapes().iter().enumerate() {
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for dtype in DType::ALL {
             with_dtype!(dtype, backward_matches_composition(d, 500 + i as u64));
         }
     }
@@ -401,15 +426,19 @@ fn nan_and_infinities_follow_pytorch() {
     let mut y = vec![0f32; n];
     let mut mask = vec![0u32; mask_words(&d)];
     fused::forward_inference(
-        &x,
-        &d,
-        None,
-        None,
+        fused::Forward {
+            desc: d,
+            x: &x,
+            weight: None,
+            bias: None,
+            y: &mut y,
+            epilogue: Epilogue::AddRelu {
+                z: &z,
+                mask: Some(&mut mask),
+            },
+        },
         running,
         0.0,
-        Some(&z),
-        &mut y,
-        Some(&mut mask),
     )
     .unwrap();
     let on = unpack_mask(&d, &mask).unwrap();
@@ -429,8 +458,22 @@ fn nan_and_infinities_follow_pytorch() {
         dbias: None,
         accumulate: false,
     };
-    fused::backward_inference(&x, &dy, &mask, &d, None, running, 0.0, grads, Some(&mut dz))
-        .unwrap();
+    fused::backward_inference(
+        fused::Backward {
+            desc: d,
+            x: &x,
+            dy: &dy,
+            weight: None,
+            grads,
+            epilogue: EpilogueGrad::AddRelu {
+                mask: &mask,
+                dz: Some(&mut dz),
+            },
+        },
+        running,
+        0.0,
+    )
+    .unwrap();
     assert_eq!(dz[1].to_bits(), 0f32.to_bits());
     assert!(dz[0].is_nan() && dx[0].is_nan());
     assert_eq!(dx[1], 0.0);
@@ -440,7 +483,21 @@ fn nan_and_infinities_follow_pytorch() {
     // Training: a NaN in channel 0 makes its statistics NaN, so its whole output is NaN with
     // bit 0; channel 1 is untouched.
     let mut y = vec![0f32; n];
-    fused::forward_training(&x, &d, None, None, None, EPS, None, &mut y, Some(&mut mask)).unwrap();
+    fused::forward_training(
+        fused::Forward {
+            desc: d,
+            x: &x,
+            weight: None,
+            bias: None,
+            y: &mut y,
+            epilogue: Epilogue::Relu {
+                mask: Some(&mut mask),
+            },
+        },
+        None,
+        EPS,
+    )
+    .unwrap();
     let on = unpack_mask(&d, &mask).unwrap();
     d.geometry()
         .for_each_offset(0, |i| assert!(y[i].is_nan() && !on[i]));
@@ -466,14 +523,18 @@ fn mask_reuse_output_masks_and_accumulation() {
             accumulate,
         };
         fused::backward_training(
-            &case.x,
-            &case.dy,
-            &f.mask,
-            &d,
-            w,
+            fused::Backward {
+                desc: d,
+                x: &case.x,
+                dy: &case.dy,
+                weight: w,
+                grads,
+                epilogue: EpilogueGrad::AddRelu {
+                    mask: &f.mask,
+                    dz: Some(&mut dz),
+                },
+            },
             &saved,
-            grads,
-            Some(&mut dz),
         )
         .unwrap();
         (dx, dw, db, dz)
@@ -494,14 +555,18 @@ fn mask_reuse_output_masks_and_accumulation() {
         accumulate: false,
     };
     fused::backward_training(
-        &case.x,
-        &case.dy,
-        &f.mask,
-        &d,
-        w,
+        fused::Backward {
+            desc: d,
+            x: &case.x,
+            dy: &case.dy,
+            weight: w,
+            grads: none,
+            epilogue: EpilogueGrad::AddRelu {
+                mask: &f.mask,
+                dz: Some(&mut dz),
+            },
+        },
         &saved,
-        none,
-        Some(&mut dz),
     )
     .unwrap();
     assert_eq!(dz, first.3);
@@ -512,7 +577,18 @@ fn mask_reuse_output_masks_and_accumulation() {
         dbias: None,
         accumulate: false,
     };
-    fused::backward_training(&case.x, &case.dy, &f.mask, &d, w, &saved, dx_only, None).unwrap();
+    fused::backward_training(
+        fused::Backward {
+            desc: d,
+            x: &case.x,
+            dy: &case.dy,
+            weight: w,
+            grads: dx_only,
+            epilogue: EpilogueGrad::Relu { mask: &f.mask },
+        },
+        &saved,
+    )
+    .unwrap();
     assert_eq!(dx, first.0);
     let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
     let params = Gradients {
@@ -521,7 +597,18 @@ fn mask_reuse_output_masks_and_accumulation() {
         dbias: Some(&mut db),
         accumulate: false,
     };
-    fused::backward_training(&case.x, &case.dy, &f.mask, &d, w, &saved, params, None).unwrap();
+    fused::backward_training(
+        fused::Backward {
+            desc: d,
+            x: &case.x,
+            dy: &case.dy,
+            weight: w,
+            grads: params,
+            epilogue: EpilogueGrad::Relu { mask: &f.mask },
+        },
+        &saved,
+    )
+    .unwrap();
     assert_eq!((dw, db), (first.1, first.2));
 }
 
@@ -535,15 +622,19 @@ fn refused_calls_name_the_buffer_and_change_nothing() {
     let mut mask = vec![9u32; words];
     let mut call = |z: &[f32], y_len: usize, mask_len: usize, eps: f32| {
         fused::forward_training(
-            &x,
-            &d,
-            None,
-            None,
+            fused::Forward {
+                desc: d,
+                x: &x,
+                weight: None,
+                bias: None,
+                y: &mut y[..y_len],
+                epilogue: Epilogue::AddRelu {
+                    z,
+                    mask: Some(&mut mask[..mask_len]),
+                },
+            },
             Some(RunningUpdate::pytorch(&mut mean, &mut var, 0.1)),
             eps,
-            Some(z),
-            &mut y[..y_len],
-            Some(&mut mask[..mask_len]),
         )
     };
     let short = vec![0f32; n - 1];
@@ -588,7 +679,20 @@ fn refused_calls_name_the_buffer_and_change_nothing() {
         dbias: None,
         accumulate: false,
     };
-    let err = fused::backward_training(&x, &x, &mask, &d, None, &saved, grads, Some(&mut dz));
+    let err = fused::backward_training(
+        fused::Backward {
+            desc: d,
+            x: &x,
+            dy: &x,
+            weight: None,
+            grads,
+            epilogue: EpilogueGrad::AddRelu {
+                mask: &mask,
+                dz: Some(&mut dz),
+            },
+        },
+        &saved,
+    );
     assert!(matches!(err, Err(Error::BufferLength { what: "dz", .. })));
     let grads = Gradients {
         dx: Some(&mut dx),
@@ -596,7 +700,17 @@ fn refused_calls_name_the_buffer_and_change_nothing() {
         dbias: None,
         accumulate: false,
     };
-    let err = fused::backward_training(&x, &x, &mask[1..], &d, None, &saved, grads, None);
+    let err = fused::backward_training(
+        fused::Backward {
+            desc: d,
+            x: &x,
+            dy: &x,
+            weight: None,
+            grads,
+            epilogue: EpilogueGrad::Relu { mask: &mask[1..] },
+        },
+        &saved,
+    );
     assert!(matches!(err, Err(Error::BufferLength { what: "mask", .. })));
     assert!(dx.iter().all(|&v| v == 5.0) && dz.iter().all(|&v| v == 5.0));
     // One value per channel in training: refused after the fused buffers, nothing written.
@@ -605,15 +719,18 @@ fn refused_calls_name_the_buffer_and_change_nothing() {
     let mut m1 = vec![7u32; mask_words(&single)];
     assert!(matches!(
         fused::forward_training(
-            &[1.0f32; 3],
-            &single,
+            fused::Forward {
+                desc: single,
+                x: &[1.0f32; 3],
+                weight: None,
+                bias: None,
+                y: &mut y1,
+                epilogue: Epilogue::Relu {
+                    mask: Some(&mut m1)
+                }
+            },
             None,
-            None,
-            None,
-            EPS,
-            None,
-            &mut y1,
-            Some(&mut m1)
+            EPS
         ),
         Err(Error::SingleValuePerChannel { .. })
     ));
@@ -653,7 +770,10 @@ fn layer_fused_calls_match_functional_and_plain_layer() {
             let (plain_y, plain_cache) = plain_layer.forward(&case.x, &d).unwrap();
             assert_eq!(fused_layer.state(), plain_layer.state(), "step {step}");
             assert_eq!(cache.stats(), plain_cache.stats());
-            assert_eq!(cache.epilogue(), Some(Epilogue::with_residual(residual)));
+            assert_eq!(
+                cache.epilogue(),
+                Some(EpilogueKind::with_residual(residual))
+            );
             assert_eq!(plain_cache.epilogue(), None);
             if !residual {
                 let want: Vec<f32> = plain_y.iter().map(|&v| relu(v)).collect();
@@ -757,15 +877,19 @@ fn outputs_round_once_past_a_half_way_point() {
         };
         let mut mask = [0u32];
         fused::forward_inference(
-            &x,
-            &desc,
-            Some(&weight),
-            Some(&bias),
+            fused::Forward {
+                desc,
+                x: &x,
+                weight: Some(&weight),
+                bias: Some(&bias),
+                y: &mut y,
+                epilogue: Epilogue::AddRelu {
+                    z: &z,
+                    mask: Some(&mut mask),
+                },
+            },
             running,
             case.eps,
-            Some(&z),
-            &mut y,
-            Some(&mut mask),
         )
         .unwrap();
         assert_eq!(y[0].to_f64(), case.expected, "{} fused add", T::DTYPE);

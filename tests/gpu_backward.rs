@@ -59,20 +59,25 @@ impl<T: Element> Device<T> {
         };
         // The saved statistics come from the GPU's own forward, as in training.
         let mut y = zeros::<T>(gpu, desc.numel());
-        functional::forward_training(
+        functional::forward(
             gpu,
             &mut Workspace::new(),
-            &device.x.as_view(),
-            desc,
-            Some(&device.weight.as_view()),
-            None,
-            None,
-            1e-5,
-            &mut y.as_view_mut(),
-            SavedStatsMut {
-                mean: device.saved_mean.as_view_mut(),
-                mean_lo: device.saved_mean_lo.as_view_mut(),
-                invstd: device.saved_invstd.as_view_mut(),
+            functional::Forward {
+                desc: *desc,
+                x: device.x.as_view(),
+                weight: Some(device.weight.as_view()),
+                bias: None,
+                stats: functional::ForwardStats::Batch(functional::BatchStats {
+                    saved: SavedStatsMut {
+                        mean: device.saved_mean.as_view_mut(),
+                        mean_lo: device.saved_mean_lo.as_view_mut(),
+                        invstd: device.saved_invstd.as_view_mut(),
+                    },
+                    running: None,
+                    eps: 1e-5,
+                }),
+                y: y.as_view_mut(),
+                epilogue: functional::Epilogue::None,
             },
         )
         .expect("GPU forward");
@@ -103,15 +108,42 @@ impl<T: Element> Device<T> {
                 mean_lo: Some(self.saved_mean_lo.as_view()),
                 invstd: self.saved_invstd.as_view(),
             };
-            functional::backward_training(gpu, ws, &x, &dy, desc, Some(&w), &saved, grads)
-                .expect("GPU backward");
+            functional::backward(
+                gpu,
+                ws,
+                functional::Backward {
+                    desc: *desc,
+                    x: x.slice(..),
+                    dy: dy.slice(..),
+                    weight: Some(w.slice(..)),
+                    stats: functional::BackwardStats::Batch(saved),
+                    grads,
+                    epilogue: functional::EpilogueGrad::None,
+                },
+            )
+            .expect("GPU backward");
         } else {
             let running = RunningStats {
                 mean: self.running_mean.as_view(),
                 var: self.running_var.as_view(),
             };
-            functional::backward_inference(gpu, ws, &x, &dy, desc, Some(&w), &running, 1e-5, grads)
-                .expect("GPU eval backward");
+            functional::backward(
+                gpu,
+                ws,
+                functional::Backward {
+                    desc: *desc,
+                    x: x.slice(..),
+                    dy: dy.slice(..),
+                    weight: Some(w.slice(..)),
+                    stats: functional::BackwardStats::Running {
+                        stats: running,
+                        eps: 1e-5,
+                    },
+                    grads,
+                    epilogue: functional::EpilogueGrad::None,
+                },
+            )
+            .expect("GPU eval backward");
         }
         (download(gpu, &dx), download(gpu, &dw), download(gpu, &db))
     }
@@ -246,7 +278,20 @@ fn gpu_backward_output_masks_and_accumulation() {
         dbias: None,
         accumulate: false,
     };
-    functional::backward_training(&gpu, &mut ws, &x, &dy, &desc, Some(&w), &saved, grads).unwrap();
+    functional::backward(
+        &gpu,
+        &mut ws,
+        functional::Backward {
+            desc,
+            x: x.slice(..),
+            dy: dy.slice(..),
+            weight: Some(w.slice(..)),
+            stats: functional::BackwardStats::Batch(saved.clone()),
+            grads,
+            epilogue: functional::EpilogueGrad::None,
+        },
+    )
+    .unwrap();
     assert_eq!(download(&gpu, &dx), full_dx);
 
     // Parameter gradients only, accumulated twice onto a starting value of 1.
@@ -258,8 +303,20 @@ fn gpu_backward_output_masks_and_accumulation() {
             dbias: Some(db.as_view_mut()),
             accumulate: true,
         };
-        functional::backward_training(&gpu, &mut ws, &x, &dy, &desc, Some(&w), &saved, grads)
-            .unwrap();
+        functional::backward(
+            &gpu,
+            &mut ws,
+            functional::Backward {
+                desc,
+                x: x.slice(..),
+                dy: dy.slice(..),
+                weight: Some(w.slice(..)),
+                stats: functional::BackwardStats::Batch(saved.clone()),
+                grads,
+                epilogue: functional::EpilogueGrad::None,
+            },
+        )
+        .unwrap();
     }
     let want = |g: &[f32]| g.iter().map(|v| 1.0 + 2.0 * v).collect::<Vec<f32>>();
     assert!(param_ratio(&download(&gpu, &dw), &want(&full_dw)) <= 1.0);

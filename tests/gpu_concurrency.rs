@@ -294,40 +294,48 @@ fn back_to_back_split_reductions_read_no_stale_partial() {
             let (x, dy) = &inputs[call % 2];
             let at = call * c..(call + 1) * c;
             let [mean, invstd, dweight, dbias, mean_lo] = &mut out;
-            functional::forward_training(
+            functional::forward(
                 &gpu,
                 &mut ws,
-                &x.as_view(),
-                &desc,
-                None,
-                None,
-                None,
-                1e-5,
-                &mut y.as_view_mut(),
-                SavedStatsMut {
-                    mean: mean.slice_mut(at.clone()),
-                    mean_lo: mean_lo.slice_mut(at.clone()),
-                    invstd: invstd.slice_mut(at.clone()),
+                functional::Forward {
+                    desc,
+                    x: x.as_view(),
+                    weight: None,
+                    bias: None,
+                    stats: functional::ForwardStats::Batch(functional::BatchStats {
+                        saved: SavedStatsMut {
+                            mean: mean.slice_mut(at.clone()),
+                            mean_lo: mean_lo.slice_mut(at.clone()),
+                            invstd: invstd.slice_mut(at.clone()),
+                        },
+                        running: None,
+                        eps: 1e-5,
+                    }),
+                    y: y.as_view_mut(),
+                    epilogue: functional::Epilogue::None,
                 },
             )
             .expect("training forward");
-            functional::backward_training(
+            functional::backward(
                 &gpu,
                 &mut ws,
-                &x.as_view(),
-                &dy.as_view(),
-                &desc,
-                None,
-                &SavedStats {
-                    mean: mean.slice(at.clone()),
-                    mean_lo: Some(mean_lo.slice(at.clone())),
-                    invstd: invstd.slice(at.clone()),
-                },
-                GradientsMut {
-                    dx: None,
-                    dweight: Some(dweight.slice_mut(at.clone())),
-                    dbias: Some(dbias.slice_mut(at)),
-                    accumulate: false,
+                functional::Backward {
+                    desc,
+                    x: x.as_view(),
+                    dy: dy.as_view(),
+                    weight: None,
+                    stats: functional::BackwardStats::Batch(SavedStats {
+                        mean: mean.slice(at.clone()),
+                        mean_lo: Some(mean_lo.slice(at.clone())),
+                        invstd: invstd.slice(at.clone()),
+                    }),
+                    grads: GradientsMut {
+                        dx: None,
+                        dweight: Some(dweight.slice_mut(at.clone())),
+                        dbias: Some(dbias.slice_mut(at)),
+                        accumulate: false,
+                    },
+                    epilogue: functional::EpilogueGrad::None,
                 },
             )
             .expect("training backward");

@@ -1,5 +1,5 @@
-//! `gpu::conv` (the direct convolution of `kernels/conv_direct.cu`, a test tool) against
-//! `reference::conv`, element by element: conv 1-D, 2-D and 3-D, grouped, depthwise, 1x1,
+//! `conv::gpu` (the direct convolution of `kernels/conv_direct.cu`, a test tool) against
+//! `conv`, element by element: conv 1-D, 2-D and 3-D, grouped, depthwise, 1x1,
 //! strided, padded, dilated, transposed (with groups, output padding, dilation above the stride),
 //! linear; channels-first and channels-last weights, with and without bias; f32, f16 and bf16.
 //! Every test needs a CUDA device: run with `--include-ignored` on a GPU machine
@@ -24,9 +24,9 @@
 
 mod common;
 
+use batchnorm_cuda::conv::{self, ConvParams};
 use batchnorm_cuda::fold::{FoldKind, FoldSpec};
-use batchnorm_cuda::gpu::{self, GpuContext};
-use batchnorm_cuda::reference::conv::{self, ConvParams};
+use batchnorm_cuda::gpu::GpuContext;
 use batchnorm_cuda::{DType, Element, Error, Layout};
 use common::conv::{conv_layer, gamma, terms, to_channels_last, ConvLayer, LAYERS};
 use common::gpu::{download, gpu, random, upload, zeros};
@@ -54,7 +54,7 @@ fn run_gpu<T: Element>(
     bias: Option<&[T]>,
     params: &ConvParams,
 ) -> Result<Vec<T>, Error> {
-    let dims = gpu::conv::output_dims(x_dims, spec, params)?;
+    let dims = conv::gpu::output_dims(x_dims, spec, params)?;
     let (d_x, d_w) = (upload(gpu, x), upload(gpu, weight));
     let d_b = bias.map(|b| upload(gpu, b));
     // NaN-filled output: an element the kernel does not write fails the comparison.
@@ -64,21 +64,55 @@ fn run_gpu<T: Element>(
     let bv = d_b.as_ref().map(|b| b.as_view());
     let mut yv = d_y.as_view_mut();
     if via_apply {
-        gpu::conv::apply(gpu, &xv, x_dims, spec, &wv, bv.as_ref(), params, &mut yv)?;
+        conv::gpu::apply(
+            gpu,
+            conv::gpu::Input {
+                values: xv.slice(..),
+                dims: x_dims,
+            },
+            spec,
+            &wv,
+            bv.as_ref(),
+            params,
+            &mut yv,
+        )?;
     } else {
         match spec.kind() {
-            Conv => gpu::conv::conv(gpu, &xv, x_dims, spec, &wv, bv.as_ref(), params, &mut yv)?,
-            ConvTranspose => gpu::conv::conv_transpose(
+            Conv => conv::gpu::conv(
                 gpu,
-                &xv,
-                x_dims,
+                conv::gpu::Input {
+                    values: xv.slice(..),
+                    dims: x_dims,
+                },
                 spec,
                 &wv,
                 bv.as_ref(),
                 params,
                 &mut yv,
             )?,
-            Linear => gpu::conv::linear(gpu, &xv, x_dims, spec, &wv, bv.as_ref(), &mut yv)?,
+            ConvTranspose => conv::gpu::conv_transpose(
+                gpu,
+                conv::gpu::Input {
+                    values: xv.slice(..),
+                    dims: x_dims,
+                },
+                spec,
+                &wv,
+                bv.as_ref(),
+                params,
+                &mut yv,
+            )?,
+            Linear => conv::gpu::linear(
+                gpu,
+                conv::gpu::Input {
+                    values: xv.slice(..),
+                    dims: x_dims,
+                },
+                spec,
+                &wv,
+                bv.as_ref(),
+                &mut yv,
+            )?,
         }
     }
     Ok(download(gpu, &d_y))
@@ -267,10 +301,12 @@ fn gpu_conv_refuses_bad_calls_before_launching() {
     let sentinel = [7.0f32; 6];
     let mut y = upload(&gpu, &sentinel);
     let mut short = zeros::<f32>(&gpu, 5);
-    let got = gpu::conv::conv(
+    let got = conv::gpu::conv(
         &gpu,
-        &x.as_view(),
-        &[1, 3, 5],
+        conv::gpu::Input {
+            values: x.as_view(),
+            dims: &[1, 3, 5],
+        },
         &spec,
         &w.as_view(),
         None,
@@ -288,10 +324,12 @@ fn gpu_conv_refuses_bad_calls_before_launching() {
         ),
         "{got:?}"
     );
-    let got = gpu::conv::conv(
+    let got = conv::gpu::conv(
         &gpu,
-        &x.as_view(),
-        &[1, 4, 5],
+        conv::gpu::Input {
+            values: x.as_view(),
+            dims: &[1, 4, 5],
+        },
         &spec,
         &w.as_view(),
         None,
@@ -308,10 +346,12 @@ fn gpu_conv_refuses_bad_calls_before_launching() {
         ),
         "{got:?}"
     );
-    let got = gpu::conv::conv_transpose(
+    let got = conv::gpu::conv_transpose(
         &gpu,
-        &x.as_view(),
-        &[1, 3, 5],
+        conv::gpu::Input {
+            values: x.as_view(),
+            dims: &[1, 3, 5],
+        },
         &spec,
         &w.as_view(),
         None,
@@ -322,10 +362,12 @@ fn gpu_conv_refuses_bad_calls_before_launching() {
     // Stride 2^31: one output, but past the kernel's 32-bit positions.
     let huge = p.clone().stride(&[1 << 31]);
     let mut y2 = upload(&gpu, &sentinel[..2]);
-    let got = gpu::conv::conv(
+    let got = conv::gpu::conv(
         &gpu,
-        &x.as_view(),
-        &[1, 3, 5],
+        conv::gpu::Input {
+            values: x.as_view(),
+            dims: &[1, 3, 5],
+        },
         &spec,
         &w.as_view(),
         None,
@@ -336,7 +378,7 @@ fn gpu_conv_refuses_bad_calls_before_launching() {
         matches!(
             got,
             Err(Error::Unsupported {
-                what: "gpu::conv",
+                what: "conv::gpu",
                 ..
             })
         ),
@@ -345,10 +387,12 @@ fn gpu_conv_refuses_bad_calls_before_launching() {
     assert_eq!(download(&gpu, &y), sentinel);
     assert_eq!(download(&gpu, &y2), sentinel[..2]);
     // An empty batch: valid, nothing launched.
-    gpu::conv::conv(
+    conv::gpu::conv(
         &gpu,
-        &x.slice(0..0),
-        &[0, 3, 5],
+        conv::gpu::Input {
+            values: x.slice(0..0),
+            dims: &[0, 3, 5],
+        },
         &spec,
         &w.as_view(),
         None,

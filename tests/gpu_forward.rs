@@ -77,25 +77,30 @@ fn compare_forward<T: Element>(
     let mut dy = zeros::<T>(gpu, n);
     let (mut s_mean, mut s_invstd) = (zeros::<f32>(gpu, c), zeros::<f32>(gpu, c));
     let mut s_mean_lo = zeros::<f32>(gpu, c);
-    functional::forward_training(
+    functional::forward(
         gpu,
         &mut ws,
-        &dx.as_view(),
-        desc,
-        Some(&dw.as_view()),
-        Some(&db.as_view()),
-        Some(RunningUpdate {
-            mean: d_mean.as_view_mut(),
-            var: d_var.as_view_mut(),
-            factor: 0.1,
-            var_update: Default::default(),
-        }),
-        eps,
-        &mut dy.as_view_mut(),
-        SavedStatsMut {
-            mean: s_mean.as_view_mut(),
-            mean_lo: s_mean_lo.as_view_mut(),
-            invstd: s_invstd.as_view_mut(),
+        functional::Forward {
+            desc: *desc,
+            x: dx.as_view(),
+            weight: Some(dw.as_view()),
+            bias: Some(db.as_view()),
+            stats: functional::ForwardStats::Batch(functional::BatchStats {
+                saved: SavedStatsMut {
+                    mean: s_mean.as_view_mut(),
+                    mean_lo: s_mean_lo.as_view_mut(),
+                    invstd: s_invstd.as_view_mut(),
+                },
+                running: Some(RunningUpdate {
+                    mean: d_mean.as_view_mut(),
+                    var: d_var.as_view_mut(),
+                    factor: 0.1,
+                    var_update: Default::default(),
+                }),
+                eps,
+            }),
+            y: dy.as_view_mut(),
+            epilogue: functional::Epilogue::None,
         },
     )
     .expect("GPU training forward");
@@ -104,15 +109,21 @@ fn compare_forward<T: Element>(
         mean: d_mean.as_view(),
         var: d_var.as_view(),
     };
-    functional::forward_inference(
+    functional::forward(
         gpu,
-        &dx.as_view(),
-        desc,
-        Some(&dw.as_view()),
-        Some(&db.as_view()),
-        &running,
-        eps,
-        &mut d_eval.as_view_mut(),
+        &mut Workspace::new(),
+        functional::Forward {
+            desc: *desc,
+            x: dx.as_view(),
+            weight: Some(dw.as_view()),
+            bias: Some(db.as_view()),
+            stats: functional::ForwardStats::Running {
+                stats: running,
+                eps,
+            },
+            y: d_eval.as_view_mut(),
+            epilogue: functional::Epilogue::None,
+        },
     )
     .expect("GPU eval forward");
 
@@ -284,20 +295,25 @@ fn training_stats<T: Element>(
     let mut y = zeros::<T>(gpu, x.len());
     let (mut mean, mut invstd) = (zeros::<f32>(gpu, c), zeros::<f32>(gpu, c));
     let mut mean_lo = zeros::<f32>(gpu, c);
-    functional::forward_training(
+    functional::forward(
         gpu,
         &mut ws,
-        &dx.as_view(),
-        desc,
-        None,
-        None,
-        None,
-        1e-5,
-        &mut y.as_view_mut(),
-        SavedStatsMut {
-            mean: mean.as_view_mut(),
-            mean_lo: mean_lo.as_view_mut(),
-            invstd: invstd.as_view_mut(),
+        functional::Forward {
+            desc: *desc,
+            x: dx.as_view(),
+            weight: None,
+            bias: None,
+            stats: functional::ForwardStats::Batch(functional::BatchStats {
+                saved: SavedStatsMut {
+                    mean: mean.as_view_mut(),
+                    mean_lo: mean_lo.as_view_mut(),
+                    invstd: invstd.as_view_mut(),
+                },
+                running: None,
+                eps: 1e-5,
+            }),
+            y: y.as_view_mut(),
+            epilogue: functional::Epilogue::None,
         },
     )
     .unwrap();
@@ -395,20 +411,25 @@ fn gpu_unaligned_views_fall_back_to_scalar_code() {
         let (mut mean, mut invstd) = (zeros::<f32>(&gpu, 8), zeros::<f32>(&gpu, 8));
         let mut mean_lo = zeros::<f32>(&gpu, 8);
         let mut ws = Workspace::new();
-        functional::forward_training(
+        functional::forward(
             &gpu,
             &mut ws,
-            &dx.slice(1..),
-            &desc,
-            None,
-            None,
-            None,
-            1e-5,
-            &mut y.slice_mut(1..),
-            SavedStatsMut {
-                mean: mean.as_view_mut(),
-                mean_lo: mean_lo.as_view_mut(),
-                invstd: invstd.as_view_mut(),
+            functional::Forward {
+                desc,
+                x: dx.slice(1..),
+                weight: None,
+                bias: None,
+                stats: functional::ForwardStats::Batch(functional::BatchStats {
+                    saved: SavedStatsMut {
+                        mean: mean.as_view_mut(),
+                        mean_lo: mean_lo.as_view_mut(),
+                        invstd: invstd.as_view_mut(),
+                    },
+                    running: None,
+                    eps: 1e-5,
+                }),
+                y: y.slice_mut(1..),
+                epilogue: functional::Epilogue::None,
             },
         )
         .unwrap();
@@ -603,15 +624,21 @@ fn gpu_invstd_is_ieee_one_over_sqrt_for_every_mantissa() {
         mean: mean.as_view(),
         var: dvar.as_view(),
     };
-    functional::forward_inference(
+    functional::forward(
         &gpu,
-        &x.as_view(),
-        &desc,
-        None,
-        None,
-        &running,
-        0.0,
-        &mut y.as_view_mut(),
+        &mut Workspace::new(),
+        functional::Forward {
+            desc,
+            x: x.as_view(),
+            weight: None,
+            bias: None,
+            stats: functional::ForwardStats::Running {
+                stats: running,
+                eps: 0.0,
+            },
+            y: y.as_view_mut(),
+            epilogue: functional::Epilogue::None,
+        },
     )
     .expect("GPU eval forward");
     let got = download(&gpu, &y);

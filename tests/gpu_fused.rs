@@ -1,5 +1,5 @@
-//! GPU fused ReLU epilogues (`gpu::fused`, the layer's `forward_relu`/`forward_add_relu`/
-//! `backward_*`) against the CPU reference's (`reference::fused`): awkward shapes, every dtype,
+//! GPU fused ReLU epilogues (the `Epilogue` of `gpu::functional`, the layer's
+//! `forward_relu`/`forward_add_relu`/`backward_*`) against the CPU reference's (`reference::fused`): awkward shapes, every dtype,
 //! both layouts, training and eval; the mask word for word; vector and scalar paths (unaligned
 //! views) writing and reading the same mask; bitwise determinism; output masks. Every test needs
 //! a CUDA device: run with `--include-ignored` on a GPU machine (`scripts/gpu-run.sh`).
@@ -8,13 +8,12 @@ mod common;
 
 use batchnorm_cuda::epilogue::{has_padding_bits, mask_words, pack_mask, unpack_mask};
 use batchnorm_cuda::gpu::functional::{
-    GradientsMut, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
+    self, Epilogue, GradientsMut, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
 };
-use batchnorm_cuda::gpu::fused::{self, ReluEpilogue};
 use batchnorm_cuda::gpu::{self, GpuContext, Workspace};
 use batchnorm_cuda::reference;
 use batchnorm_cuda::{
-    BatchNormConfig, DType, Element, Epilogue, Error, Layout, RunningVarUpdate, TensorDesc,
+    BatchNormConfig, DType, Element, EpilogueKind, Error, Layout, RunningVarUpdate, TensorDesc,
 };
 use common::gpu::*;
 use common::{widen, with_dtype};
@@ -126,9 +125,13 @@ fn gpu_forward<T: Element>(
         let x = dev.x.slice(o..);
         let z = dev.z.slice(o..);
         let mut y_view = y.slice_mut(o..);
-        let epilogue = ReluEpilogue {
-            residual: residual.then(|| z.slice(..)),
-            mask: Some(mask.as_view_mut()),
+        let mask = Some(mask.as_view_mut());
+        let epilogue = match residual {
+            true => Epilogue::AddRelu {
+                z: z.slice(..),
+                mask,
+            },
+            false => Epilogue::Relu { mask },
         };
         let (w, b) = (dev.weight.as_view(), dev.bias.as_view());
         if training {
@@ -143,18 +146,22 @@ fn gpu_forward<T: Element>(
                 mean_lo: save_mean_lo.as_view_mut(),
                 invstd: save_invstd.as_view_mut(),
             };
-            fused::forward_training(
+            functional::forward(
                 gpu,
                 ws,
-                &x,
-                desc,
-                Some(&w),
-                Some(&b),
-                Some(running),
-                EPS,
-                epilogue,
-                &mut y_view,
-                saved,
+                functional::Forward {
+                    desc: *desc,
+                    x: x.slice(..),
+                    weight: Some(w.slice(..)),
+                    bias: Some(b.slice(..)),
+                    stats: functional::ForwardStats::Batch(functional::BatchStats {
+                        saved,
+                        running: Some(running),
+                        eps: EPS,
+                    }),
+                    y: y_view.slice_mut(..),
+                    epilogue,
+                },
             )
             .expect("GPU fused training forward");
         } else {
@@ -162,16 +169,21 @@ fn gpu_forward<T: Element>(
                 mean: dev.running_mean.as_view(),
                 var: dev.running_var.as_view(),
             };
-            fused::forward_inference(
+            functional::forward(
                 gpu,
-                &x,
-                desc,
-                Some(&w),
-                Some(&b),
-                &running,
-                EPS,
-                epilogue,
-                &mut y_view,
+                &mut Workspace::new(),
+                functional::Forward {
+                    desc: *desc,
+                    x: x.slice(..),
+                    weight: Some(w.slice(..)),
+                    bias: Some(b.slice(..)),
+                    stats: functional::ForwardStats::Running {
+                        stats: running,
+                        eps: EPS,
+                    },
+                    y: y_view.slice_mut(..),
+                    epilogue,
+                },
             )
             .expect("GPU fused eval forward");
         }
@@ -207,17 +219,18 @@ fn cpu_forward<T: Element>(
     let saved = if training {
         Some(
             reference::fused::forward_training(
-                &host.x,
-                desc,
-                w,
-                b,
+                reference::fused::Forward {
+                    desc: *desc,
+                    x: &host.x,
+                    weight: w,
+                    bias: b,
+                    y: &mut y,
+                    epilogue: reference::Epilogue::relu(z, Some(&mut mask)),
+                },
                 Some(reference::RunningUpdate::pytorch(
                     &mut mean, &mut var, MOMENTUM,
                 )),
                 EPS,
-                z,
-                &mut y,
-                Some(&mut mask),
             )
             .unwrap(),
         )
@@ -227,15 +240,16 @@ fn cpu_forward<T: Element>(
             var: &host.running_var,
         };
         reference::fused::forward_inference(
-            &host.x,
-            desc,
-            w,
-            b,
+            reference::fused::Forward {
+                desc: *desc,
+                x: &host.x,
+                weight: w,
+                bias: b,
+                y: &mut y,
+                epilogue: reference::Epilogue::relu(z, Some(&mut mask)),
+            },
             running,
             EPS,
-            z,
-            &mut y,
-            Some(&mut mask),
         )
         .unwrap();
         None
@@ -284,17 +298,21 @@ fn gpu_backward<T: Element>(
                     mean_lo: Some(mean_lo.as_view()),
                     invstd: invstd.as_view(),
                 };
-                fused::backward_training(
+                functional::backward(
                     gpu,
                     ws,
-                    &x,
-                    &dy,
-                    &mask.as_view(),
-                    desc,
-                    Some(&w),
-                    &saved,
-                    grads,
-                    dz_view,
+                    functional::Backward {
+                        desc: *desc,
+                        x: x.slice(..),
+                        dy: dy.slice(..),
+                        weight: Some(w.slice(..)),
+                        stats: functional::BackwardStats::Batch(saved),
+                        grads,
+                        epilogue: functional::EpilogueGrad::AddRelu {
+                            mask: mask.as_view(),
+                            dz: dz_view,
+                        },
+                    },
                 )
                 .expect("GPU fused training backward");
             }
@@ -303,18 +321,24 @@ fn gpu_backward<T: Element>(
                     mean: dev.running_mean.as_view(),
                     var: dev.running_var.as_view(),
                 };
-                fused::backward_inference(
+                functional::backward(
                     gpu,
                     ws,
-                    &x,
-                    &dy,
-                    &mask.as_view(),
-                    desc,
-                    Some(&w),
-                    &running,
-                    EPS,
-                    grads,
-                    dz_view,
+                    functional::Backward {
+                        desc: *desc,
+                        x: x.slice(..),
+                        dy: dy.slice(..),
+                        weight: Some(w.slice(..)),
+                        stats: functional::BackwardStats::Running {
+                            stats: running,
+                            eps: EPS,
+                        },
+                        grads,
+                        epilogue: functional::EpilogueGrad::AddRelu {
+                            mask: mask.as_view(),
+                            dz: dz_view,
+                        },
+                    },
                 )
                 .expect("GPU fused eval backward");
             }
@@ -351,28 +375,36 @@ fn cpu_backward<T: Element>(
     let w = Some(&host.weight[..]);
     match saved {
         Some(s) => reference::fused::backward_training(
-            &host.x,
-            &host.dy,
-            mask,
-            desc,
-            w,
+            reference::fused::Backward {
+                desc: *desc,
+                x: &host.x,
+                dy: &host.dy,
+                weight: w,
+                grads,
+                epilogue: reference::EpilogueGrad::AddRelu {
+                    mask,
+                    dz: Some(&mut dz),
+                },
+            },
             s,
-            grads,
-            Some(&mut dz),
         ),
         None => reference::fused::backward_inference(
-            &host.x,
-            &host.dy,
-            mask,
-            desc,
-            w,
+            reference::fused::Backward {
+                desc: *desc,
+                x: &host.x,
+                dy: &host.dy,
+                weight: w,
+                grads,
+                epilogue: reference::EpilogueGrad::AddRelu {
+                    mask,
+                    dz: Some(&mut dz),
+                },
+            },
             reference::RunningStats {
                 mean: &host.running_mean,
                 var: &host.running_var,
             },
             EPS,
-            grads,
-            Some(&mut dz),
         ),
     }
     .unwrap();
@@ -439,7 +471,7 @@ fn compare<T: Element>(gpu: &GpuContext, desc: &TensorDesc, seed: u64, offset: u
 fn gpu_fused_matches_reference_on_awkward_shapes() {
     let gpu = gpu();
     for (i, desc) in awkward_shapes().iter().enumerate() {
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for dtype in DType::ALL {
             with_dtype!(dtype, compare(&gpu, desc, 1000 + i as u64, 0));
         }
         println!("{desc}: ok");
@@ -452,7 +484,7 @@ fn gpu_fused_matches_reference_on_awkward_shapes() {
 fn gpu_fused_matches_reference_on_unaligned_views() {
     let gpu = gpu();
     for (i, desc) in awkward_shapes().iter().enumerate() {
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for dtype in DType::ALL {
             with_dtype!(dtype, compare(&gpu, desc, 2000 + i as u64, 1));
         }
     }
@@ -567,17 +599,21 @@ fn gpu_fused_mask_reuse_and_output_masks() {
             dbias,
             accumulate,
         };
-        fused::backward_training(
+        functional::backward(
             &gpu,
             &mut ws,
-            &x,
-            &dy,
-            &mask.as_view(),
-            &desc,
-            Some(&w),
-            &saved,
-            grads,
-            dz.map(|d| d.as_view_mut()),
+            functional::Backward {
+                desc,
+                x: x.slice(..),
+                dy: dy.slice(..),
+                weight: Some(w.slice(..)),
+                stats: functional::BackwardStats::Batch(saved.clone()),
+                grads,
+                epilogue: functional::EpilogueGrad::AddRelu {
+                    mask: mask.as_view(),
+                    dz: dz.map(|d| d.as_view_mut()),
+                },
+            },
         )
         .unwrap();
     };
@@ -609,18 +645,24 @@ fn gpu_fused_mask_reuse_and_output_masks() {
         dbias: None,
         accumulate: false,
     };
-    fused::backward_inference(
+    functional::backward(
         &gpu,
         &mut ws,
-        &x,
-        &dy,
-        &mask.as_view(),
-        &desc,
-        Some(&w),
-        &running,
-        EPS,
-        none,
-        Some(dz.as_view_mut()),
+        functional::Backward {
+            desc,
+            x: x.slice(..),
+            dy: dy.slice(..),
+            weight: Some(w.slice(..)),
+            stats: functional::BackwardStats::Running {
+                stats: running,
+                eps: EPS,
+            },
+            grads: none,
+            epilogue: functional::EpilogueGrad::AddRelu {
+                mask: mask.as_view(),
+                dz: Some(dz.as_view_mut()),
+            },
+        },
     )
     .unwrap();
     assert_eq!(download(&gpu, &dz), full.3);
@@ -719,7 +761,10 @@ fn gpu_fused_layer_tracks_reference_layer() {
                 )
             }
             .unwrap();
-            assert_eq!(cache.epilogue(), Some(Epilogue::with_residual(residual)));
+            assert_eq!(
+                cache.epilogue(),
+                Some(EpilogueKind::with_residual(residual))
+            );
             let (y_gpu, mask_gpu) = (download(&gpu, &y), download_words(&gpu, &mask));
             assert!(worst_ratio(&widen(&y_gpu), &widen(&y_cpu), 1e-4, 1e-4) <= 1.0);
             check_mask(
@@ -816,35 +861,45 @@ fn gpu_fused_refuses_bad_buffers_before_launching() {
         mean: mean.as_view(),
         var: var.as_view(),
     };
-    let err = fused::forward_inference(
+    let err = functional::forward(
         &gpu,
-        &x.as_view(),
-        &desc,
-        None,
-        None,
-        &running,
-        EPS,
-        ReluEpilogue {
-            residual: Some(z.as_view()),
-            mask: Some(mask.as_view_mut()),
+        &mut Workspace::new(),
+        functional::Forward {
+            desc,
+            x: x.as_view(),
+            weight: None,
+            bias: None,
+            stats: functional::ForwardStats::Running {
+                stats: running.clone(),
+                eps: EPS,
+            },
+            y: y.as_view_mut(),
+            epilogue: Epilogue::AddRelu {
+                z: z.as_view(),
+                mask: Some(mask.as_view_mut()),
+            },
         },
-        &mut y.as_view_mut(),
     );
     assert!(matches!(err, Err(Error::BufferLength { what: "z", .. })));
     let z = upload(&gpu, &vec![1f32; n]);
-    let err = fused::forward_inference(
+    let err = functional::forward(
         &gpu,
-        &x.as_view(),
-        &desc,
-        None,
-        None,
-        &running,
-        EPS,
-        ReluEpilogue {
-            residual: Some(z.as_view()),
-            mask: Some(mask.as_view_mut()),
+        &mut Workspace::new(),
+        functional::Forward {
+            desc,
+            x: x.as_view(),
+            weight: None,
+            bias: None,
+            stats: functional::ForwardStats::Running {
+                stats: running,
+                eps: EPS,
+            },
+            y: y.as_view_mut(),
+            epilogue: Epilogue::AddRelu {
+                z: z.as_view(),
+                mask: Some(mask.as_view_mut()),
+            },
         },
-        &mut y.as_view_mut(),
     );
     assert!(matches!(err, Err(Error::BufferLength { what: "mask", .. })));
     assert!(download(&gpu, &y).iter().all(|&v| v == 9.0));
@@ -868,22 +923,24 @@ fn gpu_fused_add_rounds_once_past_a_half_way_point() {
         let (w, b) = (upload(gpu, &[1.0f32]), upload(gpu, &bias));
         let mut y = zeros::<T>(gpu, 1);
         let mut mask = upload_words(gpu, &[0]);
-        fused::forward_inference(
+        functional::forward(
             gpu,
-            &x.as_view(),
-            &desc,
-            Some(&w.as_view()),
-            Some(&b.as_view()),
-            &RunningStats {
-                mean: mean.as_view(),
-                var: var.as_view(),
+            &mut Workspace::new(),
+            functional::Forward {
+                desc,
+                x: x.as_view(),
+                weight: Some(w.as_view()),
+                bias: Some(b.as_view()),
+                stats: functional::ForwardStats::Running {
+                    stats: RunningStats {
+                        mean: mean.as_view(),
+                        var: var.as_view(),
+                    },
+                    eps: case.eps,
+                },
+                y: y.as_view_mut(),
+                epilogue: functional::Epilogue::relu(Some(z.as_view()), Some(mask.as_view_mut())),
             },
-            case.eps,
-            ReluEpilogue {
-                residual: Some(z.as_view()),
-                mask: Some(mask.as_view_mut()),
-            },
-            &mut y.as_view_mut(),
         )
         .unwrap();
         assert_eq!(download(gpu, &y)[0].to_f64(), case.expected, "{}", T::DTYPE);

@@ -13,7 +13,9 @@ mod common;
 use batchnorm_cuda::epilogue::{mask_words, unpack_mask};
 use batchnorm_cuda::gpu::{self, GpuContext};
 use batchnorm_cuda::reference;
-use batchnorm_cuda::{BatchNormConfig, DType, Element, Epilogue, LayerState, Layout, TensorDesc};
+use batchnorm_cuda::{
+    BatchNormConfig, DType, Element, EpilogueKind, LayerState, Layout, StatefulLayer, TensorDesc,
+};
 use common::gpu::*;
 use common::{compare, tolerance, widen, widen_f32, Quantity, Tol};
 use proptest::prelude::*;
@@ -27,7 +29,7 @@ enum Op {
         n: usize,
         seed: u64,
         backward: bool,
-        epilogue: Option<Epilogue>,
+        epilogue: Option<EpilogueKind>,
     },
     Train,
     Eval,
@@ -46,8 +48,8 @@ fn op() -> impl Strategy<Value = Op> {
             any::<bool>(),
             prop_oneof![
                 2 => Just(None),
-                1 => Just(Some(Epilogue::Relu)),
-                1 => Just(Some(Epilogue::AddRelu))
+                1 => Just(Some(EpilogueKind::Relu)),
+                1 => Just(Some(EpilogueKind::AddRelu))
             ]
         )
             .prop_map(|(n, seed, backward, epilogue)| Op::Forward {
@@ -109,6 +111,13 @@ struct Model {
     grad_bias: Vec<f32>,
 }
 
+impl Model {
+    /// Both layers, through the trait they share: the same call on each.
+    fn both(&mut self) -> [&mut dyn StatefulLayer; 2] {
+        [&mut self.cpu, &mut self.gpu]
+    }
+}
+
 /// One forward (and its backward) on both layers; `Ok(false)` when both refused it alike.
 fn forward_step<T: Element>(
     ctx: &GpuContext,
@@ -116,7 +125,7 @@ fn forward_step<T: Element>(
     desc: &TensorDesc,
     seed: u64,
     backward: bool,
-    epilogue: Option<Epilogue>,
+    epilogue: Option<EpilogueKind>,
     what: &str,
 ) -> Result<bool, TestCaseError> {
     let act = tolerance(T::DTYPE, Quantity::Activation);
@@ -135,15 +144,16 @@ fn forward_step<T: Element>(
     let mut y_ = yd.as_view_mut();
     let got = match epilogue {
         None => m.gpu.forward(desc, &x_, &mut y_),
-        Some(Epilogue::Relu) => m.gpu.forward_relu(desc, &x_, &mut y_, Some(&mut mask)),
-        Some(Epilogue::AddRelu) => m
-            .gpu
-            .forward_add_relu(desc, &x_, &z_, &mut y_, Some(&mut mask)),
+        Some(EpilogueKind::Relu) => m.gpu.forward_relu(desc, &x_, &mut y_, Some(&mut mask)),
+        Some(EpilogueKind::AddRelu) => {
+            m.gpu
+                .forward_add_relu(desc, &x_, &z_, &mut y_, Some(&mut mask))
+        }
     };
     let want = match epilogue {
         None => m.cpu.forward(&x, desc),
-        Some(Epilogue::Relu) => m.cpu.forward_relu(&x, desc).map(|(y, _, cache)| (y, cache)),
-        Some(Epilogue::AddRelu) => m
+        Some(EpilogueKind::Relu) => m.cpu.forward_relu(&x, desc).map(|(y, _, cache)| (y, cache)),
+        Some(EpilogueKind::AddRelu) => m
             .cpu
             .forward_add_relu(&x, &z, desc)
             .map(|(y, _, cache)| (y, cache)),
@@ -192,13 +202,13 @@ fn forward_step<T: Element>(
             m.gpu.backward(&gcache, &x_, &dy_, dx_).unwrap();
             m.cpu.backward(&cache, &x, &dy).unwrap()
         }
-        Some(Epilogue::Relu) => {
+        Some(EpilogueKind::Relu) => {
             m.gpu
                 .backward_relu(&gcache, &x_, &dy_, &mask_, dx_)
                 .unwrap();
             m.cpu.backward_relu(&cache, &x, &dy, &mask_host).unwrap()
         }
-        Some(Epilogue::AddRelu) => {
+        Some(EpilogueKind::AddRelu) => {
             m.gpu
                 .backward_add_relu(&gcache, &x_, &dy_, &mask_, dx_, Some(dzd.as_view_mut()))
                 .unwrap();
@@ -253,14 +263,8 @@ fn run<T: Element>(
                     continue;
                 }
             }
-            Op::Train => {
-                m.cpu.train();
-                m.gpu.train();
-            }
-            Op::Eval => {
-                m.cpu.eval();
-                m.gpu.eval();
-            }
+            Op::Train => m.both().into_iter().for_each(|layer| layer.train()),
+            Op::Eval => m.both().into_iter().for_each(|layer| layer.eval()),
             Op::ZeroGrad => {
                 m.gpu.zero_grad().unwrap();
                 m.grad_weight.fill(0.0);
@@ -271,30 +275,32 @@ fn run<T: Element>(
                     random_f32(seed, c, -1.5, 1.5),
                     random_f32(seed + 1, c, -0.5, 0.5),
                 );
-                m.cpu.set_weight(&w).unwrap();
-                m.cpu.set_bias(&b).unwrap();
-                m.gpu.set_weight(&w).unwrap();
-                m.gpu.set_bias(&b).unwrap();
+                for layer in m.both() {
+                    layer.set_weight(&w).unwrap();
+                    layer.set_bias(&b).unwrap();
+                }
             }
             Op::SetRunningStats(seed) if config.track_running_stats => {
                 let (mean, var) = (
                     random_f32(seed, c, -1.0, 1.0),
                     random_f32(seed + 1, c, 0.1, 3.0),
                 );
-                m.cpu.set_running_mean(&mean).unwrap();
-                m.cpu.set_running_var(&var).unwrap();
-                m.gpu.set_running_stats(&mean, &var).unwrap();
+                for layer in m.both() {
+                    layer.set_running_stats(&mean, &var).unwrap();
+                }
             }
             Op::SetParameters(_) | Op::SetRunningStats(_) => {}
             Op::Reload => {
                 let training = m.cpu.is_training();
                 let mut cpu = reference::BatchNorm::new(config).unwrap();
-                cpu.load_state(&m.cpu.state()).unwrap();
                 let mut fresh = gpu::BatchNorm::new(ctx, config).unwrap();
-                fresh.load_state(&m.gpu.state().unwrap()).unwrap();
-                if !training {
-                    cpu.eval();
-                    fresh.eval();
+                let reloaded: [(&mut dyn StatefulLayer, &dyn StatefulLayer); 2] =
+                    [(&mut cpu, &m.cpu), (&mut fresh, &m.gpu)];
+                for (layer, from) in reloaded {
+                    layer.load_state(&from.state().unwrap()).unwrap();
+                    if !training {
+                        layer.eval();
+                    }
                 }
                 // Gradients are not state: the fresh layer starts from zero.
                 m = Model {

@@ -10,7 +10,6 @@ mod common;
 use batchnorm_cuda::gpu::functional::{
     self, GradientsMut, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
 };
-use batchnorm_cuda::gpu::fused::{self, ReluEpilogue};
 use batchnorm_cuda::gpu::{GpuContext, Workspace};
 use batchnorm_cuda::{epilogue, DType, Element, RunningVarUpdate};
 use common::gpu::{download, gpu, upload, zeros};
@@ -37,10 +36,8 @@ fn run<T: Element>(gpu: &GpuContext, ws: &mut Workspace, case: &Case<T>) -> Outc
         .unwrap();
     let [mut mean, mut mean_lo, mut invstd] = [0; 3].map(|_| zeros::<f32>(gpu, c));
     let fused_form = case.form != Form::Plain;
-    let epilogue = || ReluEpilogue {
-        residual: (case.form == Form::AddRelu).then(|| z.as_view()),
-        mask: None,
-    };
+    let epilogue =
+        |mask| functional::Epilogue::relu((case.form == Form::AddRelu).then(|| z.as_view()), mask);
     let (wv, bv) = (w.as_view(), b.as_view());
     if case.training {
         let running = Some(RunningUpdate {
@@ -56,35 +53,41 @@ fn run<T: Element>(gpu: &GpuContext, ws: &mut Workspace, case: &Case<T>) -> Outc
         };
         let (x, mut yv) = (x.as_view(), y.as_view_mut());
         if fused_form {
-            let epilogue = ReluEpilogue {
-                mask: Some(mask.as_view_mut()),
-                ..epilogue()
-            };
-            fused::forward_training(
+            let epilogue = epilogue(Some(mask.as_view_mut()));
+            functional::forward(
                 gpu,
                 ws,
-                &x,
-                desc,
-                Some(&wv),
-                Some(&bv),
-                running,
-                EPS,
-                epilogue,
-                &mut yv,
-                saved,
+                functional::Forward {
+                    desc: *desc,
+                    x: x.slice(..),
+                    weight: Some(wv.slice(..)),
+                    bias: Some(bv.slice(..)),
+                    stats: functional::ForwardStats::Batch(functional::BatchStats {
+                        saved,
+                        running,
+                        eps: EPS,
+                    }),
+                    y: yv.slice_mut(..),
+                    epilogue,
+                },
             )
         } else {
-            functional::forward_training(
+            functional::forward(
                 gpu,
                 ws,
-                &x,
-                desc,
-                Some(&wv),
-                Some(&bv),
-                running,
-                EPS,
-                &mut yv,
-                saved,
+                functional::Forward {
+                    desc: *desc,
+                    x: x.slice(..),
+                    weight: Some(wv.slice(..)),
+                    bias: Some(bv.slice(..)),
+                    stats: functional::ForwardStats::Batch(functional::BatchStats {
+                        saved,
+                        running,
+                        eps: EPS,
+                    }),
+                    y: yv.slice_mut(..),
+                    epilogue: functional::Epilogue::None,
+                },
             )
         }
         .unwrap();
@@ -95,31 +98,39 @@ fn run<T: Element>(gpu: &GpuContext, ws: &mut Workspace, case: &Case<T>) -> Outc
         };
         let (x, mut yv) = (x.as_view(), y.as_view_mut());
         if fused_form {
-            let epilogue = ReluEpilogue {
-                mask: Some(mask.as_view_mut()),
-                ..epilogue()
-            };
-            fused::forward_inference(
+            let epilogue = epilogue(Some(mask.as_view_mut()));
+            functional::forward(
                 gpu,
-                &x,
-                desc,
-                Some(&wv),
-                Some(&bv),
-                &running,
-                EPS,
-                epilogue,
-                &mut yv,
+                &mut Workspace::new(),
+                functional::Forward {
+                    desc: *desc,
+                    x: x.slice(..),
+                    weight: Some(wv.slice(..)),
+                    bias: Some(bv.slice(..)),
+                    stats: functional::ForwardStats::Running {
+                        stats: running,
+                        eps: EPS,
+                    },
+                    y: yv.slice_mut(..),
+                    epilogue,
+                },
             )
         } else {
-            functional::forward_inference(
+            functional::forward(
                 gpu,
-                &x,
-                desc,
-                Some(&wv),
-                Some(&bv),
-                &running,
-                EPS,
-                &mut yv,
+                &mut Workspace::new(),
+                functional::Forward {
+                    desc: *desc,
+                    x: x.slice(..),
+                    weight: Some(wv.slice(..)),
+                    bias: Some(bv.slice(..)),
+                    stats: functional::ForwardStats::Running {
+                        stats: running,
+                        eps: EPS,
+                    },
+                    y: yv.slice_mut(..),
+                    epilogue: functional::Epilogue::None,
+                },
             )
         }
         .unwrap();
@@ -146,44 +157,69 @@ fn run<T: Element>(gpu: &GpuContext, ws: &mut Workspace, case: &Case<T>) -> Outc
         invstd: invstd.as_view(),
     };
     match (case.training, fused_form) {
-        (true, false) => {
-            functional::backward_training(gpu, ws, &xv, &dyv, desc, Some(&wv), &saved, grads)
-        }
-        (true, true) => fused::backward_training(
+        (true, false) => functional::backward(
             gpu,
             ws,
-            &xv,
-            &dyv,
-            &maskv,
-            desc,
-            Some(&wv),
-            &saved,
-            grads,
-            dz_out,
+            functional::Backward {
+                desc: *desc,
+                x: xv.slice(..),
+                dy: dyv.slice(..),
+                weight: Some(wv.slice(..)),
+                stats: functional::BackwardStats::Batch(saved),
+                grads,
+                epilogue: functional::EpilogueGrad::None,
+            },
         ),
-        (false, false) => functional::backward_inference(
+        (true, true) => functional::backward(
             gpu,
             ws,
-            &xv,
-            &dyv,
-            desc,
-            Some(&wv),
-            &eval_stats,
-            EPS,
-            grads,
+            functional::Backward {
+                desc: *desc,
+                x: xv.slice(..),
+                dy: dyv.slice(..),
+                weight: Some(wv.slice(..)),
+                stats: functional::BackwardStats::Batch(saved),
+                grads,
+                epilogue: functional::EpilogueGrad::AddRelu {
+                    mask: maskv.slice(..),
+                    dz: dz_out,
+                },
+            },
         ),
-        (false, true) => fused::backward_inference(
+        (false, false) => functional::backward(
             gpu,
             ws,
-            &xv,
-            &dyv,
-            &maskv,
-            desc,
-            Some(&wv),
-            &eval_stats,
-            EPS,
-            grads,
-            dz_out,
+            functional::Backward {
+                desc: *desc,
+                x: xv.slice(..),
+                dy: dyv.slice(..),
+                weight: Some(wv.slice(..)),
+                stats: functional::BackwardStats::Running {
+                    stats: eval_stats,
+                    eps: EPS,
+                },
+                grads,
+                epilogue: functional::EpilogueGrad::None,
+            },
+        ),
+        (false, true) => functional::backward(
+            gpu,
+            ws,
+            functional::Backward {
+                desc: *desc,
+                x: xv.slice(..),
+                dy: dyv.slice(..),
+                weight: Some(wv.slice(..)),
+                stats: functional::BackwardStats::Running {
+                    stats: eval_stats,
+                    eps: EPS,
+                },
+                grads,
+                epilogue: functional::EpilogueGrad::AddRelu {
+                    mask: maskv.slice(..),
+                    dz: dz_out,
+                },
+            },
         ),
     }
     .unwrap();

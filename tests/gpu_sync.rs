@@ -6,13 +6,15 @@
 
 mod common;
 
+use batchnorm_cuda::epilogue::mask_words;
 use batchnorm_cuda::gpu::functional::{
-    self, GradientsMut, RunningUpdate, SavedStats, SavedStatsMut,
+    self, BatchStats, Epilogue, ForwardStats, GradientsMut, RunningStats, RunningUpdate,
+    SavedStats, SavedStatsMut,
 };
 use batchnorm_cuda::gpu::sync::{self, GatheredMoments, ReducedSums, MOMENT_FLOATS};
 use batchnorm_cuda::gpu::{GpuContext, Workspace};
 use batchnorm_cuda::reference;
-use batchnorm_cuda::{DType, Element, Layout, TensorDesc};
+use batchnorm_cuda::{DType, Element, Error, Layout, TensorDesc};
 use common::gpu::*;
 use common::offset::{self, offsets, Form, Shares};
 use common::{tolerance, widen, widen_f32, with_dtype, Quantity, Tol};
@@ -122,25 +124,30 @@ fn single_device<T: Element>(gpu: &GpuContext, b: &Batch<T>) -> Outcome<T> {
     let (mut mean, mut invstd) = (zeros::<f32>(gpu, c), zeros::<f32>(gpu, c));
     let mut mean_lo = zeros::<f32>(gpu, c);
     let mut y = zeros::<T>(gpu, n);
-    functional::forward_training(
+    functional::forward(
         gpu,
         &mut ws,
-        &x.as_view(),
-        desc,
-        Some(&w.as_view()),
-        Some(&bias.as_view()),
-        Some(RunningUpdate {
-            mean: rm.as_view_mut(),
-            var: rv.as_view_mut(),
-            factor: MOMENTUM,
-            var_update: Default::default(),
-        }),
-        EPS,
-        &mut y.as_view_mut(),
-        SavedStatsMut {
-            mean: mean.as_view_mut(),
-            mean_lo: mean_lo.as_view_mut(),
-            invstd: invstd.as_view_mut(),
+        functional::Forward {
+            desc: *desc,
+            x: x.as_view(),
+            weight: Some(w.as_view()),
+            bias: Some(bias.as_view()),
+            stats: functional::ForwardStats::Batch(functional::BatchStats {
+                saved: SavedStatsMut {
+                    mean: mean.as_view_mut(),
+                    mean_lo: mean_lo.as_view_mut(),
+                    invstd: invstd.as_view_mut(),
+                },
+                running: Some(RunningUpdate {
+                    mean: rm.as_view_mut(),
+                    var: rv.as_view_mut(),
+                    factor: MOMENTUM,
+                    var_update: Default::default(),
+                }),
+                eps: EPS,
+            }),
+            y: y.as_view_mut(),
+            epilogue: functional::Epilogue::None,
         },
     )
     .expect("single-device forward");
@@ -157,15 +164,18 @@ fn single_device<T: Element>(gpu: &GpuContext, b: &Batch<T>) -> Outcome<T> {
         dbias: Some(db.as_view_mut()),
         accumulate: false,
     };
-    functional::backward_training(
+    functional::backward(
         gpu,
         &mut ws,
-        &x.as_view(),
-        &dy.as_view(),
-        desc,
-        Some(&w.as_view()),
-        &saved,
-        grads,
+        functional::Backward {
+            desc: *desc,
+            x: x.as_view(),
+            dy: dy.as_view(),
+            weight: Some(w.as_view()),
+            stats: functional::BackwardStats::Batch(saved),
+            grads,
+            epilogue: functional::EpilogueGrad::None,
+        },
     )
     .expect("single-device backward");
     Outcome {
@@ -242,32 +252,34 @@ fn shards_on_device<T: Element>(gpu: &GpuContext, b: &Batch<T>) -> Vec<Outcome<T
     }
     for rank in &mut ranks {
         let n = rank.range.len();
-        sync::forward_training(
-            gpu,
-            &x.slice(rank.range.clone()),
-            &rank.desc,
-            Some(&w.as_view()),
-            Some(&bias.as_view()),
-            Some(RunningUpdate {
-                mean: rank.running_mean.as_view_mut(),
-                var: rank.running_var.as_view_mut(),
-                factor: MOMENTUM,
-                var_update: Default::default(),
+        let request = functional::Forward {
+            desc: rank.desc,
+            x: x.slice(rank.range.clone()),
+            weight: Some(w.as_view()),
+            bias: Some(bias.as_view()),
+            stats: ForwardStats::Batch(BatchStats {
+                saved: SavedStatsMut {
+                    mean: rank.mean.as_view_mut(),
+                    mean_lo: rank.mean_lo.as_view_mut(),
+                    invstd: rank.invstd.as_view_mut(),
+                },
+                running: Some(RunningUpdate {
+                    mean: rank.running_mean.as_view_mut(),
+                    var: rank.running_var.as_view_mut(),
+                    factor: MOMENTUM,
+                    var_update: Default::default(),
+                }),
+                eps: EPS,
             }),
-            EPS,
-            &GatheredMoments {
-                moments: gathered.as_view(),
-                ranks: world,
-            },
-            &mut rank.y.slice_mut(..n),
-            SavedStatsMut {
-                mean: rank.mean.as_view_mut(),
-                mean_lo: rank.mean_lo.as_view_mut(),
-                invstd: rank.invstd.as_view_mut(),
-            },
-            &mut rank.total.as_view_mut(),
-        )
-        .expect("sync forward");
+            y: rank.y.slice_mut(..n),
+            epilogue: Epilogue::None,
+        };
+        let gathered = GatheredMoments {
+            moments: gathered.as_view(),
+            ranks: world,
+        };
+        let total = rank.total.as_view_mut();
+        sync::forward_training(gpu, request, total, &gathered).expect("sync forward");
     }
     for rank in &mut ranks {
         let saved = SavedStats {
@@ -311,19 +323,16 @@ fn shards_on_device<T: Element>(gpu: &GpuContext, b: &Batch<T>) -> Vec<Outcome<T
             dbias: Some(rank.dbias.as_view_mut()),
             accumulate: false,
         };
-        sync::backward_training(
-            gpu,
-            &mut rank.ws,
-            &x.slice(rank.range.clone()),
-            &dy.slice(rank.range.clone()),
-            &rank.desc,
-            Some(&w.as_view()),
-            &saved,
-            &sums,
-            &rank.total.as_view(),
+        let request = sync::SyncBackward {
+            desc: rank.desc,
+            x: x.slice(rank.range.clone()),
+            dy: dy.slice(rank.range.clone()),
+            weight: Some(w.as_view()),
+            saved,
+            total: rank.total.as_view(),
             grads,
-        )
-        .expect("sync backward");
+        };
+        sync::backward_training(gpu, &mut rank.ws, request, &sums).expect("sync backward");
     }
     ranks
         .iter()
@@ -528,6 +537,95 @@ fn shards_match<T: Element>(gpu: &GpuContext, full: TensorDesc, ranks: usize, se
     }
 }
 
+/// The synchronized forward takes functional's request: in a world of one, a fused epilogue
+/// gives `y` and the mask of the single-device forward bit for bit; running statistics (eval,
+/// which does not synchronize) are refused before anything is written.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn sync_forward_runs_the_epilogue_as_the_single_device_forward() {
+    let gpu = gpu();
+    let desc = TensorDesc::nchw(6, 5, 7, 3).unwrap();
+    let (n, c) = (desc.numel(), desc.channels());
+    let x = upload(&gpu, &random::<f32>(31, n, 0.5, 2.0));
+    let z = upload(&gpu, &random::<f32>(32, n, -1.0, 1.0));
+    let run = |sync_path: bool| {
+        let stream = gpu.stream();
+        let mut y = zeros::<f32>(&gpu, n);
+        let mut mask = stream.alloc_zeros::<u32>(mask_words(&desc)).unwrap();
+        let [mut mean, mut mean_lo, mut invstd] = [0; 3].map(|_| zeros::<f32>(&gpu, c));
+        let mut ws = Workspace::new();
+        let request = functional::Forward {
+            desc,
+            x: x.as_view(),
+            weight: None,
+            bias: None,
+            stats: ForwardStats::Batch(BatchStats {
+                saved: SavedStatsMut {
+                    mean: mean.as_view_mut(),
+                    mean_lo: mean_lo.as_view_mut(),
+                    invstd: invstd.as_view_mut(),
+                },
+                running: None,
+                eps: EPS,
+            }),
+            y: y.as_view_mut(),
+            epilogue: Epilogue::AddRelu {
+                z: z.as_view(),
+                mask: Some(mask.as_view_mut()),
+            },
+        };
+        if sync_path {
+            let mut moments = zeros::<f32>(&gpu, MOMENT_FLOATS * c);
+            let mut total = stream.alloc_zeros::<u64>(1).unwrap();
+            let xv = x.as_view();
+            sync::local_moments(&gpu, &mut ws, &xv, &desc, &mut moments.as_view_mut())
+                .expect("local moments");
+            let gathered = GatheredMoments {
+                moments: moments.as_view(),
+                ranks: 1,
+            };
+            sync::forward_training(&gpu, request, total.as_view_mut(), &gathered)
+                .expect("sync forward");
+        } else {
+            functional::forward(&gpu, &mut ws, request).expect("forward");
+        }
+        (download(&gpu, &y), stream.clone_dtoh(&mask).unwrap())
+    };
+    let (sync_y, sync_mask) = run(true);
+    let (y, mask) = run(false);
+    assert_eq!(bits(&sync_y), bits(&y), "y");
+    assert_eq!(sync_mask, mask, "mask");
+    assert!(mask.iter().any(|&w| w != 0) && y.contains(&0.0));
+
+    let (mean, var) = (upload(&gpu, &[0f32; 5]), upload(&gpu, &[1f32; 5]));
+    let sentinel = vec![7f32; n];
+    let mut y = upload(&gpu, &sentinel);
+    let mut total = gpu.stream().alloc_zeros::<u64>(1).unwrap();
+    let moments = zeros::<f32>(&gpu, MOMENT_FLOATS * c);
+    let eval = functional::Forward {
+        desc,
+        x: x.as_view(),
+        weight: None,
+        bias: None,
+        stats: ForwardStats::Running {
+            stats: RunningStats {
+                mean: mean.as_view(),
+                var: var.as_view(),
+            },
+            eps: EPS,
+        },
+        y: y.as_view_mut(),
+        epilogue: Epilogue::None,
+    };
+    let gathered = GatheredMoments {
+        moments: moments.as_view(),
+        ranks: 1,
+    };
+    let got = sync::forward_training(&gpu, eval, total.as_view_mut(), &gathered);
+    assert!(matches!(got, Err(Error::Unsupported { .. })), "{got:?}");
+    assert_eq!(download(&gpu, &y), sentinel);
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn shards_on_one_device_match_the_concatenated_batch() {
@@ -545,7 +643,7 @@ fn shards_on_one_device_match_the_concatenated_batch() {
     for &ranks in &[1usize, 2, 3, 8] {
         for d in dims {
             for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
-                for dtype in [DType::F32, DType::F16, DType::BF16] {
+                for dtype in DType::ALL {
                     seed += 10;
                     let full = TensorDesc::new(d, layout).unwrap();
                     with_dtype!(dtype, shards_match(&gpu, full, ranks, seed));

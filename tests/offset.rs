@@ -7,7 +7,9 @@
 
 mod common;
 
-use batchnorm_cuda::reference::{self, fused, sync, Gradients, RunningStats, RunningUpdate};
+use batchnorm_cuda::reference::{
+    self, fused, sync, Epilogue, EpilogueGrad, Gradients, RunningStats, RunningUpdate,
+};
 use batchnorm_cuda::{epilogue, DType, Element, TensorDesc};
 use common::offset::{check, offsets, shapes, Case, Form, Outcome, Shares, EPS, FORMS, MOMENTUM};
 use common::with_dtype;
@@ -25,15 +27,16 @@ fn run<T: Element>(case: &Case<T>) -> Outcome<T> {
         let running = Some(RunningUpdate::pytorch(&mut rm, &mut rv, MOMENTUM));
         Some(if fused_form {
             fused::forward_training(
-                &case.x,
-                desc,
-                w,
-                b,
+                fused::Forward {
+                    desc: *desc,
+                    x: &case.x,
+                    weight: w,
+                    bias: b,
+                    y: &mut y,
+                    epilogue: Epilogue::relu(residual, Some(&mut mask)),
+                },
                 running,
                 EPS,
-                residual,
-                &mut y,
-                Some(&mut mask),
             )
         } else {
             reference::forward_training(&case.x, desc, w, b, running, EPS, &mut y)
@@ -47,15 +50,16 @@ fn run<T: Element>(case: &Case<T>) -> Outcome<T> {
         };
         if fused_form {
             fused::forward_inference(
-                &case.x,
-                desc,
-                w,
-                b,
+                fused::Forward {
+                    desc: *desc,
+                    x: &case.x,
+                    weight: w,
+                    bias: b,
+                    y: &mut y,
+                    epilogue: Epilogue::relu(residual, Some(&mut mask)),
+                },
                 running,
                 EPS,
-                residual,
-                &mut y,
-                Some(&mut mask),
             )
         } else {
             reference::forward_inference(&case.x, desc, w, b, running, EPS, &mut y)
@@ -79,14 +83,37 @@ fn run<T: Element>(case: &Case<T>) -> Outcome<T> {
     };
     match (&saved, fused_form) {
         (Some(s), false) => reference::backward_training(&case.x, &case.dy, desc, w, s, grads),
-        (Some(s), true) => {
-            fused::backward_training(&case.x, &case.dy, &mask, desc, w, s, grads, dz_out)
-        }
+        (Some(s), true) => fused::backward_training(
+            fused::Backward {
+                desc: *desc,
+                x: &case.x,
+                dy: &case.dy,
+                weight: w,
+                grads,
+                epilogue: EpilogueGrad::AddRelu {
+                    mask: &mask,
+                    dz: dz_out,
+                },
+            },
+            s,
+        ),
         (None, false) => {
             reference::backward_inference(&case.x, &case.dy, desc, w, running, EPS, grads)
         }
         (None, true) => fused::backward_inference(
-            &case.x, &case.dy, &mask, desc, w, running, EPS, grads, dz_out,
+            fused::Backward {
+                desc: *desc,
+                x: &case.x,
+                dy: &case.dy,
+                weight: w,
+                grads,
+                epilogue: EpilogueGrad::AddRelu {
+                    mask: &mask,
+                    dz: dz_out,
+                },
+            },
+            running,
+            EPS,
         ),
     }
     .unwrap();
@@ -162,17 +189,16 @@ fn synced<T: Element>(desc: TensorDesc, offset: (f64, f64), seed: u64, shares: &
     let mut saved_per_rank = Vec::new();
     for (range, d) in ranges.iter().zip(&shard_descs) {
         let (mut rm, mut rv) = (case.running_mean.clone(), case.running_var.clone());
-        let saved = sync::forward_training(
-            &case.x[range.clone()],
-            d,
-            Some(&case.weight),
-            Some(&case.bias),
-            Some(RunningUpdate::pytorch(&mut rm, &mut rv, MOMENTUM)),
-            EPS,
-            &gathered,
-            &mut got.y[range.clone()],
-        )
-        .unwrap();
+        let request = sync::SyncForward {
+            desc: *d,
+            x: &case.x[range.clone()],
+            weight: Some(&case.weight),
+            bias: Some(&case.bias),
+            running: Some(RunningUpdate::pytorch(&mut rm, &mut rv, MOMENTUM)),
+            eps: EPS,
+            y: &mut got.y[range.clone()],
+        };
+        let saved = sync::forward_training(request, &gathered).unwrap();
         (got.running_mean, got.running_var) = (rm, rv);
         saved_per_rank.push(saved);
     }
@@ -188,23 +214,21 @@ fn synced<T: Element>(desc: TensorDesc, offset: (f64, f64), seed: u64, shares: &
     let count = desc.per_channel() as u64;
     for (rank, (range, d)) in ranges.iter().zip(&shard_descs).enumerate() {
         let (mut dweight, mut dbias) = (vec![0.0; c], vec![0.0; c]);
-        sync::backward_training(
-            &case.x[range.clone()],
-            &case.dy[range.clone()],
-            d,
-            Some(&case.weight),
-            &saved_per_rank[rank],
-            &local[rank],
-            &global,
+        let request = sync::SyncBackward {
+            desc: *d,
+            x: &case.x[range.clone()],
+            dy: &case.dy[range.clone()],
+            weight: Some(&case.weight),
+            saved: &saved_per_rank[rank],
             count,
-            Gradients {
+            grads: Gradients {
                 dx: Some(&mut got.dx[range.clone()]),
                 dweight: Some(&mut dweight),
                 dbias: Some(&mut dbias),
                 accumulate: false,
             },
-        )
-        .unwrap();
+        };
+        sync::backward_training(request, &local[rank], &global).unwrap();
         // Parameter gradients stay per rank; their sum is the whole batch's.
         for ch in 0..c {
             got.dweight[ch] += dweight[ch];

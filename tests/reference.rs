@@ -393,7 +393,7 @@ fn constant_channel<T: Element>() {
 
 #[test]
 fn constant_channel_gives_bias_exactly() {
-    for dtype in [DType::F32, DType::F16, DType::BF16] {
+    for dtype in DType::ALL {
         with_dtype!(dtype, constant_channel());
     }
 }
@@ -721,6 +721,18 @@ fn refused_calls_leave_the_layer_untouched() {
         bn.set_running_var(&[1.0, 1.0, -2.0]),
         Err(Error::InvalidRunningVar { channel: 2, .. })
     ));
+    // Both at once, in the GPU layer's order: lengths, the variance, then the buffers.
+    assert!(matches!(
+        bn.set_running_stats(&[0.0; 2], &[f32::NAN; 3]),
+        Err(Error::BufferLength {
+            what: "running_mean",
+            ..
+        })
+    ));
+    assert!(matches!(
+        bn.set_running_stats(&[0.0; 3], &[1.0, -1.0, 1.0]),
+        Err(Error::InvalidRunningVar { channel: 1, .. })
+    ));
     assert_eq!(state(&bn), before);
 
     let (_, cache) = bn.forward(&x, &d).unwrap();
@@ -742,6 +754,12 @@ fn refused_calls_leave_the_layer_untouched() {
     assert!(matches!(
         plain.set_running_mean(&[0.0; 3]),
         Err(Error::NoRunningStats { .. })
+    ));
+    assert!(matches!(
+        plain.set_running_stats(&[0.0; 3], &[1.0; 3]),
+        Err(Error::NoRunningStats {
+            what: "set_running_stats"
+        })
     ));
     assert!(matches!(
         plain.set_num_batches_tracked(3),
@@ -923,7 +941,7 @@ proptest! {
     fn layer_matches_functional(
         dims in dims_strategy(),
         channels_last: bool,
-        dtype in prop::sample::select(vec![DType::F32, DType::F16, DType::BF16]),
+        dtype in prop::sample::select(DType::ALL.to_vec()),
         training: bool,
         affine: bool,
         track: bool,

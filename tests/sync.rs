@@ -256,7 +256,7 @@ fn simulated_ranks_match_the_concatenated_batch() {
     for &ranks in &[1usize, 2, 3, 8] {
         for dims in SHAPES {
             for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
-                for dtype in [DType::F32, DType::F16, DType::BF16] {
+                for dtype in DType::ALL {
                     seed += 1;
                     with_dtype!(
                         dtype,

@@ -1,12 +1,27 @@
 //! The table of loaded kernels: every family, for every dtype and index width, loaded once per
 //! context. Names are `&'static str` built by one macro from the same list the CUDA side
 //! instantiates, so a missing instantiation fails when the context is created, not at a launch.
+//!
+//! Each family is declared with the parameter struct its kernels take ([`Family<P>`],
+//! [`PerDtype<P>`], [`Single<P>`]), and the only launch of the crate is [`Kernel::launch`] on a `Kernel<P>` that
+//! only a typed family hands out: a kernel cannot be launched with another family's struct.
 
+use super::launch::{Launch, Traversal};
+#[cfg(feature = "test-tools")]
+use super::params::ConvDirectParams;
+use super::params::{
+    BackwardElementwiseParams, BackwardElementwiseReluParams, BackwardReduceParams,
+    BackwardReduceReluParams, FoldParams, NormalizeParams, NormalizeReluParams, StatsParams,
+    SyncCoefficientsParams, SyncMergeParams, SyncMomentsParams,
+};
 use super::ptx::MODULES;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, PushKernelArg,
+};
 use cudarc::nvrtc::Ptx;
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 /// Element offsets fit in 32 bits (faster) or need 64.
@@ -27,69 +42,109 @@ impl IndexWidth {
     }
 }
 
-macro_rules! kernel_families {
-    ($($family:ident => $base:literal),* $(,)?) => {
-        /// A kernel family: one entry point per dtype and index width.
-        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-        pub(crate) enum Family { $($family),* }
+/// A family of kernels over activations: one entry point per traversal, dtype and index width,
+/// every one taking a `P`.
+pub(crate) struct Family<P> {
+    index: usize,
+    params: PhantomData<fn(P)>,
+}
 
-        impl Family {
-            pub(crate) const ALL: &'static [Family] = &[$(Family::$family),*];
+/// A kernel of one entry point per dtype, taking a `P`.
+pub(crate) struct PerDtype<P> {
+    index: usize,
+    params: PhantomData<fn(P)>,
+}
 
-            /// Entry-point names indexed by `[dtype][index width]`.
-            const fn names(self) -> &'static [[&'static str; 2]; 3] {
-                match self {
-                    $(Family::$family => &[
-                        [concat!($base, "_f32_i32"), concat!($base, "_f32_i64")],
-                        [concat!($base, "_f16_i32"), concat!($base, "_f16_i64")],
-                        [concat!($base, "_bf16_i32"), concat!($base, "_bf16_i64")],
-                    ]),*
-                }
+/// A kernel of one entry point (per-channel f32 scalars only), taking a `P`.
+pub(crate) struct Single<P> {
+    index: usize,
+    params: PhantomData<fn(P)>,
+}
+
+// Not derived: a derive would ask `P: Copy`.
+macro_rules! copy_handle {
+    ($($handle:ident),*) => {$(
+        impl<P> Clone for $handle<P> {
+            fn clone(&self) -> Self {
+                *self
             }
         }
+        impl<P> Copy for $handle<P> {}
+    )*};
+}
+copy_handle!(Family, PerDtype, Single);
+
+macro_rules! kernel_table {
+    (
+        families { $($family:ident: $fparams:ty => $fbase:literal),* $(,)? }
+        per_dtype { $($(#[$tattr:meta])* $typed:ident: $tparams:ty => $tbase:literal),* $(,)? }
+        single { $($single:ident: $sparams:ty => $sname:literal),* $(,)? }
+    ) => {
+        kernel_table!(@consts Family 0usize; $($family: $fparams,)*);
+        kernel_table!(@consts PerDtype 0usize; $($(#[$tattr])* $typed: $tparams,)*);
+        kernel_table!(@consts Single 0usize; $($single: $sparams,)*);
+
+        /// Entry-point names of the families, indexed by `[family][traversal][dtype][width]`.
+        const FAMILY_NAMES: &[[[[&str; 2]; 3]; 2]] = &[$(kernel_table!(@family $fbase)),*];
+
+        /// Entry-point names of the per-dtype kernels, indexed by `[kernel][dtype]`.
+        const PER_DTYPE_NAMES: &[[&str; 3]] = &[$($(#[$tattr])* [
+            concat!($tbase, "_f32"), concat!($tbase, "_f16"), concat!($tbase, "_bf16"),
+        ]),*];
+
+        /// Entry-point names of the single kernels (per-channel f32 scalars only).
+        const SINGLE_NAMES: &[&str] = &[$($sname),*];
+    };
+    (@consts $kind:ident $index:expr; $(#[$attr:meta])* $name:ident: $params:ty, $($rest:tt)*) => {
+        $(#[$attr])*
+        pub(crate) const $name: $kind<$params> = $kind { index: $index, params: PhantomData };
+        kernel_table!(@consts $kind $index + 1; $($rest)*);
+    };
+    (@consts $kind:ident $index:expr;) => {};
+    (@family $base:literal) => {
+        [
+            kernel_table!(@dtypes concat!($base, "_planar")),
+            kernel_table!(@dtypes concat!($base, "_rows")),
+        ]
+    };
+    (@dtypes $base:expr) => {
+        [
+            [concat!($base, "_f32_i32"), concat!($base, "_f32_i64")],
+            [concat!($base, "_f16_i32"), concat!($base, "_f16_i64")],
+            [concat!($base, "_bf16_i32"), concat!($base, "_bf16_i64")],
+        ]
     };
 }
 
-kernel_families! {
-    StatsPlanar => "bn_stats_planar",
-    StatsRows => "bn_stats_rows",
-    NormalizePlanar => "bn_normalize_planar",
-    NormalizeRows => "bn_normalize_rows",
-    BackwardReducePlanar => "bn_backward_reduce_planar",
-    BackwardReduceRows => "bn_backward_reduce_rows",
-    BackwardDxPlanar => "bn_backward_dx_planar",
-    BackwardDxRows => "bn_backward_dx_rows",
-    // Fused ReLU epilogues (kernels/epilogue.cuh): forward writes the mask, backward reads it.
-    NormalizeReluPlanar => "bn_normalize_relu_planar",
-    NormalizeReluRows => "bn_normalize_relu_rows",
-    NormalizeAddReluPlanar => "bn_normalize_add_relu_planar",
-    NormalizeAddReluRows => "bn_normalize_add_relu_rows",
-    BackwardReduceReluPlanar => "bn_backward_reduce_relu_planar",
-    BackwardReduceReluRows => "bn_backward_reduce_relu_rows",
-    BackwardDxReluPlanar => "bn_backward_dx_relu_planar",
-    BackwardDxReluRows => "bn_backward_dx_relu_rows",
-    BackwardDxAddReluPlanar => "bn_backward_dx_add_relu_planar",
-    BackwardDxAddReluRows => "bn_backward_dx_add_relu_rows",
-    SyncMomentsPlanar => "bn_sync_moments_planar",
-    SyncMomentsRows => "bn_sync_moments_rows",
+kernel_table! {
+    families {
+        STATS: StatsParams => "bn_stats",
+        NORMALIZE: NormalizeParams => "bn_normalize",
+        BACKWARD_REDUCE: BackwardReduceParams => "bn_backward_reduce",
+        BACKWARD_DX: BackwardElementwiseParams => "bn_backward_dx",
+        // Fused ReLU epilogues (kernels/epilogue.cuh): forward writes the mask, backward reads it.
+        NORMALIZE_RELU: NormalizeReluParams => "bn_normalize_relu",
+        NORMALIZE_ADD_RELU: NormalizeReluParams => "bn_normalize_add_relu",
+        BACKWARD_REDUCE_RELU: BackwardReduceReluParams => "bn_backward_reduce_relu",
+        BACKWARD_DX_RELU: BackwardElementwiseReluParams => "bn_backward_dx_relu",
+        BACKWARD_DX_ADD_RELU: BackwardElementwiseReluParams => "bn_backward_dx_add_relu",
+        SYNC_MOMENTS: SyncMomentsParams => "bn_sync_moments",
+    }
+    // Weights are small: no index-width split, always 64-bit offsets.
+    per_dtype {
+        FOLD: FoldParams => "bn_fold",
+        // The direct convolution of `conv::gpu` (a test tool, last: the indices before it do
+        // not depend on the feature).
+        #[cfg(feature = "test-tools")]
+        CONV_DIRECT: ConvDirectParams => "conv_direct",
+    }
+    single {
+        // The fixed-order merge of every rank's moments.
+        SYNC_MERGE: SyncMergeParams => "bn_sync_merge",
+        // dx coefficients from the all-reduced backward sums.
+        SYNC_COEFFICIENTS: SyncCoefficientsParams => "bn_sync_coefficients",
+    }
 }
-
-/// The fold kernels are not split by index width: weights are small and always use 64 bits.
-const FOLD_NAMES: [&str; 3] = ["bn_fold_f32", "bn_fold_f16", "bn_fold_bf16"];
-
-/// The direct convolution of `gpu::conv` (a test tool): one entry point per dtype, 64-bit offsets.
-const CONV_NAMES: [&str; 3] = ["conv_direct_f32", "conv_direct_f16", "conv_direct_bf16"];
-
-/// Kernels over per-channel f32 scalars only: one entry point each, no dtype, no index width.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Scalar {
-    /// `bn_sync_merge`: the fixed-order merge of every rank's moments.
-    SyncMerge,
-    /// `bn_sync_coefficients`: dx coefficients from the all-reduced backward sums.
-    SyncCoefficients,
-}
-
-const SCALAR_NAMES: [&str; 2] = ["bn_sync_merge", "bn_sync_coefficients"];
 
 const fn dtype_index(dtype: DType) -> usize {
     match dtype {
@@ -99,20 +154,51 @@ const fn dtype_index(dtype: DType) -> usize {
     }
 }
 
+/// One loaded entry point and the parameter struct it takes.
+pub(crate) struct Kernel<'k, P> {
+    function: &'k CudaFunction,
+    params: PhantomData<fn(P)>,
+}
+
+impl<P: DeviceRepr> Kernel<'_, P> {
+    /// The one launch of the crate: `params` by value as the kernel's only argument.
+    ///
+    /// The caller validated every buffer length the pointers in `params` cover, took the
+    /// pointers through [`super::ops::Guards`] (which keep the buffers alive and ordered until
+    /// after the launch), and got `shape` from [`super::launch`].
+    pub(crate) fn launch(&self, stream: &CudaStream, shape: Launch, params: &P) -> Result<()> {
+        // SAFETY: `P` is the #[repr(C)] mirror of the struct this entry point takes (the family
+        // tables above pair them; layouts checked in params.rs); the pointers it carries were
+        // checked against the descriptor by the caller and are held by its guards; the launch
+        // shape keeps the kernels' assumptions (256 threads, channel tiles covering C,
+        // splits <= MAX_SPLITS).
+        unsafe {
+            stream
+                .launch_builder(self.function)
+                .arg(params)
+                .launch(shape.config())
+        }?;
+        Ok(())
+    }
+}
+
 /// Every kernel of the crate, loaded into one context.
 #[derive(Debug)]
 pub(crate) struct Kernels {
-    families: Vec<[[CudaFunction; 2]; 3]>,
-    fold: [CudaFunction; 3],
-    conv: [CudaFunction; 3],
-    scalar: [CudaFunction; 2],
+    families: Vec<[[[CudaFunction; 2]; 3]; 2]>,
+    per_dtype: Vec<[CudaFunction; 3]>,
+    single: Vec<CudaFunction>,
 }
 
 impl Kernels {
     /// Loads every PTX module and looks up every entry point the crate launches.
     pub(crate) fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
+        // Only the modules that hold a kernel of the tables: a test tool's module (compiled in
+        // every build) stays out of a product context.
+        let launched: Vec<&str> = Self::all_names().collect();
         let modules = MODULES
             .iter()
+            .filter(|m| m.entry_points.iter().any(|e| launched.contains(e)))
             .map(|m| Ok((m, ctx.load_module(Ptx::from_src(m.ptx))?)))
             .collect::<Result<Vec<_>>>()?;
         let function = |name: &'static str| -> Result<CudaFunction> {
@@ -122,65 +208,84 @@ impl Kernels {
                 .ok_or(Error::MissingKernel { name })?;
             Ok(module.load_function(name)?)
         };
-        let families = Family::ALL
+        let load_dtypes = |names: &[&'static str; 3]| -> Result<[CudaFunction; 3]> {
+            Ok([
+                function(names[0])?,
+                function(names[1])?,
+                function(names[2])?,
+            ])
+        };
+        let families = FAMILY_NAMES
             .iter()
-            .map(|family| {
-                let names = family.names();
-                let load_dtype = |d: usize| -> Result<[CudaFunction; 2]> {
-                    Ok([function(names[d][0])?, function(names[d][1])?])
+            .map(|traversals| {
+                let load = |names: &[[&'static str; 2]; 3]| -> Result<[[CudaFunction; 2]; 3]> {
+                    let width =
+                        |d: usize| Ok::<_, Error>([function(names[d][0])?, function(names[d][1])?]);
+                    Ok([width(0)?, width(1)?, width(2)?])
                 };
-                Ok([load_dtype(0)?, load_dtype(1)?, load_dtype(2)?])
+                Ok([load(&traversals[0])?, load(&traversals[1])?])
             })
             .collect::<Result<Vec<_>>>()?;
-        let fold = [
-            function(FOLD_NAMES[0])?,
-            function(FOLD_NAMES[1])?,
-            function(FOLD_NAMES[2])?,
-        ];
-        let conv = [
-            function(CONV_NAMES[0])?,
-            function(CONV_NAMES[1])?,
-            function(CONV_NAMES[2])?,
-        ];
-        let scalar = [function(SCALAR_NAMES[0])?, function(SCALAR_NAMES[1])?];
+        let per_dtype = PER_DTYPE_NAMES
+            .iter()
+            .map(load_dtypes)
+            .collect::<Result<Vec<_>>>()?;
+        let single = SINGLE_NAMES
+            .iter()
+            .map(|&name| function(name))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             families,
-            fold,
-            conv,
-            scalar,
+            per_dtype,
+            single,
         })
     }
 
-    pub(crate) fn get(&self, family: Family, dtype: DType, index: IndexWidth) -> &CudaFunction {
+    /// The entry point of `family` for a traversal, dtype and index width.
+    pub(crate) fn family<P>(
+        &self,
+        family: Family<P>,
+        traversal: Traversal,
+        dtype: DType,
+        index: IndexWidth,
+    ) -> Kernel<'_, P> {
+        let traversal = match traversal {
+            Traversal::Planar => 0,
+            Traversal::Rows => 1,
+        };
         let index = match index {
             IndexWidth::I32 => 0,
             IndexWidth::I64 => 1,
         };
-        &self.families[family as usize][dtype_index(dtype)][index]
+        Kernel {
+            function: &self.families[family.index][traversal][dtype_index(dtype)][index],
+            params: PhantomData,
+        }
     }
 
-    pub(crate) fn fold(&self, dtype: DType) -> &CudaFunction {
-        &self.fold[dtype_index(dtype)]
+    /// The entry point of a per-dtype kernel ([`FOLD`], [`CONV_DIRECT`]).
+    pub(crate) fn per_dtype<P>(&self, kernel: PerDtype<P>, dtype: DType) -> Kernel<'_, P> {
+        Kernel {
+            function: &self.per_dtype[kernel.index][dtype_index(dtype)],
+            params: PhantomData,
+        }
     }
 
-    pub(crate) fn conv(&self, dtype: DType) -> &CudaFunction {
-        &self.conv[dtype_index(dtype)]
+    /// The entry point of a single kernel ([`SYNC_MERGE`], [`SYNC_COEFFICIENTS`]).
+    pub(crate) fn single<P>(&self, kernel: Single<P>) -> Kernel<'_, P> {
+        Kernel {
+            function: &self.single[kernel.index],
+            params: PhantomData,
+        }
     }
 
-    pub(crate) fn scalar(&self, kernel: Scalar) -> &CudaFunction {
-        &self.scalar[kernel as usize]
-    }
-
-    /// Every entry-point name the crate launches, for the registry check.
-    #[cfg(test)]
+    /// Every entry-point name the crate launches.
     fn all_names() -> impl Iterator<Item = &'static str> {
-        Family::ALL
+        FAMILY_NAMES
             .iter()
-            .flat_map(|f| f.names().iter().flatten().copied())
-            .chain(FOLD_NAMES)
-            .chain(CONV_NAMES)
-            .chain(SCALAR_NAMES)
-            .chain(super::norms::ENTRY_POINTS)
+            .flat_map(|f| f.iter().flatten().flatten().copied())
+            .chain(PER_DTYPE_NAMES.iter().flatten().copied())
+            .chain(SINGLE_NAMES.iter().copied())
     }
 }
 
@@ -207,7 +312,10 @@ mod tests {
             .iter()
             .flat_map(|m| m.entry_points.iter().copied())
             .collect();
-        let launched: Vec<&str> = Kernels::all_names().collect();
+        // The batch-norm tables and the norms' own (gpu::norms loads those modules itself).
+        let launched: Vec<&str> = Kernels::all_names()
+            .chain(crate::gpu::norms::ENTRY_POINTS)
+            .collect();
         for name in &launched {
             assert!(
                 compiled.contains(name),

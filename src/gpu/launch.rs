@@ -215,7 +215,7 @@ mod tests {
     #[test]
     fn reductions_cover_every_channel_and_fill_the_gpu() {
         for g in shapes() {
-            for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for dtype in DType::ALL {
                 let l = reduction(&g, dtype, H100_SMS);
                 check_block(&l);
                 assert!((1..=MAX_SPLITS).contains(&l.splits));
@@ -244,7 +244,7 @@ mod tests {
     #[test]
     fn elementwise_launches_are_valid() {
         for g in shapes() {
-            for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for dtype in DType::ALL {
                 let l = elementwise(&g, dtype, H100_SMS);
                 check_block(&l);
                 if Traversal::of(&g) == Traversal::Rows {
@@ -277,5 +277,23 @@ mod tests {
             Traversal::of(&geometry(&[8, 3], Layout::ChannelsFirst)),
             Traversal::Rows
         );
+    }
+
+    /// The normalize kernels write a rows mask word from the lanes of one block: they need
+    /// `bx * VEC >= 32` (a word's 32 channels inside one block) or a single channel tile
+    /// (kernels/epilogue.cuh, store_mask). The elementwise launch must keep it for every C.
+    #[test]
+    fn rows_launches_keep_mask_words_inside_a_block() {
+        for c in (1..=300).chain([511, 512, 513, 1000, 1001, 4096, 65_537]) {
+            for dtype in DType::ALL {
+                let desc = TensorDesc::new(&[3, c], Layout::ChannelsLast).unwrap();
+                let g = desc.geometry();
+                assert_eq!(Traversal::of(&g), Traversal::Rows);
+                let l = elementwise(&g, dtype, 132);
+                let vec = vector_width(dtype);
+                let (bx, tiles) = (l.block.0 as u64, l.grid.0);
+                assert!(bx * vec >= 32 || tiles == 1, "C = {c} {dtype}: {l:?}");
+            }
+        }
     }
 }

@@ -1,19 +1,20 @@
 //! The stateful layer: `nn.BatchNorm1d/2d/3d` on the GPU.
 
 use super::context::{alloc_error, GpuContext};
-use super::functional::{
-    self, FoldBatchNorm, GradientsMut, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
+use super::functional::{self, Backward, FoldBatchNorm, Forward};
+use super::views::{
+    BackwardStats, BatchStats, Epilogue, EpilogueGrad, ForwardStats, GradientsMut, RunningStats,
+    RunningUpdate, SavedStats, SavedStatsMut,
 };
-use super::fused::{self, ReluEpilogue};
 use super::workspace::Workspace;
 use crate::config::BatchNormConfig;
 use crate::dtype::{DType, Element};
-use crate::epilogue::Epilogue;
+use crate::epilogue::EpilogueKind;
 use crate::error::{Error, Result};
 use crate::fold::FoldSpec;
-use crate::reference::SavedStats as SavedStatsHost;
 use crate::shape::TensorDesc;
 use crate::state::LayerState;
+use crate::stats::SavedStats as SavedStatsHost;
 use crate::validate;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,22 +58,18 @@ pub(super) struct BatchStep<'a> {
     pub workspace: &'a mut Workspace,
     pub weight: Option<CudaView<'a, f32>>,
     pub bias: Option<CudaView<'a, f32>>,
-    pub running: Option<RunningUpdate<'a>>,
-    pub eps: f32,
-    pub saved: SavedStatsMut<'a>,
+    pub stats: BatchStats<'a>,
 }
 
-/// The layer's buffers a backward uses (see [`BatchNorm::backward_step`]); `saved` holds the
-/// batch statistics of the latest batch-statistics forward.
+/// The layer's buffers a backward uses (see [`BatchNorm::backward_step`]); `stats` are the
+/// batch statistics the forward saved, or the running ones after an eval forward.
 pub(super) struct BackwardStep<'a> {
     pub gpu: &'a GpuContext,
     pub workspace: &'a mut Workspace,
     pub weight: Option<CudaView<'a, f32>>,
-    pub saved: SavedStats<'a>,
+    pub stats: BackwardStats<'a>,
     pub dweight: Option<CudaViewMut<'a, f32>>,
     pub dbias: Option<CudaViewMut<'a, f32>>,
-    pub running: Option<RunningStats<'a>>,
-    pub eps: f32,
 }
 
 /// Source of [`BatchNorm`] ids.
@@ -89,7 +86,7 @@ pub struct ForwardCache {
     layer: u64,
     forward: u64,
     /// The fused epilogue of a `forward_relu`/`forward_add_relu`, and whether it wrote a mask.
-    epilogue: Option<(Epilogue, bool)>,
+    epilogue: Option<(EpilogueKind, bool)>,
 }
 
 impl ForwardCache {
@@ -104,7 +101,7 @@ impl ForwardCache {
     }
 
     /// The fused epilogue the forward ran (`None` for [`BatchNorm::forward`]).
-    pub fn epilogue(&self) -> Option<Epilogue> {
+    pub fn epilogue(&self) -> Option<EpilogueKind> {
         self.epilogue.map(|(e, _)| e)
     }
 }
@@ -183,53 +180,51 @@ impl BatchNorm {
         x: &CudaView<'_, T>,
         y: &mut CudaViewMut<'_, T>,
     ) -> Result<ForwardCache> {
-        self.forward_with(desc, x, y, None)
+        self.forward_fused(desc, x, y, Epilogue::None)
     }
 
     /// The forward of [`forward`](Self::forward) and of the fused forwards (`epilogue`).
-    fn forward_with<T: Element>(
+    fn forward_fused<T: Element>(
         &mut self,
         desc: &TensorDesc,
         x: &CudaView<'_, T>,
         y: &mut CudaViewMut<'_, T>,
-        epilogue: Option<ReluEpilogue<'_, T>>,
+        epilogue: Epilogue<'_, T>,
     ) -> Result<ForwardCache> {
         validate::channels(self.config.num_features, desc)?;
+        let kind = epilogue.kind().map(|kind| (kind, epilogue.writes_mask()));
         let batch_stats = self.training || !self.config.track_running_stats;
         if batch_stats {
             self.batch_forward(|step| {
-                functional::forward_training_with(
-                    step.gpu,
-                    step.workspace,
-                    x,
-                    desc,
-                    step.weight.as_ref(),
-                    step.bias.as_ref(),
-                    step.running,
-                    step.eps,
-                    y,
-                    step.saved,
+                let request = Forward {
+                    desc: *desc,
+                    x: x.slice(..),
+                    weight: step.weight,
+                    bias: step.bias,
+                    stats: ForwardStats::Batch(step.stats),
+                    y: y.slice_mut(..),
                     epilogue,
-                )
+                };
+                functional::forward(step.gpu, step.workspace, request)
             })?;
         } else {
-            let weight = self.weight.as_ref().map(|w| w.as_view());
-            let bias = self.bias.as_ref().map(|b| b.as_view());
-            let running = self.running_stats("eval forward")?;
-            let eps = self.config.eps;
-            functional::forward_inference_with(
-                &self.gpu,
-                x,
-                desc,
-                weight.as_ref(),
-                bias.as_ref(),
-                &running,
-                eps,
-                y,
+            let request = Forward {
+                desc: *desc,
+                x: x.slice(..),
+                weight: self.weight.as_ref().map(|w| w.as_view()),
+                bias: self.bias.as_ref().map(|b| b.as_view()),
+                stats: ForwardStats::Running {
+                    stats: running_views(&self.running_mean, &self.running_var, "eval forward")?,
+                    eps: self.config.eps,
+                },
+                y: y.slice_mut(..),
                 epilogue,
-            )?;
+            };
+            functional::forward(&self.gpu, &mut self.workspace, request)?;
         }
-        Ok(self.record_forward(desc, T::DTYPE, batch_stats))
+        let mut cache = self.record_forward(desc, T::DTYPE, batch_stats);
+        cache.epilogue = kind;
+        Ok(cache)
     }
 
     /// A forward with batch statistics: `step` gets the layer's parameters, its running update
@@ -257,12 +252,14 @@ impl BatchNorm {
             workspace: &mut self.workspace,
             weight: self.weight.as_ref().map(|w| w.as_view()),
             bias: self.bias.as_ref().map(|b| b.as_view()),
-            running,
-            eps: self.config.eps,
-            saved: SavedStatsMut {
-                mean: self.saved_mean.as_view_mut(),
-                mean_lo: self.saved_mean_lo.as_view_mut(),
-                invstd: self.saved_invstd.as_view_mut(),
+            stats: BatchStats {
+                saved: SavedStatsMut {
+                    mean: self.saved_mean.as_view_mut(),
+                    mean_lo: self.saved_mean_lo.as_view_mut(),
+                    invstd: self.saved_invstd.as_view_mut(),
+                },
+                running,
+                eps: self.config.eps,
             },
         })?;
         if track {
@@ -301,45 +298,40 @@ impl BatchNorm {
         dy: &CudaView<'_, T>,
         dx: Option<CudaViewMut<'_, T>>,
     ) -> Result<()> {
+        self.backward_fused(cache, x, dy, dx, EpilogueGrad::None)
+    }
+
+    /// The backward of [`backward`](Self::backward) and of the fused backwards (`epilogue`),
+    /// once the cache is known to match the epilogue.
+    fn backward_fused<T: Element>(
+        &mut self,
+        cache: &ForwardCache,
+        x: &CudaView<'_, T>,
+        dy: &CudaView<'_, T>,
+        dx: Option<CudaViewMut<'_, T>>,
+        epilogue: EpilogueGrad<'_, T>,
+    ) -> Result<()> {
         let step = self.backward_step::<T>(cache)?;
-        let grads = GradientsMut {
-            dx,
-            dweight: step.dweight,
-            dbias: step.dbias,
-            accumulate: true,
+        let request = Backward {
+            desc: cache.desc,
+            x: x.slice(..),
+            dy: dy.slice(..),
+            weight: step.weight,
+            stats: step.stats,
+            grads: GradientsMut {
+                dx,
+                dweight: step.dweight,
+                dbias: step.dbias,
+                accumulate: true,
+            },
+            epilogue,
         };
-        let (gpu, workspace, weight, desc) = (step.gpu, step.workspace, step.weight, &cache.desc);
-        if cache.batch_stats {
-            functional::backward_training(
-                gpu,
-                workspace,
-                x,
-                dy,
-                desc,
-                weight.as_ref(),
-                &step.saved,
-                grads,
-            )
-        } else {
-            let running = step.running.ok_or(Error::NoRunningStats {
-                what: "eval backward",
-            })?;
-            functional::backward_inference(
-                gpu,
-                workspace,
-                x,
-                dy,
-                desc,
-                weight.as_ref(),
-                &running,
-                step.eps,
-                grads,
-            )
-        }
+        functional::backward(step.gpu, step.workspace, request)
     }
 
     /// What the backward of `cache` (checked: this layer's latest forward, dtype `T`) computes
-    /// with. Shared with the synchronized layer.
+    /// with: the saved batch statistics, or the running ones after an eval forward
+    /// ([`Error::NoRunningStats`] when there are none). Shared with the synchronized layer.
     pub(super) fn backward_step<T: Element>(
         &mut self,
         cache: &ForwardCache,
@@ -352,25 +344,25 @@ impl BatchNorm {
                 got: T::DTYPE,
             });
         }
+        let stats = if cache.batch_stats {
+            BackwardStats::Batch(SavedStats {
+                mean: self.saved_mean.as_view(),
+                mean_lo: Some(self.saved_mean_lo.as_view()),
+                invstd: self.saved_invstd.as_view(),
+            })
+        } else {
+            BackwardStats::Running {
+                stats: running_views(&self.running_mean, &self.running_var, "eval backward")?,
+                eps: self.config.eps,
+            }
+        };
         Ok(BackwardStep {
             gpu: &self.gpu,
             workspace: &mut self.workspace,
             weight: self.weight.as_ref().map(|w| w.as_view()),
-            saved: SavedStats {
-                mean: self.saved_mean.as_view(),
-                mean_lo: Some(self.saved_mean_lo.as_view()),
-                invstd: self.saved_invstd.as_view(),
-            },
+            stats,
             dweight: self.grad_weight.as_mut().map(|g| g.as_view_mut()),
             dbias: self.grad_bias.as_mut().map(|g| g.as_view_mut()),
-            running: match (&self.running_mean, &self.running_var) {
-                (Some(mean), Some(var)) => Some(RunningStats {
-                    mean: mean.as_view(),
-                    var: var.as_view(),
-                }),
-                _ => None,
-            },
-            eps: self.config.eps,
         })
     }
 
@@ -452,6 +444,27 @@ impl BatchNorm {
             .bias
             .as_mut()
             .ok_or(Error::NotAffine { what: "set_bias" })?;
+        Ok(self.gpu.stream().memcpy_htod(values, target)?)
+    }
+
+    /// Replaces the running mean, as the CPU layer's: [`Error::NoRunningStats`], then
+    /// [`Error::BufferLength`].
+    pub fn set_running_mean(&mut self, values: &[f32]) -> Result<()> {
+        let target = self.running_mean.as_mut().ok_or(Error::NoRunningStats {
+            what: "set_running_mean",
+        })?;
+        validate::buffer("running_mean", self.config.num_features, values.len())?;
+        Ok(self.gpu.stream().memcpy_htod(values, target)?)
+    }
+
+    /// Replaces the running variance, as the CPU layer's: [`Error::NoRunningStats`],
+    /// [`Error::BufferLength`], then [`Error::InvalidRunningVar`].
+    pub fn set_running_var(&mut self, values: &[f32]) -> Result<()> {
+        let target = self.running_var.as_mut().ok_or(Error::NoRunningStats {
+            what: "set_running_var",
+        })?;
+        validate::buffer("running_var", self.config.num_features, values.len())?;
+        validate::running_var(values)?;
         Ok(self.gpu.stream().memcpy_htod(values, target)?)
     }
 
@@ -581,13 +594,7 @@ impl BatchNorm {
     }
 
     fn running_stats(&self, what: &'static str) -> Result<RunningStats<'_>> {
-        match (&self.running_mean, &self.running_var) {
-            (Some(mean), Some(var)) => Ok(RunningStats {
-                mean: mean.as_view(),
-                var: var.as_view(),
-            }),
-            _ => Err(Error::NoRunningStats { what }),
-        }
+        running_views(&self.running_mean, &self.running_var, what)
     }
 
     fn to_host(&self, buffer: Option<&CudaSlice<f32>>) -> Result<Option<Vec<f32>>> {
@@ -597,12 +604,12 @@ impl BatchNorm {
     }
 }
 
-/// Fused ReLU epilogues ([`super::fused`]): the forward writes a 1-bit ReLU mask instead of
-/// keeping `y`, the backward reads it. Same modes, statistics, counter and gradient
+/// Fused ReLU epilogues ([`functional::Epilogue`]): the forward writes a 1-bit ReLU mask
+/// instead of keeping `y`, the backward reads it. Same modes, statistics, counter and gradient
 /// accumulation as [`BatchNorm::forward`] and [`BatchNorm::backward`].
 impl BatchNorm {
-    /// `y = relu(BN(x))`, and the ReLU mask ([`fused::mask_words`] words) for
-    /// [`backward_relu`](Self::backward_relu) when `mask` is given (none for inference).
+    /// `y = relu(BN(x))`, and the ReLU mask ([`mask_words`](crate::epilogue::mask_words) words)
+    /// for [`backward_relu`](Self::backward_relu) when `mask` is given (none for inference).
     ///
     /// Errors: those of [`forward`](Self::forward), then
     /// [`Error::BufferLength`] for the mask.
@@ -613,7 +620,8 @@ impl BatchNorm {
         y: &mut CudaViewMut<'_, T>,
         mask: Option<&mut CudaViewMut<'_, u32>>,
     ) -> Result<ForwardCache> {
-        self.forward_fused(desc, x, None, y, mask)
+        let mask = mask.map(|m| m.slice_mut(..));
+        self.forward_fused(desc, x, y, Epilogue::Relu { mask })
     }
 
     /// `y = relu(BN(x) + z)` (the ResNet block: `z` is the shortcut, same shape and layout as
@@ -630,7 +638,11 @@ impl BatchNorm {
         y: &mut CudaViewMut<'_, T>,
         mask: Option<&mut CudaViewMut<'_, u32>>,
     ) -> Result<ForwardCache> {
-        self.forward_fused(desc, x, Some(z), y, mask)
+        let epilogue = Epilogue::AddRelu {
+            z: z.slice(..),
+            mask: mask.map(|m| m.slice_mut(..)),
+        };
+        self.forward_fused(desc, x, y, epilogue)
     }
 
     /// Backward of [`forward_relu`](Self::forward_relu) from its mask: `dx` (when given) and the
@@ -646,7 +658,11 @@ impl BatchNorm {
         mask: &CudaView<'_, u32>,
         dx: Option<CudaViewMut<'_, T>>,
     ) -> Result<()> {
-        self.backward_fused(Epilogue::Relu, cache, x, dy, mask, dx, None)
+        check_epilogue(EpilogueKind::Relu, cache)?;
+        let epilogue = EpilogueGrad::Relu {
+            mask: mask.slice(..),
+        };
+        self.backward_fused(cache, x, dy, dx, epilogue)
     }
 
     /// Backward of [`forward_add_relu`](Self::forward_add_relu): as
@@ -654,7 +670,6 @@ impl BatchNorm {
     /// given.
     ///
     /// Errors: as [`backward_relu`](Self::backward_relu), after a `forward_add_relu`.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward_add_relu<T: Element>(
         &mut self,
         cache: &ForwardCache,
@@ -664,95 +679,49 @@ impl BatchNorm {
         dx: Option<CudaViewMut<'_, T>>,
         dz: Option<CudaViewMut<'_, T>>,
     ) -> Result<()> {
-        self.backward_fused(Epilogue::AddRelu, cache, x, dy, mask, dx, dz)
-    }
-
-    fn forward_fused<T: Element>(
-        &mut self,
-        desc: &TensorDesc,
-        x: &CudaView<'_, T>,
-        residual: Option<&CudaView<'_, T>>,
-        y: &mut CudaViewMut<'_, T>,
-        mask: Option<&mut CudaViewMut<'_, u32>>,
-    ) -> Result<ForwardCache> {
-        let kind = Epilogue::with_residual(residual.is_some());
-        let wrote_mask = mask.is_some();
-        let epilogue = ReluEpilogue {
-            residual: residual.map(|z| z.slice(..)),
-            mask: mask.map(|m| m.slice_mut(..)),
+        check_epilogue(EpilogueKind::AddRelu, cache)?;
+        let epilogue = EpilogueGrad::AddRelu {
+            mask: mask.slice(..),
+            dz,
         };
-        let mut cache = self.forward_with(desc, x, y, Some(epilogue))?;
-        cache.epilogue = Some((kind, wrote_mask));
-        Ok(cache)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn backward_fused<T: Element>(
-        &mut self,
-        kind: Epilogue,
-        cache: &ForwardCache,
-        x: &CudaView<'_, T>,
-        dy: &CudaView<'_, T>,
-        mask: &CudaView<'_, u32>,
-        dx: Option<CudaViewMut<'_, T>>,
-        dz: Option<CudaViewMut<'_, T>>,
-    ) -> Result<()> {
-        let (backward, needed) = match kind {
-            Epilogue::Relu => ("backward_relu", "forward_relu"),
-            Epilogue::AddRelu => ("backward_add_relu", "forward_add_relu"),
-        };
-        let ran = match cache.epilogue {
-            Some((ran, true)) if ran == kind => None,
-            Some((Epilogue::Relu, true)) => Some("forward_relu"),
-            Some((Epilogue::AddRelu, true)) => Some("forward_add_relu"),
-            Some((_, false)) => Some("a fused forward without a mask"),
-            None => Some("the plain forward"),
-        };
-        if let Some(ran) = ran {
-            return Err(Error::EpilogueMismatch {
-                backward,
-                needed,
-                ran,
-            });
-        }
-        let step = self.backward_step::<T>(cache)?;
-        let grads = GradientsMut {
-            dx,
-            dweight: step.dweight,
-            dbias: step.dbias,
-            accumulate: true,
-        };
-        let (gpu, workspace, weight, desc) = (step.gpu, step.workspace, step.weight, &cache.desc);
-        if cache.batch_stats {
-            fused::backward_training(
-                gpu,
-                workspace,
-                x,
-                dy,
-                mask,
-                desc,
-                weight.as_ref(),
-                &step.saved,
-                grads,
-                dz,
-            )
-        } else {
-            let running = step.running.ok_or(Error::NoRunningStats {
-                what: "eval backward",
-            })?;
-            fused::backward_inference(
-                gpu,
-                workspace,
-                x,
-                dy,
-                mask,
-                desc,
-                weight.as_ref(),
-                &running,
-                step.eps,
-                grads,
-                dz,
-            )
-        }
+        self.backward_fused(cache, x, dy, dx, epilogue)
     }
 }
+
+/// Views of the running statistics; [`Error::NoRunningStats`] (`what`) when the layer keeps none.
+fn running_views<'a>(
+    mean: &'a Option<CudaSlice<f32>>,
+    var: &'a Option<CudaSlice<f32>>,
+    what: &'static str,
+) -> Result<RunningStats<'a>> {
+    match (mean, var) {
+        (Some(mean), Some(var)) => Ok(RunningStats {
+            mean: mean.as_view(),
+            var: var.as_view(),
+        }),
+        _ => Err(Error::NoRunningStats { what }),
+    }
+}
+
+/// [`Error::EpilogueMismatch`] unless `cache` comes from a forward with the epilogue `kind` that
+/// wrote a mask.
+fn check_epilogue(kind: EpilogueKind, cache: &ForwardCache) -> Result<()> {
+    let (backward, needed) = match kind {
+        EpilogueKind::Relu => ("backward_relu", "forward_relu"),
+        EpilogueKind::AddRelu => ("backward_add_relu", "forward_add_relu"),
+    };
+    let ran = match cache.epilogue {
+        Some((ran, true)) if ran == kind => return Ok(()),
+        Some((EpilogueKind::Relu, true)) => "forward_relu",
+        Some((EpilogueKind::AddRelu, true)) => "forward_add_relu",
+        Some((_, false)) => "a fused forward without a mask",
+        None => "the plain forward",
+    };
+    Err(Error::EpilogueMismatch {
+        backward,
+        needed,
+        ran,
+    })
+}
+
+crate::state::stateful_layer_by_inherent_methods!(BatchNorm, state: |layer| layer.state());

@@ -190,7 +190,8 @@ pub(crate) struct BackwardElementwiseReluParams {
 }
 
 /// `struct ConvDirectParams` of `kernels/conv_direct.cu` (the direct convolution of
-/// [`crate::gpu::conv`]).
+/// `crate::conv::gpu`, a test tool).
+#[cfg(feature = "test-tools")]
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ConvDirectParams {
@@ -221,6 +222,7 @@ unsafe impl DeviceRepr for NormalizeParams {}
 unsafe impl DeviceRepr for BackwardReduceParams {}
 unsafe impl DeviceRepr for BackwardElementwiseParams {}
 unsafe impl DeviceRepr for FoldParams {}
+#[cfg(feature = "test-tools")]
 unsafe impl DeviceRepr for ConvDirectParams {}
 unsafe impl DeviceRepr for SyncMomentsParams {}
 unsafe impl DeviceRepr for SyncMergeParams {}
@@ -244,6 +246,7 @@ mod tests {
         assert_eq!(size_of::<BackwardReduceParams>(), 10 * 8 + 24 + 16);
         assert_eq!(size_of::<BackwardElementwiseParams>(), 8 * 8 + 24 + 8);
         assert_eq!(size_of::<FoldParams>(), 13 * 8 + 8);
+        #[cfg(feature = "test-tools")]
         assert_eq!(size_of::<ConvDirectParams>(), 10 * 8 + 18 * 4 + 8);
         assert_eq!(size_of::<SyncMomentsParams>(), 4 * 8 + 24 + 8);
         assert_eq!(size_of::<SyncMergeParams>(), 9 * 8 + 16);

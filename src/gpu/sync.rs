@@ -9,7 +9,7 @@
 //! | step (per rank) | function | collective between the steps |
 //! | --- | --- | --- |
 //! | forward: `(count, mean, mean_lo, m2)` of the shard, `[C][4]` f32 | [`local_moments`] | all-gather into `[R][C][4]` |
-//! | forward: merge in rank order, running update with the global count, normalize | [`forward_training`] | |
+//! | forward: merge in rank order, running update with the global count, normalize | [`forward_training`] (a [`functional::Forward`](super::functional::Forward) request) | |
 //! | backward: `(sum dy, sum dy * xhat)` of the shard, `[2][C]` f32 | [`local_grad_sums`] | all-reduce (sum) |
 //! | backward: coefficients with the global count, `dx` | [`backward_training`] | |
 //!
@@ -17,9 +17,10 @@
 //! PyTorch's `nn.SyncBatchNorm`, with apex's exchange: ranks exchange moments, not `invstd`
 //! (PyTorch rebuilds the variance as `1/invstd^2 - eps`, which loses precision), and every rank
 //! merges the `R` moments with Chan's formula in double, in rank order, so every rank computes
-//! bitwise the same statistics (and a world of one reproduces [`functional::forward_training`]
-//! bit for bit). Ranks with an empty shard send `(0, 0, 0, 0)`, an exact identity of the merge, and must still call every collective (or the
-//! others wait forever). The running statistics use the global count `M` (`M / (M - 1)`).
+//! bitwise the same statistics (and a world of one reproduces
+//! [`functional::forward`](super::functional::forward) bit for bit). Ranks with an empty shard
+//! send `(0, 0, 0, 0)`, an exact identity of the merge, and must still call every collective (or
+//! the others wait forever). The running statistics use the global count `M` (`M / (M - 1)`).
 //! `dweight` and `dbias` are the rank's own sums, as in PyTorch: data-parallel training
 //! all-reduces parameter gradients itself, and the sum over the ranks is the single-device
 //! gradient. Eval mode does not synchronize.
@@ -38,8 +39,8 @@
 //! its per-channel pivot and shifted mean), and the merge runs in double, so the deltas between
 //! rank means carry no f32 rounding of the mean: a large mean next to a small spread costs
 //! nothing, even with one value per shard. The merged mean is saved as `save_mean + save_mean_lo`
-//! and every rank's normalize and backward use both. Counts travel as f32 (exact below 2^24 values per channel and rank) and are summed in 64-bit
-//! integers on the device. The backward all-reduce adds in NCCL's order (the same result on
+//! and every rank's normalize and backward use both. Counts travel as f32 (exact below 2^24
+//! values per channel and rank) and are summed in 64-bit integers on the device. The backward all-reduce adds in NCCL's order (the same result on
 //! every rank, not a fixed rank order).
 //!
 //! # Scaling to many nodes: what crosses the network per step
@@ -74,22 +75,14 @@
 //! pivot-shifted sums for very large `R`, at the cost of the fixed merge order.
 
 use super::context::GpuContext;
-use super::functional::{
-    self, index_width, launch, launch_elementwise, pick, GradientsMut, Guards, Normalization,
-    RunningUpdate, SavedStats, SavedStatsMut,
-};
-use super::kernels::{Family, Scalar};
-use super::launch as shapes;
-use super::params::{
-    BackwardElementwiseParams, NormalizeParams, SyncCoefficientsParams, SyncMergeParams,
-    SyncMomentsParams,
-};
+use super::functional::{Forward, ForwardStats};
+use super::ops::{self, GlobalSums, Gradient, Merge, Normalization, Normalize, ParamSums};
+use super::views::{EpilogueGrad, GradientsMut, SavedStats};
 use super::workspace::Workspace;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
-use crate::gpu::functional::RunningParts;
 use crate::shape::TensorDesc;
-use crate::validate::{self, validate_eps, validate_momentum, Buffers};
+use crate::validate::{self, Buffers};
 use cudarc::driver::{CudaView, CudaViewMut};
 
 #[cfg(feature = "nccl")]
@@ -97,12 +90,7 @@ mod nccl;
 #[cfg(feature = "nccl")]
 pub use nccl::{communicator, unique_id, SyncBatchNorm};
 
-/// Floats per channel in a rank's moments: `(count, mean, mean_lo, m2)`, the mean as the exact
-/// sum `mean + mean_lo` of two floats.
-pub const MOMENT_FLOATS: usize = 4;
-
-/// Floats per channel and split in the moments reduction's workspace: `(mean, m2, count)`.
-const PARTIAL_FLOATS: usize = 3;
+pub use super::views::MOMENT_FLOATS;
 
 /// Every rank's moments after the all-gather: `[R][C][4]` f32, rank-major, rank `r`'s
 /// [`local_moments`] at `[r]`.
@@ -123,7 +111,8 @@ pub struct ReducedSums<'a> {
     pub global: CudaView<'a, f32>,
 }
 
-/// The `(count, mean, mean_lo, m2)` of each channel of this rank's shard `x` into `moments` (`[C][4]`),
+/// The `(count, mean, mean_lo, m2)` of each channel of this rank's shard `x` into `moments`
+/// (`[C][4]`),
 /// one split-reduction launch (bn_stats' reduction, including its per-channel pivot). An empty
 /// shard writes zeros (the identity of the merge) and a shard may hold a single value per
 /// channel.
@@ -141,164 +130,111 @@ pub fn local_moments<T: Element>(
         ..Default::default()
     }
     .check(desc)?;
-    let c = desc.channels();
-    validate::buffer("moments", MOMENT_FLOATS * c, moments.len())?;
-    let stream = gpu.stream();
+    validate::buffer("moments", MOMENT_FLOATS * desc.channels(), moments.len())?;
     if desc.numel() == 0 {
-        stream.memset_zeros(moments)?;
+        gpu.stream().memset_zeros(moments)?;
         return Ok(());
     }
-    let g = desc.geometry();
-    let reduce = shapes::reduction(&g, T::DTYPE, gpu.sm_count());
-    let scratch = workspace.reserve(gpu, PARTIAL_FLOATS * c * reduce.splits as usize, c)?;
-    let mut guards = Guards::new(stream);
-    let params = SyncMomentsParams {
-        x: guards.read(x),
-        partials: guards.write(scratch.partials),
-        semaphores: guards.write(scratch.semaphores),
-        moments: guards.write(moments),
-        g: g.into(),
-        splits: reduce.splits as i32,
-    };
-    let family = pick(&g, Family::SyncMomentsPlanar, Family::SyncMomentsRows);
-    let function = gpu.kernels().get(family, T::DTYPE, index_width(desc));
-    launch(stream, function, reduce, &params)
+    ops::sync_moments(gpu, workspace, desc, x, moments)
 }
 
-/// Checks a synchronized training forward's arguments, in the order of
-/// [`functional::forward_training`], then the gathered moments and `total`. The layer calls it
-/// before the first collective, so a refused call leaves the communicator unused.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn check_forward(
-    x: usize,
-    y: usize,
-    desc: &TensorDesc,
-    weight: Option<usize>,
-    bias: Option<usize>,
-    running: Option<(usize, usize, f32)>,
-    saved: (usize, usize, usize),
-    eps: f32,
-    gathered: (usize, usize),
+/// Checks a synchronized training forward in the order of
+/// [`functional::forward`](super::functional::forward) (without its one-value-per-channel check:
+/// only the merge sees the global count), then the gathered moments (`gathered` floats for
+/// `ranks` ranks) and `total`. The layer calls it before the first collective, so a refused
+/// call leaves the communicator unused.
+///
+/// Errors: [`Error::Unsupported`] for [`ForwardStats::Running`] (eval mode does not
+/// synchronize: [`functional::forward`](super::functional::forward) serves it) or `R == 0`,
+/// [`Error::BufferLength`], [`Error::InvalidEps`], [`Error::InvalidMomentum`].
+pub(crate) fn check_forward<T>(
+    request: &Forward<'_, T>,
     total: usize,
+    gathered: usize,
+    ranks: usize,
 ) -> Result<()> {
-    Buffers {
-        x,
-        y: Some(y),
-        weight,
-        bias,
-        running_mean: running.map(|r| r.0),
-        running_var: running.map(|r| r.1),
-        save_mean: Some(saved.0),
-        save_mean_lo: Some(saved.1),
-        save_invstd: Some(saved.2),
-        ..Default::default()
+    if let ForwardStats::Running { .. } = request.stats {
+        return Err(eval_does_not_synchronize());
     }
-    .check(desc)?;
-    validate_eps(eps)?;
-    if let Some((_, _, factor)) = running {
-        validate_momentum(factor)?;
-    }
-    let (len, ranks) = gathered;
+    request.check()?;
     if ranks == 0 {
         return Err(Error::Unsupported {
             what: "synchronized batch norm",
             reason: "the world needs at least one rank".into(),
         });
     }
-    let per_rank = MOMENT_FLOATS * desc.channels();
-    validate::buffer("gathered", ranks.saturating_mul(per_rank), len)?;
+    let per_rank = MOMENT_FLOATS * request.desc.channels();
+    validate::buffer("gathered", ranks.saturating_mul(per_rank), gathered)?;
     validate::buffer("total", 1, total)
 }
 
+fn eval_does_not_synchronize() -> Error {
+    Error::Unsupported {
+        what: "synchronized batch norm",
+        reason: "eval mode normalizes with the running statistics and does not synchronize: use \
+                 functional::forward"
+            .into(),
+    }
+}
+
 /// One rank's training forward once the moments are gathered: merges `gathered` in rank order
-/// (writing `saved`, the running update with the global count `M`, and `M` into `total`), then
-/// normalizes the shard `x` into `y`. Two launches; an empty shard skips the second.
+/// (writing the request's saved statistics, the running update with the global count `M`, and
+/// `M` into `total`, one `u64` that [`backward_training`] reads), then normalizes the shard
+/// `x` into `y`, with the request's epilogue. Two launches; an empty shard skips the second.
+/// `request.stats` is [`ForwardStats::Batch`]. See the module docs for `M < 2`.
 ///
-/// Buffers as in [`functional::forward_training`]; `total` holds one `u64`. See the module docs
-/// for `M < 2`.
-///
-/// Errors, before anything is queued: [`Error::BufferLength`], [`Error::InvalidEps`],
-/// [`Error::InvalidMomentum`], [`Error::Unsupported`] for `R == 0`.
-#[allow(clippy::too_many_arguments)]
+/// Errors, before anything is queued: [`Error::Unsupported`] for [`ForwardStats::Running`]
+/// (eval mode does not synchronize) or `R == 0`; those of
+/// [`functional::forward`](super::functional::forward) but for one value per channel
+/// ([`Error::BufferLength`], [`Error::InvalidEps`], [`Error::InvalidMomentum`]); then
+/// [`Error::BufferLength`] for `gathered` and `total`.
 pub fn forward_training<T: Element>(
     gpu: &GpuContext,
-    x: &CudaView<'_, T>,
-    desc: &TensorDesc,
-    weight: Option<&CudaView<'_, f32>>,
-    bias: Option<&CudaView<'_, f32>>,
-    running: Option<RunningUpdate<'_>>,
-    eps: f32,
+    request: Forward<'_, T>,
+    mut total: CudaViewMut<'_, u64>,
     gathered: &GatheredMoments<'_>,
-    y: &mut CudaViewMut<'_, T>,
-    saved: SavedStatsMut<'_>,
-    total: &mut CudaViewMut<'_, u64>,
 ) -> Result<()> {
     check_forward(
-        x.len(),
-        y.len(),
-        desc,
-        weight.map(|w| w.len()),
-        bias.map(|b| b.len()),
-        running
-            .as_ref()
-            .map(|r| (r.mean.len(), r.var.len(), r.factor)),
-        (saved.mean.len(), saved.mean_lo.len(), saved.invstd.len()),
-        eps,
-        (gathered.moments.len(), gathered.ranks),
+        &request,
         total.len(),
+        gathered.moments.len(),
+        gathered.ranks,
     )?;
-    let c = desc.channels();
-    let stream = gpu.stream();
-    let mut running = RunningParts::of(running);
-    let SavedStatsMut {
-        mut mean,
-        mut mean_lo,
-        mut invstd,
-    } = saved;
-    let mut guards = Guards::new(stream);
-    let merge = SyncMergeParams {
-        gathered: guards.read(&gathered.moments),
-        save_mean: guards.write(&mut mean),
-        save_mean_lo: guards.write(&mut mean_lo),
-        save_invstd: guards.write(&mut invstd),
-        running_mean: guards.write_opt(running.mean.as_mut()),
-        running_var: guards.write_opt(running.var.as_mut()),
-        total: guards.write(total),
-        ranks: gathered.ranks as u64,
-        channels: c as u64,
-        eps,
-        factor: running.factor,
-        unbiased: running.unbiased,
+    let Forward {
+        desc,
+        x,
+        weight,
+        bias,
+        stats,
+        mut y,
+        mut epilogue,
+    } = request;
+    let ForwardStats::Batch(mut stats) = stats else {
+        return Err(eval_does_not_synchronize());
     };
-    let function = gpu.kernels().scalar(Scalar::SyncMerge);
-    launch(
-        stream,
-        function,
-        shapes::flat(c as u64, gpu.sm_count()),
-        &merge,
-    )?;
+    let merge = Merge {
+        gathered: gathered.moments.slice(..),
+        ranks: gathered.ranks,
+        channels: desc.channels(),
+        total: total.slice_mut(..),
+    };
+    ops::sync_merge(gpu, merge, &mut stats)?;
     if desc.numel() == 0 {
         return Ok(());
     }
-    let normalize = NormalizeParams {
-        x: guards.read(x),
-        y: guards.write(y),
-        mean: merge.save_mean,
-        mean_lo: merge.save_mean_lo,
-        var_or_invstd: merge.save_invstd,
-        weight: guards.read_opt(weight),
-        bias: guards.read_opt(bias),
-        g: desc.geometry().into(),
-        eps,
-        stat_is_var: 0,
+    let saved = SavedStats {
+        mean: stats.saved.mean.as_view(),
+        mean_lo: Some(stats.saved.mean_lo.as_view()),
+        invstd: stats.saved.invstd.as_view(),
     };
-    launch_elementwise::<T, _>(
-        gpu,
-        desc,
-        Family::NormalizePlanar,
-        Family::NormalizeRows,
-        &normalize,
-    )
+    let op = Normalize {
+        desc: &desc,
+        x: &x,
+        weight: weight.as_ref(),
+        bias: bias.as_ref(),
+        stats: Normalization::Batch(&saved),
+    };
+    ops::normalize(gpu, &op, &mut y, &mut epilogue)
 }
 
 /// This rank's `sum(dy)` and `sum(dy * xhat)` per channel into `sums` (`[2][C]`), `xhat` from the
@@ -315,14 +251,20 @@ pub fn local_grad_sums<T: Element>(
     saved: &SavedStats<'_>,
     sums: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    check_sums(x, dy, desc, saved, sums.len())?;
+    Buffers {
+        x: x.len(),
+        dy: Some(dy.len()),
+        ..saved.buffers()
+    }
+    .check(desc)?;
+    validate::buffer("sums", 2 * desc.channels(), sums.len())?;
     let (sum_dy, sum_dy_xhat) = sums.split_at_mut(desc.channels());
-    let stats = Normalization {
-        mean: &saved.mean,
-        mean_lo: saved.mean_lo.as_ref(),
-        var_or_invstd: &saved.invstd,
-        eps: 0.0,
-        training: true,
+    let op = Gradient {
+        desc,
+        x,
+        dy,
+        weight: None,
+        stats: Normalization::Batch(saved),
     };
     // The reduce writes dbias = sum(dy) and dweight = invstd * sum(dy * (x - mean)).
     let grads = GradientsMut {
@@ -331,131 +273,97 @@ pub fn local_grad_sums<T: Element>(
         dbias: Some(sum_dy),
         accumulate: false,
     };
-    functional::backward(gpu, workspace, x, dy, desc, None, &stats, grads, None)
+    ops::backward(gpu, workspace, &op, grads, &mut EpilogueGrad::None)
 }
 
-fn check_sums<T>(
-    x: &CudaView<'_, T>,
-    dy: &CudaView<'_, T>,
-    desc: &TensorDesc,
-    saved: &SavedStats<'_>,
-    sums: usize,
-) -> Result<()> {
-    Buffers {
-        x: x.len(),
-        dy: Some(dy.len()),
-        save_mean: Some(saved.mean.len()),
-        save_mean_lo: saved.mean_lo.as_ref().map(|lo| lo.len()),
-        save_invstd: Some(saved.invstd.len()),
-        ..Default::default()
+/// One rank's synchronized training backward, once the sums are all-reduced.
+#[derive(Debug)]
+pub struct SyncBackward<'a, T> {
+    /// Shape and memory order of this rank's shard `x`, `dy` and `dx`.
+    pub desc: TensorDesc,
+    /// The shard, `desc.numel()` elements.
+    pub x: CudaView<'a, T>,
+    /// The gradient of the forward's output, `desc.numel()` elements.
+    pub dy: CudaView<'a, T>,
+    /// `[C]`, or `None` for 1.
+    pub weight: Option<CudaView<'a, f32>>,
+    /// The global statistics [`forward_training`] saved.
+    pub saved: SavedStats<'a>,
+    /// The global count `M` [`forward_training`] wrote (one `u64`).
+    pub total: CudaView<'a, u64>,
+    /// Which gradients to write; `dweight` and `dbias` are this rank's.
+    pub grads: GradientsMut<'a, T>,
+}
+
+impl<T> SyncBackward<'_, T> {
+    /// Checks the request, then the sums' lengths (the layer calls it before the all-reduce).
+    pub(crate) fn check(&self, local: usize, global: usize) -> Result<()> {
+        let grads = &self.grads;
+        Buffers {
+            x: self.x.len(),
+            dy: Some(self.dy.len()),
+            dx: grads.dx.as_ref().map(|d| d.len()),
+            weight: self.weight.as_ref().map(|w| w.len()),
+            dweight: grads.dweight.as_ref().map(|d| d.len()),
+            dbias: grads.dbias.as_ref().map(|d| d.len()),
+            ..self.saved.buffers()
+        }
+        .check(&self.desc)?;
+        let c = self.desc.channels();
+        validate::buffer("sums.local", 2 * c, local)?;
+        validate::buffer("sums.global", 2 * c, global)?;
+        validate::buffer("total", 1, self.total.len())
     }
-    .check(desc)?;
-    validate::buffer("sums", 2 * desc.channels(), sums)
 }
 
 /// One rank's training backward once the sums are all-reduced: coefficients
-/// `(global sum dy / M, global sum dy * xhat / M)` with `M` from `total` (written by
-/// [`forward_training`]), `dweight`/`dbias` = (or += when `grads.accumulate`) this rank's `local`
-/// sums, then `dx = weight * invstd * (dy - coef0 - xhat * coef1)` for the shard (the
-/// backward's elementwise kernel). Two launches; an empty shard skips the second.
+/// `(global sum dy / M, global sum dy * xhat / M)` with `M` from `total`, `dweight`/`dbias` =
+/// (or += when `grads.accumulate`) this rank's `local` sums, then
+/// `dx = weight * invstd * (dy - coef0 - xhat * coef1)` for the shard (the backward's
+/// elementwise kernel). Two launches; an empty shard skips the second.
 ///
-/// Buffers as in [`functional::backward_training`]; `sums.local`, `sums.global` hold `2 C`
-/// floats, `total` one `u64`.
-///
-/// Errors, before anything is queued: [`Error::BufferLength`].
-#[allow(clippy::too_many_arguments)]
+/// Errors, before anything is queued: [`Error::BufferLength`] (`sums.local` and `sums.global`
+/// hold `2 C` floats).
 pub fn backward_training<T: Element>(
     gpu: &GpuContext,
     workspace: &mut Workspace,
-    x: &CudaView<'_, T>,
-    dy: &CudaView<'_, T>,
-    desc: &TensorDesc,
-    weight: Option<&CudaView<'_, f32>>,
-    saved: &SavedStats<'_>,
+    request: SyncBackward<'_, T>,
     sums: &ReducedSums<'_>,
-    total: &CudaView<'_, u64>,
-    grads: GradientsMut<'_, T>,
 ) -> Result<()> {
-    check_backward(x, dy, desc, weight, saved, sums, total.len(), &grads)?;
-    let GradientsMut {
-        mut dx,
-        mut dweight,
-        mut dbias,
-        accumulate,
-    } = grads;
-    let c = desc.channels();
-    let stream = gpu.stream();
-    let scratch = workspace.reserve(gpu, 0, c)?;
-    let mut guards = Guards::new(stream);
-    let coefficients = SyncCoefficientsParams {
-        local: guards.read(&sums.local),
-        global: guards.read(&sums.global),
-        total: guards.read(total),
-        coef: guards.write(scratch.coef),
-        dweight: guards.write_opt(dweight.as_mut()),
-        dbias: guards.write_opt(dbias.as_mut()),
-        channels: c as u64,
-        accumulate: accumulate as i32,
-    };
-    let function = gpu.kernels().scalar(Scalar::SyncCoefficients);
-    launch(
-        stream,
-        function,
-        shapes::flat(c as u64, gpu.sm_count()),
-        &coefficients,
-    )?;
-    let Some(dx) = dx.as_mut().filter(|_| desc.numel() > 0) else {
-        return Ok(());
-    };
-    let params = BackwardElementwiseParams {
-        x: guards.read(x),
-        dy: guards.read(dy),
-        dx: guards.write(dx),
-        mean: guards.read(&saved.mean),
-        mean_lo: guards.read_opt(saved.mean_lo.as_ref()),
-        var_or_invstd: guards.read(&saved.invstd),
-        weight: guards.read_opt(weight),
-        coef: coefficients.coef,
-        g: desc.geometry().into(),
-        eps: 0.0,
-        stat_is_var: 0,
-    };
-    launch_elementwise::<T, _>(
-        gpu,
+    request.check(sums.local.len(), sums.global.len())?;
+    let SyncBackward {
         desc,
-        Family::BackwardDxPlanar,
-        Family::BackwardDxRows,
-        &params,
-    )
-}
-
-/// Checks [`backward_training`]'s arguments (the layer calls it before the all-reduce).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn check_backward<T>(
-    x: &CudaView<'_, T>,
-    dy: &CudaView<'_, T>,
-    desc: &TensorDesc,
-    weight: Option<&CudaView<'_, f32>>,
-    saved: &SavedStats<'_>,
-    sums: &ReducedSums<'_>,
-    total: usize,
-    grads: &GradientsMut<'_, T>,
-) -> Result<()> {
-    Buffers {
-        x: x.len(),
-        dy: Some(dy.len()),
-        dx: grads.dx.as_ref().map(|d| d.len()),
-        weight: weight.map(|w| w.len()),
-        save_mean: Some(saved.mean.len()),
-        save_mean_lo: saved.mean_lo.as_ref().map(|lo| lo.len()),
-        save_invstd: Some(saved.invstd.len()),
-        dweight: grads.dweight.as_ref().map(|d| d.len()),
-        dbias: grads.dbias.as_ref().map(|d| d.len()),
-        ..Default::default()
-    }
-    .check(desc)?;
+        x,
+        dy,
+        weight,
+        saved,
+        total,
+        mut grads,
+    } = request;
     let c = desc.channels();
-    validate::buffer("sums.local", 2 * c, sums.local.len())?;
-    validate::buffer("sums.global", 2 * c, sums.global.len())?;
-    validate::buffer("total", 1, total)
+    let scratch = workspace.reserve(gpu, 0, c)?;
+    let global = GlobalSums {
+        local: &sums.local,
+        global: &sums.global,
+        total: &total,
+        channels: c,
+    };
+    let params = ParamSums {
+        dweight: grads.dweight.as_mut(),
+        dbias: grads.dbias.as_mut(),
+        accumulate: grads.accumulate,
+    };
+    ops::sync_coefficients(gpu, global, scratch.coef, params)?;
+    if desc.numel() == 0 || grads.dx.is_none() {
+        return Ok(());
+    }
+    let op = Gradient {
+        desc: &desc,
+        x: &x,
+        dy: &dy,
+        weight: weight.as_ref(),
+        stats: Normalization::Batch(&saved),
+    };
+    let dx = grads.dx.as_mut();
+    ops::backward_dx(gpu, workspace.coef(), &op, dx, &mut EpilogueGrad::None)
 }

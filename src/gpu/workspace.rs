@@ -39,6 +39,11 @@ impl Workspace {
             + self.coef.as_ref().map_or(0, |b| b.num_bytes())
     }
 
+    /// The dx coefficients the latest training reduce wrote (`None` before any reserve).
+    pub(crate) fn coef(&self) -> Option<&CudaSlice<f32>> {
+        self.coef.as_ref()
+    }
+
     pub(crate) fn reserve(
         &mut self,
         gpu: &GpuContext,

@@ -1,12 +1,12 @@
 //! The stateful CPU layer, `torch.nn.BatchNorm{1,2,3}d` on host buffers.
 
 use super::{
-    backward_inference, backward_training, fold, forward_inference, forward_training,
-    FoldBatchNorm, Folded, Gradients, RunningStats, RunningUpdate, SavedStats,
+    backward_inference, backward_training, fold, forward_inference, forward_training, Epilogue,
+    EpilogueGrad, FoldBatchNorm, Folded, Gradients, RunningStats, RunningUpdate, SavedStats,
 };
 use crate::config::BatchNormConfig;
 use crate::dtype::Element;
-use crate::epilogue::{self, Epilogue};
+use crate::epilogue::{self, EpilogueKind};
 use crate::error::{Error, Result};
 use crate::fold::FoldSpec;
 use crate::shape::TensorDesc;
@@ -72,7 +72,7 @@ pub struct ForwardCache {
     desc: TensorDesc,
     stats: CachedStats,
     /// The fused epilogue of a `forward_relu`/`forward_add_relu` (`None`: plain forward).
-    epilogue: Option<Epilogue>,
+    epilogue: Option<EpilogueKind>,
 }
 
 impl ForwardCache {
@@ -87,7 +87,7 @@ impl ForwardCache {
     }
 
     /// The fused epilogue the forward ran (`None` for [`BatchNorm::forward`]).
-    pub fn epilogue(&self) -> Option<Epilogue> {
+    pub fn epilogue(&self) -> Option<EpilogueKind> {
         self.epilogue
     }
 }
@@ -227,6 +227,24 @@ impl BatchNorm {
             missing,
             validate::running_var,
         )
+    }
+
+    /// Replaces both running statistics, checked first (lengths, a finite non-negative
+    /// variance), then [`Error::NoRunningStats`], as the GPU layer's.
+    pub fn set_running_stats(&mut self, mean: &[f32], var: &[f32]) -> Result<()> {
+        let c = self.config.num_features;
+        validate::buffer("running_mean", c, mean.len())?;
+        validate::buffer("running_var", c, var.len())?;
+        validate::running_var(var)?;
+        let (Some(dst_mean), Some(dst_var)) = (&mut self.running_mean, &mut self.running_var)
+        else {
+            return Err(Error::NoRunningStats {
+                what: "set_running_stats",
+            });
+        };
+        dst_mean.copy_from_slice(mean);
+        dst_var.copy_from_slice(var);
+        Ok(())
     }
 
     /// Sets the counter (e.g. when loading a checkpoint). Errors: [`Error::NoRunningStats`].
@@ -480,7 +498,9 @@ impl BatchNorm {
         dy: &[T],
         mask: &[u32],
     ) -> Result<Grads<T>> {
-        Ok(self.backward_fused(Epilogue::Relu, cache, x, dy, mask)?.0)
+        Ok(self
+            .backward_fused(EpilogueKind::Relu, cache, x, dy, mask)?
+            .0)
     }
 
     /// Gradients of [`forward_add_relu`](Self::forward_add_relu): as
@@ -492,7 +512,7 @@ impl BatchNorm {
         dy: &[T],
         mask: &[u32],
     ) -> Result<(Grads<T>, Vec<T>)> {
-        self.backward_fused(Epilogue::AddRelu, cache, x, dy, mask)
+        self.backward_fused(EpilogueKind::AddRelu, cache, x, dy, mask)
     }
 
     fn forward_fused<T: Element>(
@@ -510,6 +530,7 @@ impl BatchNorm {
         let mut y = vec![T::default(); x.len()];
         let mut mask = vec![0u32; epilogue::mask_words(desc)];
         let cfg = self.config;
+        let epilogue = Epilogue::relu(residual, Some(&mut mask));
         let stats = match (
             self.uses_batch_stats(),
             &self.running_mean,
@@ -517,38 +538,20 @@ impl BatchNorm {
         ) {
             (false, Some(mean), Some(var)) => {
                 let running = RunningStats { mean, var };
-                let (weight, bias) = (self.weight(), self.bias());
-                super::fused::forward_inference(
-                    x,
-                    desc,
-                    weight,
-                    bias,
-                    running,
-                    cfg.eps,
-                    residual,
-                    &mut y,
-                    Some(&mut mask),
-                )?;
+                let affine = (self.weight(), self.bias());
+                let call = fused_request(desc, x, affine, &mut y, epilogue);
+                super::fused::forward_inference(call, running, cfg.eps)?;
                 CachedStats::Running {
                     mean: mean.clone(),
                     var: var.clone(),
                 }
             }
             _ => CachedStats::Batch(self.batch_forward(|weight, bias, running, eps| {
-                super::fused::forward_training(
-                    x,
-                    desc,
-                    weight,
-                    bias,
-                    running,
-                    eps,
-                    residual,
-                    &mut y,
-                    Some(&mut mask),
-                )
+                let call = fused_request(desc, x, (weight, bias), &mut y, epilogue);
+                super::fused::forward_training(call, running, eps)
             })?),
         };
-        let epilogue = Some(Epilogue::with_residual(residual.is_some()));
+        let epilogue = Some(EpilogueKind::with_residual(residual.is_some()));
         let cache = ForwardCache {
             desc: *desc,
             stats,
@@ -559,7 +562,7 @@ impl BatchNorm {
 
     fn backward_fused<T: Element>(
         &self,
-        kind: Epilogue,
+        kind: EpilogueKind,
         cache: &ForwardCache,
         x: &[T],
         dy: &[T],
@@ -567,12 +570,12 @@ impl BatchNorm {
     ) -> Result<(Grads<T>, Vec<T>)> {
         if cache.epilogue != Some(kind) {
             let (backward, needed) = match kind {
-                Epilogue::Relu => ("backward_relu", "forward_relu"),
-                Epilogue::AddRelu => ("backward_add_relu", "forward_add_relu"),
+                EpilogueKind::Relu => ("backward_relu", "forward_relu"),
+                EpilogueKind::AddRelu => ("backward_add_relu", "forward_add_relu"),
             };
             let ran = match cache.epilogue {
-                Some(Epilogue::Relu) => "forward_relu",
-                Some(Epilogue::AddRelu) => "forward_add_relu",
+                Some(EpilogueKind::Relu) => "forward_relu",
+                Some(EpilogueKind::AddRelu) => "forward_add_relu",
                 None => "the plain forward",
             };
             return Err(Error::EpilogueMismatch {
@@ -600,33 +603,47 @@ impl BatchNorm {
             dbias: dbias.as_deref_mut(),
             accumulate: false,
         };
-        let dz_out = (kind == Epilogue::AddRelu).then_some(&mut dz[..]);
+        let request = super::fused::Backward {
+            desc: *desc,
+            x,
+            dy,
+            weight: self.weight(),
+            grads,
+            epilogue: match kind {
+                EpilogueKind::Relu => EpilogueGrad::Relu { mask },
+                EpilogueKind::AddRelu => EpilogueGrad::AddRelu {
+                    mask,
+                    dz: Some(&mut dz),
+                },
+            },
+        };
         match &cache.stats {
-            CachedStats::Batch(saved) => super::fused::backward_training(
-                x,
-                dy,
-                mask,
-                desc,
-                self.weight(),
-                saved,
-                grads,
-                dz_out,
-            )?,
+            CachedStats::Batch(saved) => super::fused::backward_training(request, saved)?,
             CachedStats::Running { mean, var } => {
                 let running = RunningStats { mean, var };
-                super::fused::backward_inference(
-                    x,
-                    dy,
-                    mask,
-                    desc,
-                    self.weight(),
-                    running,
-                    self.config.eps,
-                    grads,
-                    dz_out,
-                )?
+                super::fused::backward_inference(request, running, self.config.eps)?
             }
         }
         Ok((Grads { dx, dweight, dbias }, dz))
     }
 }
+
+/// The fused forward of `x` with the layer's `(weight, bias)`.
+fn fused_request<'a, T>(
+    desc: &TensorDesc,
+    x: &'a [T],
+    (weight, bias): (Option<&'a [f32]>, Option<&'a [f32]>),
+    y: &'a mut [T],
+    epilogue: Epilogue<'a, T>,
+) -> super::fused::Forward<'a, T> {
+    super::fused::Forward {
+        desc: *desc,
+        x,
+        weight,
+        bias,
+        y,
+        epilogue,
+    }
+}
+
+crate::state::stateful_layer_by_inherent_methods!(BatchNorm, state: |layer| Ok(layer.state()));

@@ -8,8 +8,7 @@
 //! | [`forward_training`], [`forward_inference`], [`backward_training`], [`backward_inference`] | cuDNN-like functional calls on caller-owned buffers |
 //! | [`BatchNorm`] | a stateful layer like `torch.nn.BatchNorm{1,2,3}d` |
 //! | [`fold`], [`fold_in_place`] | conv / linear + batch-norm folding for inference |
-//! | [`exact`] | the training forward and backward entirely in f64, for gradient checks |
-//! | [`conv`] | convolution, transposed convolution and linear layer by direct loops in f64, to check a fold end to end |
+//! | `exact` | the training forward and backward entirely in f64, for gradient checks (feature `test-tools`) |
 //! | [`sync`] | synchronized batch norm over data-parallel ranks, simulated on one machine |
 //! | [`norms`] | group, layer, instance and RMS normalization ([`crate::norms`]) |
 //! | [`fused`] | the calls with a fused `relu(BN(x) [+ z])` epilogue and its ReLU mask ([`crate::epilogue`]) |
@@ -39,7 +38,7 @@
 //! # Ok::<(), batchnorm_cuda::Error>(())
 //! ```
 
-pub mod conv;
+#[cfg(feature = "test-tools")]
 pub mod exact;
 mod fold;
 pub mod fused;
@@ -48,6 +47,7 @@ mod math;
 pub mod norms;
 pub mod sync;
 
+pub use crate::stats::SavedStats;
 pub use fold::{fold, fold_in_place, FoldBatchNorm, Folded};
 pub use layer::{BatchNorm, CachedStats, ForwardCache, Grads};
 
@@ -58,23 +58,8 @@ use crate::shape::TensorDesc;
 use crate::validate::{self, validate_eps, validate_momentum, Buffers};
 use math::Norm;
 
-/// The batch statistics a training forward saves for its backward: per channel, the `mean` and
-/// `invstd = 1 / sqrt(biased_var + eps)`, in f32 whatever the activation dtype (as PyTorch and
-/// cuDNN save them), and `mean_lo`, the part of the mean f32 cannot hold. An empty batch saves
-/// mean 0 and `1 / sqrt(eps)`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SavedStats {
-    /// Batch mean rounded to f32, one per channel.
-    pub mean: Vec<f32>,
-    /// The rest of the batch mean, `mean + mean_lo` (a double-float, about 48 bits): the
-    /// backward forms `x - mean` with both, so a mean large next to the spread loses nothing
-    /// (the f32 mean alone is off by up to half an ulp, 3e-5 at 1000, which `invstd`
-    /// magnifies). Zeros for statistics saved without it (PyTorch's).
-    pub mean_lo: Vec<f32>,
-    /// `1 / sqrt(biased_var + eps)`, one per channel.
-    pub invstd: Vec<f32>,
-}
-
+/// What the reference computes with the saved statistics (the type is the crate's shared
+/// [`SavedStats`]).
 impl SavedStats {
     /// The f32 statistics of f64 ones: the mean as `mean + mean_lo` with `mean` the f32 rounding
     /// of the pair (as the GPU's), `invstd` rounded once.
@@ -122,6 +107,14 @@ impl SavedStats {
         }
     }
 }
+
+/// A forward's epilogue on host slices ([`crate::epilogue::Epilogue`]): `z` laid out as `x`,
+/// the mask [`mask_words`](crate::epilogue::mask_words) words.
+pub type Epilogue<'a, T> = crate::epilogue::Epilogue<&'a [T], &'a mut [u32]>;
+
+/// A backward's epilogue on host slices ([`crate::epilogue::EpilogueGrad`]): the forward's
+/// mask, and `dz` laid out as `x`.
+pub type EpilogueGrad<'a, T> = crate::epilogue::EpilogueGrad<&'a [u32], &'a mut [T]>;
 
 /// The running statistics a training forward updates, and how:
 /// `running = (1 - factor) * running + factor * batch`.
@@ -229,32 +222,38 @@ pub fn forward_training<T: Element>(
     validate::batch_statistics(desc)?;
 
     let moments = math::moments(x, desc.geometry());
-    Ok(normalize_batch(
-        x,
-        desc,
-        weight,
-        bias,
-        running,
-        eps,
-        &moments,
-        desc.per_channel(),
-        y,
-    ))
+    update_running(running, &moments, desc.per_channel());
+    Ok(normalize_batch(x, desc, weight, bias, eps, &moments, y))
 }
 
-/// The rest of a training forward once the batch moments are known (from `x` alone, or merged
-/// over every rank by [`sync`]), after validation: `y`, the running update from a batch of `m`
-/// values per channel (none when `m == 0`), the saved statistics.
-#[allow(clippy::too_many_arguments)]
+/// `running = (1 - factor) * running + factor * batch` from the moments of a batch of `m`
+/// values per channel (from `x` alone, or merged over every rank by [`sync`]); none when
+/// `m == 0`.
+fn update_running(running: Option<RunningUpdate<'_>>, moments: &math::Moments, m: usize) {
+    let Some(running) = running.filter(|_| m > 0) else {
+        return;
+    };
+    let f = f64::from(running.factor);
+    let bessel = match running.var_update {
+        RunningVarUpdate::Unbiased => m as f64 / (m - 1) as f64,
+        RunningVarUpdate::Biased => 1.0,
+    };
+    for ch in 0..moments.mean.len() {
+        let (mean, var) = (&mut running.mean[ch], &mut running.var[ch]);
+        *mean = ((1.0 - f) * f64::from(*mean) + f * moments.mean[ch]) as f32;
+        *var = ((1.0 - f) * f64::from(*var) + f * moments.var[ch] * bessel) as f32;
+    }
+}
+
+/// The rest of a training forward once the batch moments are known, after validation: `y` and
+/// the saved statistics.
 fn normalize_batch<T: Element>(
     x: &[T],
     desc: &TensorDesc,
     weight: Option<&[f32]>,
     bias: Option<&[f32]>,
-    running: Option<RunningUpdate<'_>>,
     eps: f32,
     moments: &math::Moments,
-    m: usize,
     y: &mut [T],
 ) -> SavedStats {
     let (g, c) = (desc.geometry(), desc.channels());
@@ -266,19 +265,6 @@ fn normalize_batch<T: Element>(
         weight: &weight,
     };
     math::normalize(x, g, &norm, &widen_or(bias, c, 0.0), y);
-
-    if let (Some(running), true) = (running, m > 0) {
-        let f = f64::from(running.factor);
-        let bessel = match running.var_update {
-            RunningVarUpdate::Unbiased => m as f64 / (m - 1) as f64,
-            RunningVarUpdate::Biased => 1.0,
-        };
-        for ch in 0..c {
-            let (mean, var) = (&mut running.mean[ch], &mut running.var[ch]);
-            *mean = ((1.0 - f) * f64::from(*mean) + f * moments.mean[ch]) as f32;
-            *var = ((1.0 - f) * f64::from(*var) + f * moments.var[ch] * bessel) as f32;
-        }
-    }
     SavedStats::from_f64(&moments.mean, &invstd)
 }
 

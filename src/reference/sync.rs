@@ -33,8 +33,8 @@
 
 use super::math::{self, Norm, ParamGrads};
 use super::{
-    normalize_batch, store, widen, widen_or, BatchNorm, ForwardCache, Gradients, Grads,
-    RunningUpdate, SavedStats,
+    normalize_batch, store, update_running, widen, widen_or, BatchNorm, ForwardCache, Gradients,
+    Grads, RunningUpdate, SavedStats,
 };
 use crate::config::BatchNormConfig;
 use crate::dtype::Element;
@@ -131,6 +131,45 @@ pub fn merge(gathered: &[ChannelMoments]) -> Result<ChannelMoments> {
     Ok(total)
 }
 
+/// One rank's training forward on host slices, as the [`crate::gpu::functional::Forward`] that
+/// [`crate::gpu::sync::forward_training`] takes on the device.
+#[derive(Debug)]
+pub struct SyncForward<'a, T> {
+    /// Shape and memory order of this rank's shard `x` and of `y`.
+    pub desc: TensorDesc,
+    /// The shard.
+    pub x: &'a [T],
+    /// `[C]`, or `None` for 1.
+    pub weight: Option<&'a [f32]>,
+    /// `[C]`, or `None` for 0.
+    pub bias: Option<&'a [f32]>,
+    /// Updated with the global statistics and count when given.
+    pub running: Option<RunningUpdate<'a>>,
+    /// Added to the global biased variance.
+    pub eps: f32,
+    /// Overwritten.
+    pub y: &'a mut [T],
+}
+
+/// One rank's training backward on host slices, as [`crate::gpu::sync::SyncBackward`].
+#[derive(Debug)]
+pub struct SyncBackward<'a, T> {
+    /// Shape and memory order of this rank's shard `x`, `dy` and `dx`.
+    pub desc: TensorDesc,
+    /// The shard.
+    pub x: &'a [T],
+    /// The gradient of the forward's output.
+    pub dy: &'a [T],
+    /// `[C]`, or `None` for 1.
+    pub weight: Option<&'a [f32]>,
+    /// The global statistics [`forward_training`] returned.
+    pub saved: &'a SavedStats,
+    /// The world's values per channel `M`.
+    pub count: u64,
+    /// Which gradients to write; `dweight` and `dbias` are this rank's.
+    pub grads: Gradients<'a, T>,
+}
+
 /// One rank's training forward with the all-gathered moments of every rank (its own included):
 /// merges them ([`merge`]), normalizes its shard `x` into `y` with the global statistics and,
 /// when `running` is given, updates the running statistics with the global count. Shapes as in
@@ -140,17 +179,20 @@ pub fn merge(gathered: &[ChannelMoments]) -> Result<ChannelMoments> {
 /// [`Error::InvalidMomentum`], those of [`merge`], [`Error::BufferLength`] when the moments have
 /// another channel count than `desc`, [`Error::SingleValuePerChannel`] when the whole world holds
 /// one value per channel.
-#[allow(clippy::too_many_arguments)]
 pub fn forward_training<T: Element>(
-    x: &[T],
-    desc: &TensorDesc,
-    weight: Option<&[f32]>,
-    bias: Option<&[f32]>,
-    running: Option<RunningUpdate<'_>>,
-    eps: f32,
+    request: SyncForward<'_, T>,
     gathered: &[ChannelMoments],
-    y: &mut [T],
 ) -> Result<SavedStats> {
+    let SyncForward {
+        desc,
+        x,
+        weight,
+        bias,
+        running,
+        eps,
+        y,
+    } = request;
+    let desc = &desc;
     Buffers {
         x: x.len(),
         y: Some(y.len()),
@@ -172,17 +214,8 @@ pub fn forward_training<T: Element>(
         var: world.var(),
         mean: world.mean,
     };
-    Ok(normalize_batch(
-        x,
-        desc,
-        weight,
-        bias,
-        running,
-        eps,
-        &moments,
-        world.count as usize,
-        y,
-    ))
+    update_running(running, &moments, world.count as usize);
+    Ok(normalize_batch(x, desc, weight, bias, eps, &moments, y))
 }
 
 /// `M == 1` cannot be trained on, as in the single-device path.
@@ -260,18 +293,21 @@ pub fn all_reduce(parts: &[GradSums]) -> Result<GradSums> {
 ///
 /// Errors: [`Error::BufferLength`] (the sums need `C` values each),
 /// [`Error::SingleValuePerChannel`] when `M == 1`.
-#[allow(clippy::too_many_arguments)]
 pub fn backward_training<T: Element>(
-    x: &[T],
-    dy: &[T],
-    desc: &TensorDesc,
-    weight: Option<&[f32]>,
-    saved: &SavedStats,
+    request: SyncBackward<'_, T>,
     local: &GradSums,
     global: &GradSums,
-    count: u64,
-    grads: Gradients<'_, T>,
 ) -> Result<()> {
+    let SyncBackward {
+        desc,
+        x,
+        dy,
+        weight,
+        saved,
+        count,
+        grads,
+    } = request;
+    let desc = &desc;
     saved
         .buffers(Buffers {
             x: x.len(),
@@ -473,16 +509,16 @@ impl SyncBatchNorm {
         for (rank, (replica, shard)) in self.replicas.iter_mut().zip(shards).enumerate() {
             let mut y = vec![T::default(); shard.x.len()];
             let stats = replica.batch_forward(|weight, bias, running, eps| {
-                forward_training(
-                    shard.x,
-                    &shard.desc,
+                let request = SyncForward {
+                    desc: shard.desc,
+                    x: shard.x,
                     weight,
                     bias,
                     running,
                     eps,
-                    &gathered,
-                    &mut y,
-                )
+                    y: &mut y,
+                };
+                forward_training(request, &gathered)
             });
             match stats {
                 Ok(stats) => saved.push(stats),
@@ -557,17 +593,16 @@ impl SyncBatchNorm {
                 dbias: dbias.as_deref_mut(),
                 accumulate: false,
             };
-            backward_training(
-                shards[rank].x,
-                dys[rank],
-                desc,
-                replica.weight(),
-                &saved[rank],
-                &local[rank],
-                &global,
+            let request = SyncBackward {
+                desc: *desc,
+                x: shards[rank].x,
+                dy: dys[rank],
+                weight: replica.weight(),
+                saved: &saved[rank],
                 count,
                 grads,
-            )?;
+            };
+            backward_training(request, &local[rank], &global)?;
             out.push(Grads { dx, dweight, dbias });
         }
         Ok(out)

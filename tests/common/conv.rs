@@ -1,8 +1,8 @@
 //! Convolution layer geometries shared by the fold and convolution tests.
 
+use batchnorm_cuda::conv::ConvParams;
 use batchnorm_cuda::fold::FoldKind::{self, Conv, ConvTranspose, Linear};
 use batchnorm_cuda::fold::FoldSpec;
-use batchnorm_cuda::reference::conv::ConvParams;
 
 /// One layer: the kind, the input `[N, C_in, spatial...]`, the logical weight shape
 /// (channels-first), the groups and `[stride, padding, dilation, output_padding]`.

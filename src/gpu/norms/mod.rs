@@ -32,7 +32,7 @@ pub use kernels::{row_plan, RowPlan, MAX_SPLITS};
 pub use layer::{NormCache, NormLayer};
 
 use super::context::alloc_error;
-use super::functional::Guards;
+use super::ops::Guards;
 use super::GpuContext;
 use crate::dtype::Element;
 use crate::error::{Error, Result};

@@ -1,19 +1,20 @@
 //! The NCCL glue (feature `nccl`): communicators and the [`SyncBatchNorm`] layer.
 
 use super::{
-    backward_training, check_backward, check_forward, forward_training, local_grad_sums,
-    local_moments, GatheredMoments, ReducedSums, MOMENT_FLOATS,
+    backward_training, check_forward, forward_training, local_grad_sums, local_moments,
+    GatheredMoments, ReducedSums, SyncBackward, MOMENT_FLOATS,
 };
 use crate::config::BatchNormConfig;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::fold::FoldSpec;
 use crate::gpu::context::{alloc_error, GpuContext};
-use crate::gpu::functional::GradientsMut;
+use crate::gpu::functional::{Forward, ForwardStats};
 use crate::gpu::layer::{BatchNorm, ForwardCache};
-use crate::reference::SavedStats as SavedStatsHost;
+use crate::gpu::views::{BackwardStats, Epilogue, GradientsMut};
 use crate::shape::TensorDesc;
 use crate::state::LayerState;
+use crate::stats::SavedStats as SavedStatsHost;
 use crate::validate;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 use cudarc::nccl::{result::NcclError, Comm, Id, ReduceOp};
@@ -209,24 +210,16 @@ impl SyncBatchNorm {
             validate::batch_statistics(desc)?;
         }
         bn.batch_forward(|step| {
-            check_forward(
-                x.len(),
-                y.len(),
-                desc,
-                step.weight.as_ref().map(|w| w.len()),
-                step.bias.as_ref().map(|b| b.len()),
-                step.running
-                    .as_ref()
-                    .map(|r| (r.mean.len(), r.var.len(), r.factor)),
-                (
-                    step.saved.mean.len(),
-                    step.saved.mean_lo.len(),
-                    step.saved.invstd.len(),
-                ),
-                step.eps,
-                (gathered.len(), comm.world_size()),
-                total.len(),
-            )?;
+            let request = Forward {
+                desc: *desc,
+                x: x.slice(..),
+                weight: step.weight,
+                bias: step.bias,
+                stats: ForwardStats::Batch(step.stats),
+                y: y.slice_mut(..),
+                epilogue: Epilogue::None,
+            };
+            check_forward(&request, total.len(), gathered.len(), comm.world_size())?;
             local_moments(
                 step.gpu,
                 step.workspace,
@@ -240,19 +233,7 @@ impl SyncBatchNorm {
                 moments: gathered.as_view(),
                 ranks: comm.world_size(),
             };
-            forward_training(
-                step.gpu,
-                x,
-                desc,
-                step.weight.as_ref(),
-                step.bias.as_ref(),
-                step.running,
-                step.eps,
-                &gathered,
-                y,
-                step.saved,
-                &mut total.as_view_mut(),
-            )
+            forward_training(step.gpu, request, total.as_view_mut(), &gathered)
         })?;
         self.synced = true;
         Ok(self.bn.record_forward(desc, T::DTYPE, true))
@@ -284,37 +265,33 @@ impl SyncBatchNorm {
             ..
         } = self;
         let step = bn.backward_step::<T>(cache)?;
-        let desc = cache.desc();
-        let grads = GradientsMut {
-            dx,
-            dweight: step.dweight,
-            dbias: step.dbias,
-            accumulate: true,
+        let BackwardStats::Batch(saved) = step.stats else {
+            return Err(Error::MissingSavedStats {
+                reason: "the synchronized forward saved no batch statistics",
+            });
         };
-        {
-            let planned = ReducedSums {
-                local: sums.as_view(),
-                global: reduced.as_view(),
-            };
-            let weight = step.weight.as_ref();
-            check_backward(
-                x,
-                dy,
-                desc,
-                weight,
-                &step.saved,
-                &planned,
-                total.len(),
-                &grads,
-            )?;
-        }
+        let request = SyncBackward {
+            desc: *cache.desc(),
+            x: x.slice(..),
+            dy: dy.slice(..),
+            weight: step.weight,
+            saved,
+            total: total.as_view(),
+            grads: GradientsMut {
+                dx,
+                dweight: step.dweight,
+                dbias: step.dbias,
+                accumulate: true,
+            },
+        };
+        request.check(sums.len(), reduced.len())?;
         local_grad_sums(
             step.gpu,
             step.workspace,
             x,
             dy,
-            desc,
-            &step.saved,
+            &request.desc,
+            &request.saved,
             &mut sums.as_view_mut(),
         )?;
         comm.all_reduce(&*sums, &mut *reduced, &ReduceOp::Sum)
@@ -323,18 +300,7 @@ impl SyncBatchNorm {
             local: sums.as_view(),
             global: reduced.as_view(),
         };
-        backward_training(
-            step.gpu,
-            step.workspace,
-            x,
-            dy,
-            desc,
-            step.weight.as_ref(),
-            &step.saved,
-            &reduced,
-            &total.as_view(),
-            grads,
-        )
+        backward_training(step.gpu, step.workspace, request, &reduced)
     }
 
     /// The global count `M` (values per channel over every rank) of the latest synchronized
@@ -399,6 +365,16 @@ impl SyncBatchNorm {
         self.bn.set_bias(values)
     }
 
+    /// [`BatchNorm::set_running_mean`].
+    pub fn set_running_mean(&mut self, values: &[f32]) -> Result<()> {
+        self.bn.set_running_mean(values)
+    }
+
+    /// [`BatchNorm::set_running_var`].
+    pub fn set_running_var(&mut self, values: &[f32]) -> Result<()> {
+        self.bn.set_running_var(values)
+    }
+
     /// Replaces both running statistics (see [`BatchNorm::set_running_stats`]).
     pub fn set_running_stats(&mut self, mean: &[f32], var: &[f32]) -> Result<()> {
         self.bn.set_running_stats(mean, var)
@@ -447,3 +423,5 @@ fn device_zeros<T: DeviceRepr + ValidAsZeroBits>(
         .alloc_zeros::<T>(len)
         .map_err(alloc_error(len.saturating_mul(std::mem::size_of::<T>())))
 }
+
+crate::state::stateful_layer_by_inherent_methods!(SyncBatchNorm, state: |layer| layer.state());

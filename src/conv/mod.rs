@@ -24,7 +24,7 @@
 //!
 //! ```
 //! use batchnorm_cuda::fold::{FoldKind, FoldSpec};
-//! use batchnorm_cuda::reference::conv::{conv, ConvParams};
+//! use batchnorm_cuda::conv::{conv, ConvParams};
 //! use batchnorm_cuda::Layout;
 //!
 //! // Conv1d(1, 1, kernel_size=2) on [1, 2, 3] with the kernel [2, 3].
@@ -34,6 +34,8 @@
 //! assert_eq!(y.values, [8.0, 13.0]);
 //! # Ok::<(), batchnorm_cuda::Error>(())
 //! ```
+
+pub mod gpu;
 
 use rayon::prelude::*;
 
@@ -51,7 +53,7 @@ pub const MAX_SPATIAL_DIMS: usize = 3;
 /// 0); the groups are the [`FoldSpec`]'s.
 ///
 /// ```
-/// use batchnorm_cuda::reference::conv::ConvParams;
+/// use batchnorm_cuda::conv::ConvParams;
 ///
 /// let p = ConvParams::new(2).stride(&[2, 2]).padding(&[1, 0]);
 /// assert_eq!(p.dilation, [1, 1]);
@@ -125,7 +127,8 @@ impl ConvParams {
 ///
 /// ```
 /// use batchnorm_cuda::fold::{FoldKind, FoldSpec};
-/// use batchnorm_cuda::reference::{self, conv::{conv, ConvParams}, RunningStats};
+/// use batchnorm_cuda::conv::{conv, ConvParams};
+/// use batchnorm_cuda::reference::{self, RunningStats};
 /// use batchnorm_cuda::Layout;
 ///
 /// // Conv2d(2, 3, 1) on a [1, 2, 2, 2] input of ones, then BatchNorm2d(3) in eval mode.
@@ -162,7 +165,7 @@ impl<T> ConvOutput<T> {
 ///
 /// ```
 /// use batchnorm_cuda::fold::{FoldKind, FoldSpec};
-/// use batchnorm_cuda::reference::conv::{conv, ConvParams};
+/// use batchnorm_cuda::conv::{conv, ConvParams};
 /// use batchnorm_cuda::Layout;
 ///
 /// // Conv1d(1, 1, 2, stride=2, padding=1, bias=True) on [1, 2, 3]: taps at [-1, 0] and [1, 2].
@@ -196,7 +199,7 @@ pub fn conv<T: Element>(
 ///
 /// ```
 /// use batchnorm_cuda::fold::{FoldKind, FoldSpec};
-/// use batchnorm_cuda::reference::conv::{conv_transpose, ConvParams};
+/// use batchnorm_cuda::conv::{conv_transpose, ConvParams};
 /// use batchnorm_cuda::Layout;
 ///
 /// // ConvTranspose1d(1, 1, 2, stride=2) on [1, 2]: each input scatters [2, 3] times itself.
@@ -226,7 +229,7 @@ pub fn conv_transpose<T: Element>(
 ///
 /// ```
 /// use batchnorm_cuda::fold::{FoldKind, FoldSpec};
-/// use batchnorm_cuda::reference::conv::linear;
+/// use batchnorm_cuda::conv::linear;
 /// use batchnorm_cuda::Layout;
 ///
 /// let spec = FoldSpec::new(FoldKind::Linear, &[2, 3], 1, Layout::ChannelsFirst)?;
@@ -253,7 +256,7 @@ pub fn linear<T: Element>(
 ///
 /// ```
 /// use batchnorm_cuda::fold::{FoldKind, FoldSpec};
-/// use batchnorm_cuda::reference::conv::{apply, ConvParams};
+/// use batchnorm_cuda::conv::{apply, ConvParams};
 /// use batchnorm_cuda::Layout;
 ///
 /// let spec = FoldSpec::new(FoldKind::Linear, &[1, 2], 1, Layout::ChannelsFirst)?;
@@ -307,7 +310,7 @@ fn output_length(kind: FoldKind, values: [usize; 6]) -> Option<usize> {
 
 /// A validated layer, every spatial quantity padded to [`MAX_SPATIAL_DIMS`] dimensions with a
 /// length-1 input and kernel, stride 1, padding 0 and dilation 1 (which changes nothing). A
-/// linear layer is a convolution with no spatial dimension. Shared with `gpu::conv`, which
+/// linear layer is a convolution with no spatial dimension. Shared with `conv::gpu`, which
 /// validates a call and takes its output shape from the same plan, then launches it.
 #[derive(Debug)]
 pub(crate) struct Plan {

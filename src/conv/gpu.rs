@@ -3,7 +3,7 @@
 //! convolutions on the device). One thread per output element loops over its receptive field
 //! (`kernels/conv_direct.cu`); use cuDNN where speed matters.
 //!
-//! The calls mirror [`reference::conv`](crate::reference::conv) exactly: the same
+//! The calls mirror [`conv`](crate::conv) exactly: the same
 //! definitions (its docs table: `ConvNd`, `ConvTransposeNd` with groups, stride, padding,
 //! dilation and output padding, `Linear`), the same [`FoldSpec`] weight description (kind,
 //! groups, channels-first or channels-last weight), channels-first activations with 1 to 3
@@ -12,149 +12,156 @@
 //! `fmaf` each, then the bias) and rounded once to `T`, where the reference sums in f64.
 //!
 //! ```no_run
+//! use batchnorm_cuda::conv::{self, ConvParams};
 //! use batchnorm_cuda::fold::{FoldKind, FoldSpec};
-//! use batchnorm_cuda::gpu::{self, GpuContext};
-//! use batchnorm_cuda::reference::conv::ConvParams;
+//! use batchnorm_cuda::gpu::GpuContext;
 //! use batchnorm_cuda::Layout;
 //!
 //! let ctx = GpuContext::new(0)?;
 //! // Conv1d(1, 1, kernel_size=2) on [1, 2, 3] with the kernel [2, 3]: [8, 13].
 //! let spec = FoldSpec::new(FoldKind::Conv, &[1, 1, 2], 1, Layout::ChannelsFirst)?;
 //! let params = ConvParams::new(1);
-//! let dims = gpu::conv::output_dims(&[1, 1, 3], &spec, &params)?;
+//! let dims = conv::gpu::output_dims(&[1, 1, 3], &spec, &params)?;
 //! assert_eq!(dims, [1, 1, 2]);
 //! let x = ctx.stream().clone_htod(&[1.0f32, 2.0, 3.0])?;
 //! let w = ctx.stream().clone_htod(&[2.0f32, 3.0])?;
 //! let mut y = ctx.stream().alloc_zeros::<f32>(2)?;
-//! let (xv, wv, mut yv) = (x.as_view(), w.as_view(), y.as_view_mut());
-//! gpu::conv::conv(&ctx, &xv, &[1, 1, 3], &spec, &wv, None, &params, &mut yv)?;
+//! let input = conv::gpu::Input { values: x.as_view(), dims: &[1, 1, 3] };
+//! conv::gpu::conv(&ctx, input, &spec, &w.as_view(), None, &params, &mut y.as_view_mut())?;
 //! assert_eq!(ctx.stream().clone_dtoh(&y)?, [8.0, 13.0]);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use super::context::GpuContext;
-use super::functional::{launch, Guards};
-use super::launch as shape;
-use super::params::ConvDirectParams;
+use super::{ConvParams, Plan, MAX_SPATIAL_DIMS};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::fold::{FoldKind, FoldSpec};
-use crate::reference::conv::{ConvParams, Plan, MAX_SPATIAL_DIMS};
+use crate::gpu::kernels;
+use crate::gpu::launch as shape;
+use crate::gpu::ops::Guards;
+use crate::gpu::params::ConvDirectParams;
+use crate::gpu::GpuContext;
 use crate::shape::Layout;
 use crate::validate;
 use cudarc::driver::{CudaView, CudaViewMut};
 
 /// The output shape `[N, C_out, spatial...]` of the layer `spec` describes on an input of shape
-/// `x_dims`: the shape [`reference::conv::apply`](crate::reference::conv::apply) returns, from
+/// `x_dims`: the shape [`conv::apply`](crate::conv::apply) returns, from
 /// the same validation.
 ///
-/// Errors: those of [`reference::conv::apply`](crate::reference::conv::apply) that do not
+/// Errors: those of [`conv::apply`](crate::conv::apply) that do not
 /// depend on the buffers ([`Error::InvalidConv`], [`Error::ChannelMismatch`]).
 pub fn output_dims(x_dims: &[usize], spec: &FoldSpec, params: &ConvParams) -> Result<Vec<usize>> {
     Ok(Plan::new(spec.kind(), x_dims, spec, params)?.out_dims)
 }
 
-/// `ConvNd` on the device: [`reference::conv::conv`](crate::reference::conv::conv) into `y`
-/// (`output_dims` elements, channels-first, overwritten). `x` holds `x_dims = [N, C_in,
-/// spatial...]` channels-first, `weight` the layer's weight in `spec`'s memory layout, `bias`
-/// `C_out` values or `None`.
+/// Channels-first activations on the device and their shape `[N, C, spatial...]` (`[N, in]`
+/// for a linear layer).
+#[derive(Debug)]
+pub struct Input<'a, T> {
+    /// `dims.iter().product()` values.
+    pub values: CudaView<'a, T>,
+    /// The shape.
+    pub dims: &'a [usize],
+}
+
+/// `ConvNd` on the device: [`conv::conv`](crate::conv::conv) into `y` (`output_dims`
+/// elements, channels-first, overwritten). `weight` holds the layer's weight in `spec`'s memory
+/// layout, `bias` `C_out` values or `None`.
 ///
 /// Errors, checked before anything is queued: [`Error::InvalidConv`] and
 /// [`Error::ChannelMismatch`] as the reference; [`Error::BufferLength`] for `x`, `weight`,
 /// `bias` (as the reference) and `y`; [`Error::Unsupported`] for an extent the kernel's 32-bit
 /// per-dimension arithmetic cannot take (`N`, `C_in`, `C_out`, a length, kernel size, stride,
 /// padding or dilation of 2^31 or more, or a conv whose `(O - 1) s + (k - 1) d` reaches 2^31).
-#[allow(clippy::too_many_arguments)]
 pub fn conv<T: Element>(
     gpu: &GpuContext,
-    x: &CudaView<'_, T>,
-    x_dims: &[usize],
+    x: Input<'_, T>,
     spec: &FoldSpec,
     weight: &CudaView<'_, T>,
     bias: Option<&CudaView<'_, T>>,
     params: &ConvParams,
     y: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
-    run(
-        FoldKind::Conv,
-        gpu,
-        x,
-        x_dims,
+    let layer = Layer {
+        kind: FoldKind::Conv,
         spec,
         weight,
         bias,
         params,
-        y,
-    )
+    };
+    run(gpu, x, &layer, y)
 }
 
-/// `ConvTransposeNd` on the device:
-/// [`reference::conv::conv_transpose`](crate::reference::conv::conv_transpose) into `y`.
-/// Arguments and errors as [`conv`], with the weight `[C_in, C_out/G, k...]`.
-#[allow(clippy::too_many_arguments)]
+/// `ConvTransposeNd` on the device: [`conv::conv_transpose`](crate::conv::conv_transpose) into
+/// `y`. Arguments and errors as [`conv`], with the weight `[C_in, C_out/G, k...]`.
 pub fn conv_transpose<T: Element>(
     gpu: &GpuContext,
-    x: &CudaView<'_, T>,
-    x_dims: &[usize],
+    x: Input<'_, T>,
     spec: &FoldSpec,
     weight: &CudaView<'_, T>,
     bias: Option<&CudaView<'_, T>>,
     params: &ConvParams,
     y: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
-    run(
-        FoldKind::ConvTranspose,
-        gpu,
-        x,
-        x_dims,
+    let layer = Layer {
+        kind: FoldKind::ConvTranspose,
         spec,
         weight,
         bias,
         params,
-        y,
-    )
+    };
+    run(gpu, x, &layer, y)
 }
 
-/// `Linear` on the device: [`reference::conv::linear`](crate::reference::conv::linear) into `y`
-/// (`[N, out]`), for `x` of shape `x_dims = [N, in]`. Errors as [`conv`].
+/// `Linear` on the device: [`conv::linear`](crate::conv::linear) into `y` (`[N, out]`), for `x`
+/// of shape `[N, in]`. Errors as [`conv`].
 pub fn linear<T: Element>(
     gpu: &GpuContext,
-    x: &CudaView<'_, T>,
-    x_dims: &[usize],
+    x: Input<'_, T>,
     spec: &FoldSpec,
     weight: &CudaView<'_, T>,
     bias: Option<&CudaView<'_, T>>,
     y: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
-    let params = ConvParams::new(0);
-    run(
-        FoldKind::Linear,
-        gpu,
-        x,
-        x_dims,
+    let layer = Layer {
+        kind: FoldKind::Linear,
         spec,
         weight,
         bias,
-        &params,
-        y,
-    )
+        params: &ConvParams::new(0),
+    };
+    run(gpu, x, &layer, y)
 }
 
 /// The layer `spec` describes: [`conv`], [`conv_transpose`] or [`linear`] by `spec.kind()`, as
-/// [`reference::conv::apply`](crate::reference::conv::apply). Errors: those of the function
-/// called.
-#[allow(clippy::too_many_arguments)]
+/// [`conv::apply`](crate::conv::apply). Errors: those of the function called.
 pub fn apply<T: Element>(
     gpu: &GpuContext,
-    x: &CudaView<'_, T>,
-    x_dims: &[usize],
+    x: Input<'_, T>,
     spec: &FoldSpec,
     weight: &CudaView<'_, T>,
     bias: Option<&CudaView<'_, T>>,
     params: &ConvParams,
     y: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
-    run(spec.kind(), gpu, x, x_dims, spec, weight, bias, params, y)
+    let layer = Layer {
+        kind: spec.kind(),
+        spec,
+        weight,
+        bias,
+        params,
+    };
+    run(gpu, x, &layer, y)
+}
+
+/// The layer of one call: what it computes, its description, weight, bias and parameters.
+struct Layer<'r, 'a, T> {
+    kind: FoldKind,
+    spec: &'r FoldSpec,
+    weight: &'r CudaView<'a, T>,
+    bias: Option<&'r CudaView<'a, T>>,
+    params: &'r ConvParams,
 }
 
 /// Buffer lengths of one call.
@@ -166,40 +173,31 @@ struct Lengths {
     y: usize,
 }
 
-#[allow(clippy::too_many_arguments)]
 fn run<T: Element>(
-    kind: FoldKind,
     gpu: &GpuContext,
-    x: &CudaView<'_, T>,
-    x_dims: &[usize],
-    spec: &FoldSpec,
-    weight: &CudaView<'_, T>,
-    bias: Option<&CudaView<'_, T>>,
-    params: &ConvParams,
+    x: Input<'_, T>,
+    layer: &Layer<'_, '_, T>,
     y: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
     let lengths = Lengths {
-        x: x.len(),
-        weight: weight.len(),
-        bias: bias.map(|b| b.len()),
+        x: x.values.len(),
+        weight: layer.weight.len(),
+        bias: layer.bias.map(|b| b.len()),
         y: y.len(),
     };
-    let mut p = kernel_params(kind, x_dims, spec, params, lengths)?;
+    let mut p = kernel_params(layer.kind, x.dims, layer.spec, layer.params, lengths)?;
     if p.numel == 0 {
         return Ok(()); // N == 0: an empty output
     }
     let stream = gpu.stream();
     let mut guards = Guards::new(stream);
-    p.x = guards.read(x);
-    p.weight = guards.read(weight);
-    p.bias = guards.read_opt(bias);
+    p.x = guards.read(&x.values);
+    p.weight = guards.read(layer.weight);
+    p.bias = guards.read_opt(layer.bias);
     p.y = guards.write(y);
-    launch(
-        stream,
-        gpu.kernels().conv(T::DTYPE),
-        shape::flat(p.numel, gpu.sm_count()),
-        &p,
-    )
+    gpu.kernels()
+        .per_dtype(kernels::CONV_DIRECT, T::DTYPE)
+        .launch(stream, shape::flat(p.numel, gpu.sm_count()), &p)
 }
 
 /// Below this, every per-dimension quantity fits the kernel's 32-bit arithmetic.
@@ -207,7 +205,7 @@ const LIMIT: u128 = 1 << 31;
 
 fn unsupported(reason: String) -> Error {
     Error::Unsupported {
-        what: "gpu::conv",
+        what: "conv::gpu",
         reason,
     }
 }
@@ -484,7 +482,7 @@ mod tests {
                 matches!(
                     got,
                     Error::Unsupported {
-                        what: "gpu::conv",
+                        what: "conv::gpu",
                         ..
                     }
                 ),
