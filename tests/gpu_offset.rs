@@ -8,7 +8,8 @@
 mod common;
 
 use batchnorm_cuda::gpu::functional::{
-    self, GradientsMut, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
+    self, Backward, BackwardStats, BatchStats, Epilogue, EpilogueGrad, Forward, ForwardStats,
+    GradientsMut, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
 };
 use batchnorm_cuda::gpu::{GpuContext, Workspace};
 use batchnorm_cuda::{epilogue, DType, Element, RunningVarUpdate};
@@ -16,216 +17,104 @@ use common::gpu::{download, gpu, upload, zeros};
 use common::offset::{check, offsets, shapes, Case, Form, Outcome, Shares, EPS, FORMS, MOMENTUM};
 use common::with_dtype;
 
-/// The GPU's functional calls (fused ones for the fused forms) on `case`.
+/// The GPU's functional calls, with the case's epilogue, on `case`.
 fn run<T: Element>(gpu: &GpuContext, ws: &mut Workspace, case: &Case<T>) -> Outcome<T> {
-    let (desc, n, c) = (&case.desc, case.desc.numel(), case.desc.channels());
-    let (x, z, dy) = (
-        upload(gpu, &case.x),
-        upload(gpu, &case.z),
-        upload(gpu, &case.dy),
-    );
+    let (desc, n, c) = (case.desc, case.desc.numel(), case.desc.channels());
+    let [x, z, dy] = [&case.x, &case.z, &case.dy].map(|v| upload(gpu, v));
     let (w, b) = (upload(gpu, &case.weight), upload(gpu, &case.bias));
     let (mut rm, mut rv) = (
         upload(gpu, &case.running_mean),
         upload(gpu, &case.running_var),
     );
-    let mut y = zeros::<T>(gpu, n);
+    let [mut y, mut dx, mut dz] = [0; 3].map(|_| zeros::<T>(gpu, n));
+    let [mut mean, mut mean_lo, mut invstd, mut dweight, mut dbias] =
+        [0; 5].map(|_| zeros::<f32>(gpu, c));
     let stream = gpu.stream();
     let mut mask = stream
-        .alloc_zeros::<u32>(epilogue::mask_words(desc))
+        .alloc_zeros::<u32>(epilogue::mask_words(&desc))
         .unwrap();
-    let [mut mean, mut mean_lo, mut invstd] = [0; 3].map(|_| zeros::<f32>(gpu, c));
-    let fused_form = case.form != Form::Plain;
-    let epilogue =
-        |mask| functional::Epilogue::relu((case.form == Form::AddRelu).then(|| z.as_view()), mask);
-    let (wv, bv) = (w.as_view(), b.as_view());
-    if case.training {
-        let running = Some(RunningUpdate {
-            mean: rm.as_view_mut(),
-            var: rv.as_view_mut(),
-            factor: MOMENTUM,
-            var_update: RunningVarUpdate::Unbiased,
-        });
-        let saved = SavedStatsMut {
-            mean: mean.as_view_mut(),
-            mean_lo: mean_lo.as_view_mut(),
-            invstd: invstd.as_view_mut(),
-        };
-        let (x, mut yv) = (x.as_view(), y.as_view_mut());
-        if fused_form {
-            let epilogue = epilogue(Some(mask.as_view_mut()));
-            functional::forward(
-                gpu,
-                ws,
-                functional::Forward {
-                    desc: *desc,
-                    x: x.slice(..),
-                    weight: Some(wv.slice(..)),
-                    bias: Some(bv.slice(..)),
-                    stats: functional::ForwardStats::Batch(functional::BatchStats {
-                        saved,
-                        running,
-                        eps: EPS,
-                    }),
-                    y: yv.slice_mut(..),
-                    epilogue,
-                },
-            )
-        } else {
-            functional::forward(
-                gpu,
-                ws,
-                functional::Forward {
-                    desc: *desc,
-                    x: x.slice(..),
-                    weight: Some(wv.slice(..)),
-                    bias: Some(bv.slice(..)),
-                    stats: functional::ForwardStats::Batch(functional::BatchStats {
-                        saved,
-                        running,
-                        eps: EPS,
-                    }),
-                    y: yv.slice_mut(..),
-                    epilogue: functional::Epilogue::None,
-                },
-            )
-        }
-        .unwrap();
-    } else {
-        let running = RunningStats {
-            mean: rm.as_view(),
-            var: rv.as_view(),
-        };
-        let (x, mut yv) = (x.as_view(), y.as_view_mut());
-        if fused_form {
-            let epilogue = epilogue(Some(mask.as_view_mut()));
-            functional::forward(
-                gpu,
-                &mut Workspace::new(),
-                functional::Forward {
-                    desc: *desc,
-                    x: x.slice(..),
-                    weight: Some(wv.slice(..)),
-                    bias: Some(bv.slice(..)),
-                    stats: functional::ForwardStats::Running {
-                        stats: running,
-                        eps: EPS,
-                    },
-                    y: yv.slice_mut(..),
-                    epilogue,
-                },
-            )
-        } else {
-            functional::forward(
-                gpu,
-                &mut Workspace::new(),
-                functional::Forward {
-                    desc: *desc,
-                    x: x.slice(..),
-                    weight: Some(wv.slice(..)),
-                    bias: Some(bv.slice(..)),
-                    stats: functional::ForwardStats::Running {
-                        stats: running,
-                        eps: EPS,
-                    },
-                    y: yv.slice_mut(..),
-                    epilogue: functional::Epilogue::None,
-                },
-            )
-        }
-        .unwrap();
-    }
 
-    let mut dx = zeros::<T>(gpu, n);
-    let mut dz = zeros::<T>(gpu, n);
-    let (mut dweight, mut dbias) = (zeros::<f32>(gpu, c), zeros::<f32>(gpu, c));
-    let grads = GradientsMut {
-        dx: Some(dx.as_view_mut()),
-        dweight: Some(dweight.as_view_mut()),
-        dbias: Some(dbias.as_view_mut()),
-        accumulate: false,
+    let stats = if case.training {
+        ForwardStats::Batch(BatchStats {
+            saved: SavedStatsMut {
+                mean: mean.as_view_mut(),
+                mean_lo: mean_lo.as_view_mut(),
+                invstd: invstd.as_view_mut(),
+            },
+            running: Some(RunningUpdate {
+                mean: rm.as_view_mut(),
+                var: rv.as_view_mut(),
+                factor: MOMENTUM,
+                var_update: RunningVarUpdate::Unbiased,
+            }),
+            eps: EPS,
+        })
+    } else {
+        ForwardStats::Running {
+            stats: RunningStats {
+                mean: rm.as_view(),
+                var: rv.as_view(),
+            },
+            eps: EPS,
+        }
     };
-    let dz_out = (case.form == Form::AddRelu).then(|| dz.as_view_mut());
-    let (xv, dyv, maskv) = (x.as_view(), dy.as_view(), mask.as_view());
-    let eval_stats = RunningStats {
-        mean: rm.as_view(),
-        var: rv.as_view(),
+    let residual = (case.form == Form::AddRelu).then(|| z.as_view());
+    let forward = Forward {
+        desc,
+        x: x.as_view(),
+        weight: Some(w.as_view()),
+        bias: Some(b.as_view()),
+        stats,
+        y: y.as_view_mut(),
+        epilogue: match case.form {
+            Form::Plain => Epilogue::None,
+            _ => Epilogue::relu(residual, Some(mask.as_view_mut())),
+        },
     };
-    let saved = SavedStats {
-        mean: mean.as_view(),
-        mean_lo: Some(mean_lo.as_view()),
-        invstd: invstd.as_view(),
+    functional::forward(gpu, ws, forward).unwrap();
+
+    let stats = if case.training {
+        BackwardStats::Batch(SavedStats {
+            mean: mean.as_view(),
+            mean_lo: Some(mean_lo.as_view()),
+            invstd: invstd.as_view(),
+        })
+    } else {
+        BackwardStats::Running {
+            stats: RunningStats {
+                mean: rm.as_view(),
+                var: rv.as_view(),
+            },
+            eps: EPS,
+        }
     };
-    match (case.training, fused_form) {
-        (true, false) => functional::backward(
-            gpu,
-            ws,
-            functional::Backward {
-                desc: *desc,
-                x: xv.slice(..),
-                dy: dyv.slice(..),
-                weight: Some(wv.slice(..)),
-                stats: functional::BackwardStats::Batch(saved),
-                grads,
-                epilogue: functional::EpilogueGrad::None,
+    let backward = Backward {
+        desc,
+        x: x.as_view(),
+        dy: dy.as_view(),
+        weight: Some(w.as_view()),
+        stats,
+        grads: GradientsMut {
+            dx: Some(dx.as_view_mut()),
+            dweight: Some(dweight.as_view_mut()),
+            dbias: Some(dbias.as_view_mut()),
+            accumulate: false,
+        },
+        epilogue: match case.form {
+            Form::Plain => EpilogueGrad::None,
+            Form::Relu => EpilogueGrad::Relu {
+                mask: mask.as_view(),
             },
-        ),
-        (true, true) => functional::backward(
-            gpu,
-            ws,
-            functional::Backward {
-                desc: *desc,
-                x: xv.slice(..),
-                dy: dyv.slice(..),
-                weight: Some(wv.slice(..)),
-                stats: functional::BackwardStats::Batch(saved),
-                grads,
-                epilogue: functional::EpilogueGrad::AddRelu {
-                    mask: maskv.slice(..),
-                    dz: dz_out,
-                },
+            Form::AddRelu => EpilogueGrad::AddRelu {
+                mask: mask.as_view(),
+                dz: Some(dz.as_view_mut()),
             },
-        ),
-        (false, false) => functional::backward(
-            gpu,
-            ws,
-            functional::Backward {
-                desc: *desc,
-                x: xv.slice(..),
-                dy: dyv.slice(..),
-                weight: Some(wv.slice(..)),
-                stats: functional::BackwardStats::Running {
-                    stats: eval_stats,
-                    eps: EPS,
-                },
-                grads,
-                epilogue: functional::EpilogueGrad::None,
-            },
-        ),
-        (false, true) => functional::backward(
-            gpu,
-            ws,
-            functional::Backward {
-                desc: *desc,
-                x: xv.slice(..),
-                dy: dyv.slice(..),
-                weight: Some(wv.slice(..)),
-                stats: functional::BackwardStats::Running {
-                    stats: eval_stats,
-                    eps: EPS,
-                },
-                grads,
-                epilogue: functional::EpilogueGrad::AddRelu {
-                    mask: maskv.slice(..),
-                    dz: dz_out,
-                },
-            },
-        ),
-    }
-    .unwrap();
+        },
+    };
+    functional::backward(gpu, ws, backward).unwrap();
     Outcome {
         y: download(gpu, &y),
-        mask: fused_form.then(|| stream.clone_dtoh(&mask).unwrap()),
+        mask: (case.form != Form::Plain).then(|| stream.clone_dtoh(&mask).unwrap()),
         saved: case.training.then(|| {
             (
                 download(gpu, &mean),
