@@ -20,7 +20,7 @@
 use crate::error::{Error, Result};
 use crate::shape::{Layout, TensorDesc};
 use crate::state::LayerState;
-use crate::validate::buffer;
+use crate::validate::{buffer, validate_eps, validate_momentum};
 
 /// Which normalization a [`NormDesc`] describes: names errors and picks the statistics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -566,6 +566,63 @@ impl NormConfig {
             .running_var
             .as_deref()
             .map_or(Ok(()), crate::validate::running_var)
+    }
+}
+
+/// The running statistics a normalization forward touches, by length.
+pub(crate) enum RunningLengths {
+    /// Batch statistics alone.
+    None,
+    /// Batch statistics that update `running_mean`, `running_var` with `momentum`.
+    Updating {
+        mean: usize,
+        var: usize,
+        momentum: f32,
+    },
+    /// Normalizing with the running statistics.
+    Read { mean: usize, var: usize },
+}
+
+/// The lengths and scalars of a normalization forward, checked in one order by the CPU
+/// reference and the GPU path, so both refuse a call with the same error.
+pub(crate) struct ForwardLengths {
+    pub x: usize,
+    pub y: usize,
+    /// `(residual, sum)` of the residual-add form.
+    pub residual: Option<(usize, usize)>,
+    pub weight: Option<usize>,
+    pub bias: Option<usize>,
+    pub running: RunningLengths,
+    pub eps: f32,
+}
+
+impl ForwardLengths {
+    pub(crate) fn check(&self, desc: &NormDesc) -> Result<()> {
+        let n = desc.numel();
+        buffer("x", n, self.x)?;
+        buffer("y", n, self.y)?;
+        if let Some((residual, sum)) = self.residual {
+            buffer("residual", n, residual)?;
+            buffer("sum", n, sum)?;
+        }
+        check_params(desc, self.weight, self.bias)?;
+        match self.running {
+            RunningLengths::None => {}
+            RunningLengths::Updating {
+                mean,
+                var,
+                momentum,
+            } => {
+                check_running(desc, mean, var)?;
+                validate_momentum(momentum)?;
+            }
+            RunningLengths::Read { mean, var } => check_running(desc, mean, var)?,
+        }
+        validate_eps(self.eps)?;
+        if !matches!(self.running, RunningLengths::Read { .. }) {
+            check_batch_statistics(desc)?;
+        }
+        Ok(())
     }
 }
 

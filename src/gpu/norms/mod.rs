@@ -37,9 +37,9 @@ use super::GpuContext;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::norms::{
-    check_batch_statistics, check_params, check_running, NormDesc, NormEpilogue, NormStats,
+    check_params, check_running, ForwardLengths, NormDesc, NormEpilogue, NormStats, RunningLengths,
 };
-use crate::validate::{buffer, validate_eps, validate_momentum};
+use crate::validate::buffer;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use kernels::{BackwardParams, ForwardParams, Grid, NormKernels, RunningParams, ShapeParams};
 use std::sync::Arc;
@@ -328,34 +328,34 @@ pub fn forward<T: Element>(
     desc: &NormDesc,
     mut call: Forward<'_, T>,
 ) -> Result<()> {
-    let n = desc.numel();
-    buffer("x", n, call.x.len())?;
-    buffer("y", n, call.y.len())?;
-    if let Some(r) = &call.residual {
-        buffer("residual", n, r.residual.len())?;
-        buffer("sum", n, r.sum.len())?;
+    ForwardLengths {
+        x: call.x.len(),
+        y: call.y.len(),
+        residual: call
+            .residual
+            .as_ref()
+            .map(|r| (r.residual.len(), r.sum.len())),
+        weight: call.weight.as_ref().map(CudaView::len),
+        bias: call.bias.as_ref().map(CudaView::len),
+        running: match &call.statistics {
+            Statistics::Batch => RunningLengths::None,
+            Statistics::BatchUpdating {
+                running_mean,
+                running_var,
+                momentum,
+            } => RunningLengths::Updating {
+                mean: running_mean.len(),
+                var: running_var.len(),
+                momentum: *momentum,
+            },
+            Statistics::Running { mean, var } => RunningLengths::Read {
+                mean: mean.len(),
+                var: var.len(),
+            },
+        },
+        eps: call.eps,
     }
-    check_params(
-        desc,
-        call.weight.as_ref().map(CudaView::len),
-        call.bias.as_ref().map(CudaView::len),
-    )?;
-    match &call.statistics {
-        Statistics::Batch => {}
-        Statistics::BatchUpdating {
-            running_mean,
-            running_var,
-            momentum,
-        } => {
-            check_running(desc, running_mean.len(), running_var.len())?;
-            validate_momentum(*momentum)?;
-        }
-        Statistics::Running { mean, var } => check_running(desc, mean.len(), var.len())?,
-    }
-    validate_eps(call.eps)?;
-    if !matches!(call.statistics, Statistics::Running { .. }) {
-        check_batch_statistics(desc)?;
-    }
+    .check(desc)?;
     check_stats(
         desc,
         [

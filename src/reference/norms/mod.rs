@@ -27,9 +27,9 @@ pub use layer::{NormCache, NormLayer};
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::norms::{
-    check_batch_statistics, check_params, check_running, NormDesc, NormEpilogue, NormStats,
+    check_params, check_running, ForwardLengths, NormDesc, NormEpilogue, NormStats, RunningLengths,
 };
-use crate::validate::{buffer, validate_eps, validate_momentum};
+use crate::validate::{buffer, validate_eps};
 use rayon::prelude::*;
 
 /// Where a forward takes its statistics from.
@@ -229,34 +229,34 @@ fn saved_rows(stats: &NormStats) -> Vec<(f64, f64)> {
 /// [`Error::SingleValuePerChannel`](crate::Error::SingleValuePerChannel) for batch statistics of an instance norm over one value per
 /// instance.
 pub fn forward<T: Element>(desc: &NormDesc, call: Forward<'_, T>) -> Result<Option<NormStats>> {
-    let n = desc.numel();
-    buffer("x", n, call.x.len())?;
-    buffer("y", n, call.y.len())?;
-    if let Some(r) = &call.residual {
-        buffer("residual", n, r.residual.len())?;
-        buffer("sum", n, r.sum.len())?;
+    ForwardLengths {
+        x: call.x.len(),
+        y: call.y.len(),
+        residual: call
+            .residual
+            .as_ref()
+            .map(|r| (r.residual.len(), r.sum.len())),
+        weight: call.weight.map(<[f32]>::len),
+        bias: call.bias.map(<[f32]>::len),
+        running: match &call.statistics {
+            Statistics::Batch => RunningLengths::None,
+            Statistics::BatchUpdating {
+                running_mean,
+                running_var,
+                momentum,
+            } => RunningLengths::Updating {
+                mean: running_mean.len(),
+                var: running_var.len(),
+                momentum: *momentum,
+            },
+            Statistics::Running(r) => RunningLengths::Read {
+                mean: r.mean.len(),
+                var: r.var.len(),
+            },
+        },
+        eps: call.eps,
     }
-    check_params(
-        desc,
-        call.weight.map(<[f32]>::len),
-        call.bias.map(<[f32]>::len),
-    )?;
-    match &call.statistics {
-        Statistics::Batch => {}
-        Statistics::BatchUpdating {
-            running_mean,
-            running_var,
-            momentum,
-        } => {
-            check_running(desc, running_mean.len(), running_var.len())?;
-            validate_momentum(*momentum)?;
-        }
-        Statistics::Running(r) => check_running(desc, r.mean.len(), r.var.len())?,
-    }
-    validate_eps(call.eps)?;
-    if !matches!(call.statistics, Statistics::Running(_)) {
-        check_batch_statistics(desc)?;
-    }
+    .check(desc)?;
 
     let h = match call.residual {
         None => widen(call.x),
