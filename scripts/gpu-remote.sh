@@ -1,36 +1,79 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (no cargo there): every staged test binary with the GPU tests included,
-# optionally under compute-sanitizer, and the benchmark comparison with PyTorch. Staged by
-# scripts/gpu-run.sh into .gpu-run/bundle.tar.xz and started by .gpu-run/run.sh, which unpacks it.
-# Logs go to $OUT (or out/ beside this script).
-#   bash .gpu-run/run.sh [--no-tests] [--sanitize[=memcheck,racecheck,...]] [--only=GLOB]
-#                        [--bench] [--quick]
-# --only=GLOB picks the staged test binaries (default: every one for the tests, the gpu_* ones
-# for the sanitizer). One device call is limited to 10 minutes: split tests, sanitizer tools
-# and bench over calls, e.g. --no-tests --sanitize=memcheck,initcheck then =racecheck,synccheck.
+# Runs on the GPU machine (no cargo there), from the bundle scripts/gpu-run.sh staged and
+# .gpu-run/run.sh unpacked. One session has 15 minutes of GPU time in all (machine start
+# included, 10 minutes a call, 8 files back), so the work is two prepared calls, each under a
+# wall-clock budget it enforces itself (bench/results/README.md gives the plan and its timings):
+#
+#   bash .gpu-run/run.sh verify     call 1, <= 8 min: the kernels' JIT, every binary that holds
+#                                   GPU tests (golden cases included), then the quick benchmark
+#                                   beside PyTorch and cuDNN on an otherwise idle GPU
+#   bash .gpu-run/run.sh sanitize   call 2, <= 4 min, only on a warm machine with 4 minutes left:
+#                                   compute-sanitizer memcheck and racecheck on the key binaries
+#
+# Options: --only=GLOB (test binaries, e.g. to rerun a failing one), --budget=SECONDS (the call's
+# wall-clock budget; parts left when it runs out are reported as not run), --full-bench (verify:
+# the whole benchmark suite instead of --quick, for a call of its own).
+# What comes back ($OUT, at most 8 files): device.txt and summary.txt (every part's time and
+# result) always; verify adds tests.log, bench.log, ours.json, comparison.json and tables.md;
+# sanitize adds sanitizer.log.
 set -uo pipefail
 stage=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$stage/out}
 mkdir -p "$out"
-tests=1 sanitize=0 bench=0 quick=0 tools="memcheck racecheck initcheck synccheck" only=""
+plan=${1:-}
+case "$plan" in
+  verify) budget=450 ;;
+  sanitize) budget=210 ;;
+  *) echo "usage: run.sh verify|sanitize [--only=GLOB] [--budget=SECONDS] [--full-bench]" >&2; exit 2 ;;
+esac
+shift
+only="" bench_set=--quick
 for arg in "$@"; do
   case "$arg" in
-    --no-tests) tests=0 ;;
-    --sanitize) sanitize=1 ;;
-    --sanitize=*) sanitize=1 tools=${arg#--sanitize=} tools=${tools//,/ } ;;
     --only=*) only=${arg#--only=} ;;
-    --bench) bench=1 ;;
-    --quick) quick=1 ;;
+    --budget=*) budget=${arg#--budget=} ;;
+    --full-bench) bench_set="" ;;
     *) echo "unknown argument $arg" >&2; exit 2 ;;
   esac
 done
-export BATCHNORM_GOLDEN_DIR="$stage/golden"
-export RUST_BACKTRACE=1
-[ "$quick" = 1 ] && export PROPTEST_CASES=16
+work=$stage/work
+rm -rf "$work" && mkdir -p "$work/tests" "$work/bench"
+
+export BATCHNORM_GOLDEN_DIR="$stage/golden" BATCHNORM_REQUIRE_GOLDEN=1 RUST_BACKTRACE=1
+# The driver's JIT cache (sm_90 code for the embedded PTX), shared by every binary of both calls
+# while the machine stays warm: only the first process pays the JIT.
+export CUDA_CACHE_PATH=/tmp/batchnorm-cuda-jit CUDA_CACHE_MAXSIZE=4294967296
+summary=$out/summary.txt
+failed=0
+# Deadlines in seconds since t0 (wall clock, so the parallel test runners below share them),
+# which .gpu-run/run.sh sets before it unpacks the bundle.
+t0=${BATCHNORM_RUN_T0:-$(date +%s)}
+now() { echo $(($(date +%s) - t0)); }
+left() { echo $((budget - $(now))); }
+note() { echo "$*" | tee -a "$summary"; }
+
+# Runs "$@" with at most $1 seconds (killed after), logging to $2; prints the part's time.
+# Returns the command's status, 124 when it ran out of time.
+timed() {
+  local limit=$1 log=$2 name=$3 start code
+  start=$(now)
+  shift 3
+  if [ "$limit" -le 0 ]; then
+    note "$(printf '%-28s NOT RUN (budget spent)' "$name")"
+    return 124
+  fi
+  timeout --kill-after=5 "$limit" "$@" >>"$log" 2>&1
+  code=$?
+  local status=ok
+  [ "$code" = 0 ] || status="FAILED (exit $code)"
+  [ "$code" = 124 ] && status="TIMED OUT after ${limit}s"
+  note "$(printf '%-28s %4ds  %s  %s' "$name" $(($(now) - start)) "$status" \
+    "$(grep -E '^test result' "$log" 2>/dev/null | tail -1 | sed 's/; finished.*//')")"
+  return "$code"
+}
 
 # libnccl for SyncBatchNorm's NCCL tests: cudarc loads "libnccl.so" (not NCCL's soname
 # libnccl.so.2), so link the first one found (PyTorch's nvidia-nccl wheel, then the system's).
-# (nvidia/nccl/lib/ in the cu12 wheels; the cu13 ones may nest it deeper: search nvidia/ whole.)
 nccl=$(python3 - 2>/dev/null <<'PY'
 import glob, os, site
 roots = site.getsitepackages() + [site.getusersitepackages()]
@@ -50,52 +93,88 @@ fi
 
 {
   date -u +%Y-%m-%dT%H:%MZ
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null \
+    || echo "no nvidia-smi (not a GPU machine?)"
   echo "kernel: $(uname -r) (Firecracker: *-fc-*; gVisor reports 4.4.0, where compute-sanitizer and ncu do not run)"
   echo "libnccl: ${nccl:-not found: the NCCL tests of SyncBatchNorm will fail}"
   echo "commit: $(cat "$stage/commit.txt" 2>/dev/null || echo unknown)"
+  echo "plan: $plan, budget ${budget}s"
 } | tee "$out/device.txt"
+: >"$summary"
+note "$(printf '%-28s %4ds  ok' "unpack the bundle" "$(now)")"
 
-failed=0
-if [ "$tests" = 1 ]; then
-  for t in "$stage"/tests/${only:-*}; do
-    echo "=== $(basename "$t")" | tee -a "$out/tests.log"
-    "$t" --include-ignored --test-threads=1 2>&1 | tee -a "$out/tests.log"
-    [ "${PIPESTATUS[0]}" = 0 ] || failed=1
+# The staged binaries that hold GPU tests (the CPU-only ones are CI's), in a fixed order.
+gpu_binaries=()
+for t in "$stage"/tests/${only:-*}; do
+  [ -x "$t" ] || continue
+  "$t" --list --ignored 2>/dev/null | grep -q ': test$' && gpu_binaries+=("$t")
+done
+
+if [ "$plan" = verify ]; then
+  # 1. JIT: the first context loads (and the driver compiles) every module; timed on its own.
+  timed $(( $(left) - 300 )) "$work/tests/jit.log" jit \
+    "$stage/tests/gpu_forward" --include-ignored --exact gpu_context_loads_every_kernel --nocapture \
+    || failed=1
+  # 2. Every GPU test binary, four at a time (16 CPU cores: the CPU reference is the slow part),
+  # but gpu_scale, whose out-of-memory test fills the device, alone after them. Each binary gets
+  # what is left of the tests' share of the budget (the benchmark keeps its 170 s).
+  parallel=() alone=()
+  for t in "${gpu_binaries[@]}"; do
+    case "$(basename "$t")" in gpu_scale) alone+=("$t") ;; *) parallel+=("$t") ;; esac
   done
-  grep -E "^test result|^=== " "$out/tests.log" > "$out/tests-summary.txt"
-fi
+  tests_end=$((budget - 170))
+  run_binary() {
+    local t=$1 name
+    name=$(basename "$t")
+    timed $((tests_end - $(now))) "$work/tests/$name.log" "$name" "$t" --include-ignored || return 1
+  }
+  export -f run_binary timed note now
+  export work summary tests_end t0
+  printf '%s\n' "${parallel[@]}" | xargs -P 4 -I{} bash -c 'run_binary "$1"' _ {} || failed=1
+  for t in "${alone[@]}"; do run_binary "$t" || failed=1; done
+  for t in jit "${parallel[@]}" "${alone[@]}"; do
+    name=$(basename "$t")
+    { echo "=== $name"; cat "$work/tests/$name.log" 2>/dev/null; } >>"$out/tests.log"
+  done
+  note "tests: $(grep -c '^test .* ok$' "$out/tests.log") passed, $(grep -c '^test .* FAILED$' "$out/tests.log") failed"
 
-if [ "$sanitize" = 1 ]; then
-  # A smaller set under the sanitizer (10-100x slower): few property cases, not the two tests
-  # of more than 2^31 elements (too slow there), and not the out-of-memory test, which fills the
-  # device's memory that the sanitizer's own allocations need. The plain test run covers them.
-  export PROPTEST_CASES=8
-  for tool in $tools; do
-    for t in "$stage"/tests/${only:-gpu_*}; do
-      echo "=== $tool $(basename "$t")" | tee -a "$out/sanitizer.log"
-      compute-sanitizer --tool "$tool" --error-exitcode 9 "$t" --include-ignored --test-threads=1 \
-        --skip more_than_2_31_elements --skip failed_allocations_are_errors >>"$out/sanitizer.log" 2>&1
-      code=$?
-      echo "exit $code" | tee -a "$out/sanitizer.log"
-      [ "$code" = 0 ] || failed=1
+  # 3. The benchmark on an idle GPU: ours (checked against the CPU reference first), then PyTorch.
+  if [ -x "$stage/bench/gpu_bench" ]; then
+    timed $(( $(left) - 90 )) "$out/bench.log" "gpu_bench $bench_set" \
+      "$stage/bench/gpu_bench" --out "$work/bench" $bench_set || failed=1
+    if [ -f "$work/bench/ours.json" ]; then
+      timed $(( $(left) - 10 )) "$out/bench.log" "pytorch_bench $bench_set" \
+        python3 "$stage/bench/pytorch_bench.py" --ours "$work/bench/ours.json" --out "$work/bench" $bench_set \
+        || failed=1
+    fi
+    for f in ours.json comparison.json; do
+      [ -f "$work/bench/$f" ] && cp "$work/bench/$f" "$out/"
+    done
+    if ls "$work"/bench/*.md >/dev/null 2>&1; then
+      cat "$work/bench/ours.md" "$work/bench/comparison.md" >"$out/tables.md" 2>/dev/null
+    fi
+    grep -E "rows in|geomean" "$out/bench.log" | tee -a "$summary"
+  fi
+else
+  # compute-sanitizer (10-100x slower): the binaries whose kernels hold the split reductions and
+  # the fused passes, few property cases, not the tests of 2^31 elements or the one that fills
+  # the device (its memory is what the sanitizer's own allocations need). Half the budget a tool.
+  export PROPTEST_CASES=4
+  command -v compute-sanitizer >/dev/null || { note "compute-sanitizer not found on PATH"; exit 1; }
+  key=(gpu_forward gpu_backward gpu_fused gpu_concurrency gpu_norms)
+  [ -n "$only" ] && key=("${gpu_binaries[@]##*/}")
+  for tool in memcheck racecheck; do
+    tool_end=$(($(now) + ($(left) - 10) / 2))
+    [ "$tool" = racecheck ] && tool_end=$((budget - 10))
+    for name in "${key[@]}"; do
+      { echo "=== $tool $name"; } >>"$out/sanitizer.log"
+      timed $((tool_end - $(now))) "$out/sanitizer.log" "$tool $name" \
+        compute-sanitizer --tool "$tool" --error-exitcode 9 "$stage/tests/$name" --include-ignored \
+        --skip more_than_2_31_elements --skip failed_allocations_are_errors || failed=1
     done
   done
   # "Device not supported": this machine's runtime refuses the sanitizer (not a kernel bug).
-  grep -E "^=== |^exit |ERROR SUMMARY|Device not supported" "$out/sanitizer.log" > "$out/sanitizer-summary.txt"
+  grep -E "(ERROR|RACECHECK) SUMMARY|Device not supported" "$out/sanitizer.log" | sort | uniq -c | tee -a "$summary"
 fi
-
-if [ "$bench" = 1 ] && [ -x "$stage/bench/gpu_bench" ]; then
-  # --quick benchmarks a small subset; PyTorch times the rows of ours.json (its own copy of the
-  # suite, quick or not, only when gpu_bench wrote none).
-  bench_quick=""
-  [ "$quick" = 1 ] && bench_quick=--quick
-  "$stage/bench/gpu_bench" --out "$out" $bench_quick 2>&1 | tee "$out/bench.log"
-  [ "${PIPESTATUS[0]}" = 0 ] || failed=1  # a row that errored or failed its reference check
-  if [ -f "$stage/bench/pytorch_bench.py" ]; then
-    python3 "$stage/bench/pytorch_bench.py" --ours "$out/ours.json" --out "$out" $bench_quick 2>&1 \
-      | tee -a "$out/bench.log"
-  fi
-fi
-echo "GPU run finished; failures: $failed"
+note "GPU run ($plan) finished in $(now)s of ${budget}s; failures: $failed"
 exit $failed

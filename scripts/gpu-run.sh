@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Builds the GPU test and benchmark binaries here (a machine with Rust and nvcc, no GPU needed)
 # and stages them, with the golden cases and the scripts they need, in .gpu-run/ (git-ignored),
-# ready to copy to a GPU machine that has no Rust toolchain. Then run there, from the repo root:
-#     bash .gpu-run/run.sh [--no-tests] [--sanitize[=TOOL,...]] [--only=GLOB] [--bench] [--quick]
-# With the project's device tool: run(command="bash .gpu-run/run.sh", carry=[".gpu-run"]);
-# results land in $OUT. Every binary embeds the PTX (~12 MB), so the staged files (~190 MB) are
+# ready to copy to a GPU machine that has no Rust toolchain. Then run there, from the repo root,
+# the two calls of bench/results/README.md's plan (scripts/gpu-remote.sh says what each does):
+#     bash .gpu-run/run.sh verify      then, if the machine is warm and 4 minutes are left,
+#     bash .gpu-run/run.sh sanitize
+# With the project's device tool: run(command="bash .gpu-run/run.sh verify", carry=[".gpu-run"],
+# timeout_s=540); results land in $OUT, and scripts/record-gpu-run.py records them.
+# Every binary embeds the PTX (~12 MB), so the staged files (~190 MB) are
 # packed into one xz archive (~6 MB; what a device call carries is capped at 64 MiB), which
 # .gpu-run/run.sh unpacks with Python's lzma (no xz binary needed there) before running.
 set -euo pipefail
@@ -55,6 +58,8 @@ cat > "$bundle/run.sh" <<'LAUNCHER'
 #!/usr/bin/env bash
 # Unpacks the staged bundle and runs scripts/gpu-remote.sh from it; arguments pass through.
 set -euo pipefail
+# The call's budget counts from here: the unpacking is part of it.
+export BATCHNORM_RUN_T0=$(date +%s)
 here=$(cd "$(dirname "$0")" && pwd)
 dest=${BATCHNORM_GPU_STAGE:-/tmp/batchnorm-gpu-run}
 rm -rf "$dest" && mkdir -p "$dest"
@@ -69,4 +74,4 @@ LAUNCHER
 
 du -sh "$stage" "$bundle"
 echo "staged in $bundle/ (carry it). On the GPU machine, from the repo root:"
-echo "    bash $bundle/run.sh [--no-tests] [--sanitize[=TOOL,...]] [--only=GLOB] [--bench] [--quick]"
+echo "    bash $bundle/run.sh verify     (then, warm and with 4 minutes left: bash $bundle/run.sh sanitize)"
