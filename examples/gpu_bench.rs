@@ -37,12 +37,12 @@
 //!   statistics or gradients), `max_abs_err` the largest difference in y or dx; `ok` when every
 //!   element was written and `rel_err` is within a few roundings of the dtype (`tolerance`).
 
+use batchnorm_cuda::epilogue::mask_words;
 use batchnorm_cuda::fold::{FoldKind, FoldSpec};
 use batchnorm_cuda::gpu::functional::{
     self, FoldBatchNorm, GradientsMut, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
 };
 use batchnorm_cuda::gpu::{GpuContext, Workspace};
-use batchnorm_cuda::epilogue::mask_words;
 use batchnorm_cuda::{reference, DType, Element, Layout, RunningVarUpdate, TensorDesc};
 use cudarc::driver::{sys, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
 use rayon::prelude::*;
@@ -252,11 +252,36 @@ const RESNET50_CHW: [[usize; 3]; 12] = [
 /// The shapes of the quick set (issue 16's), each in one dtype and layout:
 /// (suite, dims, layout, dtype).
 const QUICK: [(&str, &[usize], Layout, DType); 6] = [
-    ("resnet50", &[256, 64, 112, 112], Layout::ChannelsFirst, DType::F16),
-    ("small_c", &[32, 2, 512, 512], Layout::ChannelsFirst, DType::F32),
-    ("resnet50", &[256, 64, 56, 56], Layout::ChannelsLast, DType::F16),
-    ("resnet50", &[32, 256, 56, 56], Layout::ChannelsLast, DType::F16),
-    ("resnet50", &[64, 2048, 7, 7], Layout::ChannelsFirst, DType::F32),
+    (
+        "resnet50",
+        &[256, 64, 112, 112],
+        Layout::ChannelsFirst,
+        DType::F16,
+    ),
+    (
+        "small_c",
+        &[32, 2, 512, 512],
+        Layout::ChannelsFirst,
+        DType::F32,
+    ),
+    (
+        "resnet50",
+        &[256, 64, 56, 56],
+        Layout::ChannelsLast,
+        DType::F16,
+    ),
+    (
+        "resnet50",
+        &[32, 256, 56, 56],
+        Layout::ChannelsLast,
+        DType::F16,
+    ),
+    (
+        "resnet50",
+        &[64, 2048, 7, 7],
+        Layout::ChannelsFirst,
+        DType::F32,
+    ),
     ("bn1d", &[100000, 32], Layout::ChannelsFirst, DType::F32),
 ];
 
@@ -1088,7 +1113,9 @@ fn check_op<T: Element>(
             check.written(&y_gpu);
             let (mut rm, mut rv) = (vec![0.0f32; r.weight.len()], vec![1.0f32; r.weight.len()]);
             let mut y_ref = vec![T::default(); m];
-            let running = Some(reference::RunningUpdate::pytorch(&mut rm, &mut rv, MOMENTUM));
+            let running = Some(reference::RunningUpdate::pytorch(
+                &mut rm, &mut rv, MOMENTUM,
+            ));
             let saved = if op == Op::Fwd {
                 reference::forward_training(&r.x, &subset.desc, w, b, running, EPS, &mut y_ref)?
             } else {
@@ -1145,7 +1172,10 @@ fn check_op<T: Element>(
             }
             bufs.run(gpu, ws, op)?;
             let dx_gpu = download(&stream, &bufs.dx)?;
-            let (dw_gpu, db_gpu) = (download(&stream, &bufs.dweight)?, download(&stream, &bufs.dbias)?);
+            let (dw_gpu, db_gpu) = (
+                download(&stream, &bufs.dweight)?,
+                download(&stream, &bufs.dbias)?,
+            );
             check.written(&dx_gpu);
             check.written(&dw_gpu);
             check.written(&db_gpu);
@@ -1955,7 +1985,10 @@ mod tests {
     fn byte_models() {
         let (n, size) = (64u64, 2u64);
         assert_eq!(Op::Fwd.bytes(n, size), (2 * 128, 3 * 128));
-        assert_eq!(Op::Graph(GraphOp::Bwd).bytes(n, size), Op::Bwd.bytes(n, size));
+        assert_eq!(
+            Op::Graph(GraphOp::Bwd).bytes(n, size),
+            Op::Bwd.bytes(n, size)
+        );
         // Two mask words of 4 bytes for 64 elements: written once, read by two passes.
         assert_eq!(Op::AddReluFwd.bytes(n, size), (3 * 128 + 8, 4 * 128 + 8));
         assert_eq!(Op::AddReluBwd.bytes(n, size), (4 * 128 + 8, 6 * 128 + 16));
