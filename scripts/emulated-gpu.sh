@@ -79,6 +79,19 @@ if [ $# -eq 0 ]; then
     failed+=(gpu_bench)
     echo "gpu_bench            FAILED $(tail -1 "$logs/gpu_bench.log")"
   fi
+  # The suites without a GPU (--dry-run), full and quick, and the PyTorch side's suite and
+  # table code checked against each (--self-test: fake timings, no torch needed).
+  for set in full quick; do
+    flag=""
+    [ "$set" = quick ] && flag=--quick
+    if target/release/examples/gpu_bench --dry-run $flag --out "$logs/dry-$set" >"$logs/dry-$set.log" 2>&1 &&
+      python3 bench/pytorch_bench.py --self-test --ours "$logs/dry-$set/ours.json" >>"$logs/dry-$set.log" 2>&1; then
+      echo "bench suites ($set)   ok     $(tail -1 "$logs/dry-$set.log")"
+    else
+      failed+=("dry-$set")
+      echo "bench suites ($set)   FAILED $(tail -1 "$logs/dry-$set.log")"
+    fi
+  done
 fi
 
 echo "logs: $logs"
