@@ -1798,7 +1798,7 @@ fn run(gpu: Option<GpuContext>, args: &Args) -> BoxResult<bool> {
     let (folds, norm_cases) = if args.quick {
         (Vec::new(), Vec::new())
     } else {
-        (fold_suite(), norms::suite(false))
+        (fold_suite(), norms::suite())
     };
     for case in folds {
         for dtype in DType::ALL {

@@ -331,3 +331,35 @@ fn a_workspace_serves_one_stream() {
         .0
         .unwrap();
 }
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn a_norm_workspace_serves_one_stream() {
+    use batchnorm_cuda::gpu::norms::{self, DeviceNormStats, Forward, NormWorkspace, Norms};
+    use batchnorm_cuda::norms::NormDesc;
+    let gpu = gpu();
+    let desc = NormDesc::layer(&[4, 16], &[16]).unwrap();
+    let x_host = random::<f32>(12, 64, 0.3, 1.0);
+    let mut ws = NormWorkspace::new();
+    let run =
+        |gpu: &GpuContext, ws: &mut NormWorkspace| -> (batchnorm_cuda::Result<()>, Vec<f32>) {
+            let norms = Norms::new(gpu).unwrap();
+            let x = upload(gpu, &x_host);
+            let mut y = upload(gpu, &[7.0f32; 64]);
+            let mut stats = DeviceNormStats::new(gpu, desc.rows()).unwrap();
+            let call = Forward::new(x.as_view(), 1e-5, y.as_view_mut(), stats.as_mut());
+            let result = norms::forward(&norms, ws, &desc, call);
+            (result, download(gpu, &y))
+        };
+    let (on_a, on_b) = (gpu.fork_stream().unwrap(), gpu.fork_stream().unwrap());
+    let (first, y_a) = run(&on_a, &mut ws);
+    first.unwrap();
+    assert!(y_a.iter().all(|v| *v != 7.0), "the forward on stream A ran");
+    let (second, y_b) = run(&on_b, &mut ws);
+    assert!(
+        matches!(second, Err(Error::WorkspaceOnAnotherStream)),
+        "{second:?}"
+    );
+    assert!(y_b.iter().all(|v| *v == 7.0), "a refused forward wrote y");
+    run(&on_b, &mut NormWorkspace::new()).0.unwrap();
+}
