@@ -60,12 +60,24 @@ pub(super) fn suite() -> Vec<NormCase> {
     for layout in [cf, cl] {
         cases.push(case("unet", NormKind::Group, &[2, 320, 64, 64], 32, layout));
         cases.push(case("unet", NormKind::Group, &[2, 640, 32, 32], 32, layout));
-        cases.push(case("unet", NormKind::Group, &[8, 128, 128, 128], 32, layout));
+        cases.push(case(
+            "unet",
+            NormKind::Group,
+            &[8, 128, 128, 128],
+            32,
+            layout,
+        ));
     }
     cases.push(case("transformer", NormKind::Layer, &[tokens, 4096], 1, cf));
     cases.push(case("transformer", NormKind::Rms, &[tokens, 4096], 1, cf));
     cases.push(case("transformer", NormKind::Layer, &[tokens, 1024], 1, cf));
-    cases.push(case("style", NormKind::Instance, &[16, 64, 128, 128], 64, cf));
+    cases.push(case(
+        "style",
+        NormKind::Instance,
+        &[16, 64, 128, 128],
+        64,
+        cf,
+    ));
     cases
 }
 
