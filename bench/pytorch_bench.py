@@ -77,13 +77,8 @@ OPS = BN_OPS + GRAPH_OPS + ("bn_fold",) + NORM_OPS
 PASSES = {"bn_fwd": (2, 3), "bn_eval": (2, 2), "bn_bwd": (3, 5), "bn_eval_bwd": (3, 4),
           "bn_add_relu_fwd": (3, 4), "bn_add_relu_bwd": (4, 6), "bn_fold": (2, 2),
           **{op: ((3, 7) if op.endswith("_bwd") else (2, 3)) for op in NORM_OPS}}
-# The 1-bit mask of the fused rows, in mask words (minimal, practical), as in gpu_bench.
+# Passes over the fused rows' 1-bit mask (minimal, practical), as in gpu_bench's Op::bytes.
 MASKS = {"bn_add_relu_fwd": (1, 1), "bn_add_relu_bwd": (1, 2)}
-
-
-def plain_op(op):
-    """The op a graph row replays; every other op is its own."""
-    return op[: -len("_graph")] if op.endswith("_graph") else op
 DTYPES = ("f32", "f16", "bf16")
 SIZES = {"f32": 4, "f16": 2, "bf16": 2}
 
@@ -96,6 +91,11 @@ RESNET50_CHW = [
 
 # ------------------------------------------------------------------------------------------------
 # The suite
+
+
+def plain_op(op):
+    """The op a graph row replays; every other op is its own."""
+    return op[: -len("_graph")] if op.endswith("_graph") else op
 
 
 def dims_name(dims):
