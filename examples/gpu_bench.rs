@@ -3,7 +3,7 @@
 //! `--out DIR`; `bench/pytorch_bench.py` times PyTorch on the same rows and merges the two.
 //!
 //! ```text
-//! cargo run --release --example gpu_bench -- --out DIR [--quick] [--filter TEXT]
+//! cargo run --release --example gpu_bench -- --out DIR [--quick] [--filter TEXT[,TEXT...]]
 //! cargo run --release --example gpu_bench -- --out DIR --dry-run   # no GPU: list the suite
 //! cargo test --example gpu_bench                                   # host-side logic, no GPU
 //! ```
@@ -12,16 +12,21 @@
 //! check makes it exit with status 1 after writing both files.
 //!
 //! Method (the PyTorch side does the same):
-//! - Time: CUDA events around each call, after `WARMUP` untimed calls; between runs a 256 MiB
-//!   buffer is overwritten (five times the H100's 50 MB L2), so every run starts with a cold L2
-//!   and no input is served from cache; the median of `MIN_RUNS..=MAX_RUNS` runs (as many as fit
-//!   in `TARGET_MS` per op) is reported, with the minimum and the 90th percentile.
+//! - Time: CUDA events around each call, after `WARMUP` untimed calls; before every timed run
+//!   the L2 is flushed by copying a buffer of 4x the L2 into another (every line read and
+//!   written, so no dirty line of the op's own data is left to be written back inside the timed
+//!   region) and the host waits for it; the median of `MIN_RUNS..=MAX_RUNS` runs (as many as
+//!   fit in `TARGET_MS` per op) is reported, with the minimum and the 90th percentile.
+//! - Ops: training forward, eval forward, training backward, eval backward, the fused
+//!   `relu(BN(x) + z)` forward and backward; on small shapes also the first three replayed from
+//!   a CUDA graph of `GRAPH_CALLS` calls (warm L2, no host in the loop: launch cost). The
+//!   statistics pass alone is reported as forward minus eval. `--quick`: issue 16's six shapes,
+//!   forward, eval and backward each, and no folds or other norms.
 //! - Yardstick: a 1 GiB device-to-device copy, bytes read + bytes written, median of 30.
 //! - Bandwidth: bytes over the median time, under two models of the traffic, in passes over the
-//!   activation tensor: minimal (forward 2, eval 2, backward 3: each input read once, each output
-//!   written once) and practical, what our kernels move (forward 3, eval 2, backward 5). A small
-//!   tensor can stay in L2 between the passes of one call, so its practical figure can exceed
-//!   the copy bandwidth: that is the cache, not HBM.
+//!   activation tensor: minimal (each input read once, each output written once) and practical,
+//!   what our kernels move (`Op::passes`). A small tensor can stay in L2 between the passes of
+//!   one call, so its practical figure can exceed the copy bandwidth: that is the cache, not HBM.
 //! - Check: before the timed runs each op runs once on outputs poisoned with NaN; every element
 //!   of every output must then be finite (all were written), and the outputs are compared with
 //!   the CPU reference (f64, rounded once). The reference sees the whole tensor when it has at
@@ -32,13 +37,14 @@
 //!   statistics or gradients), `max_abs_err` the largest difference in y or dx; `ok` when every
 //!   element was written and `rel_err` is within a few roundings of the dtype (`tolerance`).
 
+use batchnorm_cuda::epilogue::mask_words;
 use batchnorm_cuda::fold::{FoldKind, FoldSpec};
 use batchnorm_cuda::gpu::functional::{
     self, FoldBatchNorm, GradientsMut, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
 };
 use batchnorm_cuda::gpu::{GpuContext, Workspace};
 use batchnorm_cuda::{reference, DType, Element, Layout, RunningVarUpdate, TensorDesc};
-use cudarc::driver::{sys, CudaEvent, CudaSlice, CudaStream, DevicePtrMut};
+use cudarc::driver::{sys, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -53,8 +59,13 @@ mod norms;
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
-/// Written between timed runs: several times any L2 (H100: 50 MB).
-const FLUSH_BYTES: usize = 256 << 20;
+/// Each buffer of the L2 flush (one read, one written between timed runs) is this many times
+/// the device's L2 (H200: 60 MB, so 240 MB read and 240 MB written)...
+const FLUSH_L2_MULTIPLE: usize = 4;
+/// ...and at least this large.
+const MIN_FLUSH_BYTES: usize = 64 << 20;
+/// Calls captured back to back in each CUDA graph of the graph rows.
+const GRAPH_CALLS: usize = 20;
 /// Each buffer of the copy yardstick: far above L2.
 const COPY_BYTES: usize = 1 << 30;
 const COPY_RUNS: usize = 30;
@@ -85,6 +96,13 @@ enum Op {
     Fwd,
     Eval,
     Bwd,
+    /// The backward of an eval forward (running statistics are constants).
+    EvalBwd,
+    /// `y = relu(BN(x) + z)` with its mask, and its backward (`dx`, `dz`, parameter gradients).
+    AddReluFwd,
+    AddReluBwd,
+    /// The op replayed from a CUDA graph of back-to-back calls: launch cost, warm L2.
+    Graph(GraphOp),
     Fold,
     /// A training forward (batch statistics) or backward of another normalization.
     Norm {
@@ -93,12 +111,47 @@ enum Op {
     },
 }
 
+/// The ops a graph row replays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GraphOp {
+    Fwd,
+    Eval,
+    Bwd,
+}
+
+/// The ops of the quick set and of every batch-norm shape.
+const TRAIN_EVAL: &[Op] = &[Op::Fwd, Op::Eval, Op::Bwd];
+/// The full suite's ops on the main shapes.
+const ALL_BN_OPS: &[Op] = &[
+    Op::Fwd,
+    Op::Eval,
+    Op::Bwd,
+    Op::EvalBwd,
+    Op::AddReluFwd,
+    Op::AddReluBwd,
+];
+/// The small shapes' ops: plain, and replayed from a CUDA graph.
+const GRAPH_OPS: &[Op] = &[
+    Op::Fwd,
+    Op::Eval,
+    Op::Bwd,
+    Op::Graph(GraphOp::Fwd),
+    Op::Graph(GraphOp::Eval),
+    Op::Graph(GraphOp::Bwd),
+];
+
 impl Op {
     fn name(self) -> &'static str {
         match self {
             Op::Fwd => "bn_fwd",
             Op::Eval => "bn_eval",
             Op::Bwd => "bn_bwd",
+            Op::EvalBwd => "bn_eval_bwd",
+            Op::AddReluFwd => "bn_add_relu_fwd",
+            Op::AddReluBwd => "bn_add_relu_bwd",
+            Op::Graph(GraphOp::Fwd) => "bn_fwd_graph",
+            Op::Graph(GraphOp::Eval) => "bn_eval_graph",
+            Op::Graph(GraphOp::Bwd) => "bn_bwd_graph",
             Op::Fold => "bn_fold",
             Op::Norm { kind, backward } => {
                 let [fwd, bwd] = norms::op_names(kind);
@@ -111,12 +164,47 @@ impl Op {
         }
     }
 
+    /// The op a graph row replays; every other op is its own.
+    fn plain(self) -> Op {
+        match self {
+            Op::Graph(GraphOp::Fwd) => Op::Fwd,
+            Op::Graph(GraphOp::Eval) => Op::Eval,
+            Op::Graph(GraphOp::Bwd) => Op::Bwd,
+            other => other,
+        }
+    }
+
+    fn is_graph(self) -> bool {
+        matches!(self, Op::Graph(_))
+    }
+
+    /// Bytes of a batch-norm op on `numel` elements of `size` bytes, (minimal, practical):
+    /// passes over the tensor, plus the fused rows' 1-bit mask (written once, read by the
+    /// backward's two passes).
+    fn bytes(self, numel: u64, size: u64) -> (u64, u64) {
+        let (lo, hi) = self.passes();
+        let mask = numel.div_ceil(32) * 4;
+        let (mask_lo, mask_hi) = match self.plain() {
+            Op::AddReluFwd => (mask, mask),
+            Op::AddReluBwd => (mask, 2 * mask),
+            _ => (0, 0),
+        };
+        (lo * numel * size + mask_lo, hi * numel * size + mask_hi)
+    }
+
     /// Passes over the tensor (the activation, or the fold's weight): (minimal, practical).
     fn passes(self) -> (u64, u64) {
-        match self {
+        match self.plain() {
             Op::Fwd => (2, 3),
             Op::Eval | Op::Fold => (2, 2),
             Op::Bwd => (3, 5),
+            // Eval backward: x and dy read, dx written; ours: the reduce (x, dy), then dx (dy, dx).
+            Op::EvalBwd => (3, 4),
+            // x and z read, y written; ours: statistics (x), then normalize (x, z, y).
+            Op::AddReluFwd => (3, 4),
+            // x and dy read, dx and dz written; ours: reduce (x, dy), then dx (x, dy, dx, dz).
+            Op::AddReluBwd => (4, 6),
+            Op::Graph(_) => unreachable!("plain() never gives a graph op"),
             // Forward: x read twice (statistics, then normalize from L1/L2 or HBM).
             Op::Norm {
                 backward: false, ..
@@ -127,10 +215,14 @@ impl Op {
     }
 }
 
-/// One batch-norm shape of the suite; rank-2 shapes run in one layout only (both are the same).
+/// One batch-norm shape of the suite, the layouts and dtypes it runs in (rank-2 shapes in one
+/// layout only: both are the same) and its ops.
 struct BnCase {
     suite: &'static str,
     dims: Vec<usize>,
+    layouts: Vec<Layout>,
+    dtypes: Vec<DType>,
+    ops: &'static [Op],
 }
 
 /// One folded layer: the weight of a ResNet-50 convolution, a transposed conv or a linear layer.
@@ -157,23 +249,68 @@ const RESNET50_CHW: [[usize; 3]; 12] = [
     [2048, 7, 7],
 ];
 
+/// The shapes of the quick set (issue 16's), each in one dtype and layout:
+/// (suite, dims, layout, dtype).
+const QUICK: [(&str, &[usize], Layout, DType); 6] = [
+    (
+        "resnet50",
+        &[256, 64, 112, 112],
+        Layout::ChannelsFirst,
+        DType::F16,
+    ),
+    (
+        "small_c",
+        &[32, 2, 512, 512],
+        Layout::ChannelsFirst,
+        DType::F32,
+    ),
+    (
+        "resnet50",
+        &[256, 64, 56, 56],
+        Layout::ChannelsLast,
+        DType::F16,
+    ),
+    (
+        "resnet50",
+        &[32, 256, 56, 56],
+        Layout::ChannelsLast,
+        DType::F16,
+    ),
+    (
+        "resnet50",
+        &[64, 2048, 7, 7],
+        Layout::ChannelsFirst,
+        DType::F32,
+    ),
+    ("bn1d", &[100000, 32], Layout::ChannelsFirst, DType::F32),
+];
+
 fn bn_suite(quick: bool) -> Vec<BnCase> {
-    let case = |suite, dims: &[usize]| BnCase {
+    let quick_cases = QUICK.iter().map(|&(suite, dims, layout, dtype)| BnCase {
         suite,
         dims: dims.to_vec(),
-    };
+        layouts: vec![layout],
+        dtypes: vec![dtype],
+        ops: if quick { TRAIN_EVAL } else { ALL_BN_OPS },
+    });
     if quick {
-        return vec![
-            case("resnet50", &[32, 256, 56, 56]),
-            case("resnet50", &[32, 2048, 7, 7]),
-            case("small_c", &[256, 4, 112, 112]),
-            case("bn1d", &[4096, 1024]),
-        ];
+        return quick_cases.collect();
     }
-    let mut cases = Vec::new();
-    for n in [32, 128] {
+    let case = |suite, dims: &[usize], ops| BnCase {
+        suite,
+        dims: dims.to_vec(),
+        layouts: if dims.len() == 2 {
+            vec![Layout::ChannelsFirst]
+        } else {
+            vec![Layout::ChannelsFirst, Layout::ChannelsLast]
+        },
+        dtypes: DType::ALL.to_vec(),
+        ops,
+    };
+    let mut cases: Vec<BnCase> = quick_cases.collect();
+    for (n, ops) in [(32, ALL_BN_OPS), (128, TRAIN_EVAL)] {
         for [c, h, w] in RESNET50_CHW {
-            cases.push(case("resnet50", &[n, c, h, w]));
+            cases.push(case("resnet50", &[n, c, h, w], ops));
         }
     }
     // Few channels with many values each: where one block per channel leaves SMs idle.
@@ -184,43 +321,36 @@ fn bn_suite(quick: bool) -> Vec<BnCase> {
         &[32, 4, 64, 64, 64],
         &[8, 32, 64, 64, 64],
     ] {
-        cases.push(case("small_c", dims));
+        cases.push(case("small_c", dims, ALL_BN_OPS));
     }
-    cases.push(case("wide", &[256, 2048, 7, 7]));
-    cases.push(case("bn1d", &[4096, 1024]));
+    // Channel counts no vector width divides: the scalar paths.
+    for dims in [&[32, 100, 14, 14][..], &[64, 255, 7, 7], &[1024, 33]] {
+        cases.push(case("odd_c", dims, ALL_BN_OPS));
+    }
+    cases.push(case("wide", &[256, 2048, 7, 7], TRAIN_EVAL));
+    cases.push(case("bn1d", &[4096, 1024], ALL_BN_OPS));
+    // Small shapes, where launch cost shows: also replayed from CUDA graphs.
+    for dims in [&[256, 512][..], &[8, 64, 14, 14], &[8, 256, 7, 7]] {
+        cases.push(case("graph", dims, GRAPH_OPS));
+    }
     cases
 }
 
-fn fold_suite(quick: bool) -> Vec<FoldCase> {
-    let conv = |shape| FoldCase {
-        kind: FoldKind::Conv,
+fn fold_suite() -> Vec<FoldCase> {
+    let fold = |kind, shape, groups| FoldCase {
+        kind,
         shape,
-        groups: 1,
+        groups,
     };
-    let mut cases = vec![
-        conv(&[64, 3, 7, 7]),
-        conv(&[256, 64, 1, 1]),
-        conv(&[512, 512, 3, 3]),
-    ];
-    if !quick {
-        cases.push(conv(&[2048, 1024, 1, 1]));
-        cases.push(FoldCase {
-            kind: FoldKind::Conv,
-            shape: &[512, 1, 3, 3],
-            groups: 512,
-        });
-        cases.push(FoldCase {
-            kind: FoldKind::ConvTranspose,
-            shape: &[512, 256, 4, 4],
-            groups: 1,
-        });
-        cases.push(FoldCase {
-            kind: FoldKind::Linear,
-            shape: &[1000, 2048],
-            groups: 1,
-        });
-    }
-    cases
+    vec![
+        fold(FoldKind::Conv, &[64, 3, 7, 7], 1),
+        fold(FoldKind::Conv, &[256, 64, 1, 1], 1),
+        fold(FoldKind::Conv, &[512, 512, 3, 3], 1),
+        fold(FoldKind::Conv, &[2048, 1024, 1, 1], 1),
+        fold(FoldKind::Conv, &[512, 1, 3, 3], 512),
+        fold(FoldKind::ConvTranspose, &[512, 256, 4, 4], 1),
+        fold(FoldKind::Linear, &[1000, 2048], 1),
+    ]
 }
 
 fn dims_name(dims: &[usize]) -> String {
@@ -250,6 +380,17 @@ struct Timing {
 }
 
 impl Timing {
+    /// The timing of one of `calls` calls that ran as one measured unit.
+    fn per_call(self, calls: usize) -> Self {
+        let k = calls as f64;
+        Self {
+            median_us: self.median_us / k,
+            min_us: self.min_us / k,
+            p90_us: self.p90_us / k,
+            runs: self.runs,
+        }
+    }
+
     fn from_ms(mut ms: Vec<f64>) -> Self {
         ms.sort_by(f64::total_cmp);
         let n = ms.len();
@@ -268,18 +409,25 @@ impl Timing {
     }
 }
 
-/// CUDA-event timing with an L2 flush before every run.
+/// CUDA-event timing, with an L2 flush before every run (or none: [`Timer::time_warm`]).
 struct Timer {
     stream: Arc<CudaStream>,
-    flush: CudaSlice<u8>,
+    /// The flush: `flush.0` copied into `flush.1`, each `flush_bytes` long.
+    flush: (CudaSlice<u8>, CudaSlice<u8>),
+    flush_bytes: usize,
     flush_ms: f64,
     events: Vec<(CudaEvent, CudaEvent)>,
 }
 
 impl Timer {
-    fn new(gpu: &GpuContext) -> BoxResult<Self> {
+    /// `l2_bytes`: the device's L2, which sizes the flush.
+    fn new(gpu: &GpuContext, l2_bytes: usize) -> BoxResult<Self> {
         let stream = gpu.stream().clone();
-        let flush = stream.alloc_zeros::<u8>(FLUSH_BYTES)?;
+        let flush_bytes = flush_bytes(l2_bytes);
+        let flush = (
+            stream.alloc_zeros::<u8>(flush_bytes)?,
+            stream.alloc_zeros::<u8>(flush_bytes)?,
+        );
         let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
         let events = (0..MAX_RUNS)
             .map(|_| Ok((gpu.cuda().new_event(timing)?, gpu.cuda().new_event(timing)?)))
@@ -287,55 +435,75 @@ impl Timer {
         let mut timer = Self {
             stream,
             flush,
+            flush_bytes,
             flush_ms: 0.0,
             events,
         };
         // The flush's own time sizes the loop; it is never inside a timed region.
-        let Timer {
-            stream,
-            flush,
-            events,
-            ..
-        } = &mut timer;
-        let (start, end) = &events[0];
-        stream.memset_zeros(flush)?;
-        start.record(stream)?;
-        stream.memset_zeros(flush)?;
-        end.record(stream)?;
+        timer.flush()?;
+        let (start, end) = &timer.events[0];
+        start.record(&timer.stream)?;
+        let (src, dst) = &mut timer.flush;
+        timer.stream.memcpy_dtod(src, dst)?;
+        end.record(&timer.stream)?;
         timer.flush_ms = f64::from(start.elapsed_ms(end)?);
         Ok(timer)
     }
 
+    /// Evicts the L2: reads one buffer and writes another, each larger than twice the L2 (a
+    /// copy, so no dirty line of the timed op's inputs or outputs is left to be written back
+    /// inside the next timed region), then waits for it on the host.
+    fn flush(&mut self) -> BoxResult<()> {
+        let (src, dst) = &mut self.flush;
+        self.stream.memcpy_dtod(src, dst)?;
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
     /// Median (and spread) of `op` over cold-L2 runs.
-    fn time(&mut self, mut op: impl FnMut() -> BoxResult<()>) -> BoxResult<Timing> {
-        let Timer {
-            stream,
-            flush,
-            flush_ms,
-            events,
-        } = self;
-        let (start, end) = &events[0];
-        stream.memset_zeros(flush)?;
-        start.record(stream)?;
+    fn time(&mut self, op: impl FnMut() -> BoxResult<()>) -> BoxResult<Timing> {
+        self.measure(true, op)
+    }
+
+    /// Median (and spread) of `op` over back-to-back runs: warm L2, as in a CUDA-graph replay
+    /// loop; for launch cost.
+    fn time_warm(&mut self, op: impl FnMut() -> BoxResult<()>) -> BoxResult<Timing> {
+        self.measure(false, op)
+    }
+
+    fn measure(&mut self, cold: bool, mut op: impl FnMut() -> BoxResult<()>) -> BoxResult<Timing> {
+        self.flush()?;
+        let (start, end) = &self.events[0];
+        start.record(&self.stream)?;
         for _ in 0..WARMUP {
             op()?;
         }
-        end.record(stream)?;
+        end.record(&self.stream)?;
         let estimate_ms = f64::from(start.elapsed_ms(end)?) / WARMUP as f64;
-        let runs = ((TARGET_MS / (estimate_ms + *flush_ms)) as usize).clamp(MIN_RUNS, MAX_RUNS);
-        for (start, end) in &events[..runs] {
-            stream.memset_zeros(flush)?;
-            start.record(stream)?;
+        let flush_ms = if cold { self.flush_ms } else { 0.0 };
+        let runs = ((TARGET_MS / (estimate_ms + flush_ms)) as usize).clamp(MIN_RUNS, MAX_RUNS);
+        for k in 0..runs {
+            if cold {
+                self.flush()?;
+            }
+            let (start, end) = &self.events[k];
+            start.record(&self.stream)?;
             op()?;
-            end.record(stream)?;
+            end.record(&self.stream)?;
         }
-        stream.synchronize()?;
-        let ms = events[..runs]
+        self.stream.synchronize()?;
+        let ms = self.events[..runs]
             .iter()
             .map(|(s, e)| Ok(f64::from(s.elapsed_ms(e)?)))
             .collect::<BoxResult<Vec<_>>>()?;
         Ok(Timing::from_ms(ms))
     }
+}
+
+/// Bytes of each of the flush's two buffers: `FLUSH_L2_MULTIPLE` times the L2, at least
+/// `MIN_FLUSH_BYTES` (a device that reports no L2).
+fn flush_bytes(l2_bytes: usize) -> usize {
+    (FLUSH_L2_MULTIPLE * l2_bytes).max(MIN_FLUSH_BYTES)
 }
 
 /// Device-to-device copy bandwidth in GB/s (bytes read + bytes written), median of runs.
@@ -433,6 +601,7 @@ fn per_channel(c: usize, f: impl Fn(usize) -> f64) -> Vec<f32> {
 // Checking against the reference
 
 /// The channels the reference checks, and the smaller tensor holding only them.
+#[derive(Clone)]
 struct Subset {
     full: TensorDesc,
     channels: Vec<usize>,
@@ -575,19 +744,18 @@ struct Env {
     workspace: Workspace,
 }
 
-/// Training forward, eval forward and training backward of one shape, dtype and layout.
-/// The three rows of one shape, dtype and layout, with their results (fwd, eval, bwd).
+/// The rows of `ops` (some of `case.ops`) in one dtype and layout, with their results.
 fn bn_rows(
     case: &BnCase,
+    ops: &[Op],
     layout: Layout,
     dtype: DType,
     results: Vec<Result<(Timing, Check), String>>,
 ) -> Vec<Row> {
-    let bytes = (case.dims.iter().product::<usize>() * dtype.size_of()) as u64;
-    [Op::Fwd, Op::Eval, Op::Bwd]
-        .into_iter()
+    let numel = case.dims.iter().product::<usize>() as u64;
+    ops.iter()
         .zip(results)
-        .map(|(op, result)| Row {
+        .map(|(&op, result)| Row {
             name: format!(
                 "{}/{}/{}/{}",
                 op.name(),
@@ -601,25 +769,163 @@ fn bn_rows(
             layout: Some(layout),
             dims: case.dims.clone(),
             fold: None,
-            bytes: (op.passes().0 * bytes, op.passes().1 * bytes),
+            bytes: op.bytes(numel, dtype.size_of() as u64),
             result,
         })
         .collect()
 }
 
-fn bench_bn<T: Element>(env: &mut Env, case: &BnCase, layout: Layout) -> Vec<Row> {
+fn bench_bn<T: Element>(env: &mut Env, case: &BnCase, ops: &[Op], layout: Layout) -> Vec<Row> {
     let results = match TensorDesc::new(&case.dims, layout)
         .map_err(Into::into)
-        .and_then(|desc| run_bn::<T>(env, &desc))
+        .and_then(|desc| run_bn::<T>(env, &desc, ops))
     {
         Ok(results) => results.into_iter().map(Ok).collect(),
-        Err(e) => vec![Err(e.to_string()); 3],
+        Err(e) => vec![Err(e.to_string()); ops.len()],
     };
-    bn_rows(case, layout, T::DTYPE, results)
+    bn_rows(case, ops, layout, T::DTYPE, results)
 }
 
-/// Checks, then times, forward / eval / backward; results in that order.
-fn run_bn<T: Element>(env: &mut Env, desc: &TensorDesc) -> BoxResult<Vec<(Timing, Check)>> {
+/// The device buffers of one batch-norm shape: inputs, outputs, statistics and gradients.
+struct BnBuffers<T: DeviceRepr> {
+    desc: TensorDesc,
+    x: CudaSlice<T>,
+    dy: CudaSlice<T>,
+    /// The residual of the fused rows (`None` when no fused op runs).
+    z: Option<CudaSlice<T>>,
+    weight: CudaSlice<f32>,
+    bias: CudaSlice<f32>,
+    running_mean: CudaSlice<f32>,
+    running_var: CudaSlice<f32>,
+    eval_mean: CudaSlice<f32>,
+    eval_var: CudaSlice<f32>,
+    y: CudaSlice<T>,
+    dx: CudaSlice<T>,
+    dz: Option<CudaSlice<T>>,
+    mask: Option<CudaSlice<u32>>,
+    saved: [CudaSlice<f32>; 3],
+    dweight: CudaSlice<f32>,
+    dbias: CudaSlice<f32>,
+}
+
+impl<T: Element> BnBuffers<T> {
+    /// One call of a plain op (`op.plain()`), queued on `gpu`'s stream.
+    fn run(&mut self, gpu: &GpuContext, ws: &mut Workspace, op: Op) -> BoxResult<()> {
+        let fused = matches!(op.plain(), Op::AddReluFwd | Op::AddReluBwd);
+        let running = || RunningStats {
+            mean: self.eval_mean.as_view(),
+            var: self.eval_var.as_view(),
+        };
+        match op.plain() {
+            Op::Fwd | Op::AddReluFwd => {
+                let [sm, sl, si] = &mut self.saved;
+                let epilogue = match (&self.z, &mut self.mask) {
+                    (Some(z), Some(mask)) if fused => functional::Epilogue::AddRelu {
+                        z: z.as_view(),
+                        mask: Some(mask.as_view_mut()),
+                    },
+                    _ => functional::Epilogue::None,
+                };
+                let stats = functional::ForwardStats::Batch(functional::BatchStats {
+                    saved: SavedStatsMut {
+                        mean: sm.as_view_mut(),
+                        mean_lo: sl.as_view_mut(),
+                        invstd: si.as_view_mut(),
+                    },
+                    running: Some(RunningUpdate {
+                        mean: self.running_mean.as_view_mut(),
+                        var: self.running_var.as_view_mut(),
+                        factor: MOMENTUM,
+                        var_update: RunningVarUpdate::Unbiased,
+                    }),
+                    eps: EPS,
+                });
+                let request = functional::Forward {
+                    desc: self.desc,
+                    x: self.x.as_view(),
+                    weight: Some(self.weight.as_view()),
+                    bias: Some(self.bias.as_view()),
+                    stats,
+                    y: self.y.as_view_mut(),
+                    epilogue,
+                };
+                functional::forward(gpu, ws, request)?;
+            }
+            Op::Eval => {
+                let request = functional::Forward {
+                    desc: self.desc,
+                    x: self.x.as_view(),
+                    weight: Some(self.weight.as_view()),
+                    bias: Some(self.bias.as_view()),
+                    stats: functional::ForwardStats::Running {
+                        stats: running(),
+                        eps: EPS,
+                    },
+                    y: self.y.as_view_mut(),
+                    epilogue: functional::Epilogue::None,
+                };
+                functional::forward(gpu, ws, request)?;
+            }
+            Op::Bwd | Op::EvalBwd | Op::AddReluBwd => {
+                let [sm, sl, si] = &self.saved;
+                let stats = if op.plain() == Op::EvalBwd {
+                    functional::BackwardStats::Running {
+                        stats: running(),
+                        eps: EPS,
+                    }
+                } else {
+                    functional::BackwardStats::Batch(SavedStats {
+                        mean: sm.as_view(),
+                        mean_lo: Some(sl.as_view()),
+                        invstd: si.as_view(),
+                    })
+                };
+                let epilogue = match (&self.mask, &mut self.dz) {
+                    (Some(mask), Some(dz)) if fused => functional::EpilogueGrad::AddRelu {
+                        mask: mask.as_view(),
+                        dz: Some(dz.as_view_mut()),
+                    },
+                    _ => functional::EpilogueGrad::None,
+                };
+                let request = functional::Backward {
+                    desc: self.desc,
+                    x: self.x.as_view(),
+                    dy: self.dy.as_view(),
+                    weight: Some(self.weight.as_view()),
+                    stats,
+                    grads: GradientsMut {
+                        dx: Some(self.dx.as_view_mut()),
+                        dweight: Some(self.dweight.as_view_mut()),
+                        dbias: Some(self.dbias.as_view_mut()),
+                        accumulate: false,
+                    },
+                    epilogue,
+                };
+                functional::backward(gpu, ws, request)?;
+            }
+            other => unreachable!("{other:?} is not a plain batch-norm op"),
+        }
+        Ok(())
+    }
+}
+
+/// The host inputs of one shape and the subset of channels the reference checks.
+struct BnHost<T> {
+    x: Vec<T>,
+    dy: Vec<T>,
+    z: Option<Vec<T>>,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    rm_eval: Vec<f32>,
+    rv_eval: Vec<f32>,
+}
+
+/// Checks each op once on poisoned outputs, then times each; results in `ops`' order.
+fn run_bn<T: Element>(
+    env: &mut Env,
+    desc: &TensorDesc,
+    ops: &[Op],
+) -> BoxResult<Vec<(Timing, Check)>> {
     let Env {
         gpu,
         timer,
@@ -628,244 +934,310 @@ fn run_bn<T: Element>(env: &mut Env, desc: &TensorDesc) -> BoxResult<Vec<(Timing
     let gpu = &*gpu;
     let stream = gpu.stream().clone();
     let (n, c) = (desc.numel(), desc.channels());
+    let fused = ops
+        .iter()
+        .any(|op| matches!(op.plain(), Op::AddReluFwd | Op::AddReluBwd));
+    let phase = Instant::now();
 
-    let x_h: Vec<T> = generate(desc, 1, channel_mean, channel_std);
-    let dy_h: Vec<T> = generate(desc, 2, |c| 0.1 * channel_mean(c), |_| 1.0);
-    let weight_h = per_channel(c, |c| 0.75 + 0.5 * unit(3, c));
-    let bias_h = per_channel(c, |c| unit(4, c) - 0.5);
+    let host = BnHost::<T> {
+        x: generate(desc, 1, channel_mean, channel_std),
+        dy: generate(desc, 2, |c| 0.1 * channel_mean(c), |_| 1.0),
+        z: fused.then(|| generate(desc, 12, |_| 0.5, |_| 1.0)),
+        weight: per_channel(c, |c| 0.75 + 0.5 * unit(3, c)),
+        bias: per_channel(c, |c| unit(4, c) - 0.5),
+        // Eval statistics near the data's, as in a trained network, so y stays O(1).
+        rm_eval: per_channel(c, |c| channel_mean(c) + 0.1 * (unit(5, c) - 0.5)),
+        rv_eval: per_channel(c, |c| channel_std(c).powi(2) * (0.8 + 0.4 * unit(6, c))),
+    };
     let (rm0, rv0) = (vec![0.0f32; c], vec![1.0f32; c]);
-    // Eval statistics near the data's, as in a trained network, so y stays O(1).
-    let rm_eval = per_channel(c, |c| channel_mean(c) + 0.1 * (unit(5, c) - 0.5));
-    let rv_eval = per_channel(c, |c| channel_std(c).powi(2) * (0.8 + 0.4 * unit(6, c)));
-
-    let x = stream.clone_htod(&x_h)?;
-    let dy = stream.clone_htod(&dy_h)?;
-    let weight = stream.clone_htod(&weight_h)?;
-    let bias = stream.clone_htod(&bias_h)?;
-    let mut running_mean = stream.clone_htod(&rm0)?;
-    let mut running_var = stream.clone_htod(&rv0)?;
-    let eval_mean = stream.clone_htod(&rm_eval)?;
-    let eval_var = stream.clone_htod(&rv_eval)?;
-    let mut y = stream.alloc_zeros::<T>(n)?;
-    let mut dx = stream.alloc_zeros::<T>(n)?;
-    let mut save_mean = stream.alloc_zeros::<f32>(c)?;
-    let mut save_mean_lo = stream.alloc_zeros::<f32>(c)?;
-    let mut save_invstd = stream.alloc_zeros::<f32>(c)?;
-    let mut dweight = stream.alloc_zeros::<f32>(c)?;
-    let mut dbias = stream.alloc_zeros::<f32>(c)?;
-
-    let forward = |workspace: &mut Workspace,
-                   y: &mut CudaSlice<T>,
-                   rm: &mut CudaSlice<f32>,
-                   rv: &mut CudaSlice<f32>,
-                   [sm, sl, si]: [&mut CudaSlice<f32>; 3]|
-     -> BoxResult<()> {
-        let running = RunningUpdate {
-            mean: rm.as_view_mut(),
-            var: rv.as_view_mut(),
-            factor: MOMENTUM,
-            var_update: RunningVarUpdate::Unbiased,
-        };
-        let saved = SavedStatsMut {
-            mean: sm.as_view_mut(),
-            mean_lo: sl.as_view_mut(),
-            invstd: si.as_view_mut(),
-        };
-        functional::forward(
-            gpu,
-            workspace,
-            functional::Forward {
-                desc: *desc,
-                x: x.as_view(),
-                weight: Some(weight.as_view()),
-                bias: Some(bias.as_view()),
-                stats: functional::ForwardStats::Batch(functional::BatchStats {
-                    saved,
-                    running: Some(running),
-                    eps: EPS,
-                }),
-                y: y.as_view_mut(),
-                epilogue: functional::Epilogue::None,
-            },
-        )?;
-        Ok(())
+    let mut bufs = BnBuffers::<T> {
+        desc: *desc,
+        x: stream.clone_htod(&host.x)?,
+        dy: stream.clone_htod(&host.dy)?,
+        z: host.z.as_ref().map(|z| stream.clone_htod(z)).transpose()?,
+        weight: stream.clone_htod(&host.weight)?,
+        bias: stream.clone_htod(&host.bias)?,
+        running_mean: stream.clone_htod(&rm0)?,
+        running_var: stream.clone_htod(&rv0)?,
+        eval_mean: stream.clone_htod(&host.rm_eval)?,
+        eval_var: stream.clone_htod(&host.rv_eval)?,
+        y: stream.alloc_zeros::<T>(n)?,
+        dx: stream.alloc_zeros::<T>(n)?,
+        dz: fused.then(|| stream.alloc_zeros::<T>(n)).transpose()?,
+        mask: fused
+            .then(|| stream.alloc_zeros::<u32>(mask_words(desc)))
+            .transpose()?,
+        saved: [
+            stream.alloc_zeros::<f32>(c)?,
+            stream.alloc_zeros::<f32>(c)?,
+            stream.alloc_zeros::<f32>(c)?,
+        ],
+        dweight: stream.alloc_zeros::<f32>(c)?,
+        dbias: stream.alloc_zeros::<f32>(c)?,
     };
-    let eval = |y: &mut CudaSlice<T>| -> BoxResult<()> {
-        let running = RunningStats {
-            mean: eval_mean.as_view(),
-            var: eval_var.as_view(),
-        };
-        functional::forward(
-            gpu,
-            &mut Workspace::new(),
-            functional::Forward {
-                desc: *desc,
-                x: x.as_view(),
-                weight: Some(weight.as_view()),
-                bias: Some(bias.as_view()),
-                stats: functional::ForwardStats::Running {
-                    stats: running,
-                    eps: EPS,
-                },
-                y: y.as_view_mut(),
-                epilogue: functional::Epilogue::None,
-            },
-        )?;
-        Ok(())
-    };
-    let backward = |workspace: &mut Workspace,
-                    [sm, sl, si]: [&CudaSlice<f32>; 3],
-                    dx: &mut CudaSlice<T>,
-                    dw: &mut CudaSlice<f32>,
-                    db: &mut CudaSlice<f32>|
-     -> BoxResult<()> {
-        let saved = SavedStats {
-            mean: sm.as_view(),
-            mean_lo: Some(sl.as_view()),
-            invstd: si.as_view(),
-        };
-        let grads = GradientsMut {
-            dx: Some(dx.as_view_mut()),
-            dweight: Some(dw.as_view_mut()),
-            dbias: Some(db.as_view_mut()),
-            accumulate: false,
-        };
-        functional::backward(
-            gpu,
-            workspace,
-            functional::Backward {
-                desc: *desc,
-                x: x.as_view(),
-                dy: dy.as_view(),
-                weight: Some(weight.as_view()),
-                stats: functional::BackwardStats::Batch(saved),
-                grads,
-                epilogue: functional::EpilogueGrad::None,
-            },
-        )?;
-        Ok(())
-    };
+    let setup_s = phase.elapsed().as_secs_f64();
 
-    // One checked call of each op, on poisoned outputs.
+    // One checked call of each plain op, on poisoned outputs, in dependency order: the
+    // backwards read the saved statistics (and mask) their forward left.
+    let phase = Instant::now();
     let subset = Subset::new(desc)?;
-    let (x_s, dy_s) = (subset.gather(&x_h), subset.gather(&dy_h));
-    let (w_s, b_s) = (subset.pick(&weight_h), subset.pick(&bias_h));
-    let m = subset.desc.numel();
-
-    poison(&stream, &mut y)?;
-    forward(
-        workspace,
-        &mut y,
-        &mut running_mean,
-        &mut running_var,
-        [&mut save_mean, &mut save_mean_lo, &mut save_invstd],
-    )?;
-    let mut fwd = Check::new(T::DTYPE, &subset);
-    let y_gpu = download(&stream, &y)?;
-    fwd.written(&y_gpu);
-    let (mut rm_ref, mut rv_ref) = (subset.pick(&rm0), subset.pick(&rv0));
-    let mut y_ref = vec![T::default(); m];
-    let saved_ref = reference::forward_training(
-        &x_s,
-        &subset.desc,
-        Some(&w_s),
-        Some(&b_s),
-        Some(reference::RunningUpdate::pytorch(
-            &mut rm_ref,
-            &mut rv_ref,
-            MOMENTUM,
-        )),
-        EPS,
-        &mut y_ref,
-    )?;
-    fwd.compare(&subset.gather(&y_gpu), &y_ref, true);
-    let per_channel_outputs = [
-        (&save_mean, &saved_ref.mean),
-        (&save_invstd, &saved_ref.invstd),
-        (&running_mean, &rm_ref),
-        (&running_var, &rv_ref),
+    let mut checks: Vec<(Op, Check)> = Vec::new();
+    let order = [
+        Op::Fwd,
+        Op::Eval,
+        Op::Bwd,
+        Op::EvalBwd,
+        Op::AddReluFwd,
+        Op::AddReluBwd,
     ];
-    for (gpu_values, want) in per_channel_outputs {
-        fwd.compare(&subset.pick(&download(&stream, gpu_values)?), want, false);
+    let mut reference = Reference::new(&host, &subset);
+    for op in order {
+        let wanted = ops.iter().any(|o| o.plain() == op);
+        // The training backwards need a training forward before them.
+        let needed = match op {
+            Op::Fwd => ops.iter().any(|o| o.plain() == Op::Bwd),
+            Op::AddReluFwd => ops.iter().any(|o| o.plain() == Op::AddReluBwd),
+            _ => false,
+        };
+        if !(wanted || needed) {
+            continue;
+        }
+        let check = check_op(gpu, workspace, &mut bufs, &mut reference, op)?;
+        checks.push((op, check));
     }
+    let check_s = phase.elapsed().as_secs_f64();
 
-    poison(&stream, &mut y)?;
-    eval(&mut y)?;
-    let mut inf = Check::new(T::DTYPE, &subset);
-    let y_gpu = download(&stream, &y)?;
-    inf.written(&y_gpu);
-    let (rm_eval_s, rv_eval_s) = (subset.pick(&rm_eval), subset.pick(&rv_eval));
-    let running = reference::RunningStats {
-        mean: &rm_eval_s,
-        var: &rv_eval_s,
-    };
-    reference::forward_inference(
-        &x_s,
-        &subset.desc,
-        Some(&w_s),
-        Some(&b_s),
-        running,
-        EPS,
-        &mut y_ref,
-    )?;
-    inf.compare(&subset.gather(&y_gpu), &y_ref, true);
-    drop(y_gpu);
-
-    poison(&stream, &mut dx)?;
-    poison(&stream, &mut dweight)?;
-    poison(&stream, &mut dbias)?;
-    backward(
-        workspace,
-        [&save_mean, &save_mean_lo, &save_invstd],
-        &mut dx,
-        &mut dweight,
-        &mut dbias,
-    )?;
-    let mut bwd = Check::new(T::DTYPE, &subset);
-    let dx_gpu = download(&stream, &dx)?;
-    let (dw_gpu, db_gpu) = (download(&stream, &dweight)?, download(&stream, &dbias)?);
-    bwd.written(&dx_gpu);
-    bwd.written(&dw_gpu);
-    bwd.written(&db_gpu);
-    let (mut dx_ref, mut dw_ref, mut db_ref) = (
-        vec![T::default(); m],
-        vec![0f32; w_s.len()],
-        vec![0f32; w_s.len()],
+    // Timed runs. The running statistics keep updating, as in training; the backwards reuse
+    // the saved statistics and mask of the last forward.
+    let phase = Instant::now();
+    let mut results = Vec::new();
+    for &op in ops {
+        let check = checks
+            .iter()
+            .find(|(o, _)| *o == op.plain())
+            .map(|(_, c)| c.clone())
+            .expect("every op was checked");
+        let timing = if op.is_graph() {
+            time_graph(gpu, timer, &mut bufs, op)?
+        } else {
+            timer.time(|| bufs.run(gpu, workspace, op))?
+        };
+        results.push((timing, check));
+    }
+    println!(
+        "  {} {}/{}: setup {setup_s:.2} s, check {check_s:.2} s ({} of {} channels), time {:.2} s",
+        dims_name(desc.dims()),
+        T::DTYPE,
+        desc.layout(),
+        subset.channels.len(),
+        c,
+        phase.elapsed().as_secs_f64()
     );
-    let grads = reference::Gradients {
-        dx: Some(&mut dx_ref),
-        dweight: Some(&mut dw_ref),
-        dbias: Some(&mut db_ref),
-        accumulate: false,
-    };
-    reference::backward_training(&x_s, &dy_s, &subset.desc, Some(&w_s), &saved_ref, grads)?;
-    bwd.compare(&subset.gather(&dx_gpu), &dx_ref, true);
-    bwd.compare(&subset.pick(&dw_gpu), &dw_ref, false);
-    bwd.compare(&subset.pick(&db_gpu), &db_ref, false);
-    drop(dx_gpu);
+    Ok(results)
+}
 
-    // Timed runs. The running statistics keep updating, as in training; the backward reuses the
-    // saved statistics of the last forward.
-    let t_fwd = timer.time(|| {
-        forward(
-            workspace,
-            &mut y,
-            &mut running_mean,
-            &mut running_var,
-            [&mut save_mean, &mut save_mean_lo, &mut save_invstd],
-        )
-    })?;
-    let t_eval = timer.time(|| eval(&mut y))?;
-    let t_bwd = timer.time(|| {
-        backward(
-            workspace,
-            [&save_mean, &save_mean_lo, &save_invstd],
-            &mut dx,
-            &mut dweight,
-            &mut dbias,
-        )
-    })?;
-    Ok(vec![(t_fwd, fwd), (t_eval, inf), (t_bwd, bwd)])
+/// Times `op` replayed from a CUDA graph of `GRAPH_CALLS` back-to-back calls on a workspace of
+/// its own (reserved before the capture): launch cost without the host, warm L2.
+fn time_graph<T: Element>(
+    gpu: &GpuContext,
+    timer: &mut Timer,
+    bufs: &mut BnBuffers<T>,
+    op: Op,
+) -> BoxResult<Timing> {
+    let mut ws = Workspace::new();
+    ws.reserve_for(gpu, &bufs.desc, T::DTYPE)?;
+    let stream = gpu.stream();
+    stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    let captured = (0..GRAPH_CALLS).try_for_each(|_| bufs.run(gpu, &mut ws, op));
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    captured?;
+    let graph = graph?.ok_or("the capture recorded no graph")?;
+    let per_replay = timer.time_warm(|| Ok(graph.launch()?))?;
+    Ok(per_replay.per_call(GRAPH_CALLS))
+}
+
+/// The CPU reference's results on the checked channels, computed as the checks need them.
+struct Reference<T> {
+    x: Vec<T>,
+    dy: Vec<T>,
+    z: Option<Vec<T>>,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    rm_eval: Vec<f32>,
+    rv_eval: Vec<f32>,
+    saved: Option<reference::SavedStats>,
+    mask: Option<Vec<u32>>,
+    subset: Subset,
+}
+
+impl<T: Element> Reference<T> {
+    fn new(host: &BnHost<T>, subset: &Subset) -> Self {
+        Self {
+            x: subset.gather(&host.x),
+            dy: subset.gather(&host.dy),
+            z: host.z.as_ref().map(|z| subset.gather(z)),
+            weight: subset.pick(&host.weight),
+            bias: subset.pick(&host.bias),
+            rm_eval: subset.pick(&host.rm_eval),
+            rv_eval: subset.pick(&host.rv_eval),
+            saved: None,
+            mask: None,
+            subset: subset.clone(),
+        }
+    }
+}
+
+/// Runs `op` once on poisoned outputs and compares them with the reference on the checked
+/// channels.
+fn check_op<T: Element>(
+    gpu: &GpuContext,
+    ws: &mut Workspace,
+    bufs: &mut BnBuffers<T>,
+    r: &mut Reference<T>,
+    op: Op,
+) -> BoxResult<Check> {
+    let stream = gpu.stream().clone();
+    let subset = r.subset.clone();
+    let m = subset.desc.numel();
+    let mut check = Check::new(T::DTYPE, &subset);
+    let (w, b) = (Some(&r.weight[..]), Some(&r.bias[..]));
+    let eval_stats = |r: &Reference<T>| (r.rm_eval.clone(), r.rv_eval.clone());
+    match op {
+        Op::Fwd | Op::AddReluFwd => {
+            poison(&stream, &mut bufs.y)?;
+            // The running statistics start from PyTorch's initial values at every check.
+            stream.memcpy_htod(&vec![0.0f32; bufs.desc.channels()], &mut bufs.running_mean)?;
+            stream.memcpy_htod(&vec![1.0f32; bufs.desc.channels()], &mut bufs.running_var)?;
+            bufs.run(gpu, ws, op)?;
+            let y_gpu = download(&stream, &bufs.y)?;
+            check.written(&y_gpu);
+            let (mut rm, mut rv) = (vec![0.0f32; r.weight.len()], vec![1.0f32; r.weight.len()]);
+            let mut y_ref = vec![T::default(); m];
+            let running = Some(reference::RunningUpdate::pytorch(
+                &mut rm, &mut rv, MOMENTUM,
+            ));
+            let saved = if op == Op::Fwd {
+                reference::forward_training(&r.x, &subset.desc, w, b, running, EPS, &mut y_ref)?
+            } else {
+                let mut mask = vec![0u32; mask_words(&subset.desc)];
+                let z = r.z.as_deref().ok_or("no residual")?;
+                let request = reference::fused::Forward {
+                    desc: subset.desc,
+                    x: &r.x,
+                    weight: w,
+                    bias: b,
+                    y: &mut y_ref,
+                    epilogue: batchnorm_cuda::epilogue::Epilogue::AddRelu {
+                        z,
+                        mask: Some(&mut mask),
+                    },
+                };
+                let saved = reference::fused::forward_training(request, running, EPS)?;
+                r.mask = Some(mask);
+                saved
+            };
+            check.compare(&subset.gather(&y_gpu), &y_ref, true);
+            let [sm, _, si] = &bufs.saved;
+            let per_channel_outputs = [
+                (sm, &saved.mean),
+                (si, &saved.invstd),
+                (&bufs.running_mean, &rm),
+                (&bufs.running_var, &rv),
+            ];
+            for (gpu_values, want) in per_channel_outputs {
+                check.compare(&subset.pick(&download(&stream, gpu_values)?), want, false);
+            }
+            r.saved = Some(saved);
+        }
+        Op::Eval => {
+            poison(&stream, &mut bufs.y)?;
+            bufs.run(gpu, ws, op)?;
+            let y_gpu = download(&stream, &bufs.y)?;
+            check.written(&y_gpu);
+            let mut y_ref = vec![T::default(); m];
+            let (mean, var) = eval_stats(r);
+            let running = reference::RunningStats {
+                mean: &mean,
+                var: &var,
+            };
+            reference::forward_inference(&r.x, &subset.desc, w, b, running, EPS, &mut y_ref)?;
+            check.compare(&subset.gather(&y_gpu), &y_ref, true);
+        }
+        Op::Bwd | Op::EvalBwd | Op::AddReluBwd => {
+            poison(&stream, &mut bufs.dx)?;
+            poison(&stream, &mut bufs.dweight)?;
+            poison(&stream, &mut bufs.dbias)?;
+            if let Some(dz) = bufs.dz.as_mut() {
+                poison(&stream, dz)?;
+            }
+            bufs.run(gpu, ws, op)?;
+            let dx_gpu = download(&stream, &bufs.dx)?;
+            let (dw_gpu, db_gpu) = (
+                download(&stream, &bufs.dweight)?,
+                download(&stream, &bufs.dbias)?,
+            );
+            check.written(&dx_gpu);
+            check.written(&dw_gpu);
+            check.written(&db_gpu);
+            let c = r.weight.len();
+            let (mut dx_ref, mut dw_ref, mut db_ref) =
+                (vec![T::default(); m], vec![0f32; c], vec![0f32; c]);
+            let mut dz_ref = vec![T::default(); m];
+            let grads = reference::Gradients {
+                dx: Some(&mut dx_ref),
+                dweight: Some(&mut dw_ref),
+                dbias: Some(&mut db_ref),
+                accumulate: false,
+            };
+            let saved = r.saved.as_ref().ok_or("no forward ran before the backward");
+            match op {
+                Op::Bwd => {
+                    reference::backward_training(&r.x, &r.dy, &subset.desc, w, saved?, grads)?
+                }
+                Op::EvalBwd => {
+                    let (mean, var) = eval_stats(r);
+                    let running = reference::RunningStats {
+                        mean: &mean,
+                        var: &var,
+                    };
+                    reference::backward_inference(
+                        &r.x,
+                        &r.dy,
+                        &subset.desc,
+                        w,
+                        running,
+                        EPS,
+                        grads,
+                    )?
+                }
+                _ => {
+                    let mask = r.mask.as_deref().ok_or("no fused forward ran")?;
+                    let request = reference::fused::Backward {
+                        desc: subset.desc,
+                        x: &r.x,
+                        dy: &r.dy,
+                        weight: w,
+                        grads,
+                        epilogue: batchnorm_cuda::epilogue::EpilogueGrad::AddRelu {
+                            mask,
+                            dz: Some(&mut dz_ref),
+                        },
+                    };
+                    reference::fused::backward_training(request, saved?)?
+                }
+            }
+            check.compare(&subset.gather(&dx_gpu), &dx_ref, true);
+            check.compare(&subset.pick(&dw_gpu), &dw_ref, false);
+            check.compare(&subset.pick(&db_gpu), &db_ref, false);
+            if let (Op::AddReluBwd, Some(dz)) = (op, bufs.dz.as_ref()) {
+                let dz_gpu = download(&stream, dz)?;
+                check.written(&dz_gpu);
+                check.compare(&subset.gather(&dz_gpu), &dz_ref, true);
+            }
+        }
+        other => unreachable!("{other:?} is not a plain batch-norm op"),
+    }
+    Ok(check)
 }
 
 /// The row of one fold: the folded weight is written out of place, as PyTorch's
@@ -1002,6 +1374,7 @@ struct Header {
     device: String,
     sm_count: u32,
     l2_bytes: i32,
+    flush_bytes: usize,
     driver_cuda: Option<i32>,
     copy_gbs: f64,
     copy: Timing,
@@ -1010,7 +1383,23 @@ struct Header {
     dry_run: bool,
 }
 
-fn row_json(row: &Row, copy_gbs: f64) -> Value {
+/// The statistics pass alone of a training-forward row: its time minus the eval forward's of
+/// the same shape, dtype and layout (us), and that pass's GB/s (one read of x).
+fn stats_pass(row: &Row, rows: &[Row]) -> Option<(f64, f64)> {
+    if row.op != Op::Fwd {
+        return None;
+    }
+    let eval_name = row.name.replacen(Op::Fwd.name(), Op::Eval.name(), 1);
+    let eval = rows.iter().find(|r| r.name == eval_name)?;
+    let (Ok((fwd, _)), Ok((eval, _))) = (&row.result, &eval.result) else {
+        return None;
+    };
+    let us = fwd.median_us - eval.median_us;
+    let read = row.bytes.0 as f64 / 2.0;
+    Some((us, read / (us * 1e-6) / 1e9))
+}
+
+fn row_json(row: &Row, rows: &[Row], copy_gbs: f64) -> Value {
     let (timing, check) = match &row.result {
         Ok((t, c)) => (Some(t), Some(c)),
         Err(_) => (None, None),
@@ -1039,6 +1428,8 @@ fn row_json(row: &Row, copy_gbs: f64) -> Value {
         "gbs_practical": gbs_practical,
         "frac_copy_min": gbs_min.map(|b| b / copy_gbs),
         "frac_copy_practical": gbs_practical.map(|b| b / copy_gbs),
+        "stats_pass_us": stats_pass(row, rows).map(|(us, _)| us),
+        "stats_pass_gbs": stats_pass(row, rows).map(|(_, gbs)| gbs),
         "max_abs_err": check.map(|c| c.max_abs_err),
         "rel_err": check.map(|c| c.rel_err),
         "tolerance": tolerance(row.dtype),
@@ -1078,16 +1469,19 @@ fn write_json(h: &Header, rows: &[Row]) -> String {
             "min_runs": MIN_RUNS,
             "max_runs": MAX_RUNS,
             "target_ms_per_op": TARGET_MS,
-            "l2_flush_bytes": FLUSH_BYTES,
+            "l2_flush": "a device-to-device copy of l2_flush_bytes into a second buffer, then a host synchronize, before every timed run (graph rows: none)",
+            "l2_flush_bytes": h.flush_bytes,
+            "graph_calls": GRAPH_CALLS,
             "eps": shortest(EPS),
             "momentum": shortest(MOMENTUM),
-            "passes_min": "fwd 2, eval 2, bwd 3, fold 2 (weight)",
-            "passes_practical": "fwd 3, eval 2, bwd 5, fold 2 (weight)",
+            "passes_min": "fwd 2, eval 2, bwd 3, eval_bwd 3, add_relu_fwd 3 + mask, add_relu_bwd 4 + mask, fold 2 (weight)",
+            "passes_practical": "fwd 3, eval 2, bwd 5, eval_bwd 4, add_relu_fwd 4 + mask, add_relu_bwd 6 + 2 masks, fold 2 (weight)",
+            "stats_pass": "bn_fwd minus bn_eval of the same shape: the statistics pass alone (one read of x)",
         },
         "copy_bytes": 2 * COPY_BYTES,
         "copy_time_us": h.copy.median_us,
         "copy_gbs": h.copy_gbs,
-        "rows": rows.iter().map(|r| row_json(r, h.copy_gbs)).collect::<Vec<_>>(),
+        "rows": rows.iter().map(|r| row_json(r, rows, h.copy_gbs)).collect::<Vec<_>>(),
     });
     let mut out = serde_json::to_string_pretty(&doc).expect("a JSON value serializes");
     out.push('\n');
@@ -1129,12 +1523,17 @@ fn write_markdown(h: &Header, rows: &[Row]) -> String {
     let _ = writeln!(
         md,
         "Median of {MIN_RUNS} to {MAX_RUNS} runs timed with CUDA events after {WARMUP} warm-up \
-         calls, L2 flushed ({} MiB written) before each run. GB/s: bytes over the median time, \
-         minimal model (fwd 2 passes, eval 2, bwd 3) / practical model of our kernels (fwd 3, \
-         eval 2, bwd 5); % copy: each of the two over the copy yardstick. Errors against the CPU \
-         reference; `rel` is the largest relative L2 error over the op's outputs.\n",
-        FLUSH_BYTES >> 20
+         calls; before each run the L2 is flushed by copying {} MiB into a second buffer (read \
+         and written), then a host synchronize. `_graph` rows: {GRAPH_CALLS} back-to-back calls \
+         replayed from one CUDA graph, warm L2, time per call. GB/s: bytes over the median time, \
+         minimal model (each input read once, each output written once: fwd 2 passes, eval 2, \
+         bwd 3, eval_bwd 3, add_relu fwd 3 / bwd 4 + the 1-bit mask) / practical model of our \
+         kernels (fwd 3, eval 2, bwd 5, eval_bwd 4, add_relu 4 / 6); % copy: each of the two over \
+         the copy yardstick. Errors against the CPU reference; `rel` is the largest relative L2 \
+         error over the op's outputs.\n",
+        h.flush_bytes >> 20
     );
+    write_stats_pass(&mut md, h, rows);
     let mut ops: Vec<Op> = Vec::new();
     for row in rows {
         if !ops.contains(&row.op) {
@@ -1195,6 +1594,34 @@ fn write_markdown(h: &Header, rows: &[Row]) -> String {
     md
 }
 
+/// The statistics pass alone (forward minus eval) of every shape with both rows measured.
+fn write_stats_pass(md: &mut String, h: &Header, rows: &[Row]) {
+    let passes: Vec<(&Row, (f64, f64))> = rows
+        .iter()
+        .filter_map(|r| Some((r, stats_pass(r, rows)?)))
+        .collect();
+    if passes.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "## Statistics pass alone (bn_fwd minus bn_eval)\n\nOne read of x, so its % copy is \
+         against a yardstick that also writes: comparison.md sets it against PyTorch's read-only \
+         yardstick. Where the merge tail of the split reduction shows.\n"
+    );
+    let _ = writeln!(md, "| name | us | GB/s (read) | % copy |");
+    let _ = writeln!(md, "| --- | ---: | ---: | ---: |");
+    for (row, (us, gbs)) in passes {
+        let _ = writeln!(
+            md,
+            "| {} | {us:.1} | {gbs:.0} | {:.0}% |",
+            row.name.replacen(Op::Fwd.name(), "bn_stats_pass", 1),
+            100.0 * gbs / h.copy_gbs
+        );
+    }
+    md.push('\n');
+}
+
 // ---------------------------------------------------------------------------------------------
 
 struct Args {
@@ -1206,8 +1633,9 @@ struct Args {
 
 const USAGE: &str = "usage: gpu_bench [--out DIR] [--quick] [--filter TEXT] [--dry-run]
   --out DIR      where ours.json and ours.md are written (default: .)
-  --quick        a small subset of the suite
-  --filter TEXT  only rows whose name contains TEXT (e.g. bn_fwd/f16)
+  --quick        the quick set: issue 16's six batch-norm shapes, fwd/eval/bwd each
+  --filter TEXT  only rows whose name contains TEXT, or one of its comma-separated parts
+                 (e.g. bn_fwd/f16,bn_bwd_graph)
   --dry-run      no GPU: write the rows of the suite, every one marked not measured";
 
 fn parse_args() -> Result<Args, String> {
@@ -1245,8 +1673,21 @@ fn main() -> ExitCode {
     let result = if args.dry_run {
         run(None, &args)
     } else {
-        match GpuContext::new(0) {
-            Ok(gpu) => run(Some(gpu), &args),
+        let opening = Instant::now();
+        match GpuContext::new(0).and_then(|gpu| {
+            // A stream of its own (the legacy default stream cannot capture the graph rows),
+            // and no cudarc events: every buffer lives and is used on that one stream.
+            // SAFETY: nothing of this program uses another stream.
+            unsafe { gpu.cuda().disable_event_tracking() };
+            gpu.fork_stream()
+        }) {
+            Ok(gpu) => {
+                println!(
+                    "[{:.1} s] GPU context, every kernel loaded (the driver's JIT included)",
+                    opening.elapsed().as_secs_f64()
+                );
+                run(Some(gpu), &args)
+            }
             Err(e) => {
                 eprintln!("gpu_bench: no GPU to benchmark on: {e}");
                 return ExitCode::from(3);
@@ -1275,6 +1716,7 @@ fn run(gpu: Option<GpuContext>, args: &Args) -> BoxResult<bool> {
         device: NOT_MEASURED.into(),
         sm_count: 0,
         l2_bytes: 0,
+        flush_bytes: flush_bytes(0),
         driver_cuda: None,
         copy_gbs: f64::NAN,
         copy: Timing {
@@ -1300,7 +1742,13 @@ fn run(gpu: Option<GpuContext>, args: &Args) -> BoxResult<bool> {
                 "{}: copy {:.0} GB/s ({:.1} us per 2 GiB moved)",
                 header.device, header.copy_gbs, header.copy.median_us
             );
-            let timer = Timer::new(&gpu)?;
+            let timer = Timer::new(&gpu, header.l2_bytes.max(0) as usize)?;
+            header.flush_bytes = timer.flush_bytes;
+            println!(
+                "[{:.1} s] device, copy yardstick and L2 flush ({} MiB) ready",
+                started.elapsed().as_secs_f64(),
+                timer.flush_bytes >> 20
+            );
             Some(Env {
                 gpu,
                 timer,
@@ -1310,10 +1758,11 @@ fn run(gpu: Option<GpuContext>, args: &Args) -> BoxResult<bool> {
         None => None,
     };
     let copy_gbs = header.copy_gbs;
+    // A row is wanted when its name contains any of the filter's comma-separated texts.
     let wanted = |name: &str| {
         args.filter
             .as_ref()
-            .is_none_or(|f| name.contains(f.as_str()))
+            .is_none_or(|f| f.split(',').any(|part| name.contains(part)))
     };
 
     let mut rows = Vec::new();
@@ -1324,31 +1773,41 @@ fn run(gpu: Option<GpuContext>, args: &Args) -> BoxResult<bool> {
         }
     };
     for case in bn_suite(args.quick) {
-        let layouts: &[Layout] = if case.dims.len() == 2 {
-            &[Layout::ChannelsFirst]
-        } else {
-            &[Layout::ChannelsFirst, Layout::ChannelsLast]
-        };
-        for &layout in layouts {
-            for dtype in DType::ALL {
-                // Skip the work when the filter keeps none of the three rows.
-                let planned = bn_rows(&case, layout, dtype, vec![Err(NOT_MEASURED.into()); 3]);
-                let Some(env) = env
-                    .as_mut()
-                    .filter(|_| planned.iter().any(|r| wanted(&r.name)))
-                else {
+        for &layout in &case.layouts {
+            for &dtype in &case.dtypes {
+                // Only the ops whose rows the filter keeps run.
+                let not_measured = vec![Err(NOT_MEASURED.into()); case.ops.len()];
+                let planned = bn_rows(&case, case.ops, layout, dtype, not_measured);
+                let ops: Vec<Op> = planned
+                    .iter()
+                    .filter(|r| wanted(&r.name))
+                    .map(|r| r.op)
+                    .collect();
+                let Some(env) = env.as_mut().filter(|_| !ops.is_empty()) else {
                     report(planned);
                     continue;
                 };
                 report(match dtype {
-                    DType::F32 => bench_bn::<f32>(env, &case, layout),
-                    DType::F16 => bench_bn::<half::f16>(env, &case, layout),
-                    DType::BF16 => bench_bn::<half::bf16>(env, &case, layout),
+                    DType::F32 => bench_bn::<f32>(env, &case, &ops, layout),
+                    DType::F16 => bench_bn::<half::f16>(env, &case, &ops, layout),
+                    DType::BF16 => bench_bn::<half::bf16>(env, &case, &ops, layout),
                 });
             }
         }
     }
-    for case in fold_suite(args.quick) {
+    if env.is_some() {
+        println!(
+            "[{:.1} s] batch-norm rows done",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    // The quick set is the batch-norm shapes alone.
+    let (folds, norm_cases) = if args.quick {
+        (Vec::new(), Vec::new())
+    } else {
+        (fold_suite(), norms::suite())
+    };
+    for case in folds {
         for dtype in DType::ALL {
             let planned = fold_row(&case, dtype, Err(NOT_MEASURED.into()));
             let Some(env) = env.as_mut().filter(|_| wanted(&planned.name)) else {
@@ -1367,7 +1826,7 @@ fn run(gpu: Option<GpuContext>, args: &Args) -> BoxResult<bool> {
         .as_ref()
         .map(|env| batchnorm_cuda::gpu::norms::Norms::new(&env.gpu))
         .transpose()?;
-    for case in norms::suite(args.quick) {
+    for case in norm_cases {
         for dtype in DType::ALL {
             let planned = norms::rows(&case, dtype, vec![Err(NOT_MEASURED.into()); 2]);
             let (Some(env), Some(kernels)) = (
@@ -1501,6 +1960,48 @@ mod tests {
         assert!(!unwritten.ok());
     }
 
+    /// The quick set is exactly issue 16's shapes, each in its dtype and layout, with the
+    /// training forward, eval forward and backward.
+    #[test]
+    fn quick_set_is_issue_16s_shapes() {
+        let names: Vec<String> = bn_suite(true)
+            .iter()
+            .flat_map(|case| {
+                let rows = vec![Err(NOT_MEASURED.into()); case.ops.len()];
+                bn_rows(case, case.ops, case.layouts[0], case.dtypes[0], rows)
+            })
+            .map(|row| row.name)
+            .collect();
+        let mut want = Vec::new();
+        for shape in [
+            "f16/256x64x112x112/channels_first",
+            "f32/32x2x512x512/channels_first",
+            "f16/256x64x56x56/channels_last",
+            "f16/32x256x56x56/channels_last",
+            "f32/64x2048x7x7/channels_first",
+            "f32/100000x32/channels_first",
+        ] {
+            for op in ["bn_fwd", "bn_eval", "bn_bwd"] {
+                want.push(format!("{op}/{shape}"));
+            }
+        }
+        assert_eq!(names, want);
+    }
+
+    #[test]
+    fn byte_models() {
+        let (n, size) = (64u64, 2u64);
+        assert_eq!(Op::Fwd.bytes(n, size), (2 * 128, 3 * 128));
+        assert_eq!(
+            Op::Graph(GraphOp::Bwd).bytes(n, size),
+            Op::Bwd.bytes(n, size)
+        );
+        // Two mask words of 4 bytes for 64 elements: written once, read by two passes.
+        assert_eq!(Op::AddReluFwd.bytes(n, size), (3 * 128 + 8, 4 * 128 + 8));
+        assert_eq!(Op::AddReluBwd.bytes(n, size), (4 * 128 + 8, 6 * 128 + 16));
+        assert!(flush_bytes(60_000_000) > 2 * 60_000_000);
+    }
+
     #[test]
     fn timing_statistics() {
         let t = Timing::from_ms(vec![4.0, 1.0, 3.0, 2.0]);
@@ -1509,6 +2010,7 @@ mod tests {
             (2500.0, 1000.0, 4000.0, 4)
         );
         assert_eq!(Timing::from_ms(vec![3.0, 1.0, 2.0]).median_us, 2000.0);
+        assert_eq!(t.per_call(4).median_us, 625.0);
     }
 
     #[test]
@@ -1520,8 +2022,8 @@ mod tests {
     #[test]
     fn suite_sizes() {
         // Keep in sync with bench/pytorch_bench.py (its --self-test checks the names).
-        assert_eq!(bn_suite(false).len(), 24 + 5 + 1 + 1);
-        assert_eq!(fold_suite(false).len(), 7);
+        assert_eq!(bn_suite(false).len(), 6 + 24 + 5 + 3 + 1 + 1 + 3);
+        assert_eq!(fold_suite().len(), 7);
         assert_eq!(
             RESNET50_CHW
                 .iter()

@@ -170,6 +170,37 @@ pub enum Error {
     )]
     KernelsNotBuilt,
 
+    /// A workspace used on another stream than the one it serves (see
+    /// [`Workspace`](crate::gpu::Workspace)).
+    #[error(
+        "the workspace serves the stream of its first call: calls in flight on two streams would \
+         share its semaphores and partials; use one Workspace per stream"
+    )]
+    WorkspaceOnAnotherStream,
+
+    /// A call that needs a larger workspace while a CUDA graph is being captured with it, or
+    /// once one was: growing would free buffers the graph reads at every replay.
+    #[error(
+        "the workspace holds {held} bytes and this call needs {needed}, but it cannot grow: \
+         {reason}; reserve it for the largest shape before capturing (Workspace::reserve_for, \
+         BatchNorm::reserve), or use another workspace"
+    )]
+    WorkspaceCannotGrow {
+        held: usize,
+        needed: usize,
+        reason: &'static str,
+    },
+
+    /// A training forward with `momentum = None` (cumulative average) updating the running
+    /// statistics while the stream captures a CUDA graph: its factor `1 / num_batches_tracked`
+    /// is a launch parameter, so every replay would apply the factor of the captured call.
+    #[error(
+        "momentum = None (cumulative average) cannot be captured in a CUDA graph: each replay \
+         would reuse the factor 1/num_batches_tracked of the captured call; capture with a \
+         momentum, or run this forward outside the graph"
+    )]
+    CumulativeAverageInCapture,
+
     /// A valid request this crate does not support.
     #[error("{what}: {reason}")]
     Unsupported { what: &'static str, reason: String },

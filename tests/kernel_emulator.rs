@@ -298,7 +298,7 @@ fn driver_selftest(cxx: &str, cuda_include: &str, emulator: &Path, lib: &Path, d
         .arg("-l:libcuda.so.1")
         .arg(format!("-Wl,-rpath,{}", lib.display()));
     run_compiler(build, "building the driver self-test").unwrap_or_else(|e| panic!("{e}"));
-    for mode in ["basic", "write-past-end", "divergent-barrier"] {
+    for mode in ["basic", "capture", "write-past-end", "divergent-barrier"] {
         let run = Command::new(&program).arg(mode).output().unwrap();
         let stdout = String::from_utf8_lossy(&run.stdout);
         assert!(

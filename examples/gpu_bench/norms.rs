@@ -46,7 +46,7 @@ impl NormCase {
     }
 }
 
-pub(super) fn suite(quick: bool) -> Vec<NormCase> {
+pub(super) fn suite() -> Vec<NormCase> {
     let case = |suite, kind, dims: &[usize], groups, layout| NormCase {
         suite,
         kind,
@@ -55,33 +55,29 @@ pub(super) fn suite(quick: bool) -> Vec<NormCase> {
         layout,
     };
     let (cf, cl) = (Layout::ChannelsFirst, Layout::ChannelsLast);
-    let tokens = if quick { 2048 } else { 8192 };
+    let tokens = 8192;
     let mut cases = Vec::new();
     for layout in [cf, cl] {
         cases.push(case("unet", NormKind::Group, &[2, 320, 64, 64], 32, layout));
-        if !quick {
-            cases.push(case("unet", NormKind::Group, &[2, 640, 32, 32], 32, layout));
-            cases.push(case(
-                "unet",
-                NormKind::Group,
-                &[8, 128, 128, 128],
-                32,
-                layout,
-            ));
-        }
+        cases.push(case("unet", NormKind::Group, &[2, 640, 32, 32], 32, layout));
+        cases.push(case(
+            "unet",
+            NormKind::Group,
+            &[8, 128, 128, 128],
+            32,
+            layout,
+        ));
     }
     cases.push(case("transformer", NormKind::Layer, &[tokens, 4096], 1, cf));
     cases.push(case("transformer", NormKind::Rms, &[tokens, 4096], 1, cf));
-    if !quick {
-        cases.push(case("transformer", NormKind::Layer, &[tokens, 1024], 1, cf));
-        cases.push(case(
-            "style",
-            NormKind::Instance,
-            &[16, 64, 128, 128],
-            64,
-            cf,
-        ));
-    }
+    cases.push(case("transformer", NormKind::Layer, &[tokens, 1024], 1, cf));
+    cases.push(case(
+        "style",
+        NormKind::Instance,
+        &[16, 64, 128, 128],
+        64,
+        cf,
+    ));
     cases
 }
 

@@ -119,6 +119,13 @@ impl GpuContext {
         self.sm_count
     }
 
+    /// Whether the stream is capturing a CUDA graph (`cuStreamIsCapturing`; an invalidated
+    /// capture counts): work queued now is recorded into the graph, not run, and replays later.
+    pub fn is_capturing(&self) -> Result<bool> {
+        let status = self.stream.capture_status()?;
+        Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+    }
+
     /// Waits for everything queued on this context's stream.
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.stream.synchronize()?)

@@ -28,8 +28,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// * `num_batches_tracked` is kept on the host: it is an exact integer the host always knows,
 ///   so the cumulative-average factor needs no device round trip.
 ///
-/// Steady-state `forward` and `backward` calls neither allocate nor synchronize the host. A
-/// failed call leaves parameters, running statistics and the counter as they were.
+/// Steady-state `forward` and `backward` calls neither allocate nor synchronize the host, so
+/// they can be captured in a CUDA graph, on a stream of the layer's own
+/// ([`GpuContext::fork_stream`]; the layer's workspace serves one stream), after
+/// [`BatchNorm::reserve`] for the largest shape (the workspace cannot grow during or after a
+/// capture: [`Error::WorkspaceCannotGrow`]). The counter counts the calls the host made: a
+/// replay does not advance it. With `momentum = None`, whose factor is `1 /
+/// num_batches_tracked`, a training forward that updates the running statistics refuses to be
+/// captured ([`Error::CumulativeAverageInCapture`]) rather than replay a stale factor. A failed
+/// call leaves parameters, running statistics and the counter as they were.
 #[derive(Debug)]
 pub struct BatchNorm {
     gpu: GpuContext,
@@ -144,6 +151,13 @@ impl BatchNorm {
         })
     }
 
+    /// Sizes the layer's workspace for every call on `desc` in `dtype` (see
+    /// [`Workspace::reserve_for`]): before capturing a CUDA graph, with the largest shape.
+    pub fn reserve(&mut self, desc: &TensorDesc, dtype: DType) -> Result<()> {
+        validate::channels(self.config.num_features, desc)?;
+        self.workspace.reserve_for(&self.gpu, desc, dtype)
+    }
+
     /// The layer's configuration.
     pub fn config(&self) -> &BatchNormConfig {
         &self.config
@@ -235,6 +249,9 @@ impl BatchNorm {
         step: impl FnOnce(BatchStep<'_>) -> Result<()>,
     ) -> Result<()> {
         let track = self.training && self.config.track_running_stats;
+        if track && self.config.momentum.is_none() && self.gpu.is_capturing()? {
+            return Err(Error::CumulativeAverageInCapture);
+        }
         // Saturating, as the CPU layer: a counter at u64::MAX must not wrap to 0 (factor 1/0).
         let batches_after = self.num_batches_tracked.saturating_add(1);
         let factor = self.config.average_factor(batches_after);

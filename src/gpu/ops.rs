@@ -20,7 +20,7 @@ use super::views::{
 };
 use super::workspace::{Scratch, Workspace};
 use crate::config::RunningVarUpdate;
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::error::Result;
 use crate::fold::FoldSpec;
 use crate::shape::TensorDesc;
@@ -172,6 +172,19 @@ fn running_pointers<'g>(
     }
 }
 
+/// Floats per channel and split in the workspace: the statistics' and the moments' Welford
+/// partials `(mean, m2, count)`, the backward's sums `(sum dy, sum dy * xhat)`.
+const WELFORD_FLOATS: usize = 3;
+const GRADIENT_FLOATS: usize = 2;
+
+/// What the largest batch-norm call on a non-empty `desc` in `dtype` asks of a workspace:
+/// `(partial floats, channels)`, as the calls below reserve it.
+pub(crate) fn largest_scratch(gpu: &GpuContext, desc: &TensorDesc, dtype: DType) -> (usize, usize) {
+    let c = desc.channels();
+    let splits = launch::reduction(&desc.geometry(), dtype, gpu.sm_count()).splits as usize;
+    (WELFORD_FLOATS.max(GRADIENT_FLOATS) * c * splits, c)
+}
+
 /// Batch statistics of a non-empty `x`: a split Welford reduction whose last block per channel
 /// writes `stats.saved` and updates `stats.running`. One launch.
 pub(crate) fn batch_statistics<T: Element>(
@@ -183,7 +196,7 @@ pub(crate) fn batch_statistics<T: Element>(
 ) -> Result<()> {
     let (c, g) = (desc.channels(), desc.geometry());
     let reduce = launch::reduction(&g, T::DTYPE, gpu.sm_count());
-    let scratch = workspace.reserve(gpu, 3 * c * reduce.splits as usize, c)?;
+    let scratch = workspace.reserve(gpu, WELFORD_FLOATS * c * reduce.splits as usize, c)?;
     let mut guards = Guards::new(gpu.stream());
     let running = running_pointers(&mut guards, stats.running.as_mut());
     let params = StatsParams {
@@ -283,7 +296,7 @@ pub(crate) fn backward<T: Element>(
     }
     let c = op.desc.channels();
     let reduce = launch::reduction(&op.desc.geometry(), T::DTYPE, gpu.sm_count());
-    let scratch = workspace.reserve(gpu, 2 * c * reduce.splits as usize, c)?;
+    let scratch = workspace.reserve(gpu, GRADIENT_FLOATS * c * reduce.splits as usize, c)?;
     // Training dx needs the sums; eval dx does not.
     let wants_params = dweight.is_some() || dbias.is_some();
     if wants_params || (op.stats.is_batch() && dx.is_some()) {
@@ -408,9 +421,6 @@ pub(crate) fn backward_dx<T: Element>(
     elementwise::<T, _>(gpu, family, op.desc, &params)
 }
 
-/// Floats per channel and split in the moments reduction's workspace: `(mean, m2, count)`.
-const PARTIAL_FLOATS: usize = 3;
-
 /// The `(count, mean, mean_lo, m2)` of each channel of a non-empty shard `x` into `moments`
 /// (`[C][4]`):
 /// bn_stats' split reduction. One launch.
@@ -423,7 +433,7 @@ pub(crate) fn sync_moments<T: Element>(
 ) -> Result<()> {
     let (c, g) = (desc.channels(), desc.geometry());
     let reduce = launch::reduction(&g, T::DTYPE, gpu.sm_count());
-    let scratch = workspace.reserve(gpu, PARTIAL_FLOATS * c * reduce.splits as usize, c)?;
+    let scratch = workspace.reserve(gpu, WELFORD_FLOATS * c * reduce.splits as usize, c)?;
     let mut guards = Guards::new(gpu.stream());
     let params = SyncMomentsParams {
         x: guards.read(x),

@@ -10,6 +10,14 @@
 // one legal order of a CUDA stream program (streams and events then only need bookkeeping), and
 // kernels run on the fiber emulator of emu.h with its exact barriers and schedule policies.
 //
+// Stream capture (CUDA graphs): a stream between cuStreamBeginCapture and cuStreamEndCapture
+// records its launches, memsets and device-to-device copies instead of running them (a launch
+// copies its parameter struct, as the driver does), and cuGraphLaunch replays them in order.
+// What a capture cannot record fails with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidates
+// it: host copies, synchronizing the stream, and allocating or freeing on it (a real driver
+// makes graph memory nodes of the stream-ordered ones; the crate never allocates in a capture,
+// which this keeps checked). The legacy default stream cannot capture, as on a GPU.
+//
 // What it checks on top of the emulator, like compute-sanitizer would on a GPU:
 //   - allocations are filled with 0xFF bytes (NaN): a kernel reading memory nobody wrote is loud;
 //   - every allocation has 256-byte red zones on both sides, checked after every launch, copy and
@@ -29,6 +37,7 @@
 #include <cuda.h>
 
 #include <chrono>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -58,6 +67,7 @@ struct Allocation {
 struct Function {
   std::string name;
   EmuInvoke invoke;
+  size_t param_bytes;
   size_t shared_limit = kDefaultSharedLimit;
 };
 
@@ -70,7 +80,17 @@ struct Event {
   bool recorded = false;
 };
 
-struct Stream {};
+// A captured operation; replaying it returns what running it would have.
+using Node = std::function<CUresult()>;
+
+struct Graph {
+  std::vector<Node> nodes;
+};
+
+struct Stream {
+  std::unique_ptr<Graph> capture;  // set while capturing
+  bool invalidated = false;
+};
 
 struct Context {
   int device = 0;
@@ -89,6 +109,8 @@ struct Driver {
   std::set<CUevent> events;
   std::set<CUstream> streams;
   std::set<CUmodule> modules;
+  std::set<CUgraph> graphs;
+  std::set<CUgraphExec> execs;
   Context primary[kMaxDevices];
 };
 
@@ -99,8 +121,8 @@ Driver& driver() {
 
 thread_local CUcontext t_current = nullptr;
 
-std::unordered_map<std::string, EmuInvoke>& registry() {
-  static auto* r = new std::unordered_map<std::string, EmuInvoke>;
+std::unordered_map<std::string, EmuEntry>& registry() {
+  static auto* r = new std::unordered_map<std::string, EmuEntry>;
   return *r;
 }
 
@@ -187,6 +209,31 @@ template <class Object, class Handle> CUresult destroy(std::set<Handle>& live, H
 
 bool valid(CUdevice device) { return device >= 0 && device < driver().device_count; }
 
+// The capture `stream` is recording into, or null (the legacy stream never captures).
+Stream* capturing(CUstream stream) {
+  if (stream == nullptr || !driver().streams.count(stream)) return nullptr;
+  auto* s = reinterpret_cast<Stream*>(stream);
+  return s->capture ? s : nullptr;
+}
+
+// Queues `node` on `stream`: recorded when it captures (CUDA_SUCCESS), else run now.
+CUresult enqueue(CUstream stream, Node node) {
+  if (Stream* s = capturing(stream)) {
+    s->capture->nodes.push_back(std::move(node));
+    return CUDA_SUCCESS;
+  }
+  return node();
+}
+
+// An operation a capture cannot record: it invalidates the capture, as on a GPU.
+CUresult refuse_in_capture(CUstream stream, const char* what) {
+  Stream* s = capturing(stream);
+  if (!s) return CUDA_SUCCESS;
+  complain("%s on a stream that is capturing a graph", what);
+  s->invalidated = true;
+  return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+}
+
 #define API_ENTER()                                        \
   std::lock_guard<std::recursive_mutex> guard(driver().lock); \
   if (!driver().initialized) return CUDA_ERROR_NOT_INITIALIZED; \
@@ -195,7 +242,7 @@ bool valid(CUdevice device) { return device >= 0 && device < driver().device_cou
 }  // namespace
 
 void emu_driver_register(const EmuEntry* entries, size_t count) {
-  for (size_t i = 0; i < count; ++i) registry()[entries[i].name] = entries[i].invoke;
+  for (size_t i = 0; i < count; ++i) registry()[entries[i].name] = entries[i];
 }
 
 extern "C" {
@@ -370,8 +417,17 @@ CUresult cuMemFree(CUdeviceptr ptr) {
   return CUDA_SUCCESS;
 }
 
-CUresult cuMemAllocAsync(CUdeviceptr* ptr, size_t bytes, CUstream) { return cuMemAlloc(ptr, bytes); }
-CUresult cuMemFreeAsync(CUdeviceptr ptr, CUstream) { return cuMemFree(ptr); }
+CUresult cuMemAllocAsync(CUdeviceptr* ptr, size_t bytes, CUstream stream) {
+  API_ENTER();
+  if (const CUresult e = refuse_in_capture(stream, "cuMemAllocAsync")) return e;
+  return cuMemAlloc(ptr, bytes);
+}
+
+CUresult cuMemFreeAsync(CUdeviceptr ptr, CUstream stream) {
+  API_ENTER();
+  if (const CUresult e = refuse_in_capture(stream, "cuMemFreeAsync")) return e;
+  return cuMemFree(ptr);
+}
 
 CUresult cuMemGetInfo(size_t* free_bytes, size_t* total) {
   API_ENTER();
@@ -403,9 +459,22 @@ CUresult cuMemcpyDtoD(CUdeviceptr dst, CUdeviceptr src, size_t n) {
   return CUDA_SUCCESS;
 }
 
-CUresult cuMemcpyHtoDAsync(CUdeviceptr dst, const void* src, size_t n, CUstream) { return cuMemcpyHtoD(dst, src, n); }
-CUresult cuMemcpyDtoHAsync(void* dst, CUdeviceptr src, size_t n, CUstream) { return cuMemcpyDtoH(dst, src, n); }
-CUresult cuMemcpyDtoDAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream) { return cuMemcpyDtoD(dst, src, n); }
+CUresult cuMemcpyHtoDAsync(CUdeviceptr dst, const void* src, size_t n, CUstream stream) {
+  API_ENTER();
+  if (const CUresult e = refuse_in_capture(stream, "a host-to-device copy")) return e;
+  return cuMemcpyHtoD(dst, src, n);
+}
+
+CUresult cuMemcpyDtoHAsync(void* dst, CUdeviceptr src, size_t n, CUstream stream) {
+  API_ENTER();
+  if (const CUresult e = refuse_in_capture(stream, "a device-to-host copy")) return e;
+  return cuMemcpyDtoH(dst, src, n);
+}
+
+CUresult cuMemcpyDtoDAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream stream) {
+  API_ENTER();
+  return enqueue(stream, [=] { return cuMemcpyDtoD(dst, src, n); });
+}
 
 CUresult cuMemsetD8(CUdeviceptr dst, unsigned char value, size_t n) {
   API_ENTER();
@@ -423,8 +492,15 @@ CUresult cuMemsetD32(CUdeviceptr dst, unsigned int value, size_t n) {
   return CUDA_SUCCESS;
 }
 
-CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, CUstream) { return cuMemsetD8(dst, value, n); }
-CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned int value, size_t n, CUstream) { return cuMemsetD32(dst, value, n); }
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, CUstream stream) {
+  API_ENTER();
+  return enqueue(stream, [=] { return cuMemsetD8(dst, value, n); });
+}
+
+CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned int value, size_t n, CUstream stream) {
+  API_ENTER();
+  return enqueue(stream, [=] { return cuMemsetD32(dst, value, n); });
+}
 
 // ---- streams and events -------------------------------------------------------------------------
 CUresult cuStreamCreate(CUstream* stream, unsigned int) {
@@ -442,9 +518,77 @@ CUresult cuStreamDestroy(CUstream stream) {
 }
 
 // Everything queued has already run: synchronizing only looks for faults.
-CUresult cuStreamSynchronize(CUstream) {
+CUresult cuStreamSynchronize(CUstream stream) {
   API_ENTER();
+  if (const CUresult e = refuse_in_capture(stream, "cuStreamSynchronize")) return e;
   return check_red_zones("found at a stream synchronization");
+}
+
+// ---- stream capture and graphs ------------------------------------------------------------------
+CUresult cuStreamBeginCapture_v2(CUstream stream, CUstreamCaptureMode) {
+  API_ENTER();
+  if (stream == nullptr) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;  // the legacy stream
+  if (!driver().streams.count(stream)) return CUDA_ERROR_INVALID_HANDLE;
+  auto* s = reinterpret_cast<Stream*>(stream);
+  if (s->capture) return CUDA_ERROR_ILLEGAL_STATE;
+  s->capture = std::make_unique<Graph>();
+  s->invalidated = false;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuStreamIsCapturing(CUstream stream, CUstreamCaptureStatus* status) {
+  API_ENTER();
+  if (stream != nullptr && !driver().streams.count(stream)) return CUDA_ERROR_INVALID_HANDLE;
+  const Stream* s = capturing(stream);
+  *status = !s ? CU_STREAM_CAPTURE_STATUS_NONE
+               : s->invalidated ? CU_STREAM_CAPTURE_STATUS_INVALIDATED : CU_STREAM_CAPTURE_STATUS_ACTIVE;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuStreamEndCapture(CUstream stream, CUgraph* graph) {
+  API_ENTER();
+  Stream* s = capturing(stream);
+  if (!s) return CUDA_ERROR_ILLEGAL_STATE;
+  std::unique_ptr<Graph> captured = std::move(s->capture);
+  *graph = nullptr;
+  if (s->invalidated) return CUDA_ERROR_STREAM_CAPTURE_INVALIDATED;
+  *graph = reinterpret_cast<CUgraph>(captured.release());
+  driver().graphs.insert(*graph);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuGraphInstantiateWithFlags(CUgraphExec* exec, CUgraph graph, unsigned long long) {
+  API_ENTER();
+  if (!driver().graphs.count(graph)) return CUDA_ERROR_INVALID_HANDLE;
+  *exec = reinterpret_cast<CUgraphExec>(new Graph(*reinterpret_cast<Graph*>(graph)));
+  driver().execs.insert(*exec);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuGraphLaunch(CUgraphExec exec, CUstream stream) {
+  API_ENTER();
+  if (!driver().execs.count(exec)) return CUDA_ERROR_INVALID_HANDLE;
+  if (const CUresult e = refuse_in_capture(stream, "cuGraphLaunch (not emulated in a capture)")) return e;
+  for (const Node& node : reinterpret_cast<Graph*>(exec)->nodes)
+    if (const CUresult e = node()) return e;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuGraphUpload(CUgraphExec exec, CUstream) {
+  API_ENTER();
+  return driver().execs.count(exec) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+}
+
+CUresult cuGraphExecDestroy(CUgraphExec exec) {
+  API_ENTER();
+  if (!driver().execs.erase(exec)) return CUDA_ERROR_INVALID_HANDLE;
+  delete reinterpret_cast<Graph*>(exec);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuGraphDestroy(CUgraph graph) {
+  API_ENTER();
+  return destroy<Graph>(driver().graphs, graph);
 }
 
 CUresult cuStreamQuery(CUstream) {
@@ -522,7 +666,7 @@ CUresult cuModuleLoadData(CUmodule* module, const void* image) {
       complain("cuModuleLoadData: entry point %s is not in the emulated driver (rebuild it)", name.c_str());
       return CUDA_ERROR_INVALID_IMAGE;
     }
-    m->functions.push_back(std::make_unique<Function>(Function{name, it->second}));
+    m->functions.push_back(std::make_unique<Function>(Function{name, it->second.invoke, it->second.param_bytes}));
   }
   *module = reinterpret_cast<CUmodule>(m.release());
   driver().modules.insert(*module);
@@ -553,8 +697,21 @@ CUresult cuFuncSetAttribute(CUfunction function, CUfunction_attribute attribute,
   return CUDA_SUCCESS;
 }
 
+// Runs one launch whose shape and parameters were checked.
+CUresult run_launch(const Function* f, dim3 grid, dim3 block, unsigned shared_bytes, const void* p) {
+  API_ENTER();
+  emu::g_launch_tag = f->name;
+  const int errors_before = emu::g_errors;
+  emu::launch(grid, block, shared_bytes, [&] { f->invoke(p); });
+  if (emu::g_errors != errors_before) {
+    complain("%s: the emulator found %d error(s) in this launch (above)", f->name.c_str(), emu::g_errors - errors_before);
+    return fault(CUDA_ERROR_LAUNCH_FAILED);
+  }
+  return check_red_zones(("found after a launch of " + f->name).c_str());
+}
+
 CUresult cuLaunchKernel(CUfunction function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                        unsigned shared_bytes, CUstream, void** params, void** extra) {
+                        unsigned shared_bytes, CUstream stream, void** params, void** extra) {
   API_ENTER();
   auto* f = reinterpret_cast<Function*>(function);
   if (!emu::launch_shape_ok(dim3(gx, gy, gz), dim3(bx, by, bz))) {
@@ -569,15 +726,11 @@ CUresult cuLaunchKernel(CUfunction function, unsigned gx, unsigned gy, unsigned 
     complain("%s: the emulator takes the parameter struct through kernelParams[0]", f->name.c_str());
     return CUDA_ERROR_INVALID_VALUE;
   }
-  emu::g_launch_tag = f->name;
-  const int errors_before = emu::g_errors;
-  const void* p = params[0];
-  emu::launch(dim3(gx, gy, gz), dim3(bx, by, bz), shared_bytes, [&] { f->invoke(p); });
-  if (emu::g_errors != errors_before) {
-    complain("%s: the emulator found %d error(s) in this launch (above)", f->name.c_str(), emu::g_errors - errors_before);
-    return fault(CUDA_ERROR_LAUNCH_FAILED);
-  }
-  return check_red_zones(("found after a launch of " + f->name).c_str());
+  // By value, as the driver copies kernelParams when the launch is queued.
+  const auto* p = static_cast<const unsigned char*>(params[0]);
+  auto copy = std::make_shared<std::vector<unsigned char>>(p, p + f->param_bytes);
+  const dim3 grid(gx, gy, gz), block(bx, by, bz);
+  return enqueue(stream, [=] { return run_launch(f, grid, block, shared_bytes, copy->data()); });
 }
 
 CUresult cuLaunchCooperativeKernel(CUfunction function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
@@ -603,6 +756,9 @@ CUresult cuGetErrorName(CUresult error, const char** name) {
     NAME(CUDA_ERROR_ILLEGAL_ADDRESS)
     NAME(CUDA_ERROR_LAUNCH_FAILED)
     NAME(CUDA_ERROR_NOT_SUPPORTED)
+    NAME(CUDA_ERROR_ILLEGAL_STATE)
+    NAME(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED)
+    NAME(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED)
 #undef NAME
     default: *name = "CUDA_ERROR_UNKNOWN"; return CUDA_ERROR_INVALID_VALUE;
   }

@@ -116,6 +116,42 @@ int main(int argc, char** argv) {
     EXPECT_RESULT(cuMemAlloc(&huge, total + 1), CUDA_ERROR_OUT_OF_MEMORY);
     EXPECT_RESULT(cuMemFree(buf), CUDA_SUCCESS);
     EXPECT_RESULT(cuMemFree(buf), CUDA_ERROR_INVALID_VALUE);
+  } else if (mode == "capture") {
+    // A capture records instead of running; its graph replays the launch with the parameters
+    // it was captured with; what a capture cannot hold invalidates it.
+    CUstream stream;
+    EXPECT_RESULT(cuStreamCreate(&stream, 0), CUDA_SUCCESS);
+    CUstreamCaptureStatus status;
+    EXPECT_RESULT(cuStreamBeginCapture(nullptr, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    EXPECT_RESULT(cuStreamBeginCapture(stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), CUDA_SUCCESS);
+    EXPECT_RESULT(cuStreamIsCapturing(stream, &status), CUDA_SUCCESS);
+    expect(status == CU_STREAM_CAPTURE_STATUS_ACTIVE, "the stream captures");
+    EXPECT_RESULT(cuStreamIsCapturing(nullptr, &status), CUDA_SUCCESS);
+    expect(status == CU_STREAM_CAPTURE_STATUS_NONE, "the legacy stream does not");
+    SelftestParams p{buf, n};
+    void* params[] = {&p};
+    CUfunction fill = function("emu_selftest_fill");
+    EXPECT_RESULT(cuLaunchKernel(fill, 3, 1, 1, 256, 1, 1, 0, stream, params, nullptr), CUDA_SUCCESS);
+    p.n = 0;  // the capture holds its own copy of the parameters
+    CUgraph graph;
+    EXPECT_RESULT(cuStreamEndCapture(stream, &graph), CUDA_SUCCESS);
+    EXPECT_RESULT(cuMemcpyDtoH(host.data(), buf, n * sizeof(float)), CUDA_SUCCESS);
+    expect(std::isnan(host[0]), "a captured launch did not run");
+    CUgraphExec exec;
+    EXPECT_RESULT(cuGraphInstantiateWithFlags(&exec, graph, 0), CUDA_SUCCESS);
+    EXPECT_RESULT(cuGraphLaunch(exec, stream), CUDA_SUCCESS);
+    EXPECT_RESULT(cuMemcpyDtoH(host.data(), buf, n * sizeof(float)), CUDA_SUCCESS);
+    expect(host[0] == 0.0f && host[n - 1] == (float)(n - 1), "the replay ran the captured launch");
+    EXPECT_RESULT(cuGraphExecDestroy(exec), CUDA_SUCCESS);
+    EXPECT_RESULT(cuGraphDestroy(graph), CUDA_SUCCESS);
+    EXPECT_RESULT(cuStreamBeginCapture(stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), CUDA_SUCCESS);
+    CUdeviceptr more;
+    EXPECT_RESULT(cuMemAllocAsync(&more, 64, stream), CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    EXPECT_RESULT(cuStreamIsCapturing(stream, &status), CUDA_SUCCESS);
+    expect(status == CU_STREAM_CAPTURE_STATUS_INVALIDATED, "an allocation invalidates the capture");
+    EXPECT_RESULT(cuStreamEndCapture(stream, &graph), CUDA_ERROR_STREAM_CAPTURE_INVALIDATED);
+    EXPECT_RESULT(cuStreamEndCapture(stream, &graph), CUDA_ERROR_ILLEGAL_STATE);
+    EXPECT_RESULT(cuStreamDestroy(stream), CUDA_SUCCESS);
   } else if (mode == "write-past-end") {
     // Caught after the launch, and sticky.
     EXPECT_RESULT(launch(function("emu_selftest_write_past_end"), 1, 1, {buf, n}), CUDA_ERROR_ILLEGAL_ADDRESS);

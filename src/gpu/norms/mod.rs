@@ -33,6 +33,7 @@ pub use layer::{NormCache, NormLayer};
 
 use super::context::alloc_error;
 use super::ops::Guards;
+use super::workspace::{grow, Tenancy};
 use super::GpuContext;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -256,9 +257,13 @@ pub struct Backward<'a, T> {
     pub accumulate: bool,
 }
 
-/// Scratch memory of the split reductions and the running update, reused across calls.
+/// Scratch memory of the split reductions and the running update, reused across calls, with
+/// [`Workspace`](crate::gpu::Workspace)'s rules: it serves the stream of its first call
+/// ([`Error::WorkspaceOnAnotherStream`] on another), and never grows during or after the capture
+/// of a CUDA graph ([`Error::WorkspaceCannotGrow`]: run the largest shape once before capturing).
 #[derive(Debug, Default)]
 pub struct NormWorkspace {
+    tenancy: Tenancy,
     floats: Option<CudaSlice<f32>>,
 }
 
@@ -269,14 +274,9 @@ impl NormWorkspace {
     }
 
     fn reserve(&mut self, gpu: &GpuContext, len: usize) -> Result<&mut CudaSlice<f32>> {
-        if self.floats.as_ref().is_none_or(|b| b.len() < len) {
-            let fresh = gpu
-                .stream()
-                .alloc_zeros::<f32>(len.max(1))
-                .map_err(alloc_error(len * 4))?;
-            self.floats = Some(fresh);
-        }
-        Ok(self.floats.as_mut().expect("reserved above"))
+        let held = self.floats.as_ref().map_or(0, |b| b.len());
+        self.tenancy.admit(gpu, len > held, 4 * held, 4 * len)?;
+        grow(&mut self.floats, gpu.stream(), len)
     }
 }
 
