@@ -427,6 +427,82 @@ fn optional_state_is_absent_and_eval_without_statistics_uses_the_batch() -> Resu
     Ok(())
 }
 
+/// The fused `relu(BN(x))` and `relu(BN(x) + z)` against the unfused candle ops on the plain
+/// module, training and eval, both layouts: `y` and every gradient (`z`'s included) within the
+/// f32 golden tolerance (the fused forms round `BN(x) + z` once; candle's `relu` backward passes
+/// the gradient at exactly 0, which seeded data does not hit).
+#[test]
+fn fused_relu_and_add_relu_match_the_unfused_ops() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(13);
+    let tol = |name: &str| common::tolerance_for(name, batchnorm_cuda::DType::F32);
+    for desc in [
+        TensorDesc::nchw(3, 4, 5, 3).unwrap(),
+        TensorDesc::nhwc(3, 4, 5, 3).unwrap(),
+    ] {
+        for train in [true, false] {
+            let x = random(&mut rng, desc.numel(), 1.0);
+            let z = random(&mut rng, desc.numel(), 0.0);
+            let dy = random(&mut rng, desc.numel(), 0.0);
+            // [y, dx, dz, dweight, dbias] of one form.
+            let run = |residual: bool, fused: bool| -> Result<Vec<Vec<f64>>> {
+                let varmap = VarMap::new();
+                let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+                let bn = BatchNorm::new(Dims::Two, BatchNormConfig::new(4), vb)?;
+                let mut varmap = varmap.clone();
+                varmap.set_one(
+                    "weight",
+                    Tensor::new(&[1.5f32, -0.5, 1.0, 2.0], &Device::Cpu)?,
+                )?;
+                varmap.set_one(
+                    "running_var",
+                    Tensor::new(&[0.5f32, 2.0, 1.0, 4.0], &Device::Cpu)?,
+                )?;
+                let (x_var, xt) = activation(x.clone(), &desc)?;
+                let (z_var, zt) = activation(z.clone(), &desc)?;
+                let y = match (residual, fused) {
+                    (false, true) => bn.forward_relu_t(&xt, train)?,
+                    (true, true) => bn.forward_add_relu_t(&xt, &zt, train)?,
+                    (false, false) => bn.forward_t(&xt, train)?.relu()?,
+                    (true, false) => (bn.forward_t(&xt, train)? + &zt)?.relu()?,
+                };
+                if fused {
+                    // (candle's own elementwise ops write contiguous outputs)
+                    assert_eq!(y.stride(), xt.stride(), "y keeps the layout of x");
+                }
+                let dyt = activation(dy.clone(), &desc)?.1;
+                let grads = (&y * &dyt)?.sum_all()?.backward()?;
+                let dz = match grads.get(z_var.as_tensor()) {
+                    Some(dz) => f64s(dz)?,
+                    None => Vec::new(),
+                };
+                Ok(vec![
+                    f64s(&y.permute(memory_axes(&desc))?)?,
+                    f64s(grads.get(x_var.as_tensor()).unwrap())?,
+                    dz,
+                    f64s(grads.get(bn.weight().unwrap()).unwrap())?,
+                    f64s(grads.get(bn.bias().unwrap()).unwrap())?,
+                ])
+            };
+            for residual in [false, true] {
+                let (fused, unfused) = (run(residual, true)?, run(residual, false)?);
+                let names = ["y", "dx", "dz", "dweight", "dbias"];
+                for ((name, got), want) in names.iter().zip(&fused).zip(&unfused) {
+                    let what =
+                        format!("{} train={train} residual={residual} {name}", desc.layout());
+                    let tol = tol(if *name == "dz" { "dx" } else { name });
+                    common::assert_close(&what, got, want, tol);
+                }
+                assert_eq!(
+                    fused[2].is_empty(),
+                    !residual,
+                    "dz exactly for the residual form"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// conv -> this batch norm -> ReLU -> mean pool -> linear, SGD on a seeded two-class problem
 /// (which half of an image is brighter): the loss falls and the classes are learnt.
 #[test]

@@ -3,6 +3,7 @@
 use super::layout::{to_logical, Placement};
 use super::ops::{ForwardOp, ForwardOutputs, RunningInputs, Statistics};
 use crate::config::BatchNormConfig;
+use crate::epilogue::EpilogueKind;
 use candle_core::{DType, Error, Result, Tensor, Var};
 use candle_nn::{Init, ModuleT, VarBuilder};
 use std::sync::{Arc, Mutex};
@@ -57,6 +58,8 @@ struct Running {
 ///   contiguous `(N, ..., C)`, e.g. `nhwc.permute((0, 3, 1, 2))`); the output has the layout of
 ///   `x`. Parameters, statistics and `eps` are f32 whatever the activation dtype. Other strides
 ///   are a candle error that names them.
+/// - **Fused epilogues**: [`BatchNorm::forward_relu_t`] and [`BatchNorm::forward_add_relu_t`]
+///   give `relu(BN(x))` and `relu(BN(x) + z)` in the same pass, with their gradients.
 /// - **Devices**: CPU tensors run on the CPU reference ([`crate::reference`], f64 accumulation);
 ///   CUDA tensors on this crate's kernels on candle's stream (feature `candle-cuda`).
 /// - **State**: created or loaded through a [`VarBuilder`] under PyTorch's `state_dict` names,
@@ -232,8 +235,27 @@ fn counter(running: &Running) -> Result<u64> {
     })
 }
 
-impl ModuleT for BatchNorm {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+impl BatchNorm {
+    /// `relu(BN(x))` in one pass, its backward from a 1-bit ReLU mask instead of `y`
+    /// ([`crate::epilogue`]); otherwise as [`ModuleT::forward_t`].
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_with(x, Some((EpilogueKind::Relu, x)), train)
+    }
+
+    /// The ResNet block's `relu(BN(x) + z)` in one pass, with the gradient of `z` too; `z` has
+    /// the shape and layout of `x`. `BN(x) + z` is rounded once (within one rounding of the
+    /// unfused ops in half precision).
+    pub fn forward_add_relu_t(&self, x: &Tensor, z: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_with(x, Some((EpilogueKind::AddRelu, z)), train)
+    }
+
+    /// The forward with an optional fused epilogue and its shortcut.
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        epilogue: Option<(EpilogueKind, &Tensor)>,
+        train: bool,
+    ) -> Result<Tensor> {
         if !self.dims.accepts(x.rank()) {
             return Err(Error::Msg(format!(
                 "batchnorm-cuda: expected {} input (got {}D input)",
@@ -253,17 +275,27 @@ impl ModuleT for BatchNorm {
         let op = ForwardOp {
             eps: self.config.eps,
             affine: self.config.affine,
+            epilogue: epilogue.map(|(kind, _)| kind),
             stats: self.statistics(train)?,
             outputs: outputs.clone(),
         };
-        let y = match (&self.weight, &self.bias) {
-            (Some(weight), Some(bias)) => x.apply_op3(weight, bias, op)?,
-            // Without affine parameters the op reads neither: `x` stands in for both.
-            _ => x.apply_op3(x, x, op)?,
+        // The op reads the parameters stacked to [2, C] (`stack` carries their gradients back)
+        // and `z`; without them, `x` stands in, unread.
+        let params = match (&self.weight, &self.bias) {
+            (Some(weight), Some(bias)) => Tensor::stack(&[weight, bias], 0)?,
+            _ => x.clone(),
         };
+        let z = epilogue.map_or(x, |(_, z)| z);
+        let y = x.apply_op3(&params, z, op)?;
         if train {
             self.commit(&outputs, x)?;
         }
         to_logical(y, &desc)
+    }
+}
+
+impl ModuleT for BatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_with(x, None, train)
     }
 }
