@@ -537,18 +537,18 @@ mod cuda {
         ))
     }
 
-    /// Calls `f` with the `[C]` f32 view of a CUDA tensor the op holds (running statistics).
-    fn with_channels<R>(
+    /// The f32 view of a contiguous CUDA tensor's storage (the running statistics the op holds,
+    /// read through `Tensor::storage_and_layout`).
+    fn cuda_channels<'s>(
         what: &str,
-        tensor: &Tensor,
-        f: impl FnOnce(CudaView<'_, f32>) -> Result<R>,
-    ) -> Result<R> {
-        let (storage, layout) = tensor.storage_and_layout();
+        storage: &'s Storage,
+        layout: &Layout,
+    ) -> Result<CudaView<'s, f32>> {
         let start = contiguous_start(what, layout)?;
-        match &*storage {
+        match storage {
             Storage::Cuda(storage) => {
                 let len = layout.shape().elem_count();
-                f(storage.as_cuda_slice::<f32>()?.slice(start..start + len))
+                Ok(storage.as_cuda_slice::<f32>()?.slice(start..start + len))
             }
             _ => Err(Error::Msg(format!("batchnorm-cuda: {what} is not on the CUDA device")).bt()),
         }
@@ -607,10 +607,10 @@ mod cuda {
                 let alloc = || device.alloc_zeros::<f32>(c);
                 let mut saved = [alloc()?, alloc()?, alloc()?];
                 // The update writes copies: the Vars are set from them after the call.
-                let copy = |t: &Tensor, what| {
-                    with_channels(what, t, |v| {
-                        gpu.stream().clone_dtod(&v).map_err(Error::wrap)
-                    })
+                let copy = |t: &Tensor, what| -> Result<CudaSlice<f32>> {
+                    let (storage, layout) = t.storage_and_layout();
+                    let view = cuda_channels(what, &storage, layout)?;
+                    gpu.stream().clone_dtod(&view).map_err(Error::wrap)
                 };
                 let mut new_running = match running {
                     Some(r) => Some((copy(&r.mean, "running_mean")?, copy(&r.var, "running_var")?)),
@@ -645,15 +645,16 @@ mod cuda {
                 (Some(saved), running)
             }
             Statistics::Running { mean, var } => {
-                with_channels("running_mean", mean, |mean| {
-                    with_channels("running_var", var, |var| {
-                        let stats = ForwardStats::Running {
-                            stats: RunningStats { mean, var },
-                            eps: op.eps,
-                        };
-                        call(stats, &mut y, mask.as_mut())
-                    })
-                })?;
+                let (mean_storage, mean_layout) = mean.storage_and_layout();
+                let (var_storage, var_layout) = var.storage_and_layout();
+                let stats = ForwardStats::Running {
+                    stats: RunningStats {
+                        mean: cuda_channels("running_mean", &mean_storage, mean_layout)?,
+                        var: cuda_channels("running_var", &var_storage, var_layout)?,
+                    },
+                    eps: op.eps,
+                };
+                call(stats, &mut y, mask.as_mut())?;
                 (None, None)
             }
         };
@@ -692,10 +693,13 @@ mod cuda {
         let residual = forward.epilogue == Some(EpilogueKind::AddRelu);
         let mut dx = device.alloc_zeros::<T>(n)?;
         let mut dparams = device.alloc_zeros::<f32>(2 * c)?;
-        let mut dz = device.alloc_zeros::<T>(if residual { n } else { 0 })?;
+        let mut dz = match residual {
+            true => Some(device.alloc_zeros::<T>(n)?),
+            false => None,
+        };
         let mut workspace = Workspace::new();
         let mut call = |stats| {
-            let (mut dweight, mut dbias) = dparams.split_at_mut(c);
+            let (dweight, dbias) = dparams.split_at_mut(c);
             let epilogue = match (forward.epilogue, mask) {
                 (None, _) => EpilogueGrad::None,
                 (Some(EpilogueKind::Relu), Some(mask)) => EpilogueGrad::Relu {
@@ -703,7 +707,7 @@ mod cuda {
                 },
                 (Some(EpilogueKind::AddRelu), Some(mask)) => EpilogueGrad::AddRelu {
                     mask: mask.as_view(),
-                    dz: Some(dz.as_view_mut()),
+                    dz: dz.as_mut().map(|dz| dz.as_view_mut()),
                 },
                 (Some(_), None) => return Err(no_saved_statistics()),
             };
@@ -715,8 +719,8 @@ mod cuda {
                 stats,
                 grads: GradientsMut {
                     dx: Some(dx.as_view_mut()),
-                    dweight: forward.affine.then(|| dweight.slice_mut(..)),
-                    dbias: forward.affine.then(|| dbias.slice_mut(..)),
+                    dweight: forward.affine.then_some(dweight),
+                    dbias: forward.affine.then_some(dbias),
                     accumulate: false,
                 },
                 epilogue,
@@ -732,13 +736,14 @@ mod cuda {
                 }))?
             }
             (Statistics::Running { mean, var }, _) => {
-                with_channels("running_mean", mean, |mean| {
-                    with_channels("running_var", var, |var| {
-                        call(BackwardStats::Running {
-                            stats: RunningStats { mean, var },
-                            eps: forward.eps,
-                        })
-                    })
+                let (mean_storage, mean_layout) = mean.storage_and_layout();
+                let (var_storage, var_layout) = var.storage_and_layout();
+                call(BackwardStats::Running {
+                    stats: RunningStats {
+                        mean: cuda_channels("running_mean", &mean_storage, mean_layout)?,
+                        var: cuda_channels("running_var", &var_storage, var_layout)?,
+                    },
+                    eps: forward.eps,
                 })?
             }
             _ => return Err(no_saved_statistics()),
@@ -747,7 +752,7 @@ mod cuda {
             dparams: forward
                 .affine
                 .then(|| Emitted::device(dparams, &device, (2, c))),
-            dz: residual.then(|| Emitted::device(dz, &device, desc.memory_dims())),
+            dz: dz.map(|dz| Emitted::device(dz, &device, desc.memory_dims())),
         };
         Ok((
             CudaStorage::wrap_cuda_slice(dx, device),
