@@ -19,6 +19,7 @@
 //! | [`stats`] | the saved batch statistics on the host, as both the GPU layers and the reference hand them out |
 //! | [`norms`] | group, layer, instance and RMS normalization: one row-statistics shape for all four ([`reference::norms`], [`gpu::norms`]) |
 //! | [`state`] | a layer's state in PyTorch's `state_dict` names, as safetensors |
+//! | `candle` | batch norm as a candle module with autograd, on CPU and CUDA tensors (feature `candle`) |
 //!
 //! Activations are `f32`, [`half::f16`] or [`half::bf16`] ([`Element`]) in channels-first or
 //! channels-last memory order ([`Layout`]); parameters and statistics are always `f32`.
@@ -50,6 +51,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod config;
 #[cfg(feature = "test-tools")]
 pub mod conv;
