@@ -79,6 +79,25 @@ fn launch_family<T: Element, P: DeviceRepr>(
         .launch(gpu.stream(), shape, params)
 }
 
+/// The launch of the split reduction `family` over `desc`: one wave of that kernel's blocks (its
+/// occupancy, from the driver), split as [`launch::reduction`] says.
+fn reduction_shape<T: Element, P>(
+    gpu: &GpuContext,
+    family: Family<P>,
+    desc: &TensorDesc,
+) -> launch::Launch {
+    let g = desc.geometry();
+    let index = IndexWidth::for_numel(desc.numel());
+    let blocks_per_sm = gpu
+        .kernels()
+        .blocks_per_sm(family, Traversal::of(&g), T::DTYPE, index);
+    let resident = launch::Residency {
+        sm_count: gpu.sm_count(),
+        blocks_per_sm,
+    };
+    launch::reduction(&g, T::DTYPE, resident)
+}
+
 fn elementwise<T: Element, P: DeviceRepr>(
     gpu: &GpuContext,
     family: Family<P>,
@@ -182,7 +201,7 @@ pub(crate) fn batch_statistics<T: Element>(
     stats: &mut BatchStats<'_>,
 ) -> Result<()> {
     let (c, g) = (desc.channels(), desc.geometry());
-    let reduce = launch::reduction(&g, T::DTYPE, gpu.sm_count());
+    let reduce = reduction_shape::<T, _>(gpu, kernels::STATS, desc);
     let scratch = workspace.reserve(gpu, 3 * c * reduce.splits as usize, c)?;
     let mut guards = Guards::new(gpu.stream());
     let running = running_pointers(&mut guards, stats.running.as_mut());
@@ -282,7 +301,12 @@ pub(crate) fn backward<T: Element>(
         return Ok(());
     }
     let c = op.desc.channels();
-    let reduce = launch::reduction(&op.desc.geometry(), T::DTYPE, gpu.sm_count());
+    // The reduce's kernel (plain or reading the mask) decides the grid, hence the partials.
+    let mask = epilogue.mask();
+    let reduce = match mask {
+        None => reduction_shape::<T, _>(gpu, kernels::BACKWARD_REDUCE, op.desc),
+        Some(_) => reduction_shape::<T, _>(gpu, kernels::BACKWARD_REDUCE_RELU, op.desc),
+    };
     let scratch = workspace.reserve(gpu, 2 * c * reduce.splits as usize, c)?;
     // Training dx needs the sums; eval dx does not.
     let wants_params = dweight.is_some() || dbias.is_some();
@@ -292,7 +316,7 @@ pub(crate) fn backward<T: Element>(
             dbias: dbias.as_mut(),
             accumulate,
         };
-        backward_reduce(gpu, scratch, op, sums, epilogue.mask())?;
+        backward_reduce(gpu, scratch, reduce, op, sums, mask)?;
     }
     backward_dx(gpu, workspace.coef(), op, dx.as_mut(), epilogue)
 }
@@ -307,16 +331,17 @@ pub(crate) struct ParamSums<'r, 'a> {
 
 /// The reduce of a backward over a non-empty batch: the parameter sums and, from batch
 /// statistics, the dx coefficients into the workspace's `coef`. `mask`: the ReLU mask of a
-/// fused forward, read as `dy` is loaded. One launch.
+/// fused forward, read as `dy` is loaded. `reduce`: the launch the workspace's partials were
+/// reserved for (the same kernel's [`reduction_shape`]). One launch.
 pub(crate) fn backward_reduce<T: Element>(
     gpu: &GpuContext,
     scratch: Scratch<'_>,
+    reduce: launch::Launch,
     op: &Gradient<'_, '_, T>,
     sums: ParamSums<'_, '_>,
     mask: Option<&CudaView<'_, u32>>,
 ) -> Result<()> {
     let g = op.desc.geometry();
-    let reduce = launch::reduction(&g, T::DTYPE, gpu.sm_count());
     let mut guards = Guards::new(gpu.stream());
     let stats = op.stats.pointers(&mut guards);
     let params = BackwardReduceParams {
@@ -422,7 +447,7 @@ pub(crate) fn sync_moments<T: Element>(
     moments: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let (c, g) = (desc.channels(), desc.geometry());
-    let reduce = launch::reduction(&g, T::DTYPE, gpu.sm_count());
+    let reduce = reduction_shape::<T, _>(gpu, kernels::SYNC_MOMENTS, desc);
     let scratch = workspace.reserve(gpu, PARTIAL_FLOATS * c * reduce.splits as usize, c)?;
     let mut guards = Guards::new(gpu.stream());
     let params = SyncMomentsParams {
