@@ -95,7 +95,10 @@ fn reduction_shape<T: Element, P>(
         sm_count: gpu.sm_count(),
         blocks_per_sm,
     };
-    launch::reduction(&g, T::DTYPE, resident)
+    let shape = launch::reduction(&g, T::DTYPE, resident);
+    // The workspace holds one semaphore per channel, which the kernels never exceed.
+    debug_assert!(launch::semaphores(&g, &shape) <= g.channels as u64);
+    shape
 }
 
 fn elementwise<T: Element, P: DeviceRepr>(
