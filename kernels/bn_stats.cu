@@ -10,12 +10,13 @@
 // 16-byte vector's own (count, mean, m2) is Chan-merged into the thread state (<= 1 division per
 // vector); rows: one value per channel per row, one division per row shared by the VEC channels.
 // Then warp shuffles + shared memory (fixed order), partial (mean of x - pivot, m2, count) to
-// partials[c][split], semaphore; the last block merges the partials in split order and writes
+// partials[c][split], semaphore; the last block merges the partials in split order (rows: in two
+// levels past 8*by splits, common.cuh; one split: no partial) and writes
 // save_mean + save_mean_lo = pivot + mean exactly (two_sum: save_mean is the rounded f32 mean),
 // save_invstd = 1/sqrt(var + eps) (bit-identical to 1.0f / sqrtf) and the running update.
 // Shared memory: planar 3*8 floats; rows (1 + 2*VEC)*256 floats (9 KB f32, 17 KB f16/bf16).
 // Assumes m = outer*inner >= 2 (host), partials sized [C][splits][3] (< 2^32 floats),
-// semaphores zero, gridDim.x (planar) / gridDim.y (rows) == splits.
+// launch::semaphores semaphores zero, gridDim.x (planar) / gridDim.y (rows) == splits.
 #include "moments.cuh"
 
 struct StatsParams {

@@ -606,23 +606,26 @@ template <typename T> __device__ __forceinline__ RowsColumn rows_column(u64 C) {
 // ------------------------------------------------------------------------------------------------
 // Split reduction + last-block finalize (bn_stats, bn_backward reduce).
 // ------------------------------------------------------------------------------------------------
-// Publish-then-count: every thread fences its partial writes, thread 0 counts the block in;
-// the block that sees splits-1 arrivals before it is the last of its group and fences again
-// (acquire) before reading the partials with __ldcg (L2: never a stale L1 line). The last block
-// resets the semaphore at once: every block of the group has already counted itself in, so
-// nothing else touches it in this launch, and it is zero again for the next one.
-__device__ __forceinline__ bool arrive_last(unsigned* sem, unsigned splits, int* flag) {
-  __threadfence();
+// Publish-then-count, one release/acquire pair per block: the block's partial writes are ordered
+// before thread 0 by the barrier, thread 0 fences once (release, cumulative over what the barrier
+// ordered) and counts the block in; the block that sees arrivals-1 before it is the last of its
+// group, fences once more (acquire) and shares the verdict through the second barrier before its
+// threads read the partials with __ldcg (L2: never a stale L1 line). The last block resets the
+// semaphore at once: every block of the group has counted itself in, so nothing else touches it
+// in this launch, and it is zero again for the next one.
+__device__ __forceinline__ bool arrive_last(unsigned* sem, unsigned arrivals, int* flag) {
   __syncthreads();
   if (threadIdx.x == 0 && threadIdx.y == 0) {
-    const bool last = atomicAdd(sem, 1u) == splits - 1u;
-    if (last) *sem = 0u;
+    __threadfence();
+    const bool last = atomicAdd(sem, 1u) == arrivals - 1u;
+    if (last) {
+      *sem = 0u;
+      __threadfence();
+    }
     *flag = last;
   }
   __syncthreads();
-  const bool last = *flag != 0;
-  if (last) __threadfence();
-  return last;
+  return *flag != 0;
 }
 
 // A policy P provides:
@@ -633,12 +636,13 @@ __device__ __forceinline__ bool arrive_last(unsigned* sem, unsigned splits, int*
 //   store_partial(float* dst, const State<K>&, k), load_partial(State<K>&, const float* src, k)
 //       (src read with __ldcg), finalize<T>(p, c, const State<1>&) (one channel);
 //   State<K>::channel(src, stride, k) (channel k of a state parked in shared memory).
+// One split (splits == 1): no partials, no semaphore; the block finalizes its own state.
 
 // grid (splits, min(C, 65535)), block 256: block (s, y) reduces channels c = y, y + gridDim.y, ...
 // The splits*8 warps of channel c split its outer*chunks units into contiguous ranges (warp
 // s*8 + w takes range s*8 + w); partial to partials[c][s]; the last block of channel c merges
-// partials[c][0..splits) (thread t: splits t, t+256, ... in order, then the block tree) and
-// finalizes c.
+// partials[c][0..splits) (thread t: splits t, t+256, ... in order, then the block tree: at most
+// ceil(splits/256) dependent loads per thread, launch::merge_depth) and finalizes c.
 template <class P, typename T, typename I, int UNROLL>
 __device__ __forceinline__ void split_reduce_planar(const typename P::Params& p) {
   typedef typename P::template State<1> S;
@@ -663,26 +667,57 @@ __device__ __forceinline__ void split_reduce_planar(const typename P::Params& p)
     sp.mbase = (I)c * mwords;
     walk_planar<T, I, UNROLL>(acc, vec, sp, (u64)blockIdx.x * kWarps + (threadIdx.x >> 5), (u64)splits * kWarps);
     S s = block_reduce(acc.st, red);
-    // 32-bit partial offsets: the workspace holds C*splits*PF < 2^32 floats.
-    if (threadIdx.x == 0) P::store_partial(p.partials + ((unsigned)c * splits + blockIdx.x) * PF, s, 0);
-    if (arrive_last(p.semaphores + c, splits, &last_flag)) {  // syncs: red is free again
-      S t = S::empty();
-      for (unsigned i = threadIdx.x; i < splits; i += kThreads) {
-        S q = S::empty();
-        P::load_partial(q, p.partials + ((unsigned)c * splits + i) * PF, 0);
-        t = S::merge(t, q);
+    if (splits == 1) {
+      if (threadIdx.x == 0) P::template finalize<T>(p, c, s);
+    } else {
+      // 32-bit partial offsets: the workspace holds C*splits*PF < 2^32 floats.
+      if (threadIdx.x == 0) P::store_partial(p.partials + ((unsigned)c * splits + blockIdx.x) * PF, s, 0);
+      if (arrive_last(p.semaphores + c, splits, &last_flag)) {  // syncs: red is free again
+        S t = S::empty();
+        for (unsigned i = threadIdx.x; i < splits; i += kThreads) {
+          S q = S::empty();
+          P::load_partial(q, p.partials + ((unsigned)c * splits + i) * PF, 0);
+          t = S::merge(t, q);
+        }
+        t = block_reduce(t, red);
+        if (threadIdx.x == 0) P::template finalize<T>(p, c, t);
       }
-      t = block_reduce(t, red);
-      if (threadIdx.x == 0) P::template finalize<T>(p, c, t);
     }
     __syncthreads();  // red and last_flag are reused by the next channel
   }
 }
 
+// Partials merged per thread row and level of the rows merge: a level merges kMergeRun * by
+// consecutive partials (launch::MERGE_RUN, launch::merge_depth on the host).
+constexpr unsigned kMergeRun = 8;
+
+// The rows merge of one level: thread (tx, ty) merges partials first + i*step, i = ty, ty + by,
+// ... < count, of its column's channels (in order), then the column's y tree (thread (tx, 0)).
+// col: the column's channel c0, split 0; kstride: floats between two channels' partials.
+template <class P, class S, int VEC>
+__device__ __forceinline__ S rows_merge(const float* col, unsigned kstride, int cnt, unsigned first, unsigned count,
+                                        unsigned step, float* red) {
+  S t = S::empty();
+  for (unsigned i = threadIdx.y; i < count; i += blockDim.y) {
+    S q = S::empty();
+    const float* src = col + (first + i * step) * P::PF;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      if (k < cnt) P::load_partial(q, src + k * kstride, k);
+    t = S::merge(t, q);
+  }
+  return block_reduce_y(t, red);
+}
+
 // grid (ceil(C / (bx*VEC)), splits), block (bx, by), bx*by = 256: thread (tx, ty) of block
 // (X, s) owns channels [c0, c0+VEC), c0 = (X*bx + tx)*VEC, rows ty + s*by + k*splits*by.
-// Reduced over ty; partials[c][s]; semaphore X; the last block merges partials[c][0..splits)
-// (thread (tx, ty): splits ty, ty+by, ... in order, then the same y tree) and finalizes.
+// Reduced over ty; partials[c][s]. Merge in at most two levels of run = kMergeRun*by partials,
+// so no thread loads more than 2*kMergeRun partials one after another, whatever splits is:
+//   splits <= run: the last block of tile X (semaphore X) merges partials[c][0..splits).
+//   else, groups = ceil(splits / run): the last block of group g = s / run (semaphore
+//   tiles + X*groups + g) merges its run [g*run, min((g+1)*run, splits)) into partials[c][g*run]
+//   and counts in at semaphore X; the last of those merges partials[c][g*run], g < groups.
+// Fixed order at each level: the result depends on splits (and by), never on the schedule.
 template <class P, typename T, typename I, int UNROLL>
 __device__ __forceinline__ void split_reduce_rows(const typename P::Params& p) {
   constexpr int VEC = Vec<T>::N;
@@ -697,38 +732,46 @@ __device__ __forceinline__ void split_reduce_rows(const typename P::Params& p) {
   typename P::template RowsAcc<T, I> acc(p, rc);
   walk_rows<T, I, UNROLL>(acc, vec, rows, C, (I)rc.c0, rc.cnt, (I)(blockIdx.y * blockDim.y + threadIdx.y),
                           (I)(gridDim.y * blockDim.y));
-  S s = block_reduce_y(acc.st, red);
-  // Partials of channel c0 + k, split i at (c0*splits + i)*PF + k*splits*PF: 32-bit offsets
-  // (the workspace holds C*splits*PF < 2^32 floats), one base per split, a stride per channel.
-  const unsigned kstride = splits * PF;
-  if (threadIdx.y == 0) {
-    const unsigned base = ((unsigned)rc.c0 * splits + blockIdx.y) * PF;
+  S t = block_reduce_y(acc.st, red);
+  if (splits > 1) {
+    // Partials of channel c0 + k, split i at (c0*splits + i)*PF + k*splits*PF: 32-bit offsets
+    // (the workspace holds C*splits*PF < 2^32 floats), one base per split, a stride per channel.
+    const unsigned kstride = splits * PF;
+    float* col = p.partials + (unsigned)rc.c0 * splits * PF;
+    const unsigned run = kMergeRun * blockDim.y;
+    const unsigned groups = (splits + run - 1) / run;
+    unsigned slot = blockIdx.y, count = splits, step = 1;  // this block's partial; the final level
+    if (groups > 1) {
+      const unsigned g = blockIdx.y / run, first = g * run, len = min(run, splits - first);
+      if (threadIdx.y == 0) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k)
-      if (k < rc.cnt) P::store_partial(p.partials + base + k * kstride, s, k);
-  }
-  if (arrive_last(p.semaphores + blockIdx.x, splits, &last_flag)) {
-    S t = S::empty();
-    for (unsigned i = threadIdx.y; i < splits; i += blockDim.y) {
-      S q = S::empty();
-      const float* src = p.partials + ((unsigned)rc.c0 * splits + i) * PF;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k)
-        if (k < rc.cnt) P::load_partial(q, src + k * kstride, k);
-      t = S::merge(t, q);
+        for (int k = 0; k < VEC; ++k)
+          if (k < rc.cnt) P::store_partial(col + slot * PF + k * kstride, t, k);
+      }
+      if (!arrive_last(p.semaphores + gridDim.x + blockIdx.x * groups + g, len, &last_flag)) return;
+      t = rows_merge<P, S, VEC>(col, kstride, rc.cnt, first, len, 1, red);
+      slot = first;
+      count = groups;
+      step = run;
     }
-    t = block_reduce_y(t, red);
-    // Park the column results in red, then finalize one channel per thread (threads (tx, ty)
-    // take channels c0 + ty, c0 + ty + by, ...): few registers live in the finalize.
-    __syncthreads();
     if (threadIdx.y == 0) {
 #pragma unroll
-      for (int i = 0; i < S::NF; ++i) red[i * kThreads + threadIdx.x] = t.v[i];
+      for (int k = 0; k < VEC; ++k)
+        if (k < rc.cnt) P::store_partial(col + slot * PF + k * kstride, t, k);
     }
-    __syncthreads();
-    for (int k = threadIdx.y; k < rc.cnt; k += blockDim.y)
-      P::template finalize<T>(p, rc.c0 + k, S::channel(red + threadIdx.x, kThreads, k));
+    if (!arrive_last(p.semaphores + blockIdx.x, count, &last_flag)) return;
+    t = rows_merge<P, S, VEC>(col, kstride, rc.cnt, 0, count, step, red);
   }
+  // Park the column results in red, then finalize one channel per thread (threads (tx, ty)
+  // take channels c0 + ty, c0 + ty + by, ...): few registers live in the finalize.
+  __syncthreads();
+  if (threadIdx.y == 0) {
+#pragma unroll
+    for (int i = 0; i < S::NF; ++i) red[i * kThreads + threadIdx.x] = t.v[i];
+  }
+  __syncthreads();
+  for (int k = threadIdx.y; k < rc.cnt; k += blockDim.y)
+    P::template finalize<T>(p, rc.c0 + k, S::channel(red + threadIdx.x, kThreads, k));
 }
 
 // ------------------------------------------------------------------------------------------------

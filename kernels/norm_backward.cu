@@ -11,7 +11,8 @@
 // norm_backward_split_<dt>  grid (rows, splits), block 256: partial sums of a chunk to
 //   partials[(r * splits + s) * 2].
 // norm_dx_split_<dt>        grid (rows, splits), block 256: each block merges its row's partials
-//   in split order, then writes dx over its chunk.
+//   in a fixed order (threads: splits t, t + 256, ..., then the block tree), then writes dx
+//   over its chunk.
 // norm_param_grads_<dt>     grid (ceil(C / 32)), block (32, 8): thread column tx owns channel
 //   blockIdx.x * 32 + tx (adjacent channels: coalesced for layer norm), the 8 rows of threads
 //   stride over its N * S values; the 8 partial sums are added in order. dweight / dbias are
@@ -132,17 +133,19 @@ template <typename T> __device__ __forceinline__ void backward_split(const NormB
 }
 
 template <typename T> __device__ __forceinline__ void dx_split(const NormBackwardParams& p) {
+  __shared__ float red[Sums2<1>::NF * kWarps];
   __shared__ float bc[2];
   const u64 row = blockIdx.x, split = blockIdx.y;
-  if (threadIdx.x == 0) {
-    Sums2<1> s = Sums2<1>::empty();
-    const float* in = p.partials + row * p.splits * Sums2<1>::NF;
-    for (int k = 0; k < p.splits; ++k) {
-      s.a(0) += in[k * Sums2<1>::NF];
-      s.b(0) += in[k * Sums2<1>::NF + 1];
-    }
-    row_means(p, s, bc);
+  // The whole block sums the row's partials (thread t: splits t, t + 256, ..., then the block
+  // tree), in the same order in every block of the row.
+  Sums2<1> s = Sums2<1>::empty();
+  const float* in = p.partials + row * p.splits * Sums2<1>::NF;
+  for (int k = threadIdx.x; k < p.splits; k += kThreads) {
+    s.a(0) += in[k * Sums2<1>::NF];
+    s.b(0) += in[k * Sums2<1>::NF + 1];
   }
+  s = block_reduce(s, red);
+  if (threadIdx.x == 0) row_means(p, s, bc);
   __syncthreads();
   u64 e0, e1;
   split_range(row_len(p.shape), split, p.splits, e0, e1);

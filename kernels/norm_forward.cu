@@ -10,7 +10,8 @@
 // norm_stats_split_<dt>   grid (rows, splits), block 256: split s of row r reduces its chunk to a
 //   partial (count, mean of h - pivot, m2) in partials[(r * splits + s) * 3].
 // norm_apply_split_<dt>   grid (rows, splits), block 256: every block merges its row's partials
-//   in split order (the same merge everywhere: deterministic), block (r, 0) writes the
+//   in a fixed order (its 256 threads: splits t, t + 256, ..., then the block tree; the same
+//   merge everywhere: deterministic), block (r, 0) writes the
 //   statistics, each block normalizes its chunk. For long rows (group norm on large images).
 // norm_running_rows       grid (ceil(rows / 256)), block 256: per-row statistics of an eval
 //   instance norm from the running ones: mean = running_mean[c], rstd = 1/sqrt(running_var + eps).
@@ -173,25 +174,29 @@ template <typename T> __device__ __forceinline__ void stats_split(const NormForw
 }
 
 template <typename T> __device__ __forceinline__ void apply_split(const NormForwardParams& p) {
+  __shared__ float red[Welford<1>::NF * kWarps];
   __shared__ float bc[3];
   const u64 row = blockIdx.x, split = blockIdx.y;
-  if (threadIdx.x == 0) {
-    RowStats st;
-    if (p.stats_given) {
-      st = given_stats(p, row);
-    } else {
-      Welford<1> s = Welford<1>::empty();
-      const float* in = p.partials + row * p.splits * Welford<1>::NF;
-      for (int k = 0; k < p.splits; ++k) {
-        Welford<1> t;
+  if (p.stats_given) {
+    if (threadIdx.x == 0) park(bc, given_stats(p, row));
+  } else {
+    // The whole block merges the row's partials: thread t takes splits t, t + 256, ... in order
+    // (at most ceil(splits / 256) one after another), then the block tree; every block of the
+    // row merges in the same order, so they agree bit for bit.
+    Welford<1> s = Welford<1>::empty();
+    const float* in = p.partials + row * p.splits * Welford<1>::NF;
+    for (int k = threadIdx.x; k < p.splits; k += kThreads) {
+      Welford<1> t;
 #pragma unroll
-        for (int i = 0; i < Welford<1>::NF; ++i) t.v[i] = in[k * Welford<1>::NF + i];
-        s = Welford<1>::merge(s, t);
-      }
-      st = finalize(s, row_pivot<T>(p.shape, p.x, p.residual, row), p.eps, p.shape.centered);
-      if (split == 0) store_stats(p, row, st);
+      for (int i = 0; i < Welford<1>::NF; ++i) t.v[i] = in[k * Welford<1>::NF + i];
+      s = Welford<1>::merge(s, t);
     }
-    park(bc, st);
+    s = block_reduce(s, red);
+    if (threadIdx.x == 0) {
+      const RowStats st = finalize(s, row_pivot<T>(p.shape, p.x, p.residual, row), p.eps, p.shape.centered);
+      if (split == 0) store_stats(p, row, st);
+      park(bc, st);
+    }
   }
   __syncthreads();
   u64 e0, e1;

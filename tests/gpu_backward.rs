@@ -248,6 +248,30 @@ fn gpu_backward_is_bitwise_deterministic() {
     }
 }
 
+/// The backward reduce over the two-level rows merge (as gpu_forward's
+/// `gpu_two_level_rows_merges_match_reference_and_repeat`): right, and repeated bit for bit.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_two_level_rows_merges_in_the_backward() {
+    let gpu = gpu();
+    let nhwc = TensorDesc::nhwc(8, 256, 32, 32).unwrap();
+    let rows = TensorDesc::new(&[40_000, 32], Layout::ChannelsFirst).unwrap();
+    let worst = compare_backward::<f16>(&gpu, &nhwc, 41);
+    assert!(worst.iter().all(|&w| w <= 1.0), "{nhwc}: {worst:?}");
+    let worst = compare_backward::<f32>(&gpu, &rows, 42);
+    assert!(worst.iter().all(|&w| w <= 1.0), "{rows}: {worst:?}");
+    let host = inputs::<f32>(&rows, 43);
+    let device = Device::new(&gpu, &host, &rows);
+    let mut ws = Workspace::new();
+    let first = device.backward(&gpu, &mut ws, &rows, true);
+    let again = device.backward(&gpu, &mut ws, &rows, true);
+    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+    assert!(
+        same(&again.0, &first.0) && same(&again.1, &first.1) && same(&again.2, &first.2),
+        "{rows}: a second backward differs"
+    );
+}
+
 /// dx only, parameter gradients only, and accumulation into existing buffers.
 #[test]
 #[ignore = "needs a CUDA device"]

@@ -283,6 +283,33 @@ fn gpu_long_reductions_split_across_blocks() {
     }
 }
 
+/// Reductions long enough for the two-level rows merge (more than 8 * by splits,
+/// `launch::merge_depth`) on 132 SMs: channels-last f16 with C = 256 (by 8: 256 splits) and an
+/// `(N, C)` f32 batch (by 32: 313 splits). Right against the reference, and a second forward
+/// repeats the statistics bit for bit (and y).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_two_level_rows_merges_match_reference_and_repeat() {
+    fn repeats<T: Element>(gpu: &GpuContext, desc: &TensorDesc) {
+        let x: Vec<T> = random(13, desc.numel(), 1.5, 2.0);
+        let (first, again) = (training_stats(gpu, desc, &x), training_stats(gpu, desc, &x));
+        let bits = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+        assert!(
+            bits(&first.1, &again.1) && bits(&first.2, &again.2) && first.0 == again.0,
+            "{desc}: a second run differs"
+        );
+    }
+    let gpu = gpu();
+    let nhwc = TensorDesc::nhwc(8, 256, 32, 32).unwrap();
+    let rows = TensorDesc::new(&[40_000, 32], Layout::ChannelsFirst).unwrap();
+    for (desc, dtype) in [(nhwc, DType::F16), (rows, DType::F32), (rows, DType::BF16)] {
+        let o = compare_any(&gpu, dtype, &desc, 17, 1.5, 2.0);
+        assert_within(&format!("{desc} {dtype}"), &o);
+    }
+    repeats::<f16>(&gpu, &nhwc);
+    repeats::<f32>(&gpu, &rows);
+}
+
 /// Saved statistics of a training forward, as host vectors.
 fn training_stats<T: Element>(
     gpu: &GpuContext,

@@ -408,6 +408,52 @@ fn norms_gpu_matches_the_reference() {
     check::<half::bf16>(&norms, DType::BF16);
 }
 
+/// One row long enough for more than 256 splits (each thread of a merging block takes two or
+/// more partials): forward and backward against the reference.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn norms_gpu_merges_many_splits() {
+    let norms = Norms::new(&gpu()).unwrap();
+    let sm_count = norms.context().sm_count();
+    let desc = NormDesc::rms(&[1, 2_100_000], &[2_100_000]).unwrap();
+    if !matches!(row_plan(1, desc.row_len(), sm_count), RowPlan::Split { splits } if splits > 256) {
+        eprintln!("{sm_count} SMs: fewer than 257 splits, nothing to check here");
+        return;
+    }
+    let n = desc.numel();
+    let x: Vec<f32> = random(3, n, 0.3, 2.0);
+    let dy: Vec<f32> = random(4, n, 0.0, 1.0);
+    let w = random_f32(5, desc.channels(), -1.5, 1.5);
+    let got = run(
+        &norms,
+        &desc,
+        Run {
+            x: &x,
+            residual: None,
+            dy: &dy,
+            weight: Some(&w),
+            bias: None,
+            eps: 1e-5,
+            mode: Mode::Batch,
+            running_mean: None,
+            running_var: None,
+            epilogue: NormEpilogue::None,
+        },
+    );
+    let b = vec![0.0; desc.channels()];
+    let want = reference(&desc, &x, &dy, &w, &b, NormEpilogue::None);
+    let act = tolerance_for("y", DType::F32);
+    assert_close("y", &got.y, &want.y, act);
+    assert_close("dx", &got.dx, &want.dx, act);
+    let st = tolerance_for("save_rstd", DType::F32);
+    assert_close(
+        "rstd",
+        &widen_f32(&got.stats.rstd),
+        &widen_f32(&want.stats.rstd),
+        st,
+    );
+}
+
 /// The CPU reference's forward and backward with batch statistics and affine parameters.
 fn reference<T: Element>(
     desc: &NormDesc,

@@ -6,7 +6,7 @@
 //! [`PerDtype<P>`], [`Single<P>`]), and the only launch of the crate is [`Kernel::launch`] on a `Kernel<P>` that
 //! only a typed family hands out: a kernel cannot be launched with another family's struct.
 
-use super::launch::{Launch, Traversal};
+use super::launch::{Launch, Traversal, BLOCK_THREADS};
 #[cfg(feature = "test-tools")]
 use super::params::ConvDirectParams;
 use super::params::{
@@ -160,6 +160,26 @@ pub(crate) struct Kernel<'k, P> {
     params: PhantomData<fn(P)>,
 }
 
+/// An entry point of a family and its occupancy: blocks of [`BLOCK_THREADS`] threads one SM
+/// holds at once, by the driver's count for its registers and shared memory (at least 1).
+#[derive(Debug)]
+struct Loaded {
+    function: CudaFunction,
+    blocks_per_sm: u32,
+}
+
+impl Loaded {
+    fn new(function: CudaFunction) -> Result<Self> {
+        let blocks_per_sm = function
+            .occupancy_max_active_blocks_per_multiprocessor(BLOCK_THREADS, 0, None)?
+            .max(1);
+        Ok(Self {
+            function,
+            blocks_per_sm,
+        })
+    }
+}
+
 impl<P: DeviceRepr> Kernel<'_, P> {
     /// The one launch of the crate: `params` by value as the kernel's only argument.
     ///
@@ -185,7 +205,7 @@ impl<P: DeviceRepr> Kernel<'_, P> {
 /// Every kernel of the crate, loaded into one context.
 #[derive(Debug)]
 pub(crate) struct Kernels {
-    families: Vec<[[[CudaFunction; 2]; 3]; 2]>,
+    families: Vec<[[[Loaded; 2]; 3]; 2]>,
     per_dtype: Vec<[CudaFunction; 3]>,
     single: Vec<CudaFunction>,
 }
@@ -218,9 +238,10 @@ impl Kernels {
         let families = FAMILY_NAMES
             .iter()
             .map(|traversals| {
-                let load = |names: &[[&'static str; 2]; 3]| -> Result<[[CudaFunction; 2]; 3]> {
+                let load = |names: &[[&'static str; 2]; 3]| -> Result<[[Loaded; 2]; 3]> {
+                    let loaded = |name| Loaded::new(function(name)?);
                     let width =
-                        |d: usize| Ok::<_, Error>([function(names[d][0])?, function(names[d][1])?]);
+                        |d: usize| Ok::<_, Error>([loaded(names[d][0])?, loaded(names[d][1])?]);
                     Ok([width(0)?, width(1)?, width(2)?])
                 };
                 Ok([load(&traversals[0])?, load(&traversals[1])?])
@@ -249,6 +270,30 @@ impl Kernels {
         dtype: DType,
         index: IndexWidth,
     ) -> Kernel<'_, P> {
+        Kernel {
+            function: &self.loaded(family, traversal, dtype, index).function,
+            params: PhantomData,
+        }
+    }
+
+    /// Blocks of that entry point one SM runs at once (the driver's occupancy, asked at load).
+    pub(crate) fn blocks_per_sm<P>(
+        &self,
+        family: Family<P>,
+        traversal: Traversal,
+        dtype: DType,
+        index: IndexWidth,
+    ) -> u32 {
+        self.loaded(family, traversal, dtype, index).blocks_per_sm
+    }
+
+    fn loaded<P>(
+        &self,
+        family: Family<P>,
+        traversal: Traversal,
+        dtype: DType,
+        index: IndexWidth,
+    ) -> &Loaded {
         let traversal = match traversal {
             Traversal::Planar => 0,
             Traversal::Rows => 1,
@@ -257,10 +302,7 @@ impl Kernels {
             IndexWidth::I32 => 0,
             IndexWidth::I64 => 1,
         };
-        Kernel {
-            function: &self.families[family.index][traversal][dtype_index(dtype)][index],
-            params: PhantomData,
-        }
+        &self.families[family.index][traversal][dtype_index(dtype)][index]
     }
 
     /// The entry point of a per-dtype kernel ([`FOLD`], [`CONV_DIRECT`]).

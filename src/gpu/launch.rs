@@ -8,8 +8,9 @@ use crate::shape::Geometry;
 pub const BLOCK_THREADS: u32 = 256;
 /// Warps per block.
 const WARPS_PER_BLOCK: u64 = (BLOCK_THREADS / 32) as u64;
-/// Blocks per SM a launch aims for: 8 x 256 threads fill an SM of H100 (2048 threads), which
-/// keeps enough 16-byte loads in flight to saturate HBM.
+/// Blocks per SM the elementwise launches aim for: 8 x 256 threads fill an SM of H100 (2048
+/// threads), which keeps enough 16-byte loads in flight to saturate HBM. (The reductions size
+/// their grids from the kernel's own occupancy instead: [`Residency`].)
 pub const BLOCKS_PER_SM: u32 = 8;
 /// Warp units each warp should get before another split pays for its partial and merge.
 const MIN_UNITS_PER_WARP: u64 = 4;
@@ -77,12 +78,30 @@ fn units_per_plane(inner: u64, vec: u64) -> u64 {
     inner.div_ceil(32 * vec)
 }
 
-/// Blocks per channel group so that the grid has about `BLOCKS_PER_SM` blocks per SM, but no
-/// more than keep each warp busy with a few units, and few enough that the kernels' 32-bit
-/// workspace offsets (`C * splits * 3` floats) cannot overflow.
-fn splits_for(groups: u64, units_per_group: u64, channels: u64, sm_count: u32) -> u32 {
-    let target = (sm_count * BLOCKS_PER_SM) as u64;
-    let wanted = target.div_ceil(groups.max(1));
+/// How many blocks of one kernel the device runs at once: `sm_count * blocks_per_sm` is one full
+/// wave. `blocks_per_sm` is the driver's occupancy for that kernel (its registers and shared
+/// memory, [`BLOCK_THREADS`] threads), asked once when the kernels are loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Residency {
+    /// Streaming multiprocessors of the device.
+    pub sm_count: u32,
+    /// Blocks of the kernel resident on one SM (at least 1).
+    pub blocks_per_sm: u32,
+}
+
+impl Residency {
+    /// Blocks of one full wave.
+    pub fn wave(&self) -> u64 {
+        u64::from(self.sm_count.max(1)) * u64::from(self.blocks_per_sm.max(1))
+    }
+}
+
+/// Blocks per channel group so that the grid fills one wave (`groups * splits <= wave` while
+/// there are fewer groups than resident blocks: no second, partly idle wave), but no more than
+/// keep each warp busy with a few units, and few enough that the kernels' 32-bit workspace
+/// offsets (`C * splits * 3` floats) cannot overflow.
+fn splits_for(groups: u64, units_per_group: u64, channels: u64, resident: Residency) -> u32 {
+    let wanted = resident.wave() / groups.max(1);
     let useful = units_per_group
         .div_ceil(WARPS_PER_BLOCK * MIN_UNITS_PER_WARP)
         .max(1);
@@ -96,17 +115,65 @@ fn splits_for(groups: u64, units_per_group: u64, channels: u64, sm_count: u32) -
 /// Floats per channel and split of the largest partial (Welford: count, mean, m2).
 const PARTIAL_FLOATS: u64 = 3;
 
+/// Partials one thread row merges in a level of the rows merge (`kMergeRun` of
+/// kernels/common.cuh): a level covers `MERGE_RUN * by` splits.
+pub const MERGE_RUN: u64 = 8;
+
+/// Merge groups of a rows reduction: 1 (one level) or `ceil(splits / (MERGE_RUN * by))` (two).
+fn merge_groups(l: &Launch) -> u64 {
+    let run = MERGE_RUN * u64::from(l.block.1);
+    u64::from(l.splits).div_ceil(run)
+}
+
+/// The longest chain of dependent partial loads one thread of a split reduction runs in its
+/// merge (the serial tail after the last block of a group arrives; the shuffle and shared
+/// memory trees after it are not counted). 0 for one split, which merges nothing.
+///
+/// Planar: the last block's 256 threads take splits `t, t + 256, ...`. Rows: a thread row
+/// takes splits `ty, ty + by, ...`; past `MERGE_RUN * by` splits the merge takes two levels,
+/// `MERGE_RUN` loads per group and then `ceil(groups / by)` for the groups.
+pub fn merge_depth(traversal: Traversal, l: &Launch) -> u64 {
+    let splits = u64::from(l.splits);
+    if splits <= 1 {
+        return 0;
+    }
+    match traversal {
+        Traversal::Planar => splits.div_ceil(u64::from(BLOCK_THREADS)),
+        Traversal::Rows => {
+            let by = u64::from(l.block.1);
+            match merge_groups(l) {
+                1 => splits.div_ceil(by),
+                groups => MERGE_RUN + groups.div_ceil(by),
+            }
+        }
+    }
+}
+
+/// Semaphores a split reduction uses: one per channel (planar), or per channel tile (rows) plus
+/// one per tile and merge group when the rows merge takes two levels. Never more than the
+/// channels (unit test), which is what the workspace holds.
+pub fn semaphores(g: &Geometry, l: &Launch) -> u64 {
+    match Traversal::of(g) {
+        Traversal::Planar => g.channels as u64,
+        Traversal::Rows => match merge_groups(l) {
+            1 => u64::from(l.grid.0),
+            groups => u64::from(l.grid.0) * (1 + groups),
+        },
+    }
+}
+
 /// A split per-channel reduction (statistics, backward sums).
 ///
 /// Planar: grid `(splits, min(C, 65535))`, block rows looping over the channels `y, y + 65535,
 /// ...` (CUDA caps `gridDim.y`). Rows: grid `(channel tiles, splits)` with [`rows_block`].
-pub fn reduction(g: &Geometry, dtype: DType, sm_count: u32) -> Launch {
+/// The grid is one wave of the kernel (`resident`) where the shape has the work for it.
+pub fn reduction(g: &Geometry, dtype: DType, resident: Residency) -> Launch {
     let vec = vector_width(dtype);
     let channels = g.channels as u64;
     match Traversal::of(g) {
         Traversal::Planar => {
             let units = g.outer as u64 * units_per_plane(g.inner as u64, vec);
-            let splits = splits_for(channels, units, channels, sm_count);
+            let splits = splits_for(channels, units, channels, resident);
             Launch {
                 grid: (splits, channels.min(MAX_GRID_Y) as u32, 1),
                 block: (BLOCK_THREADS, 1, 1),
@@ -118,7 +185,7 @@ pub fn reduction(g: &Geometry, dtype: DType, sm_count: u32) -> Launch {
             let tiles = channels.div_ceil(bx as u64 * vec);
             // A row of a tile is one "unit" for one warp row of the block.
             let row_units = (g.outer as u64).div_ceil(by as u64) * WARPS_PER_BLOCK;
-            let splits = splits_for(tiles, row_units, channels, sm_count).min(MAX_GRID_Y as u32);
+            let splits = splits_for(tiles, row_units, channels, resident).min(MAX_GRID_Y as u32);
             Launch {
                 grid: (tiles as u32, splits, 1),
                 block: (bx, by, 1),
@@ -178,6 +245,11 @@ mod tests {
     use crate::shape::{Layout, TensorDesc};
 
     const H100_SMS: u32 = 132;
+    /// An H100/H200 running 4 blocks of a reduction per SM (ptxas: 40-64 registers).
+    const H100: Residency = Residency {
+        sm_count: H100_SMS,
+        blocks_per_sm: 4,
+    };
 
     fn geometry(dims: &[usize], layout: Layout) -> Geometry {
         TensorDesc::new(dims, layout).unwrap().geometry()
@@ -216,7 +288,7 @@ mod tests {
     fn reductions_cover_every_channel_and_fill_the_gpu() {
         for g in shapes() {
             for dtype in DType::ALL {
-                let l = reduction(&g, dtype, H100_SMS);
+                let l = reduction(&g, dtype, H100);
                 check_block(&l);
                 assert!((1..=MAX_SPLITS).contains(&l.splits));
                 assert!((g.channels as u64) * l.splits as u64 * PARTIAL_FLOATS <= u32::MAX as u64);
@@ -238,6 +310,184 @@ mod tests {
                     assert!(blocks >= H100_SMS, "{g:?} {dtype}: only {blocks} blocks");
                 }
             }
+        }
+    }
+
+    /// Shapes for the merge sweeps: every rows block width, a channel tile that is split
+    /// unevenly, few and many rows, and the planar shapes.
+    fn sweep_shapes() -> Vec<Geometry> {
+        let mut all = shapes();
+        for c in [
+            1usize, 2, 3, 4, 5, 8, 9, 16, 17, 24, 32, 33, 64, 65, 100, 128, 129, 255, 256,
+        ] {
+            for c in [c, c + 256, 4 * c + 1000] {
+                for n in [1usize, 7, 1000, 100_000, 3 << 20] {
+                    all.push(geometry(&[n, c], Layout::ChannelsFirst));
+                }
+            }
+        }
+        for dims in [
+            [256usize, 64, 112, 112],
+            [32, 256, 56, 56],
+            [32, 2, 512, 512],
+        ] {
+            all.push(geometry(&dims, Layout::ChannelsFirst));
+            all.push(geometry(&dims, Layout::ChannelsLast));
+        }
+        all
+    }
+
+    /// Item 1 of issue 19: no thread of a split reduction merges more than 32 partials one
+    /// after another, for any shape, dtype, SM count or occupancy; and the semaphores it uses
+    /// fit in the workspace's one per channel.
+    #[test]
+    fn merge_depth_is_bounded_and_semaphores_fit() {
+        let shapes = sweep_shapes();
+        for sm_count in (1..=140).chain([264, 1000]) {
+            for blocks_per_sm in [1, 2, 3, 4, 5, 6, 8, 16, 32] {
+                let resident = Residency {
+                    sm_count,
+                    blocks_per_sm,
+                };
+                for g in &shapes {
+                    for dtype in DType::ALL {
+                        let l = reduction(g, dtype, resident);
+                        let depth = merge_depth(Traversal::of(g), &l);
+                        assert!(
+                            depth <= 32,
+                            "{g:?} {dtype} {resident:?}: {l:?} depth {depth}"
+                        );
+                        let sems = semaphores(g, &l);
+                        assert!(
+                            sems <= g.channels as u64,
+                            "{g:?} {dtype} {resident:?}: {sems}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Item 3: a reduction with work enough fills one wave of its kernel and no more (no
+    /// second, partly idle wave), whatever the occupancy.
+    #[test]
+    fn reductions_launch_one_wave() {
+        for blocks_per_sm in 1..=8 {
+            let resident = Residency {
+                sm_count: H100_SMS,
+                blocks_per_sm,
+            };
+            for g in sweep_shapes() {
+                for dtype in DType::ALL {
+                    let l = reduction(&g, dtype, resident);
+                    let blocks = u64::from(l.grid.0) * u64::from(l.grid.1);
+                    let groups = blocks / u64::from(l.splits);
+                    if groups <= resident.wave() {
+                        assert!(blocks <= resident.wave(), "{g:?} {dtype}: {l:?}");
+                    }
+                    if groups == 1 && g.per_channel() >= 1 << 24 {
+                        assert!(2 * blocks >= resident.wave(), "{g:?} {dtype}: {l:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The grids bench/PLAN.md predicts from (132 SMs; blocks per SM from ptxas' registers for
+    /// sm_90: 40 registers 6, 48 registers 5, 56-64 registers 4), worked out by hand there.
+    #[test]
+    fn plan_shapes() {
+        type Case = (&'static [usize], Layout, DType, u32, u32, u64);
+        let cases: [Case; 9] = [
+            // 256 x 49 units of 256 halves per channel: 792 / 64 = 12 splits.
+            (
+                &[256, 64, 112, 112],
+                Layout::ChannelsFirst,
+                DType::F16,
+                6,
+                12,
+                1,
+            ),
+            // 32 x 2048 units of 128 floats per channel (useful: 2048): 792 / 2 = 396 splits.
+            (
+                &[32, 2, 512, 512],
+                Layout::ChannelsFirst,
+                DType::F32,
+                6,
+                396,
+                2,
+            ),
+            // C = 64 halves: bx 8, by 32, one tile. Stats (5 per SM): 660 splits, run 256,
+            // 3 groups; reduce (4 per SM): 528 splits, 3 groups.
+            (
+                &[256, 64, 56, 56],
+                Layout::ChannelsLast,
+                DType::F16,
+                5,
+                660,
+                8 + 1,
+            ),
+            (
+                &[256, 64, 56, 56],
+                Layout::ChannelsLast,
+                DType::F16,
+                4,
+                528,
+                8 + 1,
+            ),
+            // C = 256 halves: bx 32, by 8, one tile; run 64: 11 and 9 groups.
+            (
+                &[32, 256, 56, 56],
+                Layout::ChannelsLast,
+                DType::F16,
+                5,
+                660,
+                8 + 2,
+            ),
+            (
+                &[32, 256, 56, 56],
+                Layout::ChannelsLast,
+                DType::F16,
+                4,
+                528,
+                8 + 2,
+            ),
+            // C = 2048 >= a wave of channels: one split each, nothing to merge.
+            (
+                &[64, 2048, 7, 7],
+                Layout::ChannelsFirst,
+                DType::F32,
+                6,
+                1,
+                0,
+            ),
+            // C = 32 floats: bx 8, by 32, one tile, useful 782 splits; run 256: 3 and 4 groups.
+            (
+                &[100_000, 32],
+                Layout::ChannelsFirst,
+                DType::F32,
+                5,
+                660,
+                8 + 1,
+            ),
+            (
+                &[100_000, 32],
+                Layout::ChannelsFirst,
+                DType::F32,
+                6,
+                782,
+                8 + 1,
+            ),
+        ];
+        for (dims, layout, dtype, blocks_per_sm, splits, depth) in cases {
+            let g = geometry(dims, layout);
+            let resident = Residency {
+                sm_count: H100_SMS,
+                blocks_per_sm,
+            };
+            let l = reduction(&g, dtype, resident);
+            assert_eq!(l.splits, splits, "{dims:?} {layout:?} {dtype}: {l:?}");
+            assert_eq!(merge_depth(Traversal::of(&g), &l), depth, "{dims:?}: {l:?}");
         }
     }
 

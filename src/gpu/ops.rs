@@ -79,6 +79,29 @@ fn launch_family<T: Element, P: DeviceRepr>(
         .launch(gpu.stream(), shape, params)
 }
 
+/// The launch of the split reduction `family` over `desc`: one wave of that kernel's blocks (its
+/// occupancy, from the driver), split as [`launch::reduction`] says.
+fn reduction_shape<P>(
+    gpu: &GpuContext,
+    family: Family<P>,
+    desc: &TensorDesc,
+    dtype: DType,
+) -> launch::Launch {
+    let g = desc.geometry();
+    let index = IndexWidth::for_numel(desc.numel());
+    let blocks_per_sm = gpu
+        .kernels()
+        .blocks_per_sm(family, Traversal::of(&g), dtype, index);
+    let resident = launch::Residency {
+        sm_count: gpu.sm_count(),
+        blocks_per_sm,
+    };
+    let shape = launch::reduction(&g, dtype, resident);
+    // The workspace holds one semaphore per channel, which the kernels never exceed.
+    debug_assert!(launch::semaphores(&g, &shape) <= g.channels as u64);
+    shape
+}
+
 fn elementwise<T: Element, P: DeviceRepr>(
     gpu: &GpuContext,
     family: Family<P>,
@@ -179,10 +202,15 @@ const GRADIENT_FLOATS: usize = 2;
 
 /// What the largest batch-norm call on a non-empty `desc` in `dtype` asks of a workspace:
 /// `(partial floats, channels)`, as the calls below reserve it.
+/// Each reduction kernel's grid follows its own occupancy, so every one is asked.
 pub(crate) fn largest_scratch(gpu: &GpuContext, desc: &TensorDesc, dtype: DType) -> (usize, usize) {
     let c = desc.channels();
-    let splits = launch::reduction(&desc.geometry(), dtype, gpu.sm_count()).splits as usize;
-    (WELFORD_FLOATS.max(GRADIENT_FLOATS) * c * splits, c)
+    let splits = |shape: launch::Launch| shape.splits as usize;
+    let welford = splits(reduction_shape(gpu, kernels::STATS, desc, dtype))
+        .max(splits(reduction_shape(gpu, kernels::SYNC_MOMENTS, desc, dtype)));
+    let gradient = splits(reduction_shape(gpu, kernels::BACKWARD_REDUCE, desc, dtype))
+        .max(splits(reduction_shape(gpu, kernels::BACKWARD_REDUCE_RELU, desc, dtype)));
+    ((WELFORD_FLOATS * welford).max(GRADIENT_FLOATS * gradient) * c, c)
 }
 
 /// Batch statistics of a non-empty `x`: a split Welford reduction whose last block per channel
@@ -195,7 +223,7 @@ pub(crate) fn batch_statistics<T: Element>(
     stats: &mut BatchStats<'_>,
 ) -> Result<()> {
     let (c, g) = (desc.channels(), desc.geometry());
-    let reduce = launch::reduction(&g, T::DTYPE, gpu.sm_count());
+    let reduce = reduction_shape(gpu, kernels::STATS, desc, T::DTYPE);
     let scratch = workspace.reserve(gpu, WELFORD_FLOATS * c * reduce.splits as usize, c)?;
     let mut guards = Guards::new(gpu.stream());
     let running = running_pointers(&mut guards, stats.running.as_mut());
@@ -295,7 +323,12 @@ pub(crate) fn backward<T: Element>(
         return Ok(());
     }
     let c = op.desc.channels();
-    let reduce = launch::reduction(&op.desc.geometry(), T::DTYPE, gpu.sm_count());
+    // The reduce's kernel (plain or reading the mask) decides the grid, hence the partials.
+    let mask = epilogue.mask();
+    let reduce = match mask {
+        None => reduction_shape(gpu, kernels::BACKWARD_REDUCE, op.desc, T::DTYPE),
+        Some(_) => reduction_shape(gpu, kernels::BACKWARD_REDUCE_RELU, op.desc, T::DTYPE),
+    };
     let scratch = workspace.reserve(gpu, GRADIENT_FLOATS * c * reduce.splits as usize, c)?;
     // Training dx needs the sums; eval dx does not.
     let wants_params = dweight.is_some() || dbias.is_some();
@@ -305,7 +338,7 @@ pub(crate) fn backward<T: Element>(
             dbias: dbias.as_mut(),
             accumulate,
         };
-        backward_reduce(gpu, scratch, op, sums, epilogue.mask())?;
+        backward_reduce(gpu, scratch, reduce, op, sums, mask)?;
     }
     backward_dx(gpu, workspace.coef(), op, dx.as_mut(), epilogue)
 }
@@ -320,16 +353,17 @@ pub(crate) struct ParamSums<'r, 'a> {
 
 /// The reduce of a backward over a non-empty batch: the parameter sums and, from batch
 /// statistics, the dx coefficients into the workspace's `coef`. `mask`: the ReLU mask of a
-/// fused forward, read as `dy` is loaded. One launch.
+/// fused forward, read as `dy` is loaded. `reduce`: the launch the workspace's partials were
+/// reserved for (the same kernel's [`reduction_shape`]). One launch.
 pub(crate) fn backward_reduce<T: Element>(
     gpu: &GpuContext,
     scratch: Scratch<'_>,
+    reduce: launch::Launch,
     op: &Gradient<'_, '_, T>,
     sums: ParamSums<'_, '_>,
     mask: Option<&CudaView<'_, u32>>,
 ) -> Result<()> {
     let g = op.desc.geometry();
-    let reduce = launch::reduction(&g, T::DTYPE, gpu.sm_count());
     let mut guards = Guards::new(gpu.stream());
     let stats = op.stats.pointers(&mut guards);
     let params = BackwardReduceParams {
@@ -432,7 +466,7 @@ pub(crate) fn sync_moments<T: Element>(
     moments: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let (c, g) = (desc.channels(), desc.geometry());
-    let reduce = launch::reduction(&g, T::DTYPE, gpu.sm_count());
+    let reduce = reduction_shape(gpu, kernels::SYNC_MOMENTS, desc, T::DTYPE);
     let scratch = workspace.reserve(gpu, WELFORD_FLOATS * c * reduce.splits as usize, c)?;
     let mut guards = Guards::new(gpu.stream());
     let params = SyncMomentsParams {

@@ -710,6 +710,26 @@ CUresult run_launch(const Function* f, dim3 grid, dim3 block, unsigned shared_by
   return check_red_zones(("found after a launch of " + f->name).c_str());
 }
 
+// Occupancy as sm_90 computes it for a kernel of EMU_REGISTERS registers per thread (default 64,
+// the middle of what ptxas gives the crate's kernels; the emulator cannot know a kernel's own):
+// registers allocated per warp in units of 256 from 64K per SM, at most 2048 threads and 32
+// blocks per SM, 228 KB of shared memory per SM (1 KB reserved per block).
+CUresult cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, CUfunction function, int block_size,
+                                                              size_t dynamic_shared, unsigned int) {
+  API_ENTER();
+  if (blocks == nullptr || function == nullptr || block_size <= 0 || block_size > 1024) return CUDA_ERROR_INVALID_VALUE;
+  const size_t regs = std::min<size_t>(std::max<size_t>(env_size("EMU_REGISTERS", 64), 1), 255);
+  const size_t warps = ((size_t)block_size + 31) / 32;
+  const size_t regs_per_block = warps * ((regs * 32 + 255) / 256 * 256);
+  size_t n = std::min<size_t>({32, 2048 / (warps * 32), 65536 / regs_per_block, 233472 / (dynamic_shared + 1024)});
+  *blocks = (int)n;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, CUfunction function, int block_size, size_t dynamic_shared) {
+  return cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(blocks, function, block_size, dynamic_shared, 0);
+}
+
 CUresult cuLaunchKernel(CUfunction function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                         unsigned shared_bytes, CUstream stream, void** params, void** extra) {
   API_ENTER();

@@ -252,6 +252,14 @@ struct Cfg {
 template <class T> dim3 rows_grid(u64 C, const Cfg& cfg) {
   return dim3((unsigned)((C + (u64)cfg.bx * VEC<T> - 1) / ((u64)cfg.bx * VEC<T>)), cfg.grid);
 }
+// Semaphores of a split reduction (launch::semaphores): one per channel (planar) or channel tile
+// (rows), and one more per tile and merge group when the rows merge takes two levels.
+template <class T> size_t sem_count(u64 C, const Cfg& cfg) {
+  if (!cfg.rows) return C;
+  const u64 tiles = rows_grid<T>(C, cfg).x, run = (u64)bn::kMergeRun * (256 / cfg.bx);
+  const u64 groups = (cfg.grid + run - 1) / run;
+  return std::max<u64>(C, groups > 1 ? tiles * (1 + groups) : tiles);
+}
 static std::string cfg_tag(const Cfg& c) {
   char b[80];
   if (c.rows) std::snprintf(b, sizeof b, "rows bx=%u grid.y=%u", c.bx, c.grid);
@@ -289,7 +297,7 @@ template <class T, class I> void test_stats(const Shape& s, const Cfg& cfg, cons
   const Buf<T> x0 = x;
   const u64 C = s.C;
   std::vector<float> partials(C * cfg.grid * 3, NAN), mean(C, NAN), mean_lo(C, NAN), invstd(C, NAN), rm(C), rv(C);
-  std::vector<u32> sem(C, 0);
+  std::vector<u32> sem(sem_count<T>(C, cfg), 0);
   for (u64 c = 0; c < C; ++c) {
     rm[c] = 0.25f * (float)c;
     rv[c] = 1.0f + (float)c;
@@ -312,15 +320,29 @@ template <class T, class I> void test_stats(const Shape& s, const Cfg& cfg, cons
                     " misalign=" + std::to_string(k.misalign) + " mu=" + std::to_string(k.mu);
   emu::g_launch_tag = tag;
   const int launches = k.twice ? 2 : 1;
+  std::vector<float> first;  // the first launch's statistics: the second (another schedule) must repeat them
   for (int l = 0; l < launches; ++l) {
     if (cfg.rows) launch_stats_rows<T, I>(rows_grid<T>(C, cfg), dim3(cfg.bx, 256 / cfg.bx), p);
     else launch_stats_planar<T, I>(dim3(cfg.grid, cfg.gy), dim3(256), p);
+    if (l == 0) {
+      first = mean;
+      first.insert(first.end(), mean_lo.begin(), mean_lo.end());
+      first.insert(first.end(), invstd.begin(), invstd.end());
+    }
+  }
+  if (launches > 1) {
+    std::vector<float> again = mean;
+    again.insert(again.end(), mean_lo.begin(), mean_lo.end());
+    again.insert(again.end(), invstd.begin(), invstd.end());
+    CHECK(std::memcmp(first.data(), again.data(), first.size() * sizeof(float)) == 0,
+          "%s: a second launch gave other statistics bits (not deterministic)", tag.c_str());
   }
   tag += policies_tag();
   const RefStats ref = ref_stats(x, s);
   const double m = (double)s.m();
   const double var_tol = k.mu > 100 ? 2e-6 : 1e-5;  // ABI: mean 1000, std 0.1: variance to ~1e-6
   CHECK(std::equal(x.v.begin(), x.v.end(), x0.v.begin()), "%s: the input was modified", tag.c_str());
+  for (size_t i = C; i < sem.size(); ++i) CHECK(sem[i] == 0, "%s: merge semaphore %zu = %u", tag.c_str(), i, sem[i]);
   for (u64 c = 0; c < C; ++c) {
     CHECK(sem[c] == 0, "%s: semaphore %llu = %u after the launch", tag.c_str(), c, sem[c]);
     if ((int)c == k.bad_ch) {
@@ -365,7 +387,7 @@ static void stats_group() {
     };
     const P ps[] = {{{2, 3, 5}, 1, 3},   {{1, 1, 2}, 3, 1},   {{3, 2, 257}, 2, 2},    {{2, 5, 1024}, 3, 2}, {{4, 3, 1000}, 5, 3},
                     {{1, 17, 33}, 1, 17}, {{5, 1, 4097}, 7, 1}, {{2, 2, 31}, 4, 1},   {{3, 4, 7}, 2, 4},    {{2, 3, 2}, 2, 3},
-                    {{1, 2, 20000}, 6, 2}, {{300, 2, 3}, 3, 2}};
+                    {{1, 2, 20000}, 6, 2}, {{300, 2, 3}, 3, 2}, {{3, 2, 2000}, 600, 2}};
     unsigned seed = 100;
     for (const P& q : ps) {
       const Cfg cfg{false, q.splits, q.gy, 0};
@@ -386,7 +408,9 @@ static void stats_group() {
     };
     const Q qs[] = {{{7, 3, 1}, 32, 1},     {{100, 17, 1}, 8, 3},    {{64, 32, 1}, 4, 2},   {{33, 1001, 1}, 64, 2}, {{1000, 8, 1}, 1, 4},
                     {{5, 1, 1}, 256, 1},    {{300, 64, 1}, 16, 3},   {{2, 3, 1}, 2, 2},     {{513, 40, 1}, 32, 5},  {{5000, 4, 1}, 1, 8},
-                    {{9, 2048, 1}, 256, 2}, {{50, 24, 1}, 128, 2}};
+                    {{9, 2048, 1}, 256, 2}, {{50, 24, 1}, 128, 2},
+                    // Two-level merges (splits > kMergeRun * by): uneven last group, empty splits.
+                    {{300, 256, 1}, 32, 200}, {{2000, 24, 1}, 8, 300},  {{700, 40, 1}, 32, 130}};
     for (const Q& q : qs) {
       const Cfg cfg{true, q.splits, 0, q.bx};
       const int cc = q.s.C > 1 ? 1 : -1, nc = q.s.C > 2 ? 2 : -1;
@@ -553,7 +577,7 @@ template <class T, class I> void test_backward_reduce(const Shape& s, const Cfg&
   const u64 C = s.C;
   const double m = (double)s.m();
   std::vector<float> mean(C), mean_lo(C), st(C), dw(C, 0.5f), db(C, -0.25f), coef(2 * C, NAN), partials(C * cfg.grid * 2, NAN);
-  std::vector<u32> sem(C, 0);
+  std::vector<u32> sem(sem_count<T>(C, cfg), 0);
   backward_stats(ref, k.stat_is_var, mean, mean_lo, st);
   BackwardReduceParams r{};
   r.x = x.p();
@@ -589,6 +613,7 @@ template <class T, class I> void test_backward_reduce(const Shape& s, const Cfg&
         sdx[c] += gv * xc;
         sabs[c] += std::fabs(gv) * (std::fabs(xc) + 1);
       }
+  for (size_t i = C; i < sem.size(); ++i) CHECK(sem[i] == 0, "%s: merge semaphore %zu = %u", tag.c_str(), i, sem[i]);
   for (u64 c = 0; c < C; ++c) {
     CHECK(sem[c] == 0, "%s: semaphore %llu = %u after the launch", tag.c_str(), c, sem[c]);
     const double invstd = k.stat_is_var ? 1.0 / std::sqrt((double)st[c] + (double)kEps) : (double)st[c];
@@ -712,7 +737,8 @@ static void backward_group() {
       unsigned bx, splits, row_blocks;
     };
     const Q qs[] = {{{7, 3, 1}, 32, 1, 1},     {{100, 17, 1}, 8, 3, 2}, {{64, 32, 1}, 4, 2, 5}, {{33, 1001, 1}, 64, 2, 1},
-                    {{1000, 8, 1}, 1, 4, 3},   {{5, 1, 1}, 256, 1, 1},  {{9, 2048, 1}, 256, 2, 2}};
+                    {{1000, 8, 1}, 1, 4, 3},   {{5, 1, 1}, 256, 1, 1},  {{9, 2048, 1}, 256, 2, 2},
+                    {{300, 256, 1}, 32, 200, 3}, {{2000, 24, 1}, 8, 300, 2}};
     for (const Q& q : qs) {
       const Cfg red{true, q.splits, 0, q.bx}, map{true, q.row_blocks, 0, q.bx}, map32{true, q.row_blocks, 0, 32};
       test_backward_reduce<F, u32>(q.s, red, {.misalign = 0}, ++seed);
@@ -1076,7 +1102,7 @@ void test_sync(const Shape& s, const Cfg& cfg, const std::vector<u64>& sizes, u6
   const size_t R = sizes.size();
   constexpr u64 K = 4;  // (count, mean hi, mean lo, m2)
   std::vector<float> gathered(R * C * K, NAN);
-  std::vector<u32> sem(C, 0);
+  std::vector<u32> sem(sem_count<T>(C, cfg), 0);
   std::string tag = std::string("sync ") + Fmt<T>::name + " " + iname<I>() + " " + shape_tag(s) + " " + cfg_tag(cfg);
   emu::g_launch_tag = tag;
   u64 row0 = 0;
@@ -1099,6 +1125,7 @@ void test_sync(const Shape& s, const Cfg& cfg, const std::vector<u64>& sizes, u6
     if (cfg.rows) launch_sync_moments_rows<T, I>(rows_grid<T>(C, cfg), dim3(cfg.bx, 256 / cfg.bx), p);
     else launch_sync_moments_planar<T, I>(dim3(cfg.grid, cfg.gy), dim3(256), p);
     // This shard's moments against f64.
+    for (size_t i = C; i < sem.size(); ++i) CHECK(sem[i] == 0, "%s: merge semaphore %zu = %u", tag.c_str(), i, sem[i]);
     for (u64 c = 0; c < C; ++c) {
       CHECK(sem[c] == 0, "%s: semaphore %llu", tag.c_str(), c);
       double sum = 0, ss = 0;
@@ -1306,7 +1333,8 @@ static void sync_group() {
     unsigned bx, splits;
     u64 per;
   };
-  const Q qs[] = {{{12 * 4, 3, 1}, 32, 2, 4}, {{12 * 10, 17, 1}, 8, 3, 10}, {{12, 1001, 1}, 64, 2, 1}, {{12 * 50, 24, 1}, 1, 4, 50}};
+  const Q qs[] = {{{12 * 4, 3, 1}, 32, 2, 4}, {{12 * 10, 17, 1}, 8, 3, 10}, {{12, 1001, 1}, 64, 2, 1}, {{12 * 50, 24, 1}, 1, 4, 50},
+                  {{12 * 30, 256, 1}, 32, 150, 30}};
   for (const Q& q : qs)
     for (const auto& sz : splits) {
       const Cfg cfg{true, q.splits, 0, q.bx};
@@ -1492,7 +1520,7 @@ template <class T, class I> void test_relu_reduce(const Shape& s, const Cfg& cfg
   }
   const Buf<T> x0 = x, dy0 = dy;
   std::vector<float> mean(C), st(C), dw(C, 0.5f), db(C, -0.25f), coef(2 * C, NAN), partials(C * cfg.grid * 2, NAN);
-  std::vector<u32> sem(C, 0);
+  std::vector<u32> sem(sem_count<T>(C, cfg), 0);
   for (u64 c = 0; c < C; ++c) {
     mean[c] = 1.0f + 0.01f * (float)c;
     st[c] = stat_is_var ? 3.5f : 0.6f;
@@ -1531,6 +1559,7 @@ template <class T, class I> void test_relu_reduce(const Shape& s, const Cfg& cfg
         sabs[c] += std::fabs(g) * (std::fabs(xv - mean[c]) + 1);
       }
   const double m = (double)(s.outer * s.inner), w0 = accumulate ? 0.5 : 0.0, b0 = accumulate ? -0.25 : 0.0;
+  for (size_t i = C; i < sem.size(); ++i) CHECK(sem[i] == 0, "%s: merge semaphore %zu = %u", tag.c_str(), i, sem[i]);
   for (u64 c = 0; c < C; ++c) {
     CHECK(sem[c] == 0, "%s: semaphore %llu = %u", tag.c_str(), c, sem[c]);
     const double invstd = stat_is_var ? 1.0 / std::sqrt((double)st[c] + (double)kEps) : (double)st[c];
