@@ -246,7 +246,7 @@ __device__ __forceinline__ void backward_dx(const BackwardElementwiseParams& p, 
     op.eps = p.eps;
     op.stat_is_var = p.stat_is_var;
     if (ROWS) map_rows<T, I, 2, rows_unroll<T, 2 + S>()>(p.g, p.x, p.dy, p.dx, op, epi);
-    else map_planar<T, I, 2, 2>(p.g, p.x, p.dy, p.dx, op, epi);
+    else map_flat<T, I, 2, 2>(p.g, p.x, p.dy, p.dx, op, epi);
   } else {
     DxEvalOp op;
     op.var_or_invstd = p.var_or_invstd;
@@ -254,7 +254,7 @@ __device__ __forceinline__ void backward_dx(const BackwardElementwiseParams& p, 
     op.eps = p.eps;
     op.stat_is_var = p.stat_is_var;
     if (ROWS) map_rows<T, I, 1, rows_unroll<T, 1 + S>()>(p.g, p.dy, nullptr, p.dx, op, epi);
-    else map_planar<T, I, 1, S == 0 ? 4 : 2>(p.g, p.dy, nullptr, p.dx, op, epi);
+    else map_flat<T, I, 1, sizeof(T) == 4 && S == 0 ? 4 : 2>(p.g, p.dy, nullptr, p.dx, op, epi);
   }
 }
 
@@ -275,7 +275,7 @@ __device__ __forceinline__ void backward_dx_relu(const BackwardElementwiseReluPa
   const MaskedGrad<T, I, DZ> epi(p.mask, p.dz);
   if (!DZ && p.var_or_invstd == nullptr) {
     if (ROWS) map_rows<T, I, 1, rows_unroll<T, 1>()>(p.g, p.dy, nullptr, p.dx, PassOp(), epi);
-    else map_planar<T, I, 1, 4>(p.g, p.dy, nullptr, p.dx, PassOp(), epi);
+    else map_flat<T, I, 1, 4>(p.g, p.dy, nullptr, p.dx, PassOp(), epi);
     return;
   }
   backward_dx<ROWS, T, I>(p, epi);

@@ -130,14 +130,16 @@ pub fn reduction(g: &Geometry, dtype: DType, sm_count: u32) -> Launch {
 
 /// An elementwise pass (normalize, dx).
 ///
-/// Planar: a 1-D grid-stride loop over every warp unit of every plane. Rows: grid
+/// Planar: a 1-D grid whose warps split the flat tensor's warp units (32 lanes x `VEC`
+/// consecutive values, spanning planes: `kernels/common.cuh`, walk_flat). Rows: grid
 /// `(channel tiles, row blocks)` with [`rows_block`].
 pub fn elementwise(g: &Geometry, dtype: DType, sm_count: u32) -> Launch {
     let vec = vector_width(dtype);
     let target = (sm_count * BLOCKS_PER_SM) as u64;
     match Traversal::of(g) {
         Traversal::Planar => {
-            let units = (g.outer * g.channels) as u64 * units_per_plane(g.inner as u64, vec);
+            let numel = (g.outer * g.channels * g.inner) as u64;
+            let units = numel.div_ceil(32 * vec);
             let blocks = units.div_ceil(WARPS_PER_BLOCK).clamp(1, 2 * target);
             Launch {
                 grid: (blocks as u32, 1, 1),
@@ -253,6 +255,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Channels-first elementwise grids count the flat tensor's units, not planes x chunks: a
+    /// 7x7 layer's warps get full 512-byte units instead of one 98-byte plane each.
+    #[test]
+    fn planar_elementwise_grids_count_flat_units() {
+        let small = geometry(&[2, 64, 7, 7], Layout::ChannelsFirst);
+        // 6272 f16 values: 24.5 units of 256, one block of 8 warps covers 8 of them.
+        assert_eq!(elementwise(&small, DType::F16, H100_SMS).grid, (4, 1, 1));
+        assert_eq!(elementwise(&small, DType::F32, H100_SMS).grid, (7, 1, 1));
+        let large = geometry(&[64, 2048, 7, 7], Layout::ChannelsFirst);
+        let target = H100_SMS * BLOCKS_PER_SM;
+        assert_eq!(elementwise(&large, DType::F32, H100_SMS).grid, (2 * target, 1, 1));
     }
 
     #[test]

@@ -482,8 +482,12 @@ static void normalize_group() {
       Shape s;
       unsigned blocks;
     };
+    // The flat walk: numel % VEC == 0 with planes that are not (7x7, 14x14, 3x3, planes smaller
+    // than a vector: several channels in one vector, C = 1) take the 16-byte path when aligned.
     const P ps[] = {{{2, 3, 5}, 1},   {{3, 2, 257}, 2}, {{2, 5, 1024}, 3}, {{1, 17, 33}, 4},
-                    {{5, 2, 4097}, 7}, {{3, 4, 7}, 100}, {{2, 3, 2}, 2},    {{4, 3, 256}, 1}};
+                    {{5, 2, 4097}, 7}, {{3, 4, 7}, 100}, {{2, 3, 2}, 2},    {{4, 3, 256}, 1},
+                    {{2, 4, 49}, 3},   {{3, 8, 9}, 2},   {{2, 16, 196}, 5}, {{2, 4, 3}, 1},
+                    {{8, 1, 49}, 2},   {{1, 6, 4}, 100}};
     unsigned seed = 200;
     for (const P& q : ps) {
       const Cfg cfg{false, q.blocks, 0, 0};
@@ -685,7 +689,9 @@ static void backward_group() {
       unsigned splits, gy, blocks;
     };
     const P ps[] = {{{2, 3, 5}, 1, 3, 1},   {{3, 2, 257}, 2, 1, 3},  {{2, 5, 1024}, 3, 5, 2},
-                    {{1, 17, 33}, 2, 9, 5}, {{5, 2, 4097}, 7, 2, 9}, {{2, 3, 2}, 2, 3, 2}};
+                    {{1, 17, 33}, 2, 9, 5}, {{5, 2, 4097}, 7, 2, 9}, {{2, 3, 2}, 2, 3, 2},
+                    {{2, 4, 49}, 2, 4, 3},  {{3, 8, 9}, 1, 5, 2},    {{2, 8, 196}, 3, 8, 5},
+                    {{2, 4, 3}, 2, 2, 1}};
     unsigned seed = 300;
     for (const P& q : ps) {
       const Cfg red{false, q.splits, q.gy, 0}, map{false, q.blocks, 0, 0};
@@ -1327,7 +1333,8 @@ REGISTER_GROUP(sync, sync_group);
 // Fused ReLU epilogues (epilogue.cuh): bn_normalize_relu_*, bn_normalize_add_relu_*,
 // bn_backward_reduce_relu_*, bn_backward_dx_relu_*, bn_backward_dx_add_relu_*, every dtype and
 // index width, planar and rows, vector and scalar paths. The mask layout is computed here from the
-// ABI (segments of `inner` values, or of C values when inner == 1, each padded to whole words).
+// ABI (one segment of all the values when inner > 1, else segments of C values, each padded to
+// whole words).
 #ifdef EMU_GROUP_fused
 DISPATCH(normalize_relu_planar, NormalizeReluParams)
 DISPATCH(normalize_relu_rows, NormalizeReluParams)
@@ -1341,7 +1348,7 @@ DISPATCH(backward_dx_add_relu_planar, BackwardElementwiseReluParams)
 DISPATCH(backward_dx_add_relu_rows, BackwardElementwiseReluParams)
 
 // The ABI's mask layout: element e of segment s is bit e % 32 of word s*ceil(len/32) + e/32.
-static u64 seg_len(const Shape& s) { return s.inner > 1 ? s.inner : s.C; }
+static u64 seg_len(const Shape& s) { return s.inner > 1 ? s.numel() : s.C; }
 static u64 mask_words(const Shape& s) { return s.numel() == 0 ? 0 : s.numel() / seg_len(s) * ((seg_len(s) + 31) / 32); }
 static void mask_pos(const Shape& s, u64 e, u64& w, unsigned& b) {
   const u64 len = seg_len(s), seg = e / len, r = e % len;
@@ -1649,14 +1656,17 @@ static void fused_group() {
   unsigned seed = 2000;
   // Planar: inner below, at and past a word (32), word multiples, vector multiples (4, 8) and
   // not, a tail inside a unit; more warps than units (blocks = 100: idle collective slices);
-  // gy < C (the reduce's channel loop).
+  // gy < C (the reduce's channel loop). numel % VEC == 0 with odd planes (7x7, 3x3, 14x14,
+  // planes below a vector): the forward and dx take the flat 16-byte path (mask words spanning
+  // planes), the reduce reads those words on its scalar path (planes not starting on a word).
   struct P {
     Shape s;
     unsigned blocks, splits, gy;
   };
   const P ps[] = {{{2, 3, 5}, 1, 1, 3},  {{3, 2, 257}, 2, 2, 1}, {{2, 3, 1024}, 3, 3, 2}, {{1, 5, 33}, 4, 2, 3},
                   {{2, 2, 4097}, 7, 3, 2}, {{3, 4, 7}, 100, 2, 4}, {{2, 3, 2}, 2, 2, 3},    {{4, 3, 256}, 1, 1, 3},
-                  {{2, 3, 32}, 3, 2, 3},  {{2, 2, 64}, 2, 2, 2},   {{3, 2, 40}, 5, 1, 2},    {{2, 3, 96}, 2, 3, 1}};
+                  {{2, 3, 32}, 3, 2, 3},  {{2, 2, 64}, 2, 2, 2},   {{3, 2, 40}, 5, 1, 2},    {{2, 3, 96}, 2, 3, 1},
+                  {{2, 4, 49}, 3, 2, 3},  {{3, 8, 9}, 2, 2, 5},    {{2, 4, 3}, 1, 1, 4},     {{2, 8, 196}, 5, 3, 8}};
   int k = 0;
   for (const P& q : ps)
     for (int r = 0; r < 2; ++r) fused_combo(k++, q.s, Cfg{false, q.blocks, 0, 0}, Cfg{false, q.splits, q.gy, 0}, seed);
