@@ -643,7 +643,9 @@ template <typename I> __device__ __forceinline__ I mask_segment_words(I len) { r
 // Rows (inner == 1): this thread owns channels [c0, c0 + cnt) of every row r0, r0 + rstride, ...
 // Row r's slots start at r*C + c0. Vector path: C % VEC == 0, so cnt is VEC or 0 and every row
 // start is 16-byte aligned; scalar path: slots k < cnt = min(VEC, C - c0) loaded one by one.
-template <typename T, typename I, int UNROLL_V, bool V, class F>
+// REV (the elementwise maps): row r is rows-1-r, so the first blocks to run take the last rows,
+// which the reduction before (its blocks stride the rows together) read last: the L2 may hold them.
+template <typename T, typename I, int UNROLL_V, bool V, bool REV, class F>
 __device__ __forceinline__ void walk_rows_impl(F& f, I rows, I C, I c0, int cnt, I r0, I rstride) {
   constexpr int UNROLL = unroll_for<UNROLL_V, V>();
   const I mwords = mask_segment_words(C);  // row rr, channel c: word rr*mwords + c/32, bit c%32
@@ -653,9 +655,10 @@ __device__ __forceinline__ void walk_rows_impl(F& f, I rows, I C, I c0, int cnt,
     typename F::Frag fr[UNROLL];
 #pragma unroll
     for (int j = 0; j < UNROLL; ++j) {
-      const I rr = r + (I)j * rstride;
+      const I rf = r + (I)j * rstride;
+      const I rr = REV ? rows - 1 - rf : rf;
       sl[j].off = rr * C + c0;  // garbage past the end (cnt = 0): never dereferenced
-      sl[j].cnt = rr < rows ? cnt : 0;
+      sl[j].cnt = rf < rows ? cnt : 0;
       sl[j].c = 0;
       sl[j].i = 0;
       sl[j].mw = rr * mwords + (c0 >> 5);  // c0 % VEC == 0: the VEC bits never straddle words
@@ -668,10 +671,10 @@ __device__ __forceinline__ void walk_rows_impl(F& f, I rows, I C, I c0, int cnt,
   }
 }
 
-template <typename T, typename I, int UNROLL, class F>
+template <typename T, typename I, int UNROLL, bool REV = false, class F>
 __device__ __forceinline__ void walk_rows(F& f, bool vec, I rows, I C, I c0, int cnt, I r0, I rstride) {
-  if (vec) walk_rows_impl<T, I, UNROLL, true>(f, rows, C, c0, cnt, r0, rstride);
-  else walk_rows_impl<T, I, UNROLL, false>(f, rows, C, c0, cnt, r0, rstride);
+  if (vec) walk_rows_impl<T, I, UNROLL, true, REV>(f, rows, C, c0, cnt, r0, rstride);
+  else walk_rows_impl<T, I, UNROLL, false, REV>(f, rows, C, c0, cnt, r0, rstride);
 }
 
 // Rows per iteration for rows kernels with NIN inputs. A rows thread keeps VEC channels of state
@@ -984,8 +987,8 @@ __device__ __forceinline__ void map_rows(const Geometry& g, const void* in0, con
   f.init(rc);
   const bool vec = C % (I)VEC == 0 && aligned16(in0) && (NIN == 1 || aligned16(in1)) && aligned16(out) &&
                    epi.aligned();
-  walk_rows<T, I, UNROLL>(f, vec, (I)g.outer, C, (I)rc.c0, rc.cnt, (I)(blockIdx.y * blockDim.y + threadIdx.y),
-                          (I)(gridDim.y * blockDim.y));
+  walk_rows<T, I, UNROLL, true>(f, vec, (I)g.outer, C, (I)rc.c0, rc.cnt, (I)(blockIdx.y * blockDim.y + threadIdx.y),
+                                (I)(gridDim.y * blockDim.y));
 }
 
 }  // namespace bn

@@ -10,8 +10,8 @@ use super::context::GpuContext;
 use super::kernels::{self, Family, IndexWidth};
 use super::launch::{self, Traversal};
 use super::params::{
-    BackwardElementwiseParams, BackwardElementwiseReluParams, BackwardReduceParams,
-    BackwardReduceReluParams, FoldParams, NormalizeParams, NormalizeReluParams, StatsParams,
+    BackwardElementwiseParams, BackwardElementwiseReluParams, BackwardEvalParams,
+    BackwardReduceParams, BackwardReduceReluParams, FoldParams, NormalizeParams, NormalizeReluParams, StatsParams,
     SyncCoefficientsParams, SyncMergeParams, SyncMomentsParams,
 };
 use super::views::{
@@ -258,7 +258,8 @@ pub(crate) struct Gradient<'r, 'a, T> {
 }
 
 /// Both passes of a backward, after validation: the reduce when parameter gradients are asked
-/// for or batch statistics need the dx coefficients, then the dx pass when it writes anything.
+/// for or batch statistics need the dx coefficients, then the dx pass when it writes anything;
+/// in eval with dx and parameter gradients, one pass that does both ([`backward_eval`]).
 /// An empty batch sums to 0: fresh parameter gradients are zeroed, accumulated ones unchanged.
 pub(crate) fn backward<T: Element>(
     gpu: &GpuContext,
@@ -284,14 +285,17 @@ pub(crate) fn backward<T: Element>(
     let c = op.desc.channels();
     let reduce = launch::reduction(&op.desc.geometry(), T::DTYPE, gpu.sm_count());
     let scratch = workspace.reserve(gpu, 2 * c * reduce.splits as usize, c)?;
-    // Training dx needs the sums; eval dx does not.
+    // Training dx needs the sums; eval dx does not, so eval runs both in one pass.
     let wants_params = dweight.is_some() || dbias.is_some();
+    let sums = ParamSums {
+        dweight: dweight.as_mut(),
+        dbias: dbias.as_mut(),
+        accumulate,
+    };
+    if let (false, true, Some(dx)) = (op.stats.is_batch(), wants_params, dx.as_mut()) {
+        return backward_eval(gpu, scratch, op, sums, dx, epilogue);
+    }
     if wants_params || (op.stats.is_batch() && dx.is_some()) {
-        let sums = ParamSums {
-            dweight: dweight.as_mut(),
-            dbias: dbias.as_mut(),
-            accumulate,
-        };
         backward_reduce(gpu, scratch, op, sums, epilogue.mask())?;
     }
     backward_dx(gpu, workspace.coef(), op, dx.as_mut(), epilogue)
@@ -315,11 +319,33 @@ pub(crate) fn backward_reduce<T: Element>(
     sums: ParamSums<'_, '_>,
     mask: Option<&CudaView<'_, u32>>,
 ) -> Result<()> {
-    let g = op.desc.geometry();
-    let reduce = launch::reduction(&g, T::DTYPE, gpu.sm_count());
+    let reduce = launch::reduction(&op.desc.geometry(), T::DTYPE, gpu.sm_count());
     let mut guards = Guards::new(gpu.stream());
-    let stats = op.stats.pointers(&mut guards);
-    let params = BackwardReduceParams {
+    let params = reduce_params(&mut guards, scratch, op, sums, reduce);
+    match mask {
+        None => launch_family::<T, _>(gpu, kernels::BACKWARD_REDUCE, op.desc, reduce, &params),
+        Some(mask) => {
+            let params = BackwardReduceReluParams {
+                base: params,
+                mask: guards.read(mask),
+            };
+            let family = kernels::BACKWARD_REDUCE_RELU;
+            launch_family::<T, _>(gpu, family, op.desc, reduce, &params)
+        }
+    }
+}
+
+/// The parameters of a gradient reduce over `reduce`'s grid; the dx coefficients go to the
+/// workspace's `coef` with batch statistics only.
+fn reduce_params<'a, T>(
+    guards: &mut Guards<'a>,
+    scratch: Scratch<'a>,
+    op: &'a Gradient<'_, '_, T>,
+    sums: ParamSums<'a, '_>,
+    reduce: launch::Launch,
+) -> BackwardReduceParams {
+    let stats = op.stats.pointers(guards);
+    BackwardReduceParams {
         x: guards.read(op.x),
         dy: guards.read(op.dy),
         mean: stats.mean,
@@ -334,23 +360,42 @@ pub(crate) fn backward_reduce<T: Element>(
         } else {
             0
         },
-        g: g.into(),
+        g: op.desc.geometry().into(),
         eps: stats.eps,
         stat_is_var: stats.stat_is_var,
         accumulate: sums.accumulate as i32,
         splits: reduce.splits as i32,
-    };
-    match mask {
-        None => launch_family::<T, _>(gpu, kernels::BACKWARD_REDUCE, op.desc, reduce, &params),
-        Some(mask) => {
-            let params = BackwardReduceReluParams {
-                base: params,
-                mask: guards.read(mask),
-            };
-            let family = kernels::BACKWARD_REDUCE_RELU;
-            launch_family::<T, _>(gpu, family, op.desc, reduce, &params)
-        }
     }
+}
+
+/// The eval backward over a non-empty batch with dx and parameter gradients, in one pass
+/// (`bn_backward_eval_*`): the reduce's sums (dweight, dbias, bit for bit [`backward_reduce`]'s)
+/// and `dx = dy_eff * weight * invstd` (bit for bit [`backward_dx`]'s) from one read of `x` and
+/// `dy`, and `dz = dy_eff` for the residual form: 3 passes over memory instead of 4.
+fn backward_eval<T: Element>(
+    gpu: &GpuContext,
+    scratch: Scratch<'_>,
+    op: &Gradient<'_, '_, T>,
+    sums: ParamSums<'_, '_>,
+    dx: &mut CudaViewMut<'_, T>,
+    epilogue: &mut EpilogueGrad<'_, T>,
+) -> Result<()> {
+    let reduce = launch::reduction(&op.desc.geometry(), T::DTYPE, gpu.sm_count());
+    let mut guards = Guards::new(gpu.stream());
+    let base = reduce_params(&mut guards, scratch, op, sums, reduce);
+    let (mask, dz) = match epilogue {
+        EpilogueGrad::None => (0, 0),
+        EpilogueGrad::Relu { mask } => (guards.read(mask), 0),
+        EpilogueGrad::AddRelu { mask, dz } => (guards.read(mask), guards.write_opt(dz.as_mut())),
+    };
+    let params = BackwardEvalParams {
+        base,
+        dx: guards.write(dx),
+        weight: guards.read_opt(op.weight),
+        mask,
+        dz,
+    };
+    launch_family::<T, _>(gpu, kernels::BACKWARD_EVAL, op.desc, reduce, &params)
 }
 
 /// The dx pass of a backward over a non-empty batch:
