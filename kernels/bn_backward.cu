@@ -224,7 +224,7 @@ struct BackwardEval {
   static constexpr int PF = BackwardReduce::PF;
   template <int K> using State = Sums2<K>;
 
-  // A slice's outputs once dy is loaded: dy_eff (mask), dz, then dx = dy_eff * scale(k).
+  // A slice's outputs: dy_eff (mask) first, then (after the sums) dz and dx = dy_eff * scale(k).
   template <typename T, typename I> struct Outputs {
     static constexpr int VEC = Vec<T>::N;
     Raw<T>* dx;
@@ -235,9 +235,11 @@ struct BackwardEval {
     template <int STEP> __device__ __forceinline__ unsigned load_bits(const Slice<I>& s) const {
       return mask ? load_mask<VEC, STEP>(mask, s) : 0u;  // mask: uniform, so load_mask stays collective
     }
-    template <bool V, int STEP, class Scale>
-    __device__ __forceinline__ void store(Pack<T>& dy, unsigned bits, const Slice<I>& s, Scale scale) const {
+    __device__ __forceinline__ void apply_mask(Pack<T>& dy, unsigned bits) const {
       if (mask) mask_pack(dy, bits);
+    }
+    template <bool V, int STEP, class Scale>
+    __device__ __forceinline__ void store(const Pack<T>& dy, const Slice<I>& s, Scale scale) const {
       if (dz) store_slots<T, V, STEP>(dz, dy, s);
       float g[VEC];
       unpack(dy, g);
@@ -272,9 +274,10 @@ struct BackwardEval {
     }
     template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
       if (s.cnt <= 0) return;
-      const float k = scale;
-      out.template store<V, STEP>(fr.dy, fr.bits, s, [k](int) { return k; });
+      out.apply_mask(fr.dy, fr.bits);
       add_slice(st, fr.x, fr.dy, mean, s.cnt);
+      const float k = scale;
+      out.template store<V, STEP>(fr.dy, s, [k](int) { return k; });
     }
   };
 
@@ -305,8 +308,9 @@ struct BackwardEval {
     }
     template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
       if (s.cnt <= 0) return;
-      out.template store<V, STEP>(fr.dy, fr.bits, s, [this](int k) { return scale[k]; });
+      out.apply_mask(fr.dy, fr.bits);
       add_row(st, fr.x, fr.dy, mean);
+      out.template store<V, STEP>(fr.dy, s, [this](int k) { return scale[k]; });
     }
   };
 

@@ -11,8 +11,8 @@ use super::launch::{Launch, Traversal};
 use super::params::ConvDirectParams;
 use super::params::{
     BackwardElementwiseParams, BackwardElementwiseReluParams, BackwardEvalParams,
-    BackwardReduceParams, BackwardReduceReluParams, FoldParams, NormalizeParams, NormalizeReluParams, StatsParams,
-    SyncCoefficientsParams, SyncMergeParams, SyncMomentsParams,
+    BackwardReduceParams, BackwardReduceReluParams, FoldParams, NormalizeParams,
+    NormalizeReluParams, StatsParams, SyncCoefficientsParams, SyncMergeParams, SyncMomentsParams,
 };
 use super::ptx::MODULES;
 use crate::dtype::DType;

@@ -267,7 +267,10 @@ mod tests {
         assert_eq!(elementwise(&small, DType::F32, H100_SMS).grid, (7, 1, 1));
         let large = geometry(&[64, 2048, 7, 7], Layout::ChannelsFirst);
         let target = H100_SMS * BLOCKS_PER_SM;
-        assert_eq!(elementwise(&large, DType::F32, H100_SMS).grid, (2 * target, 1, 1));
+        assert_eq!(
+            elementwise(&large, DType::F32, H100_SMS).grid,
+            (2 * target, 1, 1)
+        );
     }
 
     #[test]

@@ -11,8 +11,8 @@ use super::kernels::{self, Family, IndexWidth};
 use super::launch::{self, Traversal};
 use super::params::{
     BackwardElementwiseParams, BackwardElementwiseReluParams, BackwardEvalParams,
-    BackwardReduceParams, BackwardReduceReluParams, FoldParams, NormalizeParams, NormalizeReluParams, StatsParams,
-    SyncCoefficientsParams, SyncMergeParams, SyncMomentsParams,
+    BackwardReduceParams, BackwardReduceReluParams, FoldParams, NormalizeParams,
+    NormalizeReluParams, StatsParams, SyncCoefficientsParams, SyncMergeParams, SyncMomentsParams,
 };
 use super::views::{
     BackwardStats, BatchStats, Epilogue, EpilogueGrad, GradientsMut, RunningStats, RunningUpdate,
