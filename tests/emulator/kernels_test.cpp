@@ -1750,7 +1750,7 @@ void test_backward_eval(const Shape& s, const Cfg& red, size_t mis, int mode, bo
     ++g_checks;
     const bool same = out.v[out.off + e2] == out2.v[out2.off + e2] && dz.v[dz.off + e2] == dz2.v[dz2.off + e2];
     if (!same && bad++ < 3)
-      CHECK(false, "%s: dx/dz[%llu] = %g/%g, two passes %g/%g", tag.c_str(), e2, out.at(e2), dz.at(e2), out2.at(e2),
+      CHECK(false, "%s: dx/dz[%llu] = %.9g/%.9g, two passes %.9g/%.9g", tag.c_str(), e2, out.at(e2), dz.at(e2), out2.at(e2),
             dz2.at(e2));
   }
   for (u64 c = 0; c < C; ++c) {
