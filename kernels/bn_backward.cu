@@ -69,6 +69,16 @@ static_assert(sizeof(BackwardReduceParams) == 120 && sizeof(BackwardReduceReluPa
 static_assert(sizeof(BackwardElementwiseParams) == 96 && sizeof(BackwardElementwiseReluParams) == 112,
               "Rust mirrors");
 
+// The eval-mode backward in one pass: the reduce's fields (coef null: eval dx needs no sums),
+// then the dx pass's outputs.
+struct BackwardEvalParams : BackwardReduceParams {
+  void* dx;                  // T, non-null; may alias dy
+  const float* weight;       // [C] nullable (1)
+  const unsigned int* mask;  // [mask words] nullable: a relu forward's mask, dy_eff = bit ? dy : 0
+  void* dz;                  // T nullable: add_relu's dz = dy_eff (with a mask); may alias dy
+};
+static_assert(sizeof(BackwardEvalParams) == 152, "Rust mirror");
+
 namespace bn {
 
 // The mask of a reduce's params: none for the plain kernels.
@@ -81,6 +91,39 @@ template <bool MASK, class A, class B> struct Pick {
 template <class A, class B> struct Pick<false, A, B> {
   typedef B type;
 };
+
+// The sums of one planar slice of channel `mean`'s values: its valid slots [0, cnt) by a fixed
+// pairwise tree, then added to the thread's state.
+template <typename T>
+__device__ __forceinline__ void add_slice(Sums2<1>& st, const Pack<T>& x, const Pack<T>& dy, float mean, int cnt) {
+  constexpr int VEC = Vec<T>::N;
+  float xv[VEC], g[VEC], gx[VEC];
+  unpack(x, xv);
+  unpack(dy, g);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    g[k] = k < cnt ? g[k] : 0.f;  // masked slots: explicit 0 (also for a non-finite mean)
+    gx[k] = k < cnt ? g[k] * (xv[k] - mean) : 0.f;
+  }
+  st.a(0) += tree_sum(g);
+  st.b(0) += tree_sum(gx);
+}
+
+// The sums of one row of a rows column (VEC channels). Masked channels read x = dy = 0 and mean
+// 0: they add zeros, and are never written.
+template <typename T>
+__device__ __forceinline__ void add_row(Sums2<Vec<T>::N>& st, const Pack<T>& x, const Pack<T>& dy,
+                                        const float (&mean)[Vec<T>::N]) {
+  constexpr int VEC = Vec<T>::N;
+  float xv[VEC], g[VEC];
+  unpack(x, xv);
+  unpack(dy, g);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    st.a(k) += g[k];
+    st.b(k) = fmaf(g[k], xv[k] - mean[k], st.b(k));
+  }
+}
 
 // MASK: sums of dy_eff = mask bit ? dy : 0 (the relu kernels).
 template <bool MASK> struct BackwardReduceT {
@@ -110,16 +153,7 @@ template <bool MASK> struct BackwardReduceT {
     template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
       if (s.cnt <= 0) return;
       if (MASK) mask_pack(fr.dy, fr.bits);
-      float xv[VEC], g[VEC], gx[VEC];
-      unpack(fr.x, xv);
-      unpack(fr.dy, g);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        g[k] = k < s.cnt ? g[k] : 0.f;  // masked slots: explicit 0 (also for a non-finite mean)
-        gx[k] = k < s.cnt ? g[k] * (xv[k] - mean) : 0.f;
-      }
-      st.a(0) += tree_sum(g);
-      st.b(0) += tree_sum(gx);
+      add_slice(st, fr.x, fr.dy, mean, s.cnt);
     }
   };
 
@@ -145,18 +179,10 @@ template <bool MASK> struct BackwardReduceT {
       load_slots<T, V, STEP>(fr.dy, dy, s);
       if (MASK) fr.bits = load_mask<VEC, STEP>(mask, s);
     }
-    // Masked channels read x = dy = 0 and mean 0: they add zeros, and are never written.
     template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
       if (s.cnt <= 0) return;
       if (MASK) mask_pack(fr.dy, fr.bits);
-      float xv[VEC], g[VEC];
-      unpack(fr.x, xv);
-      unpack(fr.dy, g);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        st.a(k) += g[k];
-        st.b(k) = fmaf(g[k], xv[k] - mean[k], st.b(k));
-      }
+      add_row(st, fr.x, fr.dy, mean);
     }
   };
 
@@ -186,6 +212,121 @@ template <bool MASK> struct BackwardReduceT {
   }
 };
 typedef BackwardReduceT<false> BackwardReduce;
+
+// Eval-mode backward in ONE pass (running statistics are constants, so dx needs no sums): the
+// reduce's walk, grid, sums and finalize (dweight, dbias: bit for bit what bn_backward_reduce
+// gives), and from the same registers dx = dy_eff * (w*invstd) (DxEvalOp's expression, so bit
+// for bit bn_backward_dx's) [and dz = dy_eff]. x and dy are read once, dx written once: 3 passes
+// instead of 4. The scale is a per-channel constant of each thread (planar: its channel; rows:
+// its VEC channels), computed once.
+struct BackwardEval {
+  typedef BackwardEvalParams Params;
+  static constexpr int PF = BackwardReduce::PF;
+  template <int K> using State = Sums2<K>;
+
+  // A slice's outputs: dy_eff (mask) first, then (after the sums) dz and dx = dy_eff * scale(k).
+  template <typename T, typename I> struct Outputs {
+    static constexpr int VEC = Vec<T>::N;
+    Raw<T>* dx;
+    Raw<T>* dz;
+    const unsigned* mask;
+    __device__ __forceinline__ explicit Outputs(const Params& p)
+        : dx(static_cast<Raw<T>*>(p.dx)), dz(static_cast<Raw<T>*>(p.dz)), mask(p.mask) {}
+    template <int STEP> __device__ __forceinline__ unsigned load_bits(const Slice<I>& s) const {
+      return mask ? load_mask<VEC, STEP>(mask, s) : 0u;  // mask: uniform, so load_mask stays collective
+    }
+    __device__ __forceinline__ void apply_mask(Pack<T>& dy, unsigned bits) const {
+      if (mask) mask_pack(dy, bits);
+    }
+    template <bool V, int STEP, class Scale>
+    __device__ __forceinline__ void store(const Pack<T>& dy, const Slice<I>& s, Scale scale) const {
+      if (dz) store_slots<T, V, STEP>(dz, dy, s);
+      float g[VEC];
+      unpack(dy, g);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) g[k] = g[k] * scale(k);
+      Pack<T> o;
+      pack(o, g);
+      store_slots<T, V, STEP>(dx, o, s);
+    }
+  };
+  static __device__ __forceinline__ float scale_of(const Params& p, u64 c) {
+    return load_or(p.weight, c, 1.0f) * invstd_of(p.var_or_invstd, c, p.stat_is_var, p.eps);
+  }
+
+  template <typename T, typename I> struct PlanarAcc {
+    struct Frag {
+      Pack<T> x, dy;
+      unsigned bits;
+    };
+    const Raw<T>* x;
+    const Raw<T>* dy;
+    Outputs<T, I> out;
+    float mean, scale;
+    Sums2<1> st;
+    __device__ __forceinline__ PlanarAcc(const Params& p, u64 c)
+        : x(static_cast<const Raw<T>*>(p.x)), dy(static_cast<const Raw<T>*>(p.dy)), out(p), mean(p.mean[c]),
+          scale(scale_of(p, c)), st(Sums2<1>::empty()) {}
+    template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
+      load_slots<T, V, STEP>(fr.x, x, s);
+      load_slots<T, V, STEP>(fr.dy, dy, s);
+      fr.bits = out.template load_bits<STEP>(s);
+    }
+    template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
+      if (s.cnt <= 0) return;
+      out.apply_mask(fr.dy, fr.bits);
+      add_slice(st, fr.x, fr.dy, mean, s.cnt);
+      const float k = scale;
+      out.template store<V, STEP>(fr.dy, s, [k](int) { return k; });
+    }
+  };
+
+  template <typename T, typename I> struct RowsAcc {
+    static constexpr int VEC = Vec<T>::N;
+    struct Frag {
+      Pack<T> x, dy;
+      unsigned bits;
+    };
+    const Raw<T>* x;
+    const Raw<T>* dy;
+    Outputs<T, I> out;
+    float mean[VEC], scale[VEC];
+    Sums2<VEC> st;
+    __device__ __forceinline__ RowsAcc(const Params& p, const RowsColumn& rc)
+        : x(static_cast<const Raw<T>*>(p.x)), dy(static_cast<const Raw<T>*>(p.dy)), out(p),
+          st(Sums2<VEC>::empty()) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        mean[k] = k < rc.cnt ? p.mean[rc.c0 + k] : 0.f;
+        scale[k] = k < rc.cnt ? scale_of(p, rc.c0 + k) : 0.f;
+      }
+    }
+    template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
+      load_slots<T, V, STEP>(fr.x, x, s);
+      load_slots<T, V, STEP>(fr.dy, dy, s);
+      fr.bits = out.template load_bits<STEP>(s);
+    }
+    template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
+      if (s.cnt <= 0) return;
+      out.apply_mask(fr.dy, fr.bits);
+      add_row(st, fr.x, fr.dy, mean);
+      out.template store<V, STEP>(fr.dy, s, [this](int k) { return scale[k]; });
+    }
+  };
+
+  static __device__ __forceinline__ bool vec_ok(const Params& p) {
+    return aligned16(p.x) && aligned16(p.dy) && aligned16(p.dx) && (p.dz == nullptr || aligned16(p.dz));
+  }
+  template <int K> static __device__ __forceinline__ void store_partial(float* dst, const Sums2<K>& s, int k) {
+    BackwardReduce::store_partial(dst, s, k);
+  }
+  template <int K> static __device__ __forceinline__ void load_partial(Sums2<K>& s, const float* src, int k) {
+    BackwardReduce::load_partial(s, src, k);
+  }
+  template <typename T> static __device__ __forceinline__ void finalize(const Params& p, u64 c, const Sums2<1>& s) {
+    BackwardReduce::template finalize<T>(p, c, s);
+  }
+};
 
 // dx with batch statistics: coef = (sum dy / m, sum dy*xhat / m) from the reduce.
 struct DxTrainOp {
@@ -246,7 +387,7 @@ __device__ __forceinline__ void backward_dx(const BackwardElementwiseParams& p, 
     op.eps = p.eps;
     op.stat_is_var = p.stat_is_var;
     if (ROWS) map_rows<T, I, 2, rows_unroll<T, 2 + S>()>(p.g, p.x, p.dy, p.dx, op, epi);
-    else map_planar<T, I, 2, 2>(p.g, p.x, p.dy, p.dx, op, epi);
+    else map_flat<T, I, 2, 2>(p.g, p.x, p.dy, p.dx, op, epi);
   } else {
     DxEvalOp op;
     op.var_or_invstd = p.var_or_invstd;
@@ -254,7 +395,7 @@ __device__ __forceinline__ void backward_dx(const BackwardElementwiseParams& p, 
     op.eps = p.eps;
     op.stat_is_var = p.stat_is_var;
     if (ROWS) map_rows<T, I, 1, rows_unroll<T, 1 + S>()>(p.g, p.dy, nullptr, p.dx, op, epi);
-    else map_planar<T, I, 1, S == 0 ? 4 : 2>(p.g, p.dy, nullptr, p.dx, op, epi);
+    else map_flat<T, I, 1, sizeof(T) == 4 && S == 0 ? 4 : 2>(p.g, p.dy, nullptr, p.dx, op, epi);
   }
 }
 
@@ -275,7 +416,7 @@ __device__ __forceinline__ void backward_dx_relu(const BackwardElementwiseReluPa
   const MaskedGrad<T, I, DZ> epi(p.mask, p.dz);
   if (!DZ && p.var_or_invstd == nullptr) {
     if (ROWS) map_rows<T, I, 1, rows_unroll<T, 1>()>(p.g, p.dy, nullptr, p.dx, PassOp(), epi);
-    else map_planar<T, I, 1, 4>(p.g, p.dy, nullptr, p.dx, PassOp(), epi);
+    else map_flat<T, I, 1, 4>(p.g, p.dy, nullptr, p.dx, PassOp(), epi);
     return;
   }
   backward_dx<ROWS, T, I>(p, epi);
@@ -300,6 +441,9 @@ __device__ __forceinline__ void backward_dx_relu(const BackwardElementwiseReluPa
   BN_KERNEL(bn_backward_dx_add_relu_planar_##dt##_##ix, BackwardElementwiseReluParams,                        \
             bn::backward_dx_relu<false, true, T, I>)                                                           \
   BN_KERNEL(bn_backward_dx_add_relu_rows_##dt##_##ix, BackwardElementwiseReluParams,                          \
-            bn::backward_dx_relu<true, true, T, I>)
+            bn::backward_dx_relu<true, true, T, I>)                                                            \
+  BN_KERNEL(bn_backward_eval_planar_##dt##_##ix, BackwardEvalParams, bn::split_reduce_planar<bn::BackwardEval, T, I, 2>) \
+  BN_KERNEL(bn_backward_eval_rows_##dt##_##ix, BackwardEvalParams,                                             \
+            bn::split_reduce_rows<bn::BackwardEval, T, I, bn::rows_unroll<T, 2>()>)
 
 BN_FOR_EACH_TYPE(BN_BACKWARD_ENTRIES)

@@ -3,12 +3,13 @@
 // common.cuh MeanPair); mean_lo is folded into the bias per channel.
 //
 // bn_normalize_planar_<dt>_<ix>  (inner > 1)   grid (blocks), block 256: the grid's warps split
-//   all outer*C*chunks warp units into contiguous ranges; the channel of each unit is tracked
-//   incrementally (no division per unit or element) and its coefficients are loaded per unit.
+//   the flat tensor's warp units (32 lanes x VEC consecutive values, spanning planes) into
+//   contiguous ranges, from the tail (common.cuh, walk_flat); every slot's channel is stepped
+//   without division, and a thread recomputes coefficients only when its channel changes.
 // bn_normalize_rows_<dt>_<ix>    (inner == 1)  grid (ceil(C / (bx*VEC)), row_blocks), block
 //   (bx, by): each thread computes the coefficients of its VEC channels once, then strides rows.
-// No shared memory. 16-byte loads/stores when inner % VEC == 0 (planar) / C % VEC == 0 (rows)
-// and x, y are 16-byte aligned; scalar otherwise. y may equal x (every element is read and then
+// No shared memory. 16-byte loads/stores when numel % VEC == 0 (planar: any plane size) /
+// C % VEC == 0 (rows) and x, y are 16-byte aligned; scalar otherwise. y may equal x (every element is read and then
 // written by the same thread). Not x*a + b with b = bias - mean*a: that cancels for large means;
 // a constant channel gives (x - mean) == 0 and y == bias exactly.
 //
@@ -16,8 +17,8 @@
 // bn_normalize_relu_{planar,rows}_<dt>_<ix>      y = relu(BN(x)),     mask bit = y > 0
 // bn_normalize_add_relu_{planar,rows}_<dt>_<ix>  y = relu(BN(x) + z), mask bit = y > 0
 //   BN(x) + z in f32, rounded once to T; relu(NaN) = NaN with bit 0. mask nullable (no mask);
-//   y may equal x or z. The 16-byte path also needs z aligned. Planar unroll 2 with z (two
-//   16-byte loads per slice), rows_unroll<T, 2>.
+//   y may equal x or z. The 16-byte path also needs z aligned. Planar unroll 2 (4 for f32
+//   without z), rows_unroll<T, 2> with z.
 #include "common.cuh"
 #include "epilogue.cuh"
 
@@ -86,7 +87,7 @@ __device__ __forceinline__ NormalizeOp normalize_op(const NormalizeParams& p) {
 template <bool ROWS, typename T, typename I, int NIN, class Epi>
 __device__ __forceinline__ void normalize(const NormalizeParams& p, const Epi& epi) {
   if (ROWS) map_rows<T, I, 1, rows_unroll<T, NIN>()>(p.g, p.x, nullptr, p.y, normalize_op(p), epi);
-  else map_planar<T, I, 1, NIN == 1 ? 4 : 2>(p.g, p.x, nullptr, p.y, normalize_op(p), epi);
+  else map_flat<T, I, 1, sizeof(T) == 4 && NIN == 1 ? 4 : 2>(p.g, p.x, nullptr, p.y, normalize_op(p), epi);
 }
 
 template <bool ROWS, typename T, typename I> __device__ __forceinline__ void normalize_plain(const NormalizeParams& p) {

@@ -3,11 +3,13 @@
 //   dtypes      Dtype<T>: raw 16/32-bit storage, f32 conversions; Pack<T>: one 16-byte vector.
 //   reductions  Welford<K> (one state, one Chan merge, exact when either count is 0) and Sums2<K>;
 //               warp_reduce / block_reduce (1-D block) / block_reduce_y (2-D block, over y).
-//   traversals  walk_planar (warp units over [outer, C, inner] planes) and walk_rows (inner == 1),
-//               each calling a functor's load() for UNROLL slices, then its consume().
+//   traversals  walk_planar (warp units over the planes of one channel: the reductions),
+//               walk_flat (the whole tensor as one run of 16-byte vectors: the elementwise passes
+//               over channels-first tensors) and walk_rows (inner == 1), each calling a functor's
+//               load() for UNROLL slices, then its consume().
 //   split reduction + last-block finalize: split_reduce_planar / split_reduce_rows, shared by
 //               bn_stats.cu and bn_backward.cu through a small policy type.
-//   maps        map_planar / map_rows (normalize, dx) with an epilogue hook: NoEpilogue here, the
+//   maps        map_flat / map_rows (normalize, dx) with an epilogue hook: NoEpilogue here, the
 //               ReLU epilogues and the mask (located by Slice::mw/mb) in epilogue.cuh.
 //   BN_FOR_EACH_TYPE / BN_KERNEL: stamp the extern "C" entry points per dtype x index width.
 //
@@ -71,16 +73,19 @@ template <typename T> union Pack {
   Raw<T> r[Vec<T>::N];
 };
 
-// The slots of one thread in one unit (planar) or row (rows): slot k lives at off + k*STEP
-// (STEP = 1 for vector loads and for rows, 32 for planar scalar loads), slots [0, cnt) are valid
-// (always a prefix), c is the channel of the unit (planar walks; 0 for rows).
+// The slots of one thread in one unit (planar, flat) or row (rows): slot k lives at off + k*STEP
+// (STEP = 1 for vector loads and for rows, 32 for planar and flat scalar loads), slots [0, cnt)
+// are valid (always a prefix). Flat walks only: slot 0 is element i of its plane, of channel c
+// (the map steps them slot by slot: a flat slice may span planes); 0 elsewhere.
 // (mw, mb): where slot 0's bit lives in a ReLU mask (kernels/ABI.md, epilogue.cuh): word mw, bit
-// mb; slot k's bit is (mw, mb + k) when STEP == 1 and (mw + k, mb) when STEP == 32. Walks always
-// fill them; a functor that reads no mask ignores them and the compiler drops them.
+// mb; slot k's bit is (mw, mb + k) when STEP == 1 (mb + VEC <= 32: vectors are aligned) and
+// (mw + k, mb) when STEP == 32. Walks always fill them; a functor that reads no mask ignores them
+// and the compiler drops them.
 template <typename I> struct Slice {
   I off;
   int cnt;
   unsigned c;
+  I i;
   I mw;
   unsigned mb;
 };
@@ -446,21 +451,17 @@ template <int UNROLL_V, bool V> __host__ __device__ constexpr int unroll_for() {
   return V ? UNROLL_V : (UNROLL_V + 1) / 2;
 }
 
-// Planar: the warp units of a set of planes. Unit u = (q = u / chunks, k = u % chunks) covers
-// elements [k*CH, min((k+1)*CH, inner)) of plane q, which starts at base + q*plane_stride and
-// belongs to channel q % mod; CH = 32*VEC. Plane q's ReLU mask words start at
-// mbase + q*mplane_stride (ceil(inner / 32) words per plane of the whole tensor).
-//   stats/backward (one channel c): base = c*inner, plane_stride = C*inner, mod = 1.
-//   normalize/dx (all planes):      base = 0,       plane_stride = inner,   mod = C.
+// Planar (the reductions over channels-first tensors): the warp units of the planes of one
+// channel c. Unit u = (q = u / chunks, k = u % chunks) covers elements [k*CH, min((k+1)*CH,
+// inner)) of plane q, which starts at base + q*plane_stride (base = c*inner, plane_stride =
+// C*inner); CH = 32*VEC. Offsets are the elements' offsets in the tensor, which is all the ReLU
+// mask needs (for inner > 1 it is flat: element e is bit e % 32 of word e / 32).
 template <typename I> struct PlanarSpan {
   u64 units;       // planes * chunks
   I chunks;        // units per plane, ceil(inner / CH)
   I inner;         // elements per plane
   I base;          // offset of plane 0
   I plane_stride;  // offset between consecutive planes
-  unsigned mod;    // channel = plane % mod
-  I mbase;         // mask word of plane 0
-  I mplane_stride; // mask words between consecutive planes
 };
 
 // Warp w of W takes the contiguous units [w*per + min(w, extra), +per + (w < extra)) with
@@ -472,8 +473,6 @@ template <typename I> struct PlanarCursor {
   I left;       // units still to visit
   I coff;       // k*CH of the current unit
   I poff;       // offset of the current plane, plus this lane's first slot
-  unsigned c;   // channel of the current plane
-  I mpoff;      // mask word of the current plane
 };
 
 template <typename T, typename I, int UNROLL_V, bool V, class F>
@@ -485,11 +484,6 @@ __device__ __forceinline__ void walk_planar_impl(F& f, const PlanarSpan<I>& sp, 
   const unsigned lane = threadIdx.x & 31;
   const I wrap = sp.chunks * (I)CH;  // coff runs over 0, CH, ..., wrap - CH
   cur.poff += V ? (I)(lane * VEC) : (I)lane;
-  // Mask: unit k's bits are words k*VEC.. of its plane (CH = 32*VEC bits); the vector path's
-  // slots are elements lane*VEC + s (word lane*VEC/32, bits from (lane*VEC) % 32), the scalar
-  // path's are lane + 32*s (word s, bit lane).
-  const I mlane = V ? (I)((lane * VEC) >> 5) : (I)0;
-  const unsigned mb = V ? (lane * VEC) & 31u : lane;
   for (; cur.left > 0; cur.left -= cur.left < (I)UNROLL ? cur.left : (I)UNROLL) {
     Slice<I> sl[UNROLL];
     typename F::Frag fr[UNROLL];
@@ -504,15 +498,14 @@ __device__ __forceinline__ void walk_planar_impl(F& f, const PlanarSpan<I>& sp, 
       }
       sl[j].off = cur.poff + cur.coff;  // past the end when cnt == 0: never dereferenced
       sl[j].cnt = cnt;
-      sl[j].c = cur.c;
-      sl[j].mw = cur.mpoff + (cur.coff >> 5) + mlane;
-      sl[j].mb = mb;
+      sl[j].c = 0;
+      sl[j].i = 0;
+      sl[j].mw = sl[j].off >> 5;  // vector path: off % VEC == 0, so the VEC bits share the word
+      sl[j].mb = (unsigned)sl[j].off & 31u;
       cur.coff += (I)CH;  // next unit
       if (cur.coff == wrap) {
         cur.coff = 0;
         cur.poff += sp.plane_stride;
-        cur.mpoff += sp.mplane_stride;
-        if (++cur.c == sp.mod) cur.c = 0;
       }
     }
 #pragma unroll
@@ -534,8 +527,6 @@ __device__ __forceinline__ void walk_planar(F& f, bool vec, const PlanarSpan<I>&
   const u64 q = udiv(begin, sp.chunks);
   cur.coff = (I)(begin - q * sp.chunks) * (I)CH;
   cur.poff = sp.base + (I)q * sp.plane_stride;
-  cur.c = (unsigned)umod(q, sp.mod);
-  cur.mpoff = sp.mbase + (I)q * sp.mplane_stride;
   if (vec) walk_planar_impl<T, I, UNROLL, true>(f, sp, cur);
   else walk_planar_impl<T, I, UNROLL, false>(f, sp, cur);
 }
@@ -545,13 +536,116 @@ template <typename T, typename I> __device__ __forceinline__ I planar_chunks(I i
   return (inner + (I)(CH - 1)) / (I)CH;
 }
 
-// ReLU mask words of one segment (a plane of `inner` values, or a row of C values): ceil(len/32).
+// Flat (the elementwise passes over channels-first tensors): the tensor as one run of n elements
+// cut into units of CH = 32*VEC consecutive elements starting at multiples of CH, so a unit, and
+// a lane's vector, may span planes (7x7, 14x14, 3x3 planes get whole 16-byte vectors and full
+// lanes). Every slot has its own place (i, c): its offset in its plane and its channel. The walk
+// and the maps step places by 1 (the next slot of a vector), 32 (the next slot of the scalar
+// path) or CH (the next unit) without dividing: a step of d = q*inner + r elements is (r, q % C),
+// computed once per thread.
+template <typename I> struct FlatPos {
+  I i;         // offset in the plane, < inner
+  unsigned c;  // channel, < C
+};
+template <typename I> struct FlatStep {
+  I r;          // d % inner
+  unsigned qc;  // (d / inner) % C
+};
+template <typename I> struct FlatGeom {
+  I inner;
+  unsigned C;
+  __device__ __forceinline__ FlatStep<I> step(u64 d) const {
+    const u64 q = udiv(d, inner);
+    FlatStep<I> s;
+    s.r = (I)(d - q * inner);
+    s.qc = (unsigned)umod(q, C);
+    return s;
+  }
+  __device__ __forceinline__ FlatPos<I> at(u64 e) const {
+    const u64 q = udiv(e, inner);
+    FlatPos<I> p;
+    p.i = (I)(e - q * inner);
+    p.c = (unsigned)umod(q, C);
+    return p;
+  }
+  // p + s: i + r < 2*inner carries at most one plane; c + qc + carry <= 2C - 1, written so that
+  // nothing wraps in 32 bits.
+  __device__ __forceinline__ void advance(FlatPos<I>& p, const FlatStep<I>& s) const {
+    p.i += s.r;
+    unsigned dq = s.qc;
+    if (p.i >= inner) {
+      p.i -= inner;
+      ++dq;  // <= C
+    }
+    const unsigned room = C - p.c;  // >= 1
+    p.c = dq >= room ? dq - room : p.c + dq;
+  }
+};
+
+// Warp w of W takes units as walk_planar does, but counted from the END of the tensor (warp w
+// takes range W-1-w): the first blocks to run read the tail, which the statistics pass before
+// read last and the L2 may still hold. Each range is walked forward. Slots: vector path elements
+// unit + lane*VEC + [0, VEC) (every vector 16-byte aligned when the pointers are and
+// n % VEC == 0: the kernel checks both, uniformly); scalar path unit + lane + 32*s. Mask
+// (inner > 1: element e is bit e % 32 of word e / 32): units start on a word, so the lanes
+// sharing a word are the same unit's (32/VEC aligned lanes on the vector path; word unit/32 + s,
+// bit lane on the scalar path), as store_mask needs.
+template <typename T, typename I, int UNROLL_V, bool V, class F>
+__device__ __forceinline__ void walk_flat_impl(F& f, const FlatGeom<I>& fg, I n, I off, I left, FlatPos<I> pos) {
+  constexpr int UNROLL = unroll_for<UNROLL_V, V>();
+  constexpr int VEC = Vec<T>::N;
+  constexpr int STEP = V ? 1 : 32;
+  constexpr unsigned CH = 32u * VEC;
+  const FlatStep<I> unit = fg.step(CH);
+  for (; left > 0; left -= left < (I)UNROLL ? left : (I)UNROLL) {
+    Slice<I> sl[UNROLL];
+    typename F::Frag fr[UNROLL];
+#pragma unroll
+    for (int j = 0; j < UNROLL; ++j) {
+      int cnt = 0;
+      if ((I)j < left && off < n) cnt = V ? VEC : min(VEC, (int)((n - off + 31) >> 5));  // V: n % VEC == 0
+      sl[j].off = off;  // past the end when cnt == 0: never dereferenced
+      sl[j].cnt = cnt;
+      sl[j].c = pos.c;
+      sl[j].i = pos.i;
+      sl[j].mw = off >> 5;
+      sl[j].mb = (unsigned)off & 31u;
+      off += (I)CH;
+      fg.advance(pos, unit);
+    }
+#pragma unroll
+    for (int j = 0; j < UNROLL; ++j) f.template load<V, STEP>(fr[j], sl[j]);
+#pragma unroll
+    for (int j = 0; j < UNROLL; ++j) f.template consume<V, STEP>(fr[j], sl[j]);
+  }
+}
+
+// vec is uniform over the grid (n % VEC and pointer alignment), so the branch never diverges.
+template <typename T, typename I, int UNROLL, class F>
+__device__ __forceinline__ void walk_flat(F& f, bool vec, const FlatGeom<I>& fg, I n, u64 warp, u64 warps) {
+  constexpr unsigned VEC = Vec<T>::N, CH = 32u * VEC;
+  const u64 units = ((u64)n + (CH - 1)) / CH;
+  const u64 w = warps - 1 - warp;
+  const u64 per = udiv(units, warps), extra = units - per * warps;
+  const u64 begin = w * per + (w < extra ? w : extra);  // <= units: no overflow
+  const I left = (I)(per + (w < extra ? 1 : 0));
+  // If left == 0, begin may be == units and the offset past the end: never used.
+  const unsigned lane = threadIdx.x & 31;
+  const I off = (I)(begin * CH) + (I)(vec ? lane * VEC : lane);
+  const FlatPos<I> pos = fg.at(off);
+  if (vec) walk_flat_impl<T, I, UNROLL, true>(f, fg, n, off, left, pos);
+  else walk_flat_impl<T, I, UNROLL, false>(f, fg, n, off, left, pos);
+}
+
+// ReLU mask words of a row of C values (inner == 1): ceil(C/32).
 template <typename I> __device__ __forceinline__ I mask_segment_words(I len) { return (len + (I)31) >> 5; }
 
 // Rows (inner == 1): this thread owns channels [c0, c0 + cnt) of every row r0, r0 + rstride, ...
 // Row r's slots start at r*C + c0. Vector path: C % VEC == 0, so cnt is VEC or 0 and every row
 // start is 16-byte aligned; scalar path: slots k < cnt = min(VEC, C - c0) loaded one by one.
-template <typename T, typename I, int UNROLL_V, bool V, class F>
+// REV (the elementwise maps): row r is rows-1-r, so the first blocks to run take the last rows,
+// which the reduction before (its blocks stride the rows together) read last: the L2 may hold them.
+template <typename T, typename I, int UNROLL_V, bool V, bool REV, class F>
 __device__ __forceinline__ void walk_rows_impl(F& f, I rows, I C, I c0, int cnt, I r0, I rstride) {
   constexpr int UNROLL = unroll_for<UNROLL_V, V>();
   const I mwords = mask_segment_words(C);  // row rr, channel c: word rr*mwords + c/32, bit c%32
@@ -561,10 +655,12 @@ __device__ __forceinline__ void walk_rows_impl(F& f, I rows, I C, I c0, int cnt,
     typename F::Frag fr[UNROLL];
 #pragma unroll
     for (int j = 0; j < UNROLL; ++j) {
-      const I rr = r + (I)j * rstride;
+      const I rf = r + (I)j * rstride;
+      const I rr = REV ? rows - 1 - rf : rf;
       sl[j].off = rr * C + c0;  // garbage past the end (cnt = 0): never dereferenced
-      sl[j].cnt = rr < rows ? cnt : 0;
+      sl[j].cnt = rf < rows ? cnt : 0;
       sl[j].c = 0;
+      sl[j].i = 0;
       sl[j].mw = rr * mwords + (c0 >> 5);  // c0 % VEC == 0: the VEC bits never straddle words
       sl[j].mb = (unsigned)c0 & 31u;
     }
@@ -575,10 +671,10 @@ __device__ __forceinline__ void walk_rows_impl(F& f, I rows, I C, I c0, int cnt,
   }
 }
 
-template <typename T, typename I, int UNROLL, class F>
+template <typename T, typename I, int UNROLL, bool REV = false, class F>
 __device__ __forceinline__ void walk_rows(F& f, bool vec, I rows, I C, I c0, int cnt, I r0, I rstride) {
-  if (vec) walk_rows_impl<T, I, UNROLL, true>(f, rows, C, c0, cnt, r0, rstride);
-  else walk_rows_impl<T, I, UNROLL, false>(f, rows, C, c0, cnt, r0, rstride);
+  if (vec) walk_rows_impl<T, I, UNROLL, true, REV>(f, rows, C, c0, cnt, r0, rstride);
+  else walk_rows_impl<T, I, UNROLL, false, REV>(f, rows, C, c0, cnt, r0, rstride);
 }
 
 // Rows per iteration for rows kernels with NIN inputs. A rows thread keeps VEC channels of state
@@ -658,13 +754,9 @@ __device__ __forceinline__ void split_reduce_planar(const typename P::Params& p)
   sp.units = p.g.outer * (u64)sp.chunks;
   sp.inner = inner;
   sp.plane_stride = C * inner;
-  sp.mod = 1u;
-  const I mwords = mask_segment_words(inner);
-  sp.mplane_stride = C * mwords;
   for (u64 c = blockIdx.y; c < (u64)C; c += gridDim.y) {
     typename P::template PlanarAcc<T, I> acc(p, c);
     sp.base = (I)c * inner;
-    sp.mbase = (I)c * mwords;
     walk_planar<T, I, UNROLL>(acc, vec, sp, (u64)blockIdx.x * kWarps + (threadIdx.x >> 5), (u64)splits * kWarps);
     S s = block_reduce(acc.st, red);
     if (splits == 1) {
@@ -802,11 +894,11 @@ template <typename T, typename I> struct NoEpilogue {
   __device__ __forceinline__ void store(const Frag&, const Pack<T>&, const Slice<I>&, unsigned) const {}
 };
 
-// The body shared by both maps once the slice's inputs, epilogue registers and coefficients
-// (one per slot) are at hand.
+// The body shared by both maps once the slice's inputs and epilogue registers are at hand;
+// coef_at(k) gives slot k's coefficients, called once per slot in slot order.
 template <typename T, typename I, int NIN, bool V, int STEP, class Op, class Epi, class CoefAt>
 __device__ __forceinline__ void map_slice(const Op& op, const Epi& epi, Pack<T> (&in)[NIN], typename Epi::Frag& e,
-                                          const CoefAt& coef_at, Raw<T>* out, const Slice<I>& s, unsigned group) {
+                                          CoefAt coef_at, Raw<T>* out, const Slice<I>& s, unsigned group) {
   constexpr int VEC = Vec<T>::N;
   epi.template grad<V, STEP>(e, in[NIN - 1], s);
   float a[VEC], b[VEC], y[VEC];
@@ -820,30 +912,50 @@ __device__ __forceinline__ void map_slice(const Op& op, const Epi& epi, Pack<T> 
   epi.template store<V, STEP>(e, o, s, group);
 }
 
-template <typename T, typename I, int NIN, class Op, class Epi = NoEpilogue<T, I>> struct PlanarMap {
+// Channels-first maps walk the flat tensor (walk_flat): slot k's channel is stepped from the
+// slice's place, and the coefficients of the last channel seen stay in registers, so a thread
+// computes them once per channel it meets (once per plane for planes of CH or more elements), not
+// once per unit: the eval kernels' 1/sqrt(running_var + eps) included.
+template <typename T, typename I, int NIN, class Op, class Epi = NoEpilogue<T, I>> struct FlatMap {
   static constexpr int VEC = Vec<T>::N;
   struct Frag {
     Pack<T> in[NIN];
-    typename Op::Coef cf;
     typename Epi::Frag e;
-  };
-  struct SameCoef {  // one channel per planar slice
-    const typename Op::Coef& cf;
-    __device__ __forceinline__ const typename Op::Coef& operator()(int) const { return cf; }
   };
   const Raw<T>* in[NIN];
   Raw<T>* out;
   Op op;
   Epi epi;
+  FlatGeom<I> fg;
+  FlatStep<I> slot1, slot32;  // steps between slots: STEP == 1, STEP == 32
+  unsigned cc;                // channel of cf (~0u: none yet)
+  typename Op::Coef cf;
+  // Slot k's coefficients, for k = 0, 1, ... in order: recomputed only when the channel changes.
+  // Slots past cnt keep the last ones (their results are never stored).
+  template <int STEP> struct SlotCoef {
+    FlatMap& m;
+    FlatPos<I> p;
+    int cnt;
+    __device__ __forceinline__ const typename Op::Coef& operator()(int k) {
+      if (k < cnt && p.c != m.cc) {
+        m.cc = p.c;
+        m.cf = m.op.coef(p.c);
+      }
+      m.fg.advance(p, STEP == 1 ? m.slot1 : m.slot32);
+      return m.cf;
+    }
+  };
   template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
 #pragma unroll
     for (int i = 0; i < NIN; ++i) load_slots<T, V, STEP>(fr.in[i], in[i], s);
     epi.template load<V, STEP>(fr.e, s);
-    fr.cf = op.coef(s.c);  // c < C even for an idle slice: always a valid read
   }
-  template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) const {
+  template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
     if (!Epi::kCollective && s.cnt <= 0) return;
-    map_slice<T, I, NIN, V, STEP>(op, epi, fr.in, fr.e, SameCoef{fr.cf}, out, s, 32u / VEC);
+    FlatPos<I> p;
+    p.i = s.i;
+    p.c = s.c;
+    map_slice<T, I, NIN, V, STEP>(op, epi, fr.in, fr.e, SlotCoef<STEP>{*this, p, s.cnt}, out, s, 32u / VEC);
   }
 };
 
@@ -879,30 +991,27 @@ template <typename T, typename I, int NIN, class Op, class Epi = NoEpilogue<T, I
   }
 };
 
-// grid (blocks), block 256: grid-stride over all warp units of all outer*C planes.
+// grid (blocks), block 256: the grid's warps split the flat tensor's units (walk_flat).
 template <typename T, typename I, int NIN, int UNROLL, class Op, class Epi = NoEpilogue<T, I>>
-__device__ __forceinline__ void map_planar(const Geometry& g, const void* in0, const void* in1, void* out,
-                                           const Op& op, const Epi& epi = Epi()) {
+__device__ __forceinline__ void map_flat(const Geometry& g, const void* in0, const void* in1, void* out, const Op& op,
+                                         const Epi& epi = Epi()) {
   constexpr int VEC = Vec<T>::N;
-  const I C = (I)g.channels, inner = (I)g.inner;
-  PlanarSpan<I> sp;
-  sp.chunks = planar_chunks<T>(inner);
-  sp.units = g.outer * g.channels * (u64)sp.chunks;
-  sp.inner = inner;
-  sp.base = 0;
-  sp.plane_stride = inner;
-  sp.mod = (unsigned)C;
-  sp.mbase = 0;
-  sp.mplane_stride = mask_segment_words(inner);
-  PlanarMap<T, I, NIN, Op, Epi> f;
+  const I n = (I)(g.outer * g.channels * g.inner);
+  FlatMap<T, I, NIN, Op, Epi> f;
   f.in[0] = static_cast<const Raw<T>*>(in0);
   if (NIN > 1) f.in[NIN - 1] = static_cast<const Raw<T>*>(in1);
   f.out = static_cast<Raw<T>*>(out);
   f.op = op;
   f.epi = epi;
-  const bool vec = inner % (I)VEC == 0 && aligned16(in0) && (NIN == 1 || aligned16(in1)) && aligned16(out) &&
+  f.fg.inner = (I)g.inner;
+  f.fg.C = (unsigned)g.channels;
+  f.slot1 = f.fg.step(1);
+  f.slot32 = f.fg.step(32);
+  f.cc = ~0u;
+  f.cf = typename Op::Coef{};
+  const bool vec = n % (I)VEC == 0 && aligned16(in0) && (NIN == 1 || aligned16(in1)) && aligned16(out) &&
                    epi.aligned();
-  walk_planar<T, I, UNROLL>(f, vec, sp, (u64)blockIdx.x * kWarps + (threadIdx.x >> 5), (u64)gridDim.x * kWarps);
+  walk_flat<T, I, UNROLL>(f, vec, f.fg, n, (u64)blockIdx.x * kWarps + (threadIdx.x >> 5), (u64)gridDim.x * kWarps);
 }
 
 // grid (ceil(C / (bx*VEC)), row_blocks), block (bx, by), bx*by = 256.
@@ -921,8 +1030,8 @@ __device__ __forceinline__ void map_rows(const Geometry& g, const void* in0, con
   f.init(rc);
   const bool vec = C % (I)VEC == 0 && aligned16(in0) && (NIN == 1 || aligned16(in1)) && aligned16(out) &&
                    epi.aligned();
-  walk_rows<T, I, UNROLL>(f, vec, (I)g.outer, C, (I)rc.c0, rc.cnt, (I)(blockIdx.y * blockDim.y + threadIdx.y),
-                          (I)(gridDim.y * blockDim.y));
+  walk_rows<T, I, UNROLL, true>(f, vec, (I)g.outer, C, (I)rc.c0, rc.cnt, (I)(blockIdx.y * blockDim.y + threadIdx.y),
+                                (I)(gridDim.y * blockDim.y));
 }
 
 }  // namespace bn

@@ -1,14 +1,15 @@
 // epilogue.cuh: fused ReLU epilogues (kernels/ABI.md, "ReLU epilogues and the mask").
 //
-//   mask layout   one bit per element, in segments: a plane of `inner` values (inner > 1) or a
-//                 row of C values (inner == 1), each padded to whole 32-bit words; element e of
-//                 segment s is bit e % 32 of word s*ceil(len/32) + e/32. Padding bits are 0.
+//   mask layout   one bit per element, in segments: the whole tensor (inner > 1: element e is
+//                 bit e % 32 of word e / 32) or a row of C values (inner == 1), each padded to
+//                 whole 32-bit words; element e of segment s is bit e % 32 of word
+//                 s*ceil(len/32) + e/32. Padding bits are 0.
 //                 Independent of dtype and of the load path (vector or scalar): a mask written
 //                 through one path is read correctly through the other. Slice::mw/mb (common.cuh)
 //                 locate a slice's bits.
 //   load_mask     a slice's bits (bit k = slot k), plain loads (lanes sharing a word broadcast).
 //   store_mask    a slice's bits written without atomics: lanes sharing a word OR their bits by
-//                 shuffles (STEP == 1) or ballot one word per slot (STEP == 32, planar scalar),
+//                 shuffles (STEP == 1) or ballot one word per slot (STEP == 32, flat scalar),
 //                 then exactly one lane stores each word. Every word of an element in range is
 //                 written by exactly one lane per launch: deterministic, no read-modify-write.
 //   ReluEpilogue  forward: y = relu(op(x) [+ z]) and mask bit = (stored y > 0).
@@ -35,22 +36,30 @@ __device__ __forceinline__ unsigned load_mask(const unsigned* mask, const Slice<
     // (0) or another lane's; the loaded slots there are 0 and never stored.
     if (s.cnt > 0) bits = (__ldg(mask + s.mw) >> s.mb) & ((1u << VEC) - 1u);
   } else {
-    // Word mw + k holds slot k of every lane: lane k loads it, the warp shares it by shuffles.
+    // Lane l's slots are elements e0 + l + 32k (e0: lane 0's), so with mb0 = e0 % 32 slot k of
+    // lane l is bit (mb0 + l) % 32 = mb of word mw0 + k + d, d = (mb0 + l) / 32 (0 or 1; always 0
+    // on the flat walks, whose units start on a word; the planar walks' planes need not). Lane j
+    // loads word mw0 + j for the words some lane needs (lane 0 has the most slots, lane
+    // 32 - mb0 the most among d == 1), and the warp shares them by shuffles.
     const unsigned lane = lane_id();
-    const int words = __shfl_sync(kFull, s.cnt, 0);  // lane 0 has the most valid slots
-    const unsigned w = (int)lane < words ? __ldg(mask + s.mw + (I)lane) : 0u;
+    const unsigned mb0 = __shfl_sync(kFull, s.mb, 0);
+    const unsigned d = (mb0 + lane) >> 5;
+    const int c0 = __shfl_sync(kFull, s.cnt, 0);
+    const int c1 = __shfl_sync(kFull, s.cnt, (32u - mb0) & 31u);
+    const int words = mb0 != 0 && c1 > 0 ? max(c0, c1 + 1) : c0;
+    const unsigned w = (int)lane < words ? __ldg(mask + (s.mw - (I)d) + (I)lane) : 0u;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) bits |= ((__shfl_sync(kFull, w, k) >> s.mb) & 1u) << k;
+    for (int k = 0; k < VEC; ++k) bits |= ((__shfl_sync(kFull, w, k + (int)d) >> s.mb) & 1u) << k;
   }
   return bits;
 }
 
-// Collective. STEP == 1 (planar vector path: group = 32/VEC; rows: group = min(32/VEC, bx)):
+// Collective. STEP == 1 (flat vector path: group = 32/VEC; rows: group = min(32/VEC, bx)):
 // the `group` aligned consecutive lanes share word mw (they are the same unit / row, so they
 // run the same slices); the group's first lane has mb == 0 and the lowest slots, so it stores
 // the word when its slice is in range. Rows need bx*VEC >= 32 or a single channel tile
 // (launch::rows_block guarantees it), else two blocks would share a word.
-// STEP == 32 (planar scalar path, the whole warp): word mw + k = slot k of lanes 0..31 (bit =
+// STEP == 32 (flat scalar path, the whole warp): word mw + k = slot k of lanes 0..31 (bit =
 // lane); lane k stores it when lane 0's slot k is in range (lane 0 has the most valid slots).
 template <int VEC, int STEP, typename I>
 __device__ __forceinline__ void store_mask(unsigned* mask, const Slice<I>& s, unsigned bits, unsigned group) {

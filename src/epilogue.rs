@@ -10,21 +10,21 @@
 //! `relu(NaN)` is NaN (PyTorch's; `fmaxf` would give 0) with bit 0, so its gradient is 0.
 //!
 //! Layout, a function of the descriptor alone (not of the dtype): the tensor is cut into
-//! *segments*, the contiguous runs of memory the kernels walk: a plane of `inner = D*H*W` values
-//! when `inner > 1` (channels-first with a spatial extent), else a row of `C` values
-//! (channels-last, and `(N, C)`). Each segment starts on a 32-bit word and takes
-//! `ceil(len / 32)` words; element `e` of segment `s` is bit `e % 32` of word
-//! `s * ceil(len / 32) + e / 32`. Padding bits are 0. [`mask_words`] is the length,
-//! [`mask_position`] the place of one element, [`pack_mask`] and [`unpack_mask`] convert from and
-//! to one `bool` per element in memory order.
+//! *segments*, the contiguous runs of memory the kernels walk: the whole tensor when
+//! `inner = D*H*W > 1` (channels-first with a spatial extent: the elementwise kernels walk it as
+//! one run of 16-byte vectors that may span planes), else a row of `C` values (channels-last, and
+//! `(N, C)`). Each segment starts on a 32-bit word and takes `ceil(len / 32)` words; element `e`
+//! of segment `s` is bit `e % 32` of word `s * ceil(len / 32) + e / 32`. Padding bits are 0.
+//! [`mask_words`] is the length, [`mask_position`] the place of one element, [`pack_mask`] and
+//! [`unpack_mask`] convert from and to one `bool` per element in memory order.
 //!
 //! ```
 //! use batchnorm_cuda::epilogue::{mask_position, mask_words};
 //! use batchnorm_cuda::TensorDesc;
 //!
-//! let nchw = TensorDesc::nchw(2, 3, 7, 7)?; // 6 planes of 49 values: 2 words each
-//! assert_eq!(mask_words(&nchw), 12);
-//! assert_eq!(mask_position(&nchw, 49 + 40), (3, 8)); // plane 1, element 40
+//! let nchw = TensorDesc::nchw(2, 3, 7, 7)?; // one segment of 294 values: 10 words
+//! assert_eq!(mask_words(&nchw), 10);
+//! assert_eq!(mask_position(&nchw, 49 + 40), (2, 25)); // element 89
 //! let nhwc = TensorDesc::nhwc(2, 64, 7, 7)?; // 98 rows of 64 channels: 2 words each
 //! assert_eq!(mask_words(&nhwc), 196);
 //! # Ok::<(), batchnorm_cuda::Error>(())
@@ -173,11 +173,12 @@ impl<M: Length, D: Length> EpilogueGrad<M, D> {
     }
 }
 
-/// Segment length and count of `desc`'s mask: planes of `inner` values, or rows of `C` values.
+/// Segment length and count of `desc`'s mask: the whole tensor when `inner > 1`, else rows of
+/// `C` values.
 fn segments(desc: &TensorDesc) -> (usize, usize) {
     let g = desc.geometry();
     if g.inner > 1 {
-        (g.inner, g.outer * g.channels)
+        (desc.numel(), 1)
     } else {
         (g.channels, g.outer)
     }
@@ -256,9 +257,10 @@ mod tests {
         assert_eq!(mask_words(&desc(&[5, 3], Layout::ChannelsFirst)), 5);
         assert_eq!(mask_words(&desc(&[5, 33], Layout::ChannelsFirst)), 10);
         assert_eq!(mask_words(&desc(&[7, 1], Layout::ChannelsLast)), 7);
-        // Channels-first planes of inner values.
+        // Channels-first with inner > 1: one segment of all the values.
         assert_eq!(mask_words(&desc(&[2, 3, 32], Layout::ChannelsFirst)), 6);
-        assert_eq!(mask_words(&desc(&[2, 3, 33], Layout::ChannelsFirst)), 12);
+        assert_eq!(mask_words(&desc(&[2, 3, 33], Layout::ChannelsFirst)), 7);
+        assert_eq!(mask_words(&desc(&[2, 3, 7, 7], Layout::ChannelsFirst)), 10);
         assert_eq!(mask_words(&desc(&[2, 3, 1, 1], Layout::ChannelsFirst)), 2);
         // Channels-last rows of C.
         assert_eq!(
@@ -318,10 +320,11 @@ mod tests {
         assert_eq!(mask.len(), mask_words(&d));
         assert!(!has_padding_bits(&d, &mask));
         assert_eq!(unpack_mask(&d, &mask).unwrap(), bits);
-        // Plane 0 is word 0: elements 0, 1, 3, 6 (i % 3 == 0 or i % 7 == 1 below 7).
-        assert_eq!(mask[0], 0b100_1011);
+        // One segment of 105 values: word 0 holds elements 0..32 (i % 3 == 0 or i % 7 == 1),
+        // word 3 elements 96..105, then 23 padding bits.
+        assert_eq!(mask[0], 0b110_1001_0110_0100_1001_0011_0100_1011);
         let mut dirty = mask.clone();
-        dirty[0] |= 1 << 7;
+        dirty[3] |= 1 << 9;
         assert!(has_padding_bits(&d, &dirty));
         assert!(matches!(
             unpack_mask(&d, &mask[1..]),
@@ -333,7 +336,7 @@ mod tests {
     fn fused_buffers_are_checked_in_order() {
         type Forward<'a> = Epilogue<&'a [f32], &'a mut [u32]>;
         type Backward<'a> = EpilogueGrad<&'a [u32], &'a mut [f32]>;
-        let d = desc(&[2, 3, 5], Layout::ChannelsFirst);
+        let d = desc(&[6, 5], Layout::ChannelsFirst); // 6 rows of 5: 6 words
         let (z, mut mask) = ([0.0f32; 31], [0u32; 7]);
         let ok: Forward = Epilogue::AddRelu {
             z: &z[..30],

@@ -655,8 +655,8 @@ fn refused_calls_name_the_buffer_and_change_nothing() {
         call(&z, n, words - 1, -1.0),
         Err(Error::BufferLength {
             what: "mask",
-            needed: 6,
-            got: 5
+            needed: 1, // 30 values of one flat segment: one word
+            got: 0
         })
     ));
     assert!(matches!(

@@ -10,7 +10,8 @@
 //! Without g++ (or `$CXX`) or the CUDA headers this says plainly that the emulator was NOT run,
 //! and fails under `BATCHNORM_REQUIRE_NVCC=1` (CI). `BATCHNORM_EMU_KERNELS=dir` runs another copy
 //! of the kernels, `BATCHNORM_EMU_KEEP=1` keeps the rewritten sources and binaries, `EMU_POLICY=k`
-//! pins the emulator's schedule.
+//! pins the emulator's schedule, `BATCHNORM_EMU_GROUPS=normalize,fused` runs only those groups
+//! (while iterating on a kernel; CI runs them all).
 
 use batchnorm_cuda::gpu::ptx::{CUDA_INCLUDE, KERNELS_BUILT, MODULES};
 use std::collections::BTreeSet;
@@ -100,6 +101,10 @@ fn kernels_pass_the_cpu_emulator() {
     let emulator = Path::new(MANIFEST).join("tests/emulator");
     let test_source = emulator.join("kernels_test.cpp");
     let mut groups = groups_of(&fs::read_to_string(&test_source).unwrap());
+    if let Ok(only) = std::env::var("BATCHNORM_EMU_GROUPS") {
+        let only: Vec<&str> = only.split(',').map(str::trim).collect();
+        groups.retain(|g| only.contains(&g.as_str()));
+    }
     assert!(
         !groups.is_empty(),
         "no EMU_GROUP_ in {}",

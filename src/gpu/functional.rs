@@ -198,8 +198,8 @@ pub struct Backward<'a, T> {
 ///   elementwise pass `dx = weight * invstd * (dy - sum(dy) / m - x_hat * sum(dy * x_hat) / m)`.
 ///   `x` and `dy` are read twice, `dx` written once.
 /// - [`BackwardStats::Running`] (eval: the statistics are constants of the forward):
-///   `dx = dy * weight / sqrt(running_var + eps)` in one pass, and one reduction for `dweight`
-///   and `dbias` when they are asked for.
+///   `dx = dy * weight / sqrt(running_var + eps)` in one pass, which also reduces `dweight` and
+///   `dbias` when they are asked for (`x` and `dy` read once); without `dx`, the reduction alone.
 ///
 /// With a fused epilogue, of `dy_eff = mask ? dy : 0`, and `dz = dy_eff` when asked for.
 ///

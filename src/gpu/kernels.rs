@@ -10,9 +10,9 @@ use super::launch::{Launch, Traversal, BLOCK_THREADS};
 #[cfg(feature = "test-tools")]
 use super::params::ConvDirectParams;
 use super::params::{
-    BackwardElementwiseParams, BackwardElementwiseReluParams, BackwardReduceParams,
-    BackwardReduceReluParams, FoldParams, NormalizeParams, NormalizeReluParams, StatsParams,
-    SyncCoefficientsParams, SyncMergeParams, SyncMomentsParams,
+    BackwardElementwiseParams, BackwardElementwiseReluParams, BackwardEvalParams,
+    BackwardReduceParams, BackwardReduceReluParams, FoldParams, NormalizeParams,
+    NormalizeReluParams, StatsParams, SyncCoefficientsParams, SyncMergeParams, SyncMomentsParams,
 };
 use super::ptx::MODULES;
 use crate::dtype::DType;
@@ -128,6 +128,8 @@ kernel_table! {
         BACKWARD_REDUCE_RELU: BackwardReduceReluParams => "bn_backward_reduce_relu",
         BACKWARD_DX_RELU: BackwardElementwiseReluParams => "bn_backward_dx_relu",
         BACKWARD_DX_ADD_RELU: BackwardElementwiseReluParams => "bn_backward_dx_add_relu",
+        // The eval backward in one pass (dx and the parameter sums from one read of x and dy).
+        BACKWARD_EVAL: BackwardEvalParams => "bn_backward_eval",
         SYNC_MOMENTS: SyncMomentsParams => "bn_sync_moments",
     }
     // Weights are small: no index-width split, always 64-bit offsets.

@@ -1,5 +1,6 @@
-//! Grid and block sizes, as pure functions of the shape, dtype and SM count. Call sites never
-//! compute a block size; every rule here is unit-tested on the CPU.
+//! Grid and block sizes, as pure functions of the shape, dtype, SM count and the kernel's
+//! residency (its blocks per SM). Call sites never compute a block size; every rule here is
+//! unit-tested on the CPU.
 
 use crate::dtype::DType;
 use crate::shape::Geometry;
@@ -8,9 +9,9 @@ use crate::shape::Geometry;
 pub const BLOCK_THREADS: u32 = 256;
 /// Warps per block.
 const WARPS_PER_BLOCK: u64 = (BLOCK_THREADS / 32) as u64;
-/// Blocks per SM the elementwise launches aim for: 8 x 256 threads fill an SM of H100 (2048
-/// threads), which keeps enough 16-byte loads in flight to saturate HBM. (The reductions size
-/// their grids from the kernel's own occupancy instead: [`Residency`].)
+/// Blocks per SM the flat launches (fold, conv tools) aim for: 8 x 256 threads fill an SM of
+/// H100 (2048 threads). The batch-norm passes size their grids from the kernel's own occupancy
+/// instead: [`Residency`].
 pub const BLOCKS_PER_SM: u32 = 8;
 /// Warp units each warp should get before another split pays for its partial and merge.
 const MIN_UNITS_PER_WARP: u64 = 4;
@@ -195,17 +196,21 @@ pub fn reduction(g: &Geometry, dtype: DType, resident: Residency) -> Launch {
     }
 }
 
-/// An elementwise pass (normalize, dx).
+/// An elementwise pass (normalize, dx): at most one wave of the kernel's resident blocks, whose
+/// grid-stride loops then give every warp the same number of units, give or take one (a second,
+/// partial wave would leave SMs idle at the tail).
 ///
-/// Planar: a 1-D grid-stride loop over every warp unit of every plane. Rows: grid
+/// Planar: a 1-D grid whose warps split the flat tensor's warp units (32 lanes x `VEC`
+/// consecutive values, spanning planes: `kernels/common.cuh`, walk_flat). Rows: grid
 /// `(channel tiles, row blocks)` with [`rows_block`].
-pub fn elementwise(g: &Geometry, dtype: DType, sm_count: u32) -> Launch {
+pub fn elementwise(g: &Geometry, dtype: DType, resident: Residency) -> Launch {
     let vec = vector_width(dtype);
-    let target = (sm_count * BLOCKS_PER_SM) as u64;
+    let target = resident.wave();
     match Traversal::of(g) {
         Traversal::Planar => {
-            let units = (g.outer * g.channels) as u64 * units_per_plane(g.inner as u64, vec);
-            let blocks = units.div_ceil(WARPS_PER_BLOCK).clamp(1, 2 * target);
+            let numel = (g.outer * g.channels * g.inner) as u64;
+            let units = numel.div_ceil(32 * vec);
+            let blocks = units.div_ceil(WARPS_PER_BLOCK).clamp(1, target);
             Launch {
                 grid: (blocks as u32, 1, 1),
                 block: (BLOCK_THREADS, 1, 1),
@@ -217,7 +222,7 @@ pub fn elementwise(g: &Geometry, dtype: DType, sm_count: u32) -> Launch {
             let tiles = (g.channels as u64).div_ceil(bx as u64 * vec);
             let row_blocks = (g.outer as u64)
                 .div_ceil(by as u64)
-                .clamp(1, (2 * target).div_ceil(tiles).clamp(1, MAX_GRID_Y));
+                .clamp(1, target.div_ceil(tiles).clamp(1, MAX_GRID_Y));
             Launch {
                 grid: (tiles as u32, row_blocks as u32, 1),
                 block: (bx, by, 1),
@@ -495,7 +500,7 @@ mod tests {
     fn elementwise_launches_are_valid() {
         for g in shapes() {
             for dtype in DType::ALL {
-                let l = elementwise(&g, dtype, H100_SMS);
+                let l = elementwise(&g, dtype, H100);
                 check_block(&l);
                 if Traversal::of(&g) == Traversal::Rows {
                     let per_block = l.block.0 as u64 * vector_width(dtype);
@@ -503,6 +508,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Channels-first elementwise grids count the flat tensor's units, not planes x chunks: a
+    /// 7x7 layer's warps get full 512-byte units instead of one 98-byte plane each.
+    #[test]
+    fn planar_elementwise_grids_count_flat_units() {
+        let small = geometry(&[2, 64, 7, 7], Layout::ChannelsFirst);
+        // 6272 f16 values: 24.5 units of 256, one block of 8 warps covers 8 of them.
+        assert_eq!(elementwise(&small, DType::F16, H100).grid, (4, 1, 1));
+        assert_eq!(elementwise(&small, DType::F32, H100).grid, (7, 1, 1));
+        // A large layer: one wave of the kernel's resident blocks.
+        let large = geometry(&[64, 2048, 7, 7], Layout::ChannelsFirst);
+        let wave = H100.wave() as u32;
+        assert_eq!(elementwise(&large, DType::F32, H100).grid, (wave, 1, 1));
+        let rows = geometry(&[256, 64, 56, 56], Layout::ChannelsLast);
+        let l = elementwise(&rows, DType::F16, H100);
+        assert!(l.grid.0 * l.grid.1 <= wave, "{l:?}");
     }
 
     #[test]
@@ -539,7 +561,7 @@ mod tests {
                 let desc = TensorDesc::new(&[3, c], Layout::ChannelsLast).unwrap();
                 let g = desc.geometry();
                 assert_eq!(Traversal::of(&g), Traversal::Rows);
-                let l = elementwise(&g, dtype, 132);
+                let l = elementwise(&g, dtype, H100);
                 let vec = vector_width(dtype);
                 let (bx, tiles) = (l.block.0 as u64, l.grid.0);
                 assert!(bx * vec >= 32 || tiles == 1, "C = {c} {dtype}: {l:?}");

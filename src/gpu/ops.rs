@@ -10,9 +10,9 @@ use super::context::GpuContext;
 use super::kernels::{self, Family, IndexWidth};
 use super::launch::{self, Traversal};
 use super::params::{
-    BackwardElementwiseParams, BackwardElementwiseReluParams, BackwardReduceParams,
-    BackwardReduceReluParams, FoldParams, NormalizeParams, NormalizeReluParams, StatsParams,
-    SyncCoefficientsParams, SyncMergeParams, SyncMomentsParams,
+    BackwardElementwiseParams, BackwardElementwiseReluParams, BackwardEvalParams,
+    BackwardReduceParams, BackwardReduceReluParams, FoldParams, NormalizeParams,
+    NormalizeReluParams, StatsParams, SyncCoefficientsParams, SyncMergeParams, SyncMomentsParams,
 };
 use super::views::{
     BackwardStats, BatchStats, Epilogue, EpilogueGrad, GradientsMut, RunningStats, RunningUpdate,
@@ -88,18 +88,28 @@ fn reduction_shape<P>(
     dtype: DType,
 ) -> launch::Launch {
     let g = desc.geometry();
-    let index = IndexWidth::for_numel(desc.numel());
-    let blocks_per_sm = gpu
-        .kernels()
-        .blocks_per_sm(family, Traversal::of(&g), dtype, index);
-    let resident = launch::Residency {
-        sm_count: gpu.sm_count(),
-        blocks_per_sm,
-    };
-    let shape = launch::reduction(&g, dtype, resident);
+    let shape = launch::reduction(&g, dtype, residency(gpu, family, desc, dtype));
     // The workspace holds one semaphore per channel, which the kernels never exceed.
     debug_assert!(launch::semaphores(&g, &shape) <= g.channels as u64);
     shape
+}
+
+/// How many blocks of `family`'s kernel for `desc` one SM holds at once (the driver's figure,
+/// asked when the kernels loaded), on every SM of the device.
+fn residency<P>(
+    gpu: &GpuContext,
+    family: Family<P>,
+    desc: &TensorDesc,
+    dtype: DType,
+) -> launch::Residency {
+    let g = desc.geometry();
+    let index = IndexWidth::for_numel(desc.numel());
+    launch::Residency {
+        sm_count: gpu.sm_count(),
+        blocks_per_sm: gpu
+            .kernels()
+            .blocks_per_sm(family, Traversal::of(&g), dtype, index),
+    }
 }
 
 fn elementwise<T: Element, P: DeviceRepr>(
@@ -108,7 +118,8 @@ fn elementwise<T: Element, P: DeviceRepr>(
     desc: &TensorDesc,
     params: &P,
 ) -> Result<()> {
-    let shape = launch::elementwise(&desc.geometry(), T::DTYPE, gpu.sm_count());
+    let resident = residency(gpu, family, desc, T::DTYPE);
+    let shape = launch::elementwise(&desc.geometry(), T::DTYPE, resident);
     launch_family::<T, P>(gpu, family, desc, shape, params)
 }
 
@@ -209,7 +220,8 @@ pub(crate) fn largest_scratch(gpu: &GpuContext, desc: &TensorDesc, dtype: DType)
     let welford = splits(reduction_shape(gpu, kernels::STATS, desc, dtype))
         .max(splits(reduction_shape(gpu, kernels::SYNC_MOMENTS, desc, dtype)));
     let gradient = splits(reduction_shape(gpu, kernels::BACKWARD_REDUCE, desc, dtype))
-        .max(splits(reduction_shape(gpu, kernels::BACKWARD_REDUCE_RELU, desc, dtype)));
+        .max(splits(reduction_shape(gpu, kernels::BACKWARD_REDUCE_RELU, desc, dtype)))
+        .max(splits(reduction_shape(gpu, kernels::BACKWARD_EVAL, desc, dtype)));
     ((WELFORD_FLOATS * welford).max(GRADIENT_FLOATS * gradient) * c, c)
 }
 
@@ -299,7 +311,8 @@ pub(crate) struct Gradient<'r, 'a, T> {
 }
 
 /// Both passes of a backward, after validation: the reduce when parameter gradients are asked
-/// for or batch statistics need the dx coefficients, then the dx pass when it writes anything.
+/// for or batch statistics need the dx coefficients, then the dx pass when it writes anything;
+/// in eval with dx and parameter gradients, one pass that does both ([`backward_eval`]).
 /// An empty batch sums to 0: fresh parameter gradients are zeroed, accumulated ones unchanged.
 pub(crate) fn backward<T: Element>(
     gpu: &GpuContext,
@@ -323,21 +336,27 @@ pub(crate) fn backward<T: Element>(
         return Ok(());
     }
     let c = op.desc.channels();
-    // The reduce's kernel (plain or reading the mask) decides the grid, hence the partials.
+    // Training dx needs the sums; eval dx does not, so eval runs both in one pass.
+    let wants_params = dweight.is_some() || dbias.is_some();
+    let one_pass_eval = !op.stats.is_batch() && wants_params && dx.is_some();
+    // The kernel that reduces (the eval pass, or the reduce plain or reading the mask) decides
+    // the grid, hence the partials.
     let mask = epilogue.mask();
-    let reduce = match mask {
-        None => reduction_shape(gpu, kernels::BACKWARD_REDUCE, op.desc, T::DTYPE),
-        Some(_) => reduction_shape(gpu, kernels::BACKWARD_REDUCE_RELU, op.desc, T::DTYPE),
+    let reduce = match (one_pass_eval, mask) {
+        (true, _) => reduction_shape(gpu, kernels::BACKWARD_EVAL, op.desc, T::DTYPE),
+        (false, None) => reduction_shape(gpu, kernels::BACKWARD_REDUCE, op.desc, T::DTYPE),
+        (false, Some(_)) => reduction_shape(gpu, kernels::BACKWARD_REDUCE_RELU, op.desc, T::DTYPE),
     };
     let scratch = workspace.reserve(gpu, GRADIENT_FLOATS * c * reduce.splits as usize, c)?;
-    // Training dx needs the sums; eval dx does not.
-    let wants_params = dweight.is_some() || dbias.is_some();
+    let sums = ParamSums {
+        dweight: dweight.as_mut(),
+        dbias: dbias.as_mut(),
+        accumulate,
+    };
+    if let (true, Some(dx)) = (one_pass_eval, dx.as_mut()) {
+        return backward_eval(gpu, scratch, reduce, op, sums, dx, epilogue);
+    }
     if wants_params || (op.stats.is_batch() && dx.is_some()) {
-        let sums = ParamSums {
-            dweight: dweight.as_mut(),
-            dbias: dbias.as_mut(),
-            accumulate,
-        };
         backward_reduce(gpu, scratch, reduce, op, sums, mask)?;
     }
     backward_dx(gpu, workspace.coef(), op, dx.as_mut(), epilogue)
@@ -363,10 +382,32 @@ pub(crate) fn backward_reduce<T: Element>(
     sums: ParamSums<'_, '_>,
     mask: Option<&CudaView<'_, u32>>,
 ) -> Result<()> {
-    let g = op.desc.geometry();
     let mut guards = Guards::new(gpu.stream());
-    let stats = op.stats.pointers(&mut guards);
-    let params = BackwardReduceParams {
+    let params = reduce_params(&mut guards, scratch, op, sums, reduce);
+    match mask {
+        None => launch_family::<T, _>(gpu, kernels::BACKWARD_REDUCE, op.desc, reduce, &params),
+        Some(mask) => {
+            let params = BackwardReduceReluParams {
+                base: params,
+                mask: guards.read(mask),
+            };
+            let family = kernels::BACKWARD_REDUCE_RELU;
+            launch_family::<T, _>(gpu, family, op.desc, reduce, &params)
+        }
+    }
+}
+
+/// The parameters of a gradient reduce over `reduce`'s grid; the dx coefficients go to the
+/// workspace's `coef` with batch statistics only.
+fn reduce_params<'a, T>(
+    guards: &mut Guards<'a>,
+    scratch: Scratch<'a>,
+    op: &'a Gradient<'_, '_, T>,
+    sums: ParamSums<'a, '_>,
+    reduce: launch::Launch,
+) -> BackwardReduceParams {
+    let stats = op.stats.pointers(guards);
+    BackwardReduceParams {
         x: guards.read(op.x),
         dy: guards.read(op.dy),
         mean: stats.mean,
@@ -381,23 +422,42 @@ pub(crate) fn backward_reduce<T: Element>(
         } else {
             0
         },
-        g: g.into(),
+        g: op.desc.geometry().into(),
         eps: stats.eps,
         stat_is_var: stats.stat_is_var,
         accumulate: sums.accumulate as i32,
         splits: reduce.splits as i32,
-    };
-    match mask {
-        None => launch_family::<T, _>(gpu, kernels::BACKWARD_REDUCE, op.desc, reduce, &params),
-        Some(mask) => {
-            let params = BackwardReduceReluParams {
-                base: params,
-                mask: guards.read(mask),
-            };
-            let family = kernels::BACKWARD_REDUCE_RELU;
-            launch_family::<T, _>(gpu, family, op.desc, reduce, &params)
-        }
     }
+}
+
+/// The eval backward over a non-empty batch with dx and parameter gradients, in one pass
+/// (`bn_backward_eval_*`): the reduce's sums (dweight, dbias, bit for bit [`backward_reduce`]'s)
+/// and `dx = dy_eff * weight * invstd` (bit for bit [`backward_dx`]'s) from one read of `x` and
+/// `dy`, and `dz = dy_eff` for the residual form: 3 passes over memory instead of 4.
+fn backward_eval<T: Element>(
+    gpu: &GpuContext,
+    scratch: Scratch<'_>,
+    reduce: launch::Launch,
+    op: &Gradient<'_, '_, T>,
+    sums: ParamSums<'_, '_>,
+    dx: &mut CudaViewMut<'_, T>,
+    epilogue: &mut EpilogueGrad<'_, T>,
+) -> Result<()> {
+    let mut guards = Guards::new(gpu.stream());
+    let base = reduce_params(&mut guards, scratch, op, sums, reduce);
+    let (mask, dz) = match epilogue {
+        EpilogueGrad::None => (0, 0),
+        EpilogueGrad::Relu { mask } => (guards.read(mask), 0),
+        EpilogueGrad::AddRelu { mask, dz } => (guards.read(mask), guards.write_opt(dz.as_mut())),
+    };
+    let params = BackwardEvalParams {
+        base,
+        dx: guards.write(dx),
+        weight: guards.read_opt(op.weight),
+        mask,
+        dz,
+    };
+    launch_family::<T, _>(gpu, kernels::BACKWARD_EVAL, op.desc, reduce, &params)
 }
 
 /// The dx pass of a backward over a non-empty batch:

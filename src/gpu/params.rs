@@ -189,6 +189,18 @@ pub(crate) struct BackwardElementwiseReluParams {
     pub dz: u64,
 }
 
+/// `struct BackwardEvalParams` of `kernels/bn_backward.cu` (derived from
+/// `BackwardReduceParams`), for the one-pass eval backward `bn_backward_eval_*`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BackwardEvalParams {
+    pub base: BackwardReduceParams,
+    pub dx: u64,
+    pub weight: u64,
+    pub mask: u64,
+    pub dz: u64,
+}
+
 /// `struct ConvDirectParams` of `kernels/conv_direct.cu` (the direct convolution of
 /// `crate::conv::gpu`, a test tool).
 #[cfg(feature = "test-tools")]
@@ -230,6 +242,7 @@ unsafe impl DeviceRepr for SyncCoefficientsParams {}
 unsafe impl DeviceRepr for NormalizeReluParams {}
 unsafe impl DeviceRepr for BackwardReduceReluParams {}
 unsafe impl DeviceRepr for BackwardElementwiseReluParams {}
+unsafe impl DeviceRepr for BackwardEvalParams {}
 
 #[cfg(test)]
 mod tests {
@@ -263,5 +276,7 @@ mod tests {
         assert_eq!(std::mem::offset_of!(NormalizeReluParams, z), 88);
         assert_eq!(std::mem::offset_of!(BackwardReduceReluParams, mask), 120);
         assert_eq!(std::mem::offset_of!(BackwardElementwiseReluParams, dz), 104);
+        assert_eq!(size_of::<BackwardEvalParams>(), 120 + 4 * 8);
+        assert_eq!(std::mem::offset_of!(BackwardEvalParams, dz), 144);
     }
 }

@@ -48,6 +48,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <set>
@@ -506,8 +507,12 @@ static void normalize_group() {
       Shape s;
       unsigned blocks;
     };
+    // The flat walk: numel % VEC == 0 with planes that are not (7x7, 14x14, 3x3, planes smaller
+    // than a vector: several channels in one vector, C = 1) take the 16-byte path when aligned.
     const P ps[] = {{{2, 3, 5}, 1},   {{3, 2, 257}, 2}, {{2, 5, 1024}, 3}, {{1, 17, 33}, 4},
-                    {{5, 2, 4097}, 7}, {{3, 4, 7}, 100}, {{2, 3, 2}, 2},    {{4, 3, 256}, 1}};
+                    {{5, 2, 4097}, 7}, {{3, 4, 7}, 100}, {{2, 3, 2}, 2},    {{4, 3, 256}, 1},
+                    {{2, 4, 49}, 3},   {{3, 8, 9}, 2},   {{2, 16, 196}, 5}, {{2, 4, 3}, 1},
+                    {{8, 1, 49}, 2},   {{1, 6, 4}, 100}};
     unsigned seed = 200;
     for (const P& q : ps) {
       const Cfg cfg{false, q.blocks, 0, 0};
@@ -710,7 +715,9 @@ static void backward_group() {
       unsigned splits, gy, blocks;
     };
     const P ps[] = {{{2, 3, 5}, 1, 3, 1},   {{3, 2, 257}, 2, 1, 3},  {{2, 5, 1024}, 3, 5, 2},
-                    {{1, 17, 33}, 2, 9, 5}, {{5, 2, 4097}, 7, 2, 9}, {{2, 3, 2}, 2, 3, 2}};
+                    {{1, 17, 33}, 2, 9, 5}, {{5, 2, 4097}, 7, 2, 9}, {{2, 3, 2}, 2, 3, 2},
+                    {{2, 4, 49}, 2, 4, 3},  {{3, 8, 9}, 1, 5, 2},    {{2, 8, 196}, 3, 8, 5},
+                    {{2, 4, 3}, 2, 2, 1}};
     unsigned seed = 300;
     for (const P& q : ps) {
       const Cfg red{false, q.splits, q.gy, 0}, map{false, q.blocks, 0, 0};
@@ -1355,7 +1362,8 @@ REGISTER_GROUP(sync, sync_group);
 // Fused ReLU epilogues (epilogue.cuh): bn_normalize_relu_*, bn_normalize_add_relu_*,
 // bn_backward_reduce_relu_*, bn_backward_dx_relu_*, bn_backward_dx_add_relu_*, every dtype and
 // index width, planar and rows, vector and scalar paths. The mask layout is computed here from the
-// ABI (segments of `inner` values, or of C values when inner == 1, each padded to whole words).
+// ABI (one segment of all the values when inner > 1, else segments of C values, each padded to
+// whole words).
 #ifdef EMU_GROUP_fused
 DISPATCH(normalize_relu_planar, NormalizeReluParams)
 DISPATCH(normalize_relu_rows, NormalizeReluParams)
@@ -1367,9 +1375,15 @@ DISPATCH(backward_dx_relu_planar, BackwardElementwiseReluParams)
 DISPATCH(backward_dx_relu_rows, BackwardElementwiseReluParams)
 DISPATCH(backward_dx_add_relu_planar, BackwardElementwiseReluParams)
 DISPATCH(backward_dx_add_relu_rows, BackwardElementwiseReluParams)
+DISPATCH(backward_eval_planar, BackwardEvalParams)
+DISPATCH(backward_eval_rows, BackwardEvalParams)
+DISPATCH(backward_reduce_planar, BackwardReduceParams)
+DISPATCH(backward_reduce_rows, BackwardReduceParams)
+DISPATCH(backward_dx_planar, BackwardElementwiseParams)
+DISPATCH(backward_dx_rows, BackwardElementwiseParams)
 
 // The ABI's mask layout: element e of segment s is bit e % 32 of word s*ceil(len/32) + e/32.
-static u64 seg_len(const Shape& s) { return s.inner > 1 ? s.inner : s.C; }
+static u64 seg_len(const Shape& s) { return s.inner > 1 ? s.numel() : s.C; }
 static u64 mask_words(const Shape& s) { return s.numel() == 0 ? 0 : s.numel() / seg_len(s) * ((seg_len(s) + 31) / 32); }
 static void mask_pos(const Shape& s, u64 e, u64& w, unsigned& b) {
   const u64 len = seg_len(s), seg = e / len, r = e % len;
@@ -1658,10 +1672,123 @@ template <class T, class I> void fused_all(const Shape& s, const Cfg& map, const
     test_relu_reduce<T, I>(s, red, mis, mis == 1, (int)mis, ++seed);
     test_relu_dx<T, I, false>(s, map, mis, (int)(seed % 3), mis == 1, ++seed);
     test_relu_dx<T, I, true>(s, map, mis, mis ? 1 : 0, mis == 1, ++seed);
+    for (int mode = 0; mode < 3; ++mode)
+      test_backward_eval<T, I>(s, red, mis, mode, mode == (int)mis, mode != 1, mode == 2, ++seed);
   }
   test_relu_forward<T, I, true>(s, map, 0, 0, false, false, 0, ++seed);  // null mask
   test_relu_dx<T, I, false>(s, map, 0, 2, false, ++seed);                // dz-only pass
 }
+// The one-pass eval backward (bn_backward_eval_*) against the two passes it replaces, on the same
+// inputs: the reduce (bn_backward_reduce[_relu]_*, coef null) and the eval dx
+// (bn_backward_dx[_relu|_add_relu]_*, coef null), both checked against f64 references above.
+// dweight, dbias, dx and dz must match BIT FOR BIT (same walk and grid for the sums, DxEvalOp's
+// expression for dx). mode 0: plain; 1: relu mask; 2: add_relu mask and dz. alias: dx = dy.
+template <class T, class I>
+void test_backward_eval(const Shape& s, const Cfg& red, size_t mis, int mode, bool alias, bool stat_is_var, int accumulate,
+                        unsigned seed) {
+  begin_case();
+  std::mt19937 rng(seed);
+  const u64 n = s.numel(), C = s.C;
+  const Raw<T> guard = to_raw<T>(-777.0);
+  Buf<T> x(n, mis, guard), dy(n, mis, guard), dx(n, mis, guard), dz(n, mis, guard);
+  fill(x, rng, 1.0, 2.0);
+  fill(dy, rng, 0.1, 1.0);
+  std::vector<u32> mask = mode > 0 ? random_mask(s, rng) : std::vector<u32>();
+  if (mode > 0 && n > 4) {
+    dy[2] = to_raw<T>(NAN);  // bit 0: dropped
+    set_bit(s, mask, n - 2, false);
+  }
+  const Buf<T> dy0 = dy;
+  std::vector<float> mean(C), st(C), w(C), dw(C, 0.5f), db(C, -0.25f), partials(C * red.grid * 2, NAN);
+  std::vector<u32> sem(C, 0);
+  for (u64 c = 0; c < C; ++c) {
+    mean[c] = 1.0f + 0.01f * (float)c;
+    st[c] = stat_is_var ? 3.5f + 0.1f * (float)(c % 5) : 0.6f;
+    w[c] = 0.7f + 0.05f * (float)(c % 13);
+  }
+  BackwardEvalParams p{};
+  p.x = x.p();
+  p.dy = dy.p();
+  p.mean = mean.data();
+  p.var_or_invstd = st.data();
+  p.partials = partials.data();
+  p.semaphores = sem.data();
+  p.dweight = dw.data();
+  p.dbias = db.data();
+  p.g = {s.outer, s.C, s.inner};
+  p.eps = kEps;
+  p.stat_is_var = stat_is_var;
+  p.accumulate = accumulate;
+  p.splits = (int)red.grid;
+  p.dx = alias ? (void*)dy.p() : (void*)dx.p();
+  p.weight = w.data();
+  p.mask = mode > 0 ? mask.data() : nullptr;
+  p.dz = mode == 2 ? (void*)dz.p() : nullptr;
+  std::string tag = fused_tag<T, I>(mode == 0 ? "eval" : mode == 1 ? "eval_relu" : "eval_add_relu", s, red, mis) +
+                    (alias ? " dx=dy" : "");
+  emu::g_launch_tag = tag;
+  const dim3 rows_block(red.rows ? red.bx : 256, red.rows ? 256 / red.bx : 1);
+  if (red.rows) launch_backward_eval_rows<T, I>(rows_grid<T>(C, red), rows_block, p);
+  else launch_backward_eval_planar<T, I>(dim3(red.grid, red.gy), dim3(256), p);
+  tag += policies_tag();
+  // The two passes, on fresh copies of every output.
+  Buf<T> dy2 = dy0, dx2(n, mis, guard), dz2(n, mis, guard);
+  std::vector<float> dw2(C, 0.5f), db2(C, -0.25f), partials2(C * red.grid * 2, NAN);
+  std::vector<u32> sem2(C, 0);
+  BackwardReduceReluParams r{};
+  static_cast<BackwardReduceParams&>(r) = static_cast<const BackwardReduceParams&>(p);
+  r.dy = dy2.p();
+  r.partials = partials2.data();
+  r.semaphores = sem2.data();
+  r.dweight = dw2.data();
+  r.dbias = db2.data();
+  r.mask = p.mask;
+  BackwardElementwiseReluParams e{};
+  e.x = x.p();
+  e.dy = dy2.p();
+  e.dx = alias ? (void*)dy2.p() : (void*)dx2.p();
+  e.mean = mean.data();
+  e.var_or_invstd = st.data();
+  e.weight = w.data();
+  e.g = p.g;
+  e.eps = kEps;
+  e.stat_is_var = stat_is_var;
+  e.mask = p.mask;
+  e.dz = mode == 2 ? (void*)dz2.p() : nullptr;
+  emu::g_launch_tag = tag + " (the two passes)";
+  if (red.rows) {
+    const dim3 map_rows(rows_grid<T>(C, red).x, 2);
+    if (mode == 0) launch_backward_reduce_rows<T, I>(rows_grid<T>(C, red), rows_block, r);
+    else launch_backward_reduce_relu_rows<T, I>(rows_grid<T>(C, red), rows_block, r);
+    if (mode == 0) launch_backward_dx_rows<T, I>(map_rows, rows_block, e);
+    else if (mode == 1) launch_backward_dx_relu_rows<T, I>(map_rows, rows_block, e);
+    else launch_backward_dx_add_relu_rows<T, I>(map_rows, rows_block, e);
+  } else {
+    if (mode == 0) launch_backward_reduce_planar<T, I>(dim3(red.grid, red.gy), dim3(256), r);
+    else launch_backward_reduce_relu_planar<T, I>(dim3(red.grid, red.gy), dim3(256), r);
+    if (mode == 0) launch_backward_dx_planar<T, I>(dim3(3), dim3(256), e);
+    else if (mode == 1) launch_backward_dx_relu_planar<T, I>(dim3(3), dim3(256), e);
+    else launch_backward_dx_add_relu_planar<T, I>(dim3(3), dim3(256), e);
+  }
+  const Buf<T>& out = alias ? dy : dx;
+  const Buf<T>& out2 = alias ? dy2 : dx2;
+  CHECK(out.guards_intact() && dz.guards_intact(), "%s: write outside dx or dz", tag.c_str());
+  CHECK(std::all_of(sem.begin(), sem.end(), [](u32 v) { return v == 0; }), "%s: semaphores not reset", tag.c_str());
+  int bad = 0;
+  for (u64 e2 = 0; e2 < n; ++e2) {
+    ++g_checks;
+    const bool same = out.v[out.off + e2] == out2.v[out2.off + e2] && dz.v[dz.off + e2] == dz2.v[dz2.off + e2];
+    if (!same && bad++ < 3)
+      CHECK(false, "%s: dx/dz[%llu] = %.9g/%.9g, two passes %.9g/%.9g", tag.c_str(), e2, out.at(e2), dz.at(e2), out2.at(e2),
+            dz2.at(e2));
+  }
+  for (u64 c = 0; c < C; ++c) {
+    ++g_checks;
+    CHECK(std::memcmp(&dw[c], &dw2[c], 4) == 0 && std::memcmp(&db[c], &db2[c], 4) == 0,
+          "%s: channel %llu dweight/dbias %.9g/%.9g, two passes %.9g/%.9g", tag.c_str(), c, dw[c], db[c], dw2[c], db2[c]);
+  }
+}
+
 // Combination k of (dtype, index width), so that a list of shapes covers all six.
 static void fused_combo(int k, const Shape& s, const Cfg& map, const Cfg& red, unsigned& seed) {
   switch (k % 6) {
@@ -1678,14 +1805,17 @@ static void fused_group() {
   unsigned seed = 2000;
   // Planar: inner below, at and past a word (32), word multiples, vector multiples (4, 8) and
   // not, a tail inside a unit; more warps than units (blocks = 100: idle collective slices);
-  // gy < C (the reduce's channel loop).
+  // gy < C (the reduce's channel loop). numel % VEC == 0 with odd planes (7x7, 3x3, 14x14,
+  // planes below a vector): the forward and dx take the flat 16-byte path (mask words spanning
+  // planes), the reduce reads those words on its scalar path (planes not starting on a word).
   struct P {
     Shape s;
     unsigned blocks, splits, gy;
   };
   const P ps[] = {{{2, 3, 5}, 1, 1, 3},  {{3, 2, 257}, 2, 2, 1}, {{2, 3, 1024}, 3, 3, 2}, {{1, 5, 33}, 4, 2, 3},
                   {{2, 2, 4097}, 7, 3, 2}, {{3, 4, 7}, 100, 2, 4}, {{2, 3, 2}, 2, 2, 3},    {{4, 3, 256}, 1, 1, 3},
-                  {{2, 3, 32}, 3, 2, 3},  {{2, 2, 64}, 2, 2, 2},   {{3, 2, 40}, 5, 1, 2},    {{2, 3, 96}, 2, 3, 1}};
+                  {{2, 3, 32}, 3, 2, 3},  {{2, 2, 64}, 2, 2, 2},   {{3, 2, 40}, 5, 1, 2},    {{2, 3, 96}, 2, 3, 1},
+                  {{2, 4, 49}, 3, 2, 3},  {{3, 8, 9}, 2, 2, 5},    {{2, 4, 3}, 1, 1, 4},     {{2, 8, 196}, 5, 3, 8}};
   int k = 0;
   for (const P& q : ps)
     for (int r = 0; r < 2; ++r) fused_combo(k++, q.s, Cfg{false, q.blocks, 0, 0}, Cfg{false, q.splits, q.gy, 0}, seed);
