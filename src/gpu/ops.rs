@@ -217,12 +217,17 @@ const GRADIENT_FLOATS: usize = 2;
 pub(crate) fn largest_scratch(gpu: &GpuContext, desc: &TensorDesc, dtype: DType) -> (usize, usize) {
     let c = desc.channels();
     let splits = |shape: launch::Launch| shape.splits as usize;
-    let welford = splits(reduction_shape(gpu, kernels::STATS, desc, dtype))
-        .max(splits(reduction_shape(gpu, kernels::SYNC_MOMENTS, desc, dtype)));
-    let gradient = splits(reduction_shape(gpu, kernels::BACKWARD_REDUCE, desc, dtype))
-        .max(splits(reduction_shape(gpu, kernels::BACKWARD_REDUCE_RELU, desc, dtype)))
-        .max(splits(reduction_shape(gpu, kernels::BACKWARD_EVAL, desc, dtype)));
-    ((WELFORD_FLOATS * welford).max(GRADIENT_FLOATS * gradient) * c, c)
+    let stats = reduction_shape(gpu, kernels::STATS, desc, dtype);
+    let moments = reduction_shape(gpu, kernels::SYNC_MOMENTS, desc, dtype);
+    let reduce = reduction_shape(gpu, kernels::BACKWARD_REDUCE, desc, dtype);
+    let reduce_relu = reduction_shape(gpu, kernels::BACKWARD_REDUCE_RELU, desc, dtype);
+    let eval = reduction_shape(gpu, kernels::BACKWARD_EVAL, desc, dtype);
+    let welford = splits(stats).max(splits(moments));
+    let gradient = splits(reduce).max(splits(reduce_relu)).max(splits(eval));
+    (
+        (WELFORD_FLOATS * welford).max(GRADIENT_FLOATS * gradient) * c,
+        c,
+    )
 }
 
 /// Batch statistics of a non-empty `x`: a split Welford reduction whose last block per channel
