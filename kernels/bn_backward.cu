@@ -219,6 +219,12 @@ typedef BackwardReduceT<false> BackwardReduce;
 // for bit bn_backward_dx's) [and dz = dy_eff]. x and dy are read once, dx written once: 3 passes
 // instead of 4. The scale is a per-channel constant of each thread (planar: its channel; rows:
 // its VEC channels), computed once.
+// Slices in flight per thread in the one-pass eval backward over planes: 2, but 1 for 16-bit
+// data with 64-bit indices, where ptxas 13.0 spills 4 bytes on sm_90 at 2 (the ptxas gate).
+template <typename T, typename I> __host__ __device__ constexpr int eval_planar_unroll() {
+  return sizeof(T) == 2 && sizeof(I) == 8 ? 1 : 2;
+}
+
 struct BackwardEval {
   typedef BackwardEvalParams Params;
   static constexpr int PF = BackwardReduce::PF;
@@ -442,7 +448,8 @@ __device__ __forceinline__ void backward_dx_relu(const BackwardElementwiseReluPa
             bn::backward_dx_relu<false, true, T, I>)                                                           \
   BN_KERNEL(bn_backward_dx_add_relu_rows_##dt##_##ix, BackwardElementwiseReluParams,                          \
             bn::backward_dx_relu<true, true, T, I>)                                                            \
-  BN_KERNEL(bn_backward_eval_planar_##dt##_##ix, BackwardEvalParams, bn::split_reduce_planar<bn::BackwardEval, T, I, 2>) \
+  BN_KERNEL(bn_backward_eval_planar_##dt##_##ix, BackwardEvalParams,                                          \
+            bn::split_reduce_planar<bn::BackwardEval, T, I, bn::eval_planar_unroll<T, I>()>)                  \
   BN_KERNEL(bn_backward_eval_rows_##dt##_##ix, BackwardEvalParams,                                             \
             bn::split_reduce_rows<bn::BackwardEval, T, I, bn::rows_unroll<T, 2>()>)
 
