@@ -15,8 +15,10 @@
 
 mod batch_norm;
 mod layout;
+mod norm;
 mod ops;
 
 pub use batch_norm::{BatchNorm, Dims};
 pub use candle_core;
 pub use candle_nn;
+pub use norm::Norm;
