@@ -388,13 +388,18 @@ fn cuda_matches_cpu() -> Result<()> {
             ))
         };
         let (cpu, cuda) = (on(&Device::Cpu)?, on(&gpu)?);
-        for (a, b) in cpu.0.iter().zip(&cuda.0).chain(cpu.1.iter().zip(&cuda.1)) {
-            assert!(
-                (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
-                "{config:?}: {a} vs {b}"
-            );
+        assert_eq!(cpu.2.is_some(), cuda.2.is_some(), "{config:?}");
+        let (cpu_var, cuda_var) = (cpu.2.unwrap_or_default(), cuda.2.unwrap_or_default());
+        let pairs = [(&cpu.0, &cuda.0), (&cpu.1, &cuda.1), (&cpu_var, &cuda_var)];
+        for (want, got) in pairs {
+            assert_eq!(want.len(), got.len(), "{config:?}");
+            for (a, b) in want.iter().zip(got) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
+                    "{config:?}: {a} vs {b}"
+                );
+            }
         }
-        assert_eq!(cpu.2.is_some(), cuda.2.is_some());
     }
     Ok(())
 }

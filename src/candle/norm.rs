@@ -602,7 +602,7 @@ mod cuda {
             let (kernels, workspace) = state.norms()?;
             let gpu = kernels.context();
             let mut saved = DeviceNormStats::new(gpu, desc.rows()).map_err(Error::wrap)?;
-            let run = |statistics, y: &mut CudaSlice<T>, saved: &mut DeviceNormStats| {
+            let mut run = |statistics, y: &mut CudaSlice<T>, saved: &mut DeviceNormStats| {
                 let call = norms::Forward {
                     weight: weight.as_ref().map(|w| w.slice(..)),
                     bias: bias.as_ref().map(|b| b.slice(..)),
@@ -703,8 +703,8 @@ mod cuda {
                 },
                 epilogue: Default::default(),
                 dx: Some(dx.as_view_mut()),
-                dweight: forward.has_weight.then(|| dweight.as_view_mut()),
-                dbias: forward.has_bias.then(|| dbias.as_view_mut()),
+                dweight: forward.has_weight.then_some(dweight.as_view_mut()),
+                dbias: forward.has_bias.then_some(dbias.as_view_mut()),
                 accumulate: false,
             };
             norms::backward(kernels, workspace, &desc, call).map_err(Error::wrap)

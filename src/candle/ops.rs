@@ -560,12 +560,14 @@ pub(super) mod cuda {
     impl StreamState {
         /// The normalization kernels (loaded on first use) and their workspace.
         pub fn norms(&mut self) -> Result<(&Norms, &mut NormWorkspace)> {
-            if self.norms.is_none() {
-                let norms = Norms::new(&self.gpu).map_err(Error::wrap)?;
-                self.norms = Some((norms, NormWorkspace::new()));
-            }
-            let (norms, workspace) = self.norms.as_mut().expect("set above");
-            Ok((norms, workspace))
+            let (norms, workspace) = match &mut self.norms {
+                Some(loaded) => loaded,
+                slot => slot.insert((
+                    Norms::new(&self.gpu).map_err(Error::wrap)?,
+                    NormWorkspace::new(),
+                )),
+            };
+            Ok((&*norms, workspace))
         }
     }
 
@@ -648,7 +650,7 @@ pub(super) mod cuda {
     ) -> Result<(CudaStorage, Shape)> {
         let device = x.device().clone();
         with_stream(&device, |state| {
-            forward_on(op, state, (x, x_layout), (p, p_layout), (z, z_layout))
+            forward_on::<T>(op, state, (x, x_layout), (p, p_layout), (z, z_layout))
         })
     }
 
@@ -659,6 +661,7 @@ pub(super) mod cuda {
         (p, p_layout): (&CudaStorage, &Layout),
         (z, z_layout): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
+        let gpu: &GpuContext = gpu;
         let device = x.device().clone();
         let placement = Placement::of(x_layout)?;
         let desc = placement.desc;
@@ -773,7 +776,7 @@ pub(super) mod cuda {
     ) -> Result<(CudaStorage, Shape)> {
         let device = x.device().clone();
         with_stream(&device, |state| {
-            backward_on(op, state, (x, x_layout), (dy, dy_layout), (p, p_layout))
+            backward_on::<T>(op, state, (x, x_layout), (dy, dy_layout), (p, p_layout))
         })
     }
 
@@ -784,6 +787,7 @@ pub(super) mod cuda {
         (dy, dy_layout): (&CudaStorage, &Layout),
         (p, p_layout): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
+        let gpu: &GpuContext = gpu;
         let forward = op.forward;
         let Saved::Device { stats, mask } = &*op.saved else {
             return Err(no_saved_statistics());
