@@ -6,7 +6,7 @@
 //! `x` in its place, which the ops do not read and give no gradient.
 
 use super::layout::{contiguous_start, to_logical, Placement};
-use super::ops::{by_element, commit_running, lock, Emitted, ForwardOutputs};
+use super::ops::{by_element, commit_running, lock, no_saved_statistics, Emitted, ForwardOutputs};
 use crate::dtype::Element;
 use crate::norms::{NormConfig, NormDesc, NormStats};
 use crate::reference::norms as reference;
@@ -323,12 +323,6 @@ fn cpu_f32<'s>(
     Ok(&values[start..start + len])
 }
 
-fn no_saved_statistics() -> Error {
-    Error::wrap(crate::Error::MissingSavedStats {
-        reason: "its forward op saved none on this device",
-    })
-}
-
 fn forward_cpu<T: Element + WithDType>(
     op: &NormForward,
     (x, x_layout): (&CpuStorage, &CandleLayout),
@@ -541,10 +535,9 @@ impl CustomOp3 for NormBackward<'_> {
 #[cfg(feature = "candle-cuda")]
 mod cuda {
     use super::*;
-    use crate::candle::ops::cuda::with_stream;
+    use crate::candle::ops::cuda::{cuda_channels, with_stream};
     use crate::cudarc::driver::{CudaSlice, CudaView};
     use crate::gpu::norms::{self, DeviceNormStats, StatsSource};
-    use candle_core::Storage;
 
     /// `len` f32 values of a contiguous CUDA storage.
     fn f32_view<'s>(
@@ -562,20 +555,6 @@ mod cuda {
             }));
         }
         Ok(storage.as_cuda_slice::<f32>()?.slice(start..start + len))
-    }
-
-    /// `len` f32 values of a tensor's CUDA storage (the running statistics, read through
-    /// `Tensor::storage_and_layout`).
-    fn tensor_view<'s>(
-        what: &'static str,
-        storage: &'s Storage,
-        layout: &CandleLayout,
-        len: usize,
-    ) -> Result<CudaView<'s, f32>> {
-        match storage {
-            Storage::Cuda(storage) => f32_view(what, storage, layout, len),
-            _ => Err(Error::Msg(format!("batchnorm-cuda: {what} is not on the CUDA device")).bt()),
-        }
     }
 
     pub(super) fn forward<T: Element + CudaDType>(
@@ -629,7 +608,7 @@ mod cuda {
                     // The update writes copies: the Vars are set from them after the call.
                     let copy = |t: &Tensor, what| -> Result<CudaSlice<f32>> {
                         let (storage, layout) = t.storage_and_layout();
-                        let view = tensor_view(what, &storage, layout, c)?;
+                        let view = cuda_channels(what, &storage, layout)?;
                         gpu.stream().clone_dtod(&view).map_err(Error::wrap)
                     };
                     let (mut new_mean, mut new_var) =
@@ -649,8 +628,8 @@ mod cuda {
                     let (mean_storage, mean_layout) = mean.storage_and_layout();
                     let (var_storage, var_layout) = var.storage_and_layout();
                     let statistics = norms::Statistics::Running {
-                        mean: tensor_view("running_mean", &mean_storage, mean_layout, c)?,
-                        var: tensor_view("running_var", &var_storage, var_layout, c)?,
+                        mean: cuda_channels("running_mean", &mean_storage, mean_layout)?,
+                        var: cuda_channels("running_var", &var_storage, var_layout)?,
                     };
                     run(statistics, &mut y, &mut saved)?;
                     None

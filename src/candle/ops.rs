@@ -436,7 +436,7 @@ fn backward_cpu<T: Element + WithDType>(
     Ok((T::to_cpu_storage_owned(dx), Shape::from(desc.memory_dims())))
 }
 
-fn no_saved_statistics() -> Error {
+pub(super) fn no_saved_statistics() -> Error {
     Error::wrap(crate::Error::MissingSavedStats {
         reason: "its forward op saved none on this device",
     })
@@ -627,7 +627,7 @@ pub(super) mod cuda {
 
     /// The f32 view of a contiguous CUDA tensor's storage (the running statistics the op holds,
     /// read through `Tensor::storage_and_layout`).
-    fn cuda_channels<'s>(
+    pub(in crate::candle) fn cuda_channels<'s>(
         what: &str,
         storage: &'s Storage,
         layout: &Layout,
