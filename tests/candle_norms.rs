@@ -412,3 +412,63 @@ fn tracked_instance_norm_of(c: usize) -> NormConfig {
         ..InstanceNormConfig::new(c)
     })
 }
+
+/// `VarMap::save` writes the trained state under PyTorch's names, dtypes and shapes, and a
+/// module loaded from that file with `VarBuilder::from_mmaped_safetensors` computes the same.
+#[test]
+fn state_round_trips_through_a_safetensors_file() -> Result<()> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let ln_config = NormConfig::Layer(LayerNormConfig::new(&[4, 5]));
+    let instance = Norm::new(tracked_instance_norm(), vb.pp("block.in"))?;
+    let ln = Norm::new(ln_config.clone(), vb.pp("block.ln"))?;
+    let x = Tensor::from_vec(values(11, 2 * 3 * 4 * 5), (2, 3, 4, 5), &Device::Cpu)?;
+    // Two training steps, and parameters moved off their initial values.
+    for _ in 0..2 {
+        ln.forward_t(&instance.forward_t(&x, true)?, true)?;
+    }
+    let mut data = varmap.clone();
+    data.set_one("block.ln.weight", (ln.weight().unwrap() * 1.5)?)?;
+    data.set_one(
+        "block.in.bias",
+        Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu)?,
+    )?;
+
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("candle-norm-state");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("varmap.safetensors");
+    varmap.save(&path)?;
+    let file = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    let shape_of = |name: &str| (file[name].dims().to_vec(), file[name].dtype());
+    assert_eq!(shape_of("block.ln.weight"), (vec![4, 5], DType::F32));
+    assert_eq!(shape_of("block.in.running_var"), (vec![3], DType::F32));
+    assert_eq!(
+        shape_of("block.in.num_batches_tracked"),
+        (vec![], DType::I64)
+    );
+
+    // SAFETY: the file was written above and is not modified while mapped.
+    let loaded =
+        unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &Device::Cpu)? };
+    let instance_loaded = Norm::new(tracked_instance_norm(), loaded.pp("block.in"))?;
+    let ln_loaded = Norm::new(ln_config, loaded.pp("block.ln"))?;
+    let run = |instance: &Norm, ln: &Norm| -> Result<Vec<f32>> {
+        ln.forward_t(&instance.forward_t(&x, false)?, false)?
+            .flatten_all()?
+            .to_vec1()
+    };
+    assert_eq!(run(&instance_loaded, &ln_loaded)?, run(&instance, &ln)?);
+    assert_eq!(
+        instance_loaded
+            .running_mean()
+            .unwrap()
+            .as_tensor()
+            .to_vec1::<f32>()?,
+        instance
+            .running_mean()
+            .unwrap()
+            .as_tensor()
+            .to_vec1::<f32>()?
+    );
+    Ok(())
+}
