@@ -404,7 +404,6 @@ fn cuda_matches_cpu() -> Result<()> {
     Ok(())
 }
 
-#[cfg(feature = "candle-cuda")]
 fn tracked_instance_norm_of(c: usize) -> NormConfig {
     NormConfig::Instance(InstanceNormConfig {
         affine: true,
@@ -470,5 +469,63 @@ fn state_round_trips_through_a_safetensors_file() -> Result<()> {
             .as_tensor()
             .to_vec1::<f32>()?
     );
+    Ok(())
+}
+
+/// `forward_silu_t` is `silu(forward_t(x))` in one op, with the same gradients of `x`, `weight`
+/// and `bias` (f32: within a few roundings of the unfused candle ops).
+#[test]
+fn fused_silu_matches_the_unfused_ops() -> Result<()> {
+    let layer_no_bias = NormConfig::Layer(LayerNormConfig {
+        bias: false,
+        ..LayerNormConfig::new(&[5])
+    });
+    let configs = [
+        NormConfig::Group(GroupNormConfig::new(2, 4)),
+        layer_no_bias,
+        tracked_instance_norm_of(4),
+    ];
+    for (i, config) in configs.into_iter().enumerate() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let norm = Norm::new(config.clone(), vb)?;
+        // Parameters off 1 and 0, so that the SiLU's input depends on both.
+        let mut data = varmap.clone();
+        if let Some(w) = norm.weight() {
+            data.set_one("weight", (w.ones_like()? * 1.7)?)?;
+        }
+        if let Some(b) = norm.bias() {
+            data.set_one("bias", (b.ones_like()? * -0.4)?)?;
+        }
+        let x = Var::from_tensor(&Tensor::from_vec(
+            values(20 + i as u32, 120),
+            (2, 4, 3, 5),
+            &Device::Cpu,
+        )?)?;
+        let g = Tensor::from_vec(values(40 + i as u32, 120), (2, 4, 3, 5), &Device::Cpu)?;
+        let run = |fused: bool| -> Result<Vec<Vec<f32>>> {
+            let y = match fused {
+                true => norm.forward_silu_t(x.as_tensor(), true)?,
+                false => norm.forward_t(x.as_tensor(), true)?.silu()?,
+            };
+            let grads = (&y * &g)?.sum_all()?.backward()?;
+            let mut out = vec![y.flatten_all()?.to_vec1()?];
+            out.push(grads.get(x.as_tensor()).unwrap().flatten_all()?.to_vec1()?);
+            for p in [norm.weight(), norm.bias()].into_iter().flatten() {
+                out.push(grads.get(p).unwrap().flatten_all()?.to_vec1()?);
+            }
+            Ok(out)
+        };
+        let (fused, unfused) = (run(true)?, run(false)?);
+        assert_eq!(fused.len(), unfused.len());
+        for (k, (a, b)) in fused.iter().zip(&unfused).enumerate() {
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()));
+            let worst = worst.fold(0.0f32, f32::max);
+            assert!(worst < 2e-5, "{config:?}, tensor {k}: {worst}");
+        }
+    }
     Ok(())
 }

@@ -8,7 +8,7 @@
 use super::layout::{contiguous_start, to_logical, Placement};
 use super::ops::{by_element, commit_running, lock, no_saved_statistics, Emitted, ForwardOutputs};
 use crate::dtype::Element;
-use crate::norms::{NormConfig, NormDesc, NormStats};
+use crate::norms::{NormConfig, NormDesc, NormEpilogue, NormStats};
 use crate::reference::norms as reference;
 use crate::shape::{Layout, TensorDesc};
 use candle_core::backend::BackendStorage;
@@ -37,6 +37,8 @@ use candle_core::{cuda_backend::CudaDType, CudaStorage};
 ///   constants. Every other normalization uses its rows' own statistics in both modes.
 /// - **Dtypes**: `x` f32, f16 or bf16; `weight`, `bias`, the statistics and `eps` are f32 (an
 ///   RMS norm with `eps = None` takes the machine epsilon of `x`'s dtype, as PyTorch does).
+/// - **Fused SiLU**: [`Norm::forward_silu_t`] gives `silu(norm(x))` in the same pass, with its
+///   gradients.
 /// - **Devices**: CPU tensors run on [`crate::reference::norms`] (f64 accumulation); CUDA tensors
 ///   on this crate's kernels on candle's stream (feature `candle-cuda`).
 /// - **State**, created or loaded through a [`VarBuilder`] under PyTorch's `state_dict` names:
@@ -181,8 +183,15 @@ impl Norm {
     }
 }
 
-impl ModuleT for Norm {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+impl Norm {
+    /// `silu(norm(x))` in one pass (`silu(z) = z * sigmoid(z)`: GroupNorm + SiLU of the
+    /// diffusion U-Nets), its backward recomputing `z` from `x`; otherwise as
+    /// [`ModuleT::forward_t`].
+    pub fn forward_silu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_with(x, NormEpilogue::Silu, train)
+    }
+
+    fn forward_with(&self, x: &Tensor, epilogue: NormEpilogue, train: bool) -> Result<Tensor> {
         // Refused before the op so that a bad shape is a clear error on every device.
         let placement = NormPlacement::of(&self.config, x.layout())?;
         let outputs = Arc::new(Mutex::new(ForwardOutputs::default()));
@@ -190,6 +199,7 @@ impl ModuleT for Norm {
             config: self.config.clone(),
             has_weight: self.weight.is_some(),
             has_bias: self.bias.is_some(),
+            epilogue,
             stats: self.statistics(train),
             outputs: outputs.clone(),
         };
@@ -200,6 +210,12 @@ impl ModuleT for Norm {
             commit_running(&outputs, x, &running.mean, &running.var)?;
         }
         placement.to_logical(y)
+    }
+}
+
+impl ModuleT for Norm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_with(x, NormEpilogue::None, train)
     }
 }
 
@@ -285,6 +301,8 @@ struct NormForward {
     config: NormConfig,
     has_weight: bool,
     has_bias: bool,
+    /// What follows the affine map.
+    epilogue: NormEpilogue,
     stats: Option<NormStatistics>,
     /// Shared with the module, which takes the running statistics after the call.
     outputs: Arc<Mutex<ForwardOutputs<NormSaved>>>,
@@ -295,6 +313,8 @@ struct NormForward {
 struct NormBackward<'a> {
     forward: &'a NormForward,
     saved: Arc<NormSaved>,
+    /// The forward's bias, which the SiLU backward reads to recompute its input.
+    bias: Option<Tensor>,
     dparams: Mutex<(Option<Emitted>, Option<Emitted>)>,
 }
 
@@ -366,6 +386,7 @@ fn forward_cpu<T: Element + WithDType>(
         weight,
         bias,
         statistics,
+        epilogue: op.epilogue,
         ..reference::Forward::new(x, op.config.eps(<T as Element>::DTYPE), &mut y)
     };
     let saved = reference::forward(&desc, call).map_err(Error::wrap)?;
@@ -412,15 +433,19 @@ fn backward_cpu<T: Element + WithDType>(
         ),
         (None, None) => return Err(no_saved_statistics()),
     };
+    let bias = match &op.bias {
+        Some(bias) => Some(bias.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    };
     let mut dx = vec![T::default(); n];
     let (mut dweight, mut dbias) = (vec![0.0f32; c], vec![0.0f32; c]);
     let call = reference::Backward {
         x,
         dy,
         weight,
-        bias: None,
+        bias: bias.as_deref(),
         stats,
-        epilogue: Default::default(),
+        epilogue: forward.epilogue,
         dx: Some(&mut dx),
         dweight: forward.has_weight.then_some(dweight.as_mut_slice()),
         dbias: forward.has_bias.then_some(dbias.as_mut_slice()),
@@ -478,6 +503,7 @@ impl CustomOp3 for NormForward {
         let backward = NormBackward {
             forward: self,
             saved: lock(&self.outputs)?.saved.clone(),
+            bias: (self.has_bias && self.epilogue == NormEpilogue::Silu).then(|| bias.clone()),
             dparams: Mutex::new((None, None)),
         };
         // The gradient of the op's memory-order output, laid out as that output.
@@ -586,6 +612,7 @@ mod cuda {
                     weight: weight.as_ref().map(|w| w.slice(..)),
                     bias: bias.as_ref().map(|b| b.slice(..)),
                     statistics,
+                    epilogue: op.epilogue,
                     ..norms::Forward::new(
                         x_view.slice(..),
                         op.config.eps(<T as Element>::DTYPE),
@@ -668,19 +695,24 @@ mod cuda {
         let mut dx = device.alloc_zeros::<T>(n)?;
         let mut dweight = device.alloc_zeros::<f32>(c)?;
         let mut dbias = device.alloc_zeros::<f32>(c)?;
+        let bias_guard = op.bias.as_ref().map(Tensor::storage_and_layout);
+        let bias = match &bias_guard {
+            Some((storage, layout)) => Some(cuda_channels("bias", storage, layout)?),
+            None => None,
+        };
         with_stream(&device, |state| {
             let (kernels, workspace) = state.norms()?;
             let call = norms::Backward {
                 x: x_view.slice(..),
                 dy: dy_view.slice(..),
                 weight: weight.as_ref().map(|w| w.slice(..)),
-                bias: None,
+                bias: bias.as_ref().map(|b| b.slice(..)),
                 stats: saved.as_view(),
                 source: match forward.stats {
                     Some(NormStatistics::Running { .. }) => StatsSource::Running,
                     _ => StatsSource::Batch,
                 },
-                epilogue: Default::default(),
+                epilogue: forward.epilogue,
                 dx: Some(dx.as_view_mut()),
                 dweight: forward.has_weight.then_some(dweight.as_view_mut()),
                 dbias: forward.has_bias.then_some(dbias.as_view_mut()),
