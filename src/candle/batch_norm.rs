@@ -1,7 +1,7 @@
 //! [`BatchNorm`]: PyTorch's `nn.BatchNorm1d/2d/3d` as a candle module.
 
 use super::layout::{to_logical, Placement};
-use super::ops::{ForwardOp, ForwardOutputs, RunningInputs, Statistics};
+use super::ops::{commit_running, ForwardOp, ForwardOutputs, RunningInputs, Statistics};
 use crate::config::BatchNormConfig;
 use crate::epilogue::EpilogueKind;
 use candle_core::{DType, Error, Result, Tensor, Var};
@@ -203,19 +203,11 @@ impl BatchNorm {
         let Some(running) = &self.running else {
             return Ok(());
         };
-        let new = outputs
-            .lock()
-            .map_err(|_| Error::Msg("batchnorm-cuda: the forward op panicked".into()).bt())?
-            .running
-            .take();
-        let Some((mean, var)) = new else {
+        if !commit_running(outputs, like, &running.mean, &running.var)? {
             return Ok(());
-        };
-        let (mean, var) = (mean.into_tensor(like)?, var.into_tensor(like)?);
+        }
         let counter = running.num_batches_tracked.as_tensor();
         let next = (counter + Tensor::ones((), DType::I64, counter.device())?)?.detach();
-        running.mean.set(&mean)?;
-        running.var.set(&var)?;
         running.num_batches_tracked.set(&next)
     }
 }

@@ -20,7 +20,7 @@ use crate::shape::TensorDesc;
 use crate::stats::SavedStats;
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Error, Layout, Result, Shape, Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp3, DType, Error, Layout, Result, Shape, Tensor, Var, WithDType,
 };
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -43,9 +43,10 @@ macro_rules! by_element {
         }
     };
 }
+pub(super) use by_element;
 
 /// Storage an op computed besides its output, on the device of its inputs.
-enum Stored {
+pub(super) enum Stored {
     Host(CpuStorage),
     #[cfg(feature = "candle-cuda")]
     Device(CudaStorage),
@@ -58,7 +59,7 @@ pub(crate) struct Emitted {
 }
 
 impl Emitted {
-    fn host<T: WithDType>(values: Vec<T>, shape: impl Into<Shape>) -> Self {
+    pub(super) fn host<T: WithDType>(values: Vec<T>, shape: impl Into<Shape>) -> Self {
         Self {
             storage: Stored::Host(T::to_cpu_storage_owned(values)),
             shape: shape.into(),
@@ -66,7 +67,7 @@ impl Emitted {
     }
 
     #[cfg(feature = "candle-cuda")]
-    fn device<T: CudaDType>(
+    pub(super) fn device<T: CudaDType>(
         slice: CudaSlice<T>,
         device: &CudaDevice,
         shape: impl Into<Shape>,
@@ -128,7 +129,7 @@ impl CustomOp1 for Emit {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
     mutex
         .lock()
         .map_err(|_| Error::Msg("batchnorm-cuda: an op panicked holding its outputs".into()).bt())
@@ -156,7 +157,7 @@ pub(crate) enum Statistics {
 /// What a forward saved for its backward: the batch statistics (none with running statistics)
 /// and the ReLU mask of a fused epilogue.
 #[derive(Default)]
-enum Saved {
+pub(crate) enum Saved {
     #[default]
     Nothing,
     Host {
@@ -170,13 +171,39 @@ enum Saved {
     },
 }
 
-/// What a forward computed besides `y`.
-#[derive(Default)]
-pub(crate) struct ForwardOutputs {
+/// What a forward computed besides `y`: what it `S`aved for its backward, and the new running
+/// statistics.
+pub(crate) struct ForwardOutputs<S = Saved> {
     /// For the backward.
-    saved: Arc<Saved>,
+    pub(super) saved: Arc<S>,
     /// The new running mean and variance, when the forward updated them.
-    pub running: Option<(Emitted, Emitted)>,
+    pub(super) running: Option<(Emitted, Emitted)>,
+}
+
+impl<S: Default> Default for ForwardOutputs<S> {
+    fn default() -> Self {
+        Self {
+            saved: Arc::default(),
+            running: None,
+        }
+    }
+}
+
+/// Sets `mean` and `var` to the running statistics a training forward computed, if it did;
+/// returns whether it did.
+pub(crate) fn commit_running<S>(
+    outputs: &Mutex<ForwardOutputs<S>>,
+    like: &Tensor,
+    mean: &Var,
+    var: &Var,
+) -> Result<bool> {
+    let Some((new_mean, new_var)) = lock(outputs)?.running.take() else {
+        return Ok(false);
+    };
+    let (new_mean, new_var) = (new_mean.into_tensor(like)?, new_var.into_tensor(like)?);
+    mean.set(&new_mean)?;
+    var.set(&new_var)?;
+    Ok(true)
 }
 
 /// The batch-norm forward as a candle op of `(x, params, z)`; the output is `y` in the memory
@@ -409,7 +436,7 @@ fn backward_cpu<T: Element + WithDType>(
     Ok((T::to_cpu_storage_owned(dx), Shape::from(desc.memory_dims())))
 }
 
-fn no_saved_statistics() -> Error {
+pub(super) fn no_saved_statistics() -> Error {
     Error::wrap(crate::Error::MissingSavedStats {
         reason: "its forward op saved none on this device",
     })
@@ -508,19 +535,80 @@ impl CustomOp3 for BackwardOp<'_> {
 }
 
 /// The CUDA path: [`crate::gpu::functional`] on candle's stream, every buffer a candle storage
-/// or a fresh allocation on its device.
+/// or a fresh allocation on its device, with the context and workspaces of [`stream_state`].
 #[cfg(feature = "candle-cuda")]
-mod cuda {
+pub(super) mod cuda {
     use super::*;
     use crate::gpu::functional::{
         self, BackwardStats, BatchStats, Epilogue, EpilogueGrad, ForwardStats, GradientsMut,
         RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
     };
+    use crate::gpu::norms::{NormWorkspace, Norms};
     use crate::gpu::{GpuContext, Workspace};
     use candle_core::Storage;
+    use std::collections::HashMap;
+    use std::sync::{OnceLock, PoisonError};
 
-    fn context(device: &CudaDevice) -> Result<GpuContext> {
-        GpuContext::from_stream(device.cuda_stream()).map_err(Error::wrap)
+    /// What the ops keep per candle stream between calls: the context (the kernels loaded once)
+    /// and the workspaces, which serve one stream each (`Error::WorkspaceOnAnotherStream`).
+    pub(in crate::candle) struct StreamState {
+        pub gpu: GpuContext,
+        pub workspace: Workspace,
+        norms: Option<(Norms, NormWorkspace)>,
+    }
+
+    impl StreamState {
+        /// The normalization kernels (loaded on first use) and their workspace.
+        pub fn norms(&mut self) -> Result<(&Norms, &mut NormWorkspace)> {
+            let (norms, workspace) = match &mut self.norms {
+                Some(loaded) => loaded,
+                slot => slot.insert((
+                    Norms::new(&self.gpu).map_err(Error::wrap)?,
+                    NormWorkspace::new(),
+                )),
+            };
+            Ok((&*norms, workspace))
+        }
+    }
+
+    /// The state of `device`'s stream, made on its first call. Keyed by the CUDA context and
+    /// stream handles; the state holds the stream, so a handle is never reused for another
+    /// while its entry lives (the entries live as long as the program, one per stream used).
+    /// Calls on one stream take turns on its state, as the stream would run them in turn anyway.
+    pub(in crate::candle) fn stream_state(device: &CudaDevice) -> Result<Arc<Mutex<StreamState>>> {
+        type States = Mutex<HashMap<(usize, usize), Arc<Mutex<StreamState>>>>;
+        static STATES: OnceLock<States> = OnceLock::new();
+        let stream = device.cuda_stream();
+        let key = (
+            stream.context().cu_ctx() as usize,
+            stream.cu_stream() as usize,
+        );
+        // A panic in another call leaves the map whole: recover it rather than fail forever.
+        let mut states = STATES
+            .get_or_init(States::default)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(state) = states.get(&key) {
+            return Ok(state.clone());
+        }
+        let state = Arc::new(Mutex::new(StreamState {
+            gpu: GpuContext::from_stream(stream).map_err(Error::wrap)?,
+            workspace: Workspace::new(),
+            norms: None,
+        }));
+        states.insert(key, state.clone());
+        Ok(state)
+    }
+
+    /// Runs `f` on the state of `device`'s stream.
+    pub(in crate::candle) fn with_stream<R>(
+        device: &CudaDevice,
+        f: impl FnOnce(&mut StreamState) -> Result<R>,
+    ) -> Result<R> {
+        let state = stream_state(device)?;
+        // A workspace a panicking call held is still valid memory of this stream.
+        let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut state)
     }
 
     /// `(weight, bias)` views of a `[2, C]` params storage.
@@ -539,7 +627,7 @@ mod cuda {
 
     /// The f32 view of a contiguous CUDA tensor's storage (the running statistics the op holds,
     /// read through `Tensor::storage_and_layout`).
-    fn cuda_channels<'s>(
+    pub(in crate::candle) fn cuda_channels<'s>(
         what: &str,
         storage: &'s Storage,
         layout: &Layout,
@@ -561,7 +649,20 @@ mod cuda {
         (z, z_layout): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
         let device = x.device().clone();
-        let gpu = context(&device)?;
+        with_stream(&device, |state| {
+            forward_on::<T>(op, state, (x, x_layout), (p, p_layout), (z, z_layout))
+        })
+    }
+
+    fn forward_on<T: Element + CudaDType>(
+        op: &ForwardOp,
+        StreamState { gpu, workspace, .. }: &mut StreamState,
+        (x, x_layout): (&CudaStorage, &Layout),
+        (p, p_layout): (&CudaStorage, &Layout),
+        (z, z_layout): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let gpu: &GpuContext = gpu;
+        let device = x.device().clone();
         let placement = Placement::of(x_layout)?;
         let desc = placement.desc;
         let c = desc.channels();
@@ -582,7 +683,6 @@ mod cuda {
             Some(_) => Some(device.alloc_zeros::<u32>(mask_words(&desc))?),
             None => None,
         };
-        let mut workspace = Workspace::new();
         let mut call = |stats, y: &mut CudaSlice<T>, mask: Option<&mut CudaSlice<u32>>| {
             let epilogue = match (op.epilogue, mask) {
                 (Some(_), mask) => Epilogue::relu(
@@ -600,7 +700,7 @@ mod cuda {
                 y: y.as_view_mut(),
                 epilogue,
             };
-            functional::forward(&gpu, &mut workspace, request).map_err(Error::wrap)
+            functional::forward(gpu, workspace, request).map_err(Error::wrap)
         };
         let (stats, running) = match &op.stats {
             Statistics::Batch { running } => {
@@ -674,12 +774,25 @@ mod cuda {
         (dy, dy_layout): (&CudaStorage, &Layout),
         (p, p_layout): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
+        let device = x.device().clone();
+        with_stream(&device, |state| {
+            backward_on::<T>(op, state, (x, x_layout), (dy, dy_layout), (p, p_layout))
+        })
+    }
+
+    fn backward_on<T: Element + CudaDType>(
+        op: &BackwardOp<'_>,
+        StreamState { gpu, workspace, .. }: &mut StreamState,
+        (x, x_layout): (&CudaStorage, &Layout),
+        (dy, dy_layout): (&CudaStorage, &Layout),
+        (p, p_layout): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let gpu: &GpuContext = gpu;
         let forward = op.forward;
         let Saved::Device { stats, mask } = &*op.saved else {
             return Err(no_saved_statistics());
         };
         let device = x.device().clone();
-        let gpu = context(&device)?;
         let placement = Placement::of(x_layout)?;
         let desc = placement.desc;
         let (c, n) = (desc.channels(), desc.numel());
@@ -697,7 +810,6 @@ mod cuda {
             true => Some(device.alloc_zeros::<T>(n)?),
             false => None,
         };
-        let mut workspace = Workspace::new();
         let mut call = |stats| {
             let (dweight, dbias) = dparams.split_at_mut(c);
             let epilogue = match (forward.epilogue, mask) {
@@ -725,7 +837,7 @@ mod cuda {
                 },
                 epilogue,
             };
-            functional::backward(&gpu, &mut workspace, request).map_err(Error::wrap)
+            functional::backward(gpu, workspace, request).map_err(Error::wrap)
         };
         match (&forward.stats, stats) {
             (Statistics::Batch { .. }, Some([mean, mean_lo, invstd])) => {
