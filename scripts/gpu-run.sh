@@ -36,15 +36,6 @@ cargo test --release --features nccl --test gpu_sync --no-run \
   --message-format=json-render-diagnostics | python3 scripts/test-executables.py \
   | while read -r exe; do cp "$exe" "$stage/tests/gpu_sync"; done
 
-# The candle adapter's tests, its CUDA path included (feature candle-cuda). candle
-# compiles its own kernels with nvcc for the GPU's compute capability (sm_90: H100, H200).
-PATH="$root/.cuda/nvidia/cu13/bin:$PATH" CUDA_COMPUTE_CAP=90 \
-  cargo test --release --features candle-cuda --test candle --test candle_norms --no-run \
-  --message-format=json-render-diagnostics | python3 scripts/test-executables.py \
-  | while read -r exe; do
-    cp "$exe" "$stage/tests/$(basename "$exe" | sed 's/-[0-9a-f]\{16\}$//')"
-  done
-
 # The GPU benchmark (examples/gpu_bench.rs) and the PyTorch side of the comparison.
 if [ -f examples/gpu_bench.rs ]; then
   cargo build --release --example gpu_bench
