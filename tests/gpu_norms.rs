@@ -378,19 +378,7 @@ fn norms_gpu_matches_the_reference() {
                     assert_eq!(sum, &widen(&input), "{}", what("sum"));
                 }
                 let want = reference(desc, &input, &dy, &w, &b, epilogue);
-                let act = tolerance_for("y", dtype);
-                assert_close(&what("y"), &got.y, &want.y, act);
-                assert_close(&what("dx"), &got.dx, &want.dx, act);
-                let pg = tolerance_for("dweight", dtype);
-                assert_close(&what("dweight"), &got.dweight, &want.dweight, pg);
-                assert_close(&what("dbias"), &got.dbias, &want.dbias, pg);
-                let st = tolerance_for("save_rstd", dtype);
-                assert_close(
-                    &what("rstd"),
-                    &widen_f32(&got.stats.rstd),
-                    &widen_f32(&want.stats.rstd),
-                    st,
-                );
+                assert_outputs_close(&what, &got, &want, dtype);
                 let mean = |s: &NormStats| -> Vec<f64> {
                     s.mean
                         .iter()
@@ -398,6 +386,7 @@ fn norms_gpu_matches_the_reference() {
                         .map(|(h, l)| f64::from(*h) + f64::from(*l))
                         .collect()
                 };
+                let st = tolerance_for("save_rstd", dtype);
                 assert_close(&what("mean"), &mean(&got.stats), &mean(&want.stats), st);
             }
         }
@@ -452,6 +441,25 @@ fn norms_gpu_merges_many_splits() {
         &widen_f32(&want.stats.rstd),
         st,
     );
+}
+
+/// `got` (the device's) against `want` (the reference's) within the golden tolerances of
+/// `dtype`: y and dx, the parameter gradients and the saved rstd; `what` names a quantity.
+fn assert_outputs_close(
+    what: &dyn Fn(&str) -> String,
+    got: &Outputs,
+    want: &Outputs,
+    dtype: DType,
+) {
+    let act = tolerance_for("y", dtype);
+    assert_close(&what("y"), &got.y, &want.y, act);
+    assert_close(&what("dx"), &got.dx, &want.dx, act);
+    let pg = tolerance_for("dweight", dtype);
+    assert_close(&what("dweight"), &got.dweight, &want.dweight, pg);
+    assert_close(&what("dbias"), &got.dbias, &want.dbias, pg);
+    let st = tolerance_for("save_rstd", dtype);
+    let rstd = |o: &Outputs| widen_f32(&o.stats.rstd);
+    assert_close(&what("rstd"), &rstd(got), &rstd(want), st);
 }
 
 /// The CPU reference's forward and backward with batch statistics and affine parameters.
@@ -534,19 +542,7 @@ fn norms_gpu_is_offset_robust() {
                     },
                 );
                 let what = |q: &str| format!("{desc:?} {dtype} offset {offset} {epilogue:?} {q}");
-                let act = tolerance_for("y", dtype);
-                assert_close(&what("y"), &got.y, &want.y, act);
-                assert_close(&what("dx"), &got.dx, &want.dx, act);
-                let pg = tolerance_for("dweight", dtype);
-                assert_close(&what("dweight"), &got.dweight, &want.dweight, pg);
-                assert_close(&what("dbias"), &got.dbias, &want.dbias, pg);
-                let st = tolerance_for("save_rstd", dtype);
-                assert_close(
-                    &what("rstd"),
-                    &widen_f32(&got.stats.rstd),
-                    &widen_f32(&want.stats.rstd),
-                    st,
-                );
+                assert_outputs_close(&what, &got, &want, dtype);
             }
         }
     }
