@@ -363,3 +363,158 @@ fn a_norm_workspace_serves_one_stream() {
     assert!(y_b.iter().all(|v| *v == 7.0), "a refused forward wrote y");
     run(&on_b, &mut NormWorkspace::new()).0.unwrap();
 }
+
+/// The normalization layer's parts of a training step, on the device.
+mod norm_layer {
+    use super::*;
+    use batchnorm_cuda::gpu::norms::{NormLayer, Norms};
+    use batchnorm_cuda::norms::{InstanceNormConfig, NormConfig};
+    use batchnorm_cuda::Layout;
+
+    pub const DIMS: [usize; 4] = [3, 4, 5, 6];
+
+    /// A tracked, affine instance norm with non-trivial state: a training step moves its
+    /// running statistics and gradients.
+    pub fn layer(norms: &Norms) -> NormLayer {
+        let config = NormConfig::Instance(InstanceNormConfig {
+            affine: true,
+            track_running_stats: true,
+            ..InstanceNormConfig::new(4)
+        });
+        let mut layer = NormLayer::new(norms, config).unwrap();
+        let mut state = layer.state().unwrap();
+        state.weight = Some(random(21, 4, 1.0, 0.3));
+        state.bias = Some(random(22, 4, 0.0, 0.3));
+        state.running_mean = Some(random(23, 4, 0.1, 0.2));
+        state.running_var = Some(random(24, 4, 1.5, 0.4));
+        layer.load_state(state).unwrap();
+        layer
+    }
+
+    pub fn train(layer: &mut NormLayer, step: &mut Step) -> batchnorm_cuda::Result<()> {
+        let cache = layer.forward(
+            &step.x.as_view(),
+            &DIMS,
+            Layout::ChannelsFirst,
+            &mut step.y.as_view_mut(),
+        )?;
+        let (x, dy) = (step.x.as_view(), step.dy.as_view());
+        layer.backward(&cache, &x, &dy, &mut step.dx.as_view_mut())
+    }
+
+    pub fn snapshot(gpu: &GpuContext, layer: &NormLayer) -> (LayerState, Vec<f32>, Vec<f32>) {
+        let grad = |g: Option<&CudaSlice<f32>>| download(gpu, g.expect("affine"));
+        (
+            layer.state().unwrap(),
+            grad(layer.grad_weight()),
+            grad(layer.grad_bias()),
+        )
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn captured_norm_layer_step_replays_like_direct_calls() {
+    use batchnorm_cuda::gpu::norms::Norms;
+    use batchnorm_cuda::Layout;
+    let gpu = capture_context();
+    let norms = Norms::new(&gpu).unwrap();
+    let (mut captured, mut direct) = (norm_layer::layer(&norms), norm_layer::layer(&norms));
+    let (mut a, mut b) = (
+        Step::new(&gpu, &norm_layer::DIMS, 5),
+        Step::new(&gpu, &norm_layer::DIMS, 5),
+    );
+    captured
+        .reserve(&norm_layer::DIMS, Layout::ChannelsFirst)
+        .unwrap();
+    let before = norm_layer::snapshot(&gpu, &captured);
+
+    begin(&gpu);
+    norm_layer::train(&mut captured, &mut a).unwrap();
+    let graph = end(&gpu);
+    assert_eq!(
+        norm_layer::snapshot(&gpu, &captured),
+        before,
+        "captured, not run"
+    );
+
+    for _ in 0..3 {
+        graph.launch().unwrap();
+        norm_layer::train(&mut direct, &mut b).unwrap();
+    }
+    let (got, want) = (
+        norm_layer::snapshot(&gpu, &captured),
+        norm_layer::snapshot(&gpu, &direct),
+    );
+    assert_eq!(got, want, "running statistics and accumulated gradients");
+    assert_ne!(got.0.running_mean, before.0.running_mean);
+    assert_ne!(got.1, before.1);
+    assert_eq!(download(&gpu, &a.y), download(&gpu, &b.y));
+    assert_eq!(download(&gpu, &a.dx), download(&gpu, &b.dx));
+    // zero_grad keeps the graph's buffers: the next replay accumulates from zero again.
+    captured.zero_grad().unwrap();
+    direct.zero_grad().unwrap();
+    graph.launch().unwrap();
+    norm_layer::train(&mut direct, &mut b).unwrap();
+    assert_eq!(
+        norm_layer::snapshot(&gpu, &captured),
+        norm_layer::snapshot(&gpu, &direct)
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn norm_layer_cannot_grow_during_or_after_a_capture() {
+    use batchnorm_cuda::gpu::norms::Norms;
+    use batchnorm_cuda::Layout;
+    let gpu = capture_context();
+    let norms = Norms::new(&gpu).unwrap();
+    let mut layer = norm_layer::layer(&norms);
+    let mut step = Step::new(&gpu, &norm_layer::DIMS, 6);
+    let (before, y_before) = (norm_layer::snapshot(&gpu, &layer), download(&gpu, &step.y));
+
+    begin(&gpu);
+    let got = norm_layer::train(&mut layer, &mut step);
+    drop(end(&gpu));
+    assert!(
+        matches!(
+            got,
+            Err(Error::WorkspaceCannotGrow { needed, reason, .. })
+                if needed > 0 && reason.contains("capturing")
+        ),
+        "{got:?}"
+    );
+    assert_eq!(norm_layer::snapshot(&gpu, &layer), before);
+    assert_eq!(download(&gpu, &step.y), y_before);
+
+    // Reserved for the small shape, the step captures; a larger shape afterwards is refused.
+    layer
+        .reserve(&norm_layer::DIMS, Layout::ChannelsFirst)
+        .unwrap();
+    begin(&gpu);
+    norm_layer::train(&mut layer, &mut step).unwrap();
+    let graph = end(&gpu);
+    let large_dims = [8, 4, 16, 16];
+    let mut large = Step::new(&gpu, &large_dims, 7);
+    let before = norm_layer::snapshot(&gpu, &layer);
+    let got = layer.forward(
+        &large.x.as_view(),
+        &large_dims,
+        Layout::ChannelsFirst,
+        &mut large.y.as_view_mut(),
+    );
+    assert!(
+        matches!(
+            got,
+            Err(Error::WorkspaceCannotGrow { held, needed, reason })
+                if needed > held && reason.contains("may still read")
+        ),
+        "{got:?}"
+    );
+    assert_eq!(norm_layer::snapshot(&gpu, &layer), before);
+    graph.launch().unwrap();
+    assert_ne!(
+        norm_layer::snapshot(&gpu, &layer).0.running_mean,
+        before.0.running_mean
+    );
+}

@@ -212,7 +212,7 @@ fn golden_layer<T: Element + Stored>(norms: &Norms, case: &Case, checks: &mut Ch
         .unwrap_or_else(|e| panic!("forward: {e}"));
     compare(checks, case, "y", Some(widen(&download(ctx, &y))));
     if layer.is_training() || case.meta("track_running_stats") != Some("true") {
-        let stats = cache.stats().to_host(ctx).unwrap();
+        let stats = layer.saved_stats(&cache).unwrap();
         if !matches!(layer.config(), NormConfig::Rms(_)) {
             compare(checks, case, "save_mean", Some(widen_f32(&stats.mean)));
         }
@@ -297,11 +297,33 @@ fn norms_gpu_layer_state_is_untouched_on_failure() {
         ),
         Err(Error::BufferLength { what: "dy", .. })
     ));
-    assert!(
-        layer.grad_weight().is_none(),
-        "a failed first backward leaves no gradient"
+    let grad = download(ctx, layer.grad_weight().expect("affine"));
+    assert_eq!(
+        grad, [0.0; 3],
+        "a failed first backward leaves the gradient at zero"
     );
     assert_eq!(common::state_change(&before, &layer.state().unwrap()), None);
+
+    // The saved statistics are the last forward's: an older cache is refused.
+    let fresh = layer
+        .forward(
+            &x.as_view(),
+            &[2, 3, 10],
+            Layout::ChannelsFirst,
+            &mut y.as_view_mut(),
+        )
+        .unwrap();
+    let dy = zeros::<f32>(ctx, 60);
+    let stale = layer.backward(&cache, &x.as_view(), &dy.as_view(), &mut dx.as_view_mut());
+    assert!(
+        matches!(stale, Err(Error::MissingSavedStats { .. })),
+        "{stale:?}"
+    );
+    assert!(matches!(
+        layer.saved_stats(&cache),
+        Err(Error::MissingSavedStats { .. })
+    ));
+    assert_eq!(layer.saved_stats(&fresh).unwrap().rstd.len(), 6);
 }
 
 /// Both row plans on the emulated or real GPU's SM count: some shapes split their rows.

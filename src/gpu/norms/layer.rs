@@ -1,21 +1,34 @@
 //! The stateful layer over [`super::forward`] and [`super::backward`] on the device, the GPU
-//! twin of [`crate::reference::norms::NormLayer`] (same methods, same errors).
+//! twin of [`crate::reference::norms::NormLayer`] (same methods and errors, except where a CUDA
+//! graph needs buffers that stay put: see [`NormLayer`]).
 
 use super::{
     backward, forward, Backward, DeviceNormStats, Forward, NormWorkspace, Norms, Statistics,
     StatsSource,
 };
 use crate::dtype::Element;
-use crate::error::Result;
-use crate::norms::{NormConfig, NormDesc, NormEpilogue};
+use crate::error::{Error, Result};
+use crate::gpu::context::alloc_error;
+use crate::norms::{NormConfig, NormDesc, NormEpilogue, NormStats};
 use crate::shape::Layout;
 use crate::state::LayerState;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// `nn.GroupNorm`, `nn.LayerNorm`, `nn.InstanceNorm{1,2,3}d` or `nn.RMSNorm` on the GPU: the
 /// parameters, tracked statistics and accumulated gradients live on the device.
 ///
 /// A call that returns an error leaves them as they were.
+///
+/// Steady-state `forward` and `backward` calls neither allocate nor synchronize the host, so
+/// they can be captured in a CUDA graph (on a stream of the layer's own: its workspace serves
+/// one stream) after [`NormLayer::reserve`] for the largest shape. The layer keeps the row
+/// statistics of its last forward in a buffer that grows to the largest shape and, like the
+/// workspace, never grows during or after a capture ([`Error::WorkspaceCannotGrow`]), so a
+/// backward must come before the layer's next forward ([`Error::MissingSavedStats`]). Unlike
+/// the CPU twin, the gradients exist (zero) from the start and
+/// [`zero_grad`](NormLayer::zero_grad) zeroes them in place, as
+/// [`BatchNorm`](crate::gpu::BatchNorm) does: a graph keeps writing into the same buffers.
 #[derive(Debug)]
 pub struct NormLayer {
     norms: Norms,
@@ -29,22 +42,33 @@ pub struct NormLayer {
     grad_weight: Option<CudaSlice<f32>>,
     grad_bias: Option<CudaSlice<f32>>,
     workspace: NormWorkspace,
+    /// The row statistics of the last forward, in a buffer grown to the largest shape.
+    saved: Option<DeviceNormStats>,
     training: bool,
+    /// Tells this layer's caches from another's.
+    id: u64,
+    /// Counts forwards (and replacements of `saved`), so that a backward can tell whether the
+    /// saved statistics are its own.
+    forwards: u64,
 }
 
-/// What a forward leaves for its backward: the shape and the device statistics.
-#[derive(Debug)]
+/// Source of [`NormLayer`] ids.
+static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(0);
+
+/// What a forward hands to its backward: the shape and which statistics normalized it. The
+/// row statistics stay in the layer ([`NormLayer::saved_stats`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NormCache {
     desc: NormDesc,
-    stats: DeviceNormStats,
     source: StatsSource,
+    layer: u64,
+    forward: u64,
 }
 
 impl NormCache {
-    /// The row statistics the backward reads (per-row running statistics after an eval
-    /// forward of a tracked instance norm).
-    pub fn stats(&self) -> &DeviceNormStats {
-        &self.stats
+    /// The shape of the forward.
+    pub fn desc(&self) -> &NormDesc {
+        &self.desc
     }
 }
 
@@ -54,6 +78,12 @@ impl NormLayer {
     /// Errors: those of [`NormConfig::validate`], or a device error.
     pub fn new(norms: &Norms, config: NormConfig) -> Result<Self> {
         config.validate()?;
+        let len = config.param_len();
+        let zeros = |wanted: bool| -> Result<Option<CudaSlice<f32>>> {
+            let stream = norms.context().stream();
+            let alloc = || stream.alloc_zeros::<f32>(len).map_err(alloc_error(len * 4));
+            wanted.then(alloc).transpose()
+        };
         let mut layer = Self {
             norms: norms.clone(),
             epilogue: NormEpilogue::None,
@@ -62,14 +92,71 @@ impl NormLayer {
             running_mean: None,
             running_var: None,
             num_batches_tracked: 0,
-            grad_weight: None,
-            grad_bias: None,
+            grad_weight: zeros(config.has_weight())?,
+            grad_bias: zeros(config.has_bias())?,
             workspace: NormWorkspace::new(),
+            saved: None,
             training: true,
+            id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
+            forwards: 0,
             config,
         };
         layer.load_state(layer.config.initial_state())?;
         Ok(layer)
+    }
+
+    /// Sizes the workspace and the saved statistics for every call on `dims` in `layout`:
+    /// before capturing a CUDA graph, with the largest shape.
+    ///
+    /// Errors: those of [`NormConfig::describe`], [`Error::WorkspaceCannotGrow`] during or
+    /// after a capture, [`Error::WorkspaceOnAnotherStream`].
+    pub fn reserve(&mut self, dims: &[usize], layout: Layout) -> Result<()> {
+        let desc = self.config.describe(dims, layout)?;
+        self.workspace.reserve_for(self.norms.context(), &desc)?;
+        self.saved_for(desc.rows()).map(drop)
+    }
+
+    /// The saved statistics, grown to at least `rows` rows under the workspace's rules. A
+    /// replaced buffer no longer holds any forward's statistics, so it ends their caches.
+    fn saved_for(&mut self, rows: usize) -> Result<&mut DeviceNormStats> {
+        let held = self.saved.as_ref().map_or(0, DeviceNormStats::len);
+        let gpu = self.norms.context();
+        if self.saved.is_none() || rows > held {
+            self.workspace
+                .tenancy
+                .admit(gpu, true, 12 * held, 12 * rows.max(1))?;
+            self.saved = Some(DeviceNormStats::new(gpu, rows.max(1))?);
+            self.forwards += 1;
+        }
+        Ok(self.saved.as_mut().expect("allocated above"))
+    }
+
+    /// The row statistics `cache`'s forward saved, copied to the host (per-row running
+    /// statistics after an eval forward of a tracked instance norm).
+    ///
+    /// Errors: [`Error::MissingSavedStats`] when another forward of this layer ran since, or
+    /// the cache is another layer's.
+    pub fn saved_stats(&self, cache: &NormCache) -> Result<NormStats> {
+        self.check_cache(cache)?;
+        self.saved_rows(cache).to_host(self.norms.context())
+    }
+
+    /// The saved statistics are those of `cache`'s forward.
+    fn check_cache(&self, cache: &NormCache) -> Result<()> {
+        let reason = if cache.layer != self.id {
+            "the cache comes from another layer"
+        } else if cache.forward != self.forwards {
+            "another forward of this layer ran since the one the cache belongs to"
+        } else {
+            return Ok(());
+        };
+        Err(Error::MissingSavedStats { reason })
+    }
+
+    /// The rows of `cache`'s forward in the saved statistics (after [`Self::check_cache`]).
+    fn saved_rows(&self, cache: &NormCache) -> super::StatsView<'_> {
+        let saved = self.saved.as_ref().expect("a forward saved them");
+        saved.prefix(cache.desc.rows())
     }
 
     /// The same layer with a fused epilogue (`GroupNorm` + SiLU).
@@ -126,20 +213,27 @@ impl NormLayer {
         Ok(())
     }
 
-    /// The accumulated `weight` gradient, once a backward ran.
+    /// The accumulated `weight` gradient (zero until a backward), when the layer has a weight.
     pub fn grad_weight(&self) -> Option<&CudaSlice<f32>> {
         self.grad_weight.as_ref()
     }
 
-    /// The accumulated `bias` gradient, once a backward ran.
+    /// The accumulated `bias` gradient (zero until a backward), when the layer has a bias.
     pub fn grad_bias(&self) -> Option<&CudaSlice<f32>> {
         self.grad_bias.as_ref()
     }
 
-    /// Drops the accumulated gradients.
-    pub fn zero_grad(&mut self) {
-        self.grad_weight = None;
-        self.grad_bias = None;
+    /// Sets the accumulated gradients to zero, in place (PyTorch's
+    /// `zero_grad(set_to_none=False)`: a captured graph keeps its buffers).
+    pub fn zero_grad(&mut self) -> Result<()> {
+        let stream = self.norms.context().stream().clone();
+        for grad in [self.grad_weight.as_mut(), self.grad_bias.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            stream.memset_zeros(grad)?;
+        }
+        Ok(())
     }
 
     /// Normalizes `x` (logical shape `dims`, memory order `layout`) into `y`; training with
@@ -154,7 +248,8 @@ impl NormLayer {
         y: &mut CudaViewMut<'_, T>,
     ) -> Result<NormCache> {
         let desc = self.config.describe(dims, layout)?;
-        let mut stats = DeviceNormStats::new(self.norms.context(), desc.rows())?;
+        self.saved_for(desc.rows())?;
+        let stats = self.saved.as_mut().expect("sized above");
         let momentum = self.config.running_momentum();
         let (statistics, source) = match (momentum, &mut self.running_mean, &mut self.running_var) {
             (Some(momentum), Some(mean), Some(var)) if self.training => (
@@ -183,14 +278,16 @@ impl NormLayer {
                 x.slice(..),
                 self.config.eps(T::DTYPE),
                 y.slice_mut(..),
-                stats.as_mut(),
+                stats.prefix_mut(desc.rows()),
             )
         };
         forward(&self.norms, &mut self.workspace, &desc, call)?;
+        self.forwards += 1;
         Ok(NormCache {
             desc,
-            stats,
             source,
+            layer: self.id,
+            forward: self.forwards,
         })
     }
 
@@ -205,24 +302,14 @@ impl NormLayer {
         dy: &CudaView<'_, T>,
         dx: &mut CudaViewMut<'_, T>,
     ) -> Result<()> {
-        let ctx = self.norms.context();
-        let len = self.config.param_len();
-        let fresh = |present: bool, grad: &mut Option<CudaSlice<f32>>| -> Result<()> {
-            if present && grad.is_none() {
-                *grad = Some(ctx.stream().alloc_zeros::<f32>(len)?);
-            }
-            Ok(())
-        };
-        // A first backward allocates zeroed gradients, dropped again if the call fails.
-        let had = (self.grad_weight.is_some(), self.grad_bias.is_some());
-        fresh(self.weight.is_some(), &mut self.grad_weight)?;
-        fresh(self.bias.is_some(), &mut self.grad_bias)?;
+        self.check_cache(cache)?;
+        let stats = self.saved.as_ref().expect("a forward saved them");
         let call = Backward {
             x: x.slice(..),
             dy: dy.slice(..),
             weight: self.weight.as_ref().map(CudaSlice::as_view),
             bias: self.bias.as_ref().map(CudaSlice::as_view),
-            stats: cache.stats.as_view(),
+            stats: stats.prefix(cache.desc.rows()),
             source: cache.source,
             epilogue: self.epilogue,
             dx: Some(dx.slice_mut(..)),
@@ -230,15 +317,6 @@ impl NormLayer {
             dbias: self.grad_bias.as_mut().map(CudaSlice::as_view_mut),
             accumulate: true,
         };
-        let result = backward(&self.norms, &mut self.workspace, &cache.desc, call);
-        if result.is_err() {
-            if !had.0 {
-                self.grad_weight = None;
-            }
-            if !had.1 {
-                self.grad_bias = None;
-            }
-        }
-        result
+        backward(&self.norms, &mut self.workspace, &cache.desc, call)
     }
 }

@@ -115,6 +115,41 @@ impl DeviceNormStats {
 
     /// Copies them to the host (synchronizes the stream).
     pub fn to_host(&self, gpu: &GpuContext) -> Result<NormStats> {
+        self.prefix(self.len()).to_host(gpu)
+    }
+
+    /// Rows held.
+    pub fn len(&self) -> usize {
+        self.rstd.len()
+    }
+
+    /// Whether they hold no row.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Views of the first `rows` rows for a forward to write (`rows <= len()`).
+    pub(crate) fn prefix_mut(&mut self, rows: usize) -> StatsMut<'_> {
+        StatsMut {
+            mean: self.mean.slice_mut(..rows),
+            mean_lo: self.mean_lo.slice_mut(..rows),
+            rstd: self.rstd.slice_mut(..rows),
+        }
+    }
+
+    /// Views of the first `rows` rows for a backward to read (`rows <= len()`).
+    pub(crate) fn prefix(&self, rows: usize) -> StatsView<'_> {
+        StatsView {
+            mean: self.mean.slice(..rows),
+            mean_lo: self.mean_lo.slice(..rows),
+            rstd: self.rstd.slice(..rows),
+        }
+    }
+}
+
+impl StatsView<'_> {
+    /// Copies them to the host (synchronizes the stream).
+    pub fn to_host(&self, gpu: &GpuContext) -> Result<NormStats> {
         let s = gpu.stream();
         Ok(NormStats {
             mean: s.clone_dtoh(&self.mean)?,
@@ -273,11 +308,49 @@ impl NormWorkspace {
         Self::default()
     }
 
+    /// Sizes the workspace for every [`forward`] and [`backward`] on `desc`: before capturing a
+    /// CUDA graph, with the largest shape the graph (and later calls) will run.
+    pub fn reserve_for(&mut self, gpu: &GpuContext, desc: &NormDesc) -> Result<()> {
+        let plan = row_plan(desc.rows(), desc.row_len(), gpu.sm_count());
+        let largest = forward_scratch(desc, plan, true).max(backward_scratch(desc, plan, false));
+        self.reserve(gpu, largest).map(drop)
+    }
+
     fn reserve(&mut self, gpu: &GpuContext, len: usize) -> Result<&mut CudaSlice<f32>> {
         let held = self.floats.as_ref().map_or(0, |b| b.len());
         self.tenancy.admit(gpu, len > held, 4 * held, 4 * len)?;
         grow(&mut self.floats, gpu.stream(), len)
     }
+}
+
+/// Floats of forward scratch: the split partials (3 per row and split), then, with a running
+/// update, the per-row variance.
+fn forward_scratch(desc: &NormDesc, plan: RowPlan, updating: bool) -> usize {
+    let partials = match plan {
+        RowPlan::Split { splits } => desc.rows() * splits as usize * 3,
+        RowPlan::PerRow { .. } => 0,
+    };
+    partials + if updating { desc.rows() } else { 0 }
+}
+
+/// The backward's row plan: constant statistics need no row sums, so one block per row
+/// whatever the length.
+fn backward_plan(desc: &NormDesc, plan: RowPlan, constant: bool) -> RowPlan {
+    match plan {
+        RowPlan::Split { .. } if constant => RowPlan::PerRow {
+            blocks: desc.rows().min(kernels::MAX_GRID_X as usize) as u32,
+        },
+        plan => plan,
+    }
+}
+
+/// Floats of backward scratch: 2 partials per row and split.
+fn backward_scratch(desc: &NormDesc, plan: RowPlan, constant: bool) -> usize {
+    let splits = match backward_plan(desc, plan, constant) {
+        RowPlan::Split { splits } => splits as usize,
+        RowPlan::PerRow { .. } => 1,
+    };
+    desc.rows() * splits * 2
 }
 
 /// Rows longer than this do not fit the kernels' f32 counts.
@@ -373,13 +446,9 @@ pub fn forward<T: Element>(
     let stream = gpu.stream();
     let plan = row_plan(desc.rows(), desc.row_len(), gpu.sm_count());
     let updating = matches!(call.statistics, Statistics::BatchUpdating { .. });
-    let split_floats = match plan {
-        RowPlan::Split { splits } => desc.rows() * splits as usize * 3,
-        RowPlan::PerRow { .. } => 0,
-    };
     // The scratch: split partials, then (running update) the per-row variance.
-    let row_var_at = split_floats;
-    let scratch = workspace.reserve(gpu, split_floats + if updating { desc.rows() } else { 0 })?;
+    let row_var_at = forward_scratch(desc, plan, false);
+    let scratch = workspace.reserve(gpu, forward_scratch(desc, plan, updating))?;
 
     let mut statistics = std::mem::take(&mut call.statistics);
     let mut guards = Guards::new(stream);
@@ -539,18 +608,13 @@ pub fn backward<T: Element>(
     let gpu = &norms.gpu;
     let stream = gpu.stream();
     let constant = call.source == StatsSource::Running;
-    // Constant statistics need no row sums: one block per row whatever the length.
-    let plan = match row_plan(desc.rows(), desc.row_len(), gpu.sm_count()) {
-        RowPlan::Split { .. } if constant => RowPlan::PerRow {
-            blocks: desc.rows().min(kernels::MAX_GRID_X as usize) as u32,
-        },
-        plan => plan,
-    };
+    let batch_plan = row_plan(desc.rows(), desc.row_len(), gpu.sm_count());
+    let plan = backward_plan(desc, batch_plan, constant);
     let splits = match plan {
         RowPlan::Split { splits } => splits,
         RowPlan::PerRow { .. } => 1,
     };
-    let scratch = workspace.reserve(gpu, desc.rows() * splits as usize * 2)?;
+    let scratch = workspace.reserve(gpu, backward_scratch(desc, batch_plan, constant))?;
 
     let mut guards = Guards::new(stream);
     let partials = guards.write(scratch);
