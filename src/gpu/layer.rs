@@ -1,6 +1,7 @@
 //! The stateful layer: `nn.BatchNorm1d/2d/3d` on the GPU.
 
 use super::context::{alloc_error, GpuContext};
+use super::forwards::{ForwardLog, Ticket};
 use super::functional::{self, Backward, FoldBatchNorm, Forward};
 use super::views::{
     BackwardStats, BatchStats, Epilogue, EpilogueGrad, ForwardStats, GradientsMut, RunningStats,
@@ -17,7 +18,6 @@ use crate::state::LayerState;
 use crate::stats::SavedStats as SavedStatsHost;
 use crate::validate;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A batch-norm layer whose parameters, gradients, running statistics and scratch live on one
 /// GPU, with PyTorch's semantics (`nn.BatchNorm1d/2d/3d`: the layer takes any rank from 2 to 5).
@@ -53,10 +53,8 @@ pub struct BatchNorm {
     saved_mean_lo: CudaSlice<f32>,
     saved_invstd: CudaSlice<f32>,
     workspace: Workspace,
-    /// Tells this layer's caches from another's.
-    id: u64,
-    /// Counts forwards, so that a backward can tell whether the saved statistics are its own.
-    forwards: u64,
+    /// Which forward the saved statistics are of.
+    forwards: ForwardLog,
 }
 
 /// The layer's buffers a forward with batch statistics uses (see [`BatchNorm::batch_forward`]).
@@ -79,9 +77,6 @@ pub(super) struct BackwardStep<'a> {
     pub dbias: Option<CudaViewMut<'a, f32>>,
 }
 
-/// Source of [`BatchNorm`] ids.
-static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(0);
-
 /// What a forward hands to its backward: the shape, dtype and which statistics normalized it.
 /// The saved batch statistics themselves stay in the layer (no allocation per call), so a
 /// backward must come before the layer's next forward.
@@ -90,8 +85,7 @@ pub struct ForwardCache {
     desc: TensorDesc,
     dtype: DType,
     batch_stats: bool,
-    layer: u64,
-    forward: u64,
+    ticket: Ticket,
     /// The fused epilogue of a `forward_relu`/`forward_add_relu`, and whether it wrote a mask.
     epilogue: Option<(EpilogueKind, bool)>,
 }
@@ -146,8 +140,7 @@ impl BatchNorm {
             saved_mean_lo: filled(0.0)?,
             saved_invstd: filled(0.0)?,
             workspace: Workspace::new(),
-            id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
-            forwards: 0,
+            forwards: ForwardLog::new(),
         })
     }
 
@@ -292,13 +285,11 @@ impl BatchNorm {
         dtype: DType,
         batch_stats: bool,
     ) -> ForwardCache {
-        self.forwards += 1;
         ForwardCache {
             desc: *desc,
             dtype,
             batch_stats,
-            layer: self.id,
-            forward: self.forwards,
+            ticket: self.forwards.record(),
             epilogue: None,
         }
     }
@@ -600,14 +591,7 @@ impl BatchNorm {
 
     /// The saved statistics in the layer are those of `cache`'s forward.
     fn check_cache(&self, cache: &ForwardCache) -> Result<()> {
-        let reason = if cache.layer != self.id {
-            "the cache comes from another layer"
-        } else if cache.forward != self.forwards {
-            "another forward of this layer ran since the one the cache belongs to"
-        } else {
-            return Ok(());
-        };
-        Err(Error::MissingSavedStats { reason })
+        self.forwards.check(&cache.ticket)
     }
 
     fn running_stats(&self, what: &'static str) -> Result<RunningStats<'_>> {

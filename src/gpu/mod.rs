@@ -14,6 +14,7 @@
 //! | [`sync`] | synchronized batch norm across data-parallel ranks (`SyncBatchNorm` over NCCL with the `nccl` feature) |
 
 mod context;
+mod forwards;
 pub mod functional;
 pub(crate) mod kernels;
 pub mod launch;

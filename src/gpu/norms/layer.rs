@@ -7,13 +7,13 @@ use super::{
     StatsSource,
 };
 use crate::dtype::Element;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::gpu::context::alloc_error;
+use crate::gpu::forwards::{ForwardLog, Ticket};
 use crate::norms::{NormConfig, NormDesc, NormEpilogue, NormStats};
 use crate::shape::Layout;
 use crate::state::LayerState;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// `nn.GroupNorm`, `nn.LayerNorm`, `nn.InstanceNorm{1,2,3}d` or `nn.RMSNorm` on the GPU: the
 /// parameters, tracked statistics and accumulated gradients live on the device.
@@ -24,11 +24,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// they can be captured in a CUDA graph (on a stream of the layer's own: its workspace serves
 /// one stream) after [`NormLayer::reserve`] for the largest shape. The layer keeps the row
 /// statistics of its last forward in a buffer that grows to the largest shape and, like the
-/// workspace, never grows during or after a capture ([`Error::WorkspaceCannotGrow`]), so a
-/// backward must come before the layer's next forward ([`Error::MissingSavedStats`]). Unlike
-/// the CPU twin, the gradients exist (zero) from the start and
-/// [`zero_grad`](NormLayer::zero_grad) zeroes them in place, as
-/// [`BatchNorm`](crate::gpu::BatchNorm) does: a graph keeps writing into the same buffers.
+/// workspace, never grows during or after a capture
+/// ([`Error::WorkspaceCannotGrow`](crate::Error::WorkspaceCannotGrow)), so a backward must come
+/// before the layer's next forward
+/// ([`Error::MissingSavedStats`](crate::Error::MissingSavedStats)). Unlike the CPU twin, the
+/// gradients exist (zero) from the start and [`zero_grad`](NormLayer::zero_grad) zeroes them
+/// in place, as [`BatchNorm`](crate::gpu::BatchNorm) does: a graph keeps writing into the same
+/// buffers.
 #[derive(Debug)]
 pub struct NormLayer {
     norms: Norms,
@@ -45,15 +47,9 @@ pub struct NormLayer {
     /// The row statistics of the last forward, in a buffer grown to the largest shape.
     saved: Option<DeviceNormStats>,
     training: bool,
-    /// Tells this layer's caches from another's.
-    id: u64,
-    /// Counts forwards (and replacements of `saved`), so that a backward can tell whether the
-    /// saved statistics are its own.
-    forwards: u64,
+    /// Which forward `saved` holds the statistics of.
+    forwards: ForwardLog,
 }
-
-/// Source of [`NormLayer`] ids.
-static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(0);
 
 /// What a forward hands to its backward: the shape and which statistics normalized it. The
 /// row statistics stay in the layer ([`NormLayer::saved_stats`]).
@@ -61,8 +57,7 @@ static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(0);
 pub struct NormCache {
     desc: NormDesc,
     source: StatsSource,
-    layer: u64,
-    forward: u64,
+    ticket: Ticket,
 }
 
 impl NormCache {
@@ -97,8 +92,7 @@ impl NormLayer {
             workspace: NormWorkspace::new(),
             saved: None,
             training: true,
-            id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
-            forwards: 0,
+            forwards: ForwardLog::new(),
             config,
         };
         layer.load_state(layer.config.initial_state())?;
@@ -108,8 +102,9 @@ impl NormLayer {
     /// Sizes the workspace and the saved statistics for every call on `dims` in `layout`:
     /// before capturing a CUDA graph, with the largest shape.
     ///
-    /// Errors: those of [`NormConfig::describe`], [`Error::WorkspaceCannotGrow`] during or
-    /// after a capture, [`Error::WorkspaceOnAnotherStream`].
+    /// Errors: those of [`NormConfig::describe`],
+    /// [`Error::WorkspaceCannotGrow`](crate::Error::WorkspaceCannotGrow) during or after a
+    /// capture, [`Error::WorkspaceOnAnotherStream`](crate::Error::WorkspaceOnAnotherStream).
     pub fn reserve(&mut self, dims: &[usize], layout: Layout) -> Result<()> {
         let desc = self.config.describe(dims, layout)?;
         self.workspace.reserve_for(self.norms.context(), &desc)?;
@@ -126,7 +121,7 @@ impl NormLayer {
                 .tenancy
                 .admit(gpu, true, 12 * held, 12 * rows.max(1))?;
             self.saved = Some(DeviceNormStats::new(gpu, rows.max(1))?);
-            self.forwards += 1;
+            self.forwards.forget();
         }
         Ok(self.saved.as_mut().expect("allocated above"))
     }
@@ -134,29 +129,14 @@ impl NormLayer {
     /// The row statistics `cache`'s forward saved, copied to the host (per-row running
     /// statistics after an eval forward of a tracked instance norm).
     ///
-    /// Errors: [`Error::MissingSavedStats`] when another forward of this layer ran since, or
-    /// the cache is another layer's.
+    /// Errors: [`Error::MissingSavedStats`](crate::Error::MissingSavedStats) when another
+    /// forward of this layer ran since, or the cache is another layer's.
     pub fn saved_stats(&self, cache: &NormCache) -> Result<NormStats> {
-        self.check_cache(cache)?;
-        self.saved_rows(cache).to_host(self.norms.context())
-    }
-
-    /// The saved statistics are those of `cache`'s forward.
-    fn check_cache(&self, cache: &NormCache) -> Result<()> {
-        let reason = if cache.layer != self.id {
-            "the cache comes from another layer"
-        } else if cache.forward != self.forwards {
-            "another forward of this layer ran since the one the cache belongs to"
-        } else {
-            return Ok(());
-        };
-        Err(Error::MissingSavedStats { reason })
-    }
-
-    /// The rows of `cache`'s forward in the saved statistics (after [`Self::check_cache`]).
-    fn saved_rows(&self, cache: &NormCache) -> super::StatsView<'_> {
+        self.forwards.check(&cache.ticket)?;
         let saved = self.saved.as_ref().expect("a forward saved them");
-        saved.prefix(cache.desc.rows())
+        saved
+            .prefix(cache.desc.rows())
+            .to_host(self.norms.context())
     }
 
     /// The same layer with a fused epilogue (`GroupNorm` + SiLU).
@@ -282,12 +262,10 @@ impl NormLayer {
             )
         };
         forward(&self.norms, &mut self.workspace, &desc, call)?;
-        self.forwards += 1;
         Ok(NormCache {
             desc,
             source,
-            layer: self.id,
-            forward: self.forwards,
+            ticket: self.forwards.record(),
         })
     }
 
@@ -302,7 +280,7 @@ impl NormLayer {
         dy: &CudaView<'_, T>,
         dx: &mut CudaViewMut<'_, T>,
     ) -> Result<()> {
-        self.check_cache(cache)?;
+        self.forwards.check(&cache.ticket)?;
         let stats = self.saved.as_ref().expect("a forward saved them");
         let call = Backward {
             x: x.slice(..),
