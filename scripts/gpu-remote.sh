@@ -91,12 +91,38 @@ if [ -n "$nccl" ] && [ -f "$nccl" ]; then
   export LD_LIBRARY_PATH="$stage/nccl${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 
+# CUDA's libraries for the candle-cuda binaries (linked here against stubs with these sonames:
+# scripts/cuda-link-stubs.sh): the directories of PyTorch's nvidia wheels that hold them.
+cuda_libs=$(python3 - 2>/dev/null <<'PY'
+import glob, os, site
+names = ["libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libnvrtc.so.13"]
+roots = site.getsitepackages() + [site.getusersitepackages()]
+dirs = []
+for name in names:
+    for root in roots:
+        found = sorted(glob.glob(os.path.join(root, "nvidia", "**", name), recursive=True))
+        if found:
+            d = os.path.dirname(found[0])
+            if d not in dirs:
+                dirs.append(d)
+            break
+    else:
+        dirs = None
+        break
+print(":".join(dirs) if dirs else "")
+PY
+)
+if [ -n "$cuda_libs" ]; then
+  export LD_LIBRARY_PATH="$cuda_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
 {
   date -u +%Y-%m-%dT%H:%MZ
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null \
     || echo "no nvidia-smi (not a GPU machine?)"
   echo "kernel: $(uname -r) (Firecracker: *-fc-*; gVisor reports 4.4.0, where compute-sanitizer and ncu do not run)"
   echo "libnccl: ${nccl:-not found: the NCCL tests of SyncBatchNorm will fail}"
+  echo "CUDA libraries for candle: ${cuda_libs:-not all found: the candle-cuda binaries cannot start}"
   echo "commit: $(cat "$stage/commit.txt" 2>/dev/null || echo unknown)"
   echo "plan: $plan, budget ${budget}s"
 } | tee "$out/device.txt"
@@ -105,9 +131,16 @@ note "$(printf '%-28s %4ds  ok' "unpack the bundle" "$(now)")"
 
 # The staged binaries that hold GPU tests (the CPU-only ones are CI's), in a fixed order.
 gpu_binaries=()
-for t in "$stage"/tests/${only:-*}; do
+for t in "$stage"/tests/${only:-*} "$stage"/candle/${only:-*}; do
   [ -x "$t" ] || continue
-  "$t" --list --ignored 2>/dev/null | grep -q ': test$' && gpu_binaries+=("$t")
+  case "$(basename "$t")" in *_bench) continue ;; esac
+  if "$t" --list --ignored 2>/dev/null | grep -q ': test$'; then
+    gpu_binaries+=("$t")
+  elif [ "$(basename "$(dirname "$t")")" = candle ]; then
+    note "$(printf '%-28s NOT RUN (cannot start: %s)' "$(basename "$t")" \
+      "$("$t" --list 2>&1 | tail -1 | cut -c1-120)")"
+    failed=1
+  fi
 done
 
 if [ "$plan" = verify ]; then
@@ -154,6 +187,13 @@ if [ "$plan" = verify ]; then
       cat "$work/bench/ours.md" "$work/bench/comparison.md" >"$out/tables.md" 2>/dev/null
     fi
     grep -E "rows in|geomean" "$out/bench.log" | tee -a "$summary"
+  fi
+  # candle-nn's BatchNorm against the adapter inside candle (examples/candle_bench.rs).
+  if [ -x "$stage/candle/candle_bench" ]; then
+    timed $(( $(left) - 5 )) "$out/candle_bench.log" candle_bench "$stage/candle/candle_bench" 32 256 56 56 20 \
+      || failed=1
+    cat "$out/candle_bench.log" >>"$out/bench.log"
+    rm -f "$out/candle_bench.log"
   fi
 else
   # compute-sanitizer (10-100x slower): the binaries whose kernels hold the split reductions and

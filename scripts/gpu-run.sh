@@ -36,6 +36,25 @@ cargo test --release --features nccl --test gpu_sync --no-run \
   --message-format=json-render-diagnostics | python3 scripts/test-executables.py \
   | while read -r exe; do cp "$exe" "$stage/tests/gpu_sync"; done
 
+# The candle adapter's tests and benchmark with its CUDA path (feature candle-cuda). candle
+# compiles its kernels with nvcc for sm_90 (H100, H200) and links CUDA's libraries (libcuda,
+# cudart, cublas, cublasLt, curand, nvrtc), which this machine lacks: compile the crates first,
+# then link against stubs with the real sonames (scripts/cuda-link-stubs.sh). gpu-remote.sh
+# puts the real ones (PyTorch's nvidia wheels) on LD_LIBRARY_PATH for these binaries only.
+candle_env=(env PATH="$root/.cuda/nvidia/cu13/bin:$PATH" CUDA_COMPUTE_CAP=90)
+"${candle_env[@]}" cargo build --release --features candle-cuda --lib
+bash scripts/cuda-link-stubs.sh target/cuda-link-stubs
+mkdir -p "$stage/candle"
+"${candle_env[@]}" LIBRARY_PATH="$root/target/cuda-link-stubs" \
+  cargo test --release --features candle-cuda --test candle --test candle_norms --no-run \
+  --message-format=json-render-diagnostics | python3 scripts/test-executables.py \
+  | while read -r exe; do
+    cp "$exe" "$stage/candle/$(basename "$exe" | sed 's/-[0-9a-f]\{16\}$//')"
+  done
+"${candle_env[@]}" LIBRARY_PATH="$root/target/cuda-link-stubs" \
+  cargo build --release --features candle-cuda --example candle_bench
+cp target/release/examples/candle_bench "$stage/candle/"
+
 # The GPU benchmark (examples/gpu_bench.rs) and the PyTorch side of the comparison.
 if [ -f examples/gpu_bench.rs ]; then
   cargo build --release --example gpu_bench
@@ -50,7 +69,7 @@ fi
 cp scripts/gpu-remote.sh "$stage/run-staged.sh"
 # The commit the binaries are built from (and whether the tree had uncommitted changes).
 echo "$(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' + uncommitted changes')" >"$stage/commit.txt"
-strip "$stage"/tests/* "$stage"/bench/gpu_bench 2>/dev/null || true
+strip "$stage"/tests/* "$stage"/candle/* "$stage"/bench/gpu_bench 2>/dev/null || true
 
 # xz -9 single-threaded: its 64 MiB window spans several binaries, whose embedded PTX is the same.
 tar -cf - -C "$stage" . | xz -9 -T1 > "$bundle/bundle.tar.xz"
