@@ -527,7 +527,10 @@ mod tests {
                     let per_block = l.block.0 as u64 * vector_width(dtype);
                     // The tiles cover a super-row and no tile is idle.
                     assert!(l.grid.0 as u64 * per_block >= width, "{g:?} {dtype}: {l:?}");
-                    assert!((l.grid.0 as u64 - 1) * per_block < width, "{g:?} {dtype}: {l:?}");
+                    assert!(
+                        (l.grid.0 as u64 - 1) * per_block < width,
+                        "{g:?} {dtype}: {l:?}"
+                    );
                 }
             }
         }
