@@ -664,7 +664,10 @@ mod tests {
                     let vec = vector_width(dtype);
                     let width = rows_map_width(c as u64, (n * c) as u64, vec);
                     assert_eq!(width % 32, 0, "C = {c}");
-                    assert!(width % c as u64 == 0 || width >= (n * c) as u64, "C = {c}");
+                    assert!(
+                        width.is_multiple_of(c as u64) || width >= (n * c) as u64,
+                        "C = {c}"
+                    );
                     let bx = l.block.0 as u64;
                     assert!(bx * vec >= 32, "C = {c} x {n} {dtype}: {l:?}");
                 }
