@@ -8,7 +8,8 @@
 //   dbias = sum dy (= or +=), and coef[c] = (sum dy / m, sum dy*xhat / m) for the dx pass.
 //   Shared memory: planar 2*8 floats; rows 2*VEC*256 floats (8 KB f32, 16 KB f16/bf16).
 // bn_backward_dx_planar_<dt>_<ix>      grid (blocks), block 256          } the traversals of
-// bn_backward_dx_rows_<dt>_<ix>        grid (ceil(C/(bx*VEC)), row_blocks) } bn_normalize
+// bn_backward_dx_rows_<dt>_<ix>        grid (ceil(P/(bx*VEC)), row_blocks) } bn_normalize (rows:
+//   super-rows of P = lcm(C, 32*VEC) values, 16-byte path whenever numel % VEC == 0 and aligned)
 //   dx = w*invstd * (dy - coef0 - xhat*coef1), xhat = (x - mean)*invstd, evaluated as
 //   (dy - coef0 - (x - mean)*(coef1*invstd)) * (w*invstd) (PyTorch's grad_mean / proj_scale /
 //   grad_scale). A double-float batch mean (mean, mean_lo) enters both passes as mean = hi
@@ -16,6 +17,8 @@
 //   dx may alias dy. No shared memory.
 //
 // ReLU backward (epilogue.cuh): the same kernels with dy_eff = mask bit ? dy : 0 in place of dy.
+// The mask is flat (bit e % 32 of word e / 32); the rows reductions walk real rows, whose slices
+// may straddle two words when C % VEC != 0 (load_mask reads both).
 // bn_backward_reduce_relu_{planar,rows}_<dt>_<ix>  BackwardReduceReluParams (relu and add_relu)
 // bn_backward_dx_relu_{planar,rows}_<dt>_<ix>      BackwardElementwiseReluParams, dz ignored;
 //   var_or_invstd == null: dx = dy_eff alone (PassOp; the host's dz-only request, dx := dz)
@@ -148,7 +151,7 @@ template <bool MASK> struct BackwardReduceT {
     template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
       load_slots<T, V, STEP>(fr.x, x, s);
       load_slots<T, V, STEP>(fr.dy, dy, s);
-      if (MASK) fr.bits = load_mask<VEC, STEP>(mask, s);
+      if (MASK) fr.bits = load_mask<VEC, STEP, V>(mask, s);
     }
     template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
       if (s.cnt <= 0) return;
@@ -177,7 +180,7 @@ template <bool MASK> struct BackwardReduceT {
     template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
       load_slots<T, V, STEP>(fr.x, x, s);
       load_slots<T, V, STEP>(fr.dy, dy, s);
-      if (MASK) fr.bits = load_mask<VEC, STEP>(mask, s);
+      if (MASK) fr.bits = load_mask<VEC, STEP, V>(mask, s);
     }
     template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
       if (s.cnt <= 0) return;
@@ -238,8 +241,8 @@ struct BackwardEval {
     const unsigned* mask;
     __device__ __forceinline__ explicit Outputs(const Params& p)
         : dx(static_cast<Raw<T>*>(p.dx)), dz(static_cast<Raw<T>*>(p.dz)), mask(p.mask) {}
-    template <int STEP> __device__ __forceinline__ unsigned load_bits(const Slice<I>& s) const {
-      return mask ? load_mask<VEC, STEP>(mask, s) : 0u;  // mask: uniform, so load_mask stays collective
+    template <bool V, int STEP> __device__ __forceinline__ unsigned load_bits(const Slice<I>& s) const {
+      return mask ? load_mask<VEC, STEP, V>(mask, s) : 0u;  // mask: uniform, so load_mask stays collective
     }
     __device__ __forceinline__ void apply_mask(Pack<T>& dy, unsigned bits) const {
       if (mask) mask_pack(dy, bits);
@@ -276,7 +279,7 @@ struct BackwardEval {
     template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
       load_slots<T, V, STEP>(fr.x, x, s);
       load_slots<T, V, STEP>(fr.dy, dy, s);
-      fr.bits = out.template load_bits<STEP>(s);
+      fr.bits = out.template load_bits<V, STEP>(s);
     }
     template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
       if (s.cnt <= 0) return;
@@ -310,7 +313,7 @@ struct BackwardEval {
     template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
       load_slots<T, V, STEP>(fr.x, x, s);
       load_slots<T, V, STEP>(fr.dy, dy, s);
-      fr.bits = out.template load_bits<STEP>(s);
+      fr.bits = out.template load_bits<V, STEP>(s);
     }
     template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
       if (s.cnt <= 0) return;

@@ -6,10 +6,12 @@
 //   the flat tensor's warp units (32 lanes x VEC consecutive values, spanning planes) into
 //   contiguous ranges, from the tail (common.cuh, walk_flat); every slot's channel is stepped
 //   without division, and a thread recomputes coefficients only when its channel changes.
-// bn_normalize_rows_<dt>_<ix>    (inner == 1)  grid (ceil(C / (bx*VEC)), row_blocks), block
-//   (bx, by): each thread computes the coefficients of its VEC channels once, then strides rows.
-// No shared memory. 16-byte loads/stores when numel % VEC == 0 (planar: any plane size) /
-// C % VEC == 0 (rows) and x, y are 16-byte aligned; scalar otherwise. y may equal x (every element is read and then
+// bn_normalize_rows_<dt>_<ix>    (inner == 1)  grid (ceil(P / (bx*VEC)), row_blocks), block
+//   (bx, by): the tensor as super-rows of P = lcm(C, 32*VEC) values (common.cuh, map_rows), so
+//   each thread's VEC columns hold the same channels in every super-row: it
+//   computes their coefficients once, then strides super-rows (C = 3, 100, 257 included).
+// No shared memory. 16-byte loads/stores when numel % VEC == 0 (any plane size, any C) and x, y
+// are 16-byte aligned; scalar otherwise. y may equal x (every element is read and then
 // written by the same thread). Not x*a + b with b = bias - mean*a: that cancels for large means;
 // a constant channel gives (x - mean) == 0 and y == bias exactly.
 //

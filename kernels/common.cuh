@@ -77,10 +77,12 @@ template <typename T> union Pack {
 // (STEP = 1 for vector loads and for rows, 32 for planar and flat scalar loads), slots [0, cnt)
 // are valid (always a prefix). Flat walks only: slot 0 is element i of its plane, of channel c
 // (the map steps them slot by slot: a flat slice may span planes); 0 elsewhere.
-// (mw, mb): where slot 0's bit lives in a ReLU mask (kernels/ABI.md, epilogue.cuh): word mw, bit
-// mb; slot k's bit is (mw, mb + k) when STEP == 1 (mb + VEC <= 32: vectors are aligned) and
-// (mw + k, mb) when STEP == 32. Walks always fill them; a functor that reads no mask ignores them
-// and the compiler drops them.
+// (mw, mb): where slot 0's bit lives in a ReLU mask (kernels/ABI.md, epilogue.cuh; the mask is
+// flat: element e is bit e % 32 of word e / 32, so mw = off / 32, mb = off % 32): slot k's bit
+// is bit mb + k of the 64 bits from word mw on when STEP == 1 (mb + VEC <= 32 whenever slot 0 is
+// VEC-aligned: the vector paths and the rows maps; the scalar rows reductions over C % VEC != 0
+// may straddle into word mw + 1) and (mw + k, mb) when STEP == 32. Walks always fill them; a
+// functor that reads no mask ignores them and the compiler drops them.
 template <typename I> struct Slice {
   I off;
   int cnt;
@@ -637,18 +639,18 @@ __device__ __forceinline__ void walk_flat(F& f, bool vec, const FlatGeom<I>& fg,
   else walk_flat_impl<T, I, UNROLL, false>(f, fg, n, off, left, pos);
 }
 
-// ReLU mask words of a row of C values (inner == 1): ceil(C/32).
-template <typename I> __device__ __forceinline__ I mask_segment_words(I len) { return (len + (I)31) >> 5; }
-
-// Rows (inner == 1): this thread owns channels [c0, c0 + cnt) of every row r0, r0 + rstride, ...
-// Row r's slots start at r*C + c0. Vector path: C % VEC == 0, so cnt is VEC or 0 and every row
-// start is 16-byte aligned; scalar path: slots k < cnt = min(VEC, C - c0) loaded one by one.
+// Rows (inner == 1): rows of `width` elements (the reductions: real rows, width = C; the
+// elementwise maps: super-rows, width = rows_map_width). This thread owns columns [c0, c0 + cnt)
+// of every row r0, r0 + rstride, ...; row r's slots start at r*width + c0, and the last row
+// (rows - 1, the only one that may be partial) has last_cnt <= cnt valid slots. Vector path:
+// width % VEC == 0 and every valid slice whole, so cnt and last_cnt are VEC or 0 and every row
+// start is 16-byte aligned; scalar path: slots k < cnt loaded one by one. Mask (flat): slot 0 of
+// row r is bit off % 32 of word off / 32.
 // REV (the elementwise maps): row r is rows-1-r, so the first blocks to run take the last rows,
 // which the reduction before (its blocks stride the rows together) read last: the L2 may hold them.
 template <typename T, typename I, int UNROLL_V, bool V, bool REV, class F>
-__device__ __forceinline__ void walk_rows_impl(F& f, I rows, I C, I c0, int cnt, I r0, I rstride) {
+__device__ __forceinline__ void walk_rows_impl(F& f, I rows, I width, I c0, int cnt, int last_cnt, I r0, I rstride) {
   constexpr int UNROLL = unroll_for<UNROLL_V, V>();
-  const I mwords = mask_segment_words(C);  // row rr, channel c: word rr*mwords + c/32, bit c%32
   // r < rows < 2^31 (i32) and UNROLL*rstride <= 4*65535*256 < 2^27: r never wraps.
   for (I r = r0; r < rows; r += (I)UNROLL * rstride) {
     Slice<I> sl[UNROLL];
@@ -657,12 +659,14 @@ __device__ __forceinline__ void walk_rows_impl(F& f, I rows, I C, I c0, int cnt,
     for (int j = 0; j < UNROLL; ++j) {
       const I rf = r + (I)j * rstride;
       const I rr = REV ? rows - 1 - rf : rf;
-      sl[j].off = rr * C + c0;  // garbage past the end (cnt = 0): never dereferenced
-      sl[j].cnt = rf < rows ? cnt : 0;
+      // A valid slice lies below numel < 2^31 (i32); an idle one (cnt = 0) may wrap: never
+      // dereferenced, and its mask position never used.
+      sl[j].off = rr * width + c0;
+      sl[j].cnt = rf < rows ? (rr == rows - 1 ? last_cnt : cnt) : 0;
       sl[j].c = 0;
       sl[j].i = 0;
-      sl[j].mw = rr * mwords + (c0 >> 5);  // c0 % VEC == 0: the VEC bits never straddle words
-      sl[j].mb = (unsigned)c0 & 31u;
+      sl[j].mw = sl[j].off >> 5;
+      sl[j].mb = (unsigned)sl[j].off & 31u;
     }
 #pragma unroll
     for (int j = 0; j < UNROLL; ++j) f.template load<V, 1>(fr[j], sl[j]);
@@ -672,9 +676,9 @@ __device__ __forceinline__ void walk_rows_impl(F& f, I rows, I C, I c0, int cnt,
 }
 
 template <typename T, typename I, int UNROLL, bool REV = false, class F>
-__device__ __forceinline__ void walk_rows(F& f, bool vec, I rows, I C, I c0, int cnt, I r0, I rstride) {
-  if (vec) walk_rows_impl<T, I, UNROLL, true, REV>(f, rows, C, c0, cnt, r0, rstride);
-  else walk_rows_impl<T, I, UNROLL, false, REV>(f, rows, C, c0, cnt, r0, rstride);
+__device__ __forceinline__ void walk_rows(F& f, bool vec, I rows, I width, I c0, int cnt, int last_cnt, I r0, I rstride) {
+  if (vec) walk_rows_impl<T, I, UNROLL, true, REV>(f, rows, width, c0, cnt, last_cnt, r0, rstride);
+  else walk_rows_impl<T, I, UNROLL, false, REV>(f, rows, width, c0, cnt, last_cnt, r0, rstride);
 }
 
 // Rows per iteration for rows kernels with NIN inputs. A rows thread keeps VEC channels of state
@@ -686,17 +690,31 @@ template <typename T, int NIN> __host__ __device__ constexpr int rows_unroll() {
   return (sizeof(T) == 2 ? 2 : 4) / NIN > 0 ? (sizeof(T) == 2 ? 2 : 4) / NIN : 1;
 }
 
-// This thread's rows column: channels [c0, c0 + VEC), valid prefix cnt.
+// This thread's rows column: columns [c0, c0 + VEC) of a row of `width` (the reductions:
+// channels of a real row, width = C), valid prefix cnt.
 struct RowsColumn {
   u64 c0;
   int cnt;
 };
-template <typename T> __device__ __forceinline__ RowsColumn rows_column(u64 C) {
+template <typename T> __device__ __forceinline__ RowsColumn rows_column(u64 width) {
   constexpr int VEC = Vec<T>::N;
   RowsColumn rc;
   rc.c0 = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
-  rc.cnt = rc.c0 < C ? (int)min((u64)VEC, C - rc.c0) : 0;  // C % VEC == 0 on the vector path: VEC or 0
+  rc.cnt = rc.c0 < width ? (int)min((u64)VEC, width - rc.c0) : 0;  // width % VEC == 0: VEC or 0
   return rc;
+}
+
+// The super-row width of the rows maps (kernels/ABI.md, launch::rows_map_width on the host):
+// P = lcm(C, 32*VEC), or numel rounded up to 32 when that is smaller (the tensor is then one
+// partial super-row, whose columns need no period). Column j of a super-row holds channel
+// j % C; P is a multiple of 32 (mask words never span super-rows) and of VEC, and a full-width
+// P is a whole number of 32-column block rows (no idle lanes but in the last super-row). n >= 1.
+template <typename T> __device__ __forceinline__ u64 rows_map_width(u64 C, u64 n) {
+  constexpr u64 CH = 32u * Vec<T>::N;
+  u64 p = C;
+  while (p % CH != 0) p <<= 1;  // C * CH / gcd(C, CH): at most 8 doublings
+  const u64 whole = (n + 31u) & ~(u64)31u;
+  return p < whole ? p : whole;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -822,7 +840,7 @@ __device__ __forceinline__ void split_reduce_rows(const typename P::Params& p) {
   const RowsColumn rc = rows_column<T>(p.g.channels);
   const bool vec = C % (I)VEC == 0 && P::vec_ok(p);
   typename P::template RowsAcc<T, I> acc(p, rc);
-  walk_rows<T, I, UNROLL>(acc, vec, rows, C, (I)rc.c0, rc.cnt, (I)(blockIdx.y * blockDim.y + threadIdx.y),
+  walk_rows<T, I, UNROLL>(acc, vec, rows, C, (I)rc.c0, rc.cnt, rc.cnt, (I)(blockIdx.y * blockDim.y + threadIdx.y),
                           (I)(gridDim.y * blockDim.y));
   S t = block_reduce_y(acc.st, red);
   if (splits > 1) {
@@ -880,7 +898,7 @@ __device__ __forceinline__ void split_reduce_rows(const typename P::Params& p) {
 // and before the walk: aligned() (its pointers allow the 16-byte path). kCollective: store()
 // synchronizes lanes, so consume() runs for idle slices too (cnt == 0: loads and stores are
 // masked, nothing is written). group: lanes sharing a mask word on the STEP == 1 paths
-// (32/VEC planar; min(32/VEC, bx) rows).
+// (32/VEC flat; min(32/VEC, bx) rows, = 32/VEC under the mask contract bx*VEC >= 32).
 // ------------------------------------------------------------------------------------------------
 template <typename T, typename I> struct NoEpilogue {
   static constexpr bool kCollective = false;
@@ -959,6 +977,8 @@ template <typename T, typename I, int NIN, class Op, class Epi = NoEpilogue<T, I
   }
 };
 
+// Channels-last maps walk super-rows (map_rows): a thread's VEC columns hold the same VEC
+// channels in every super-row, so their coefficients are computed once and stay in registers.
 template <typename T, typename I, int NIN, class Op, class Epi = NoEpilogue<T, I>> struct RowsMap {
   static constexpr int VEC = Vec<T>::N;
   struct Frag {
@@ -975,9 +995,15 @@ template <typename T, typename I, int NIN, class Op, class Epi = NoEpilogue<T, I
   Epi epi;
   unsigned group;             // lanes sharing a mask word: min(32/VEC, bx)
   typename Op::Coef cf[VEC];  // per-thread coefficients, computed once
-  __device__ __forceinline__ void init(const RowsColumn& rc) {
+  // Column c0 + k holds channel (c0 + k) % C: one division per thread, then stepped (C may be
+  // below VEC: the channels then wrap more than once).
+  __device__ __forceinline__ void init(const RowsColumn& rc, u64 C) {
+    u64 ch = umod(rc.c0, C);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) cf[k] = k < rc.cnt ? op.coef(rc.c0 + k) : typename Op::Coef{};
+    for (int k = 0; k < VEC; ++k) {
+      cf[k] = k < rc.cnt ? op.coef(ch) : typename Op::Coef{};
+      ch = ch + 1 == C ? 0 : ch + 1;
+    }
     group = min(32u / VEC, blockDim.x);
   }
   template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
@@ -1014,24 +1040,33 @@ __device__ __forceinline__ void map_flat(const Geometry& g, const void* in0, con
   walk_flat<T, I, UNROLL>(f, vec, f.fg, n, (u64)blockIdx.x * kWarps + (threadIdx.x >> 5), (u64)gridDim.x * kWarps);
 }
 
-// grid (ceil(C / (bx*VEC)), row_blocks), block (bx, by), bx*by = 256.
+// Super-rows: the channels-last tensor (numel = outer*C values) as rows of P = rows_map_width
+// values (lcm(C, 32*VEC), so column j is channel j % C in every super-row), the last one partial
+// when P does not divide numel. grid (ceil(P / (bx*VEC)), row_blocks), block (bx, by),
+// bx*by = 256; with a mask, bx*VEC >= 32 (launch::rows_block of P guarantees it: a mask word's
+// 32 columns lie in one block row). 16-byte path when numel % VEC == 0 and the pointers are
+// aligned, whatever C is (P % VEC == 0: every slice starts on a vector).
 template <typename T, typename I, int NIN, int UNROLL, class Op, class Epi = NoEpilogue<T, I>>
 __device__ __forceinline__ void map_rows(const Geometry& g, const void* in0, const void* in1, void* out,
                                          const Op& op, const Epi& epi = Epi()) {
   constexpr int VEC = Vec<T>::N;
-  const I C = (I)g.channels;
-  const RowsColumn rc = rows_column<T>(g.channels);
+  const u64 n = g.outer * g.channels;
+  if (n == 0) return;  // the host launches nothing then; uniform anyway
+  const u64 width = rows_map_width<T>(g.channels, n);  // <= numel rounded up to 32: fits I
+  const u64 rows = udiv(n + width - 1, width);
+  const RowsColumn rc = rows_column<T>(width);
+  const u64 tail = n - (rows - 1) * width;  // values of the last super-row, 1..width
+  const int last_cnt = rc.c0 < tail ? (int)min((u64)rc.cnt, tail - rc.c0) : 0;
   RowsMap<T, I, NIN, Op, Epi> f;
   f.in[0] = static_cast<const Raw<T>*>(in0);
   if (NIN > 1) f.in[NIN - 1] = static_cast<const Raw<T>*>(in1);
   f.out = static_cast<Raw<T>*>(out);
   f.op = op;
   f.epi = epi;
-  f.init(rc);
-  const bool vec = C % (I)VEC == 0 && aligned16(in0) && (NIN == 1 || aligned16(in1)) && aligned16(out) &&
-                   epi.aligned();
-  walk_rows<T, I, UNROLL, true>(f, vec, (I)g.outer, C, (I)rc.c0, rc.cnt, (I)(blockIdx.y * blockDim.y + threadIdx.y),
-                                (I)(gridDim.y * blockDim.y));
+  f.init(rc, g.channels);
+  const bool vec = n % VEC == 0 && aligned16(in0) && (NIN == 1 || aligned16(in1)) && aligned16(out) && epi.aligned();
+  walk_rows<T, I, UNROLL, true>(f, vec, (I)rows, (I)width, (I)rc.c0, rc.cnt, last_cnt,
+                                (I)(blockIdx.y * blockDim.y + threadIdx.y), (I)(gridDim.y * blockDim.y));
 }
 
 }  // namespace bn

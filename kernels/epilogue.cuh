@@ -1,12 +1,10 @@
 // epilogue.cuh: fused ReLU epilogues (kernels/ABI.md, "ReLU epilogues and the mask").
 //
-//   mask layout   one bit per element, in segments: the whole tensor (inner > 1: element e is
-//                 bit e % 32 of word e / 32) or a row of C values (inner == 1), each padded to
-//                 whole 32-bit words; element e of segment s is bit e % 32 of word
-//                 s*ceil(len/32) + e/32. Padding bits are 0.
-//                 Independent of dtype and of the load path (vector or scalar): a mask written
-//                 through one path is read correctly through the other. Slice::mw/mb (common.cuh)
-//                 locate a slice's bits.
+//   mask layout   one bit per element, flat for every tensor: the element at memory offset e
+//                 is bit e % 32 of word e / 32, ceil(numel/32) words; the padding bits of the
+//                 last word are 0. A function of the shape alone, independent of dtype and of
+//                 the load path (vector or scalar): a mask written through one path is read
+//                 correctly through the other. Slice::mw/mb (common.cuh) locate a slice's bits.
 //   load_mask     a slice's bits (bit k = slot k), plain loads (lanes sharing a word broadcast).
 //   store_mask    a slice's bits written without atomics: lanes sharing a word OR their bits by
 //                 shuffles (STEP == 1) or ballot one word per slot (STEP == 32, flat scalar),
@@ -28,13 +26,23 @@ __device__ __forceinline__ unsigned lane_id() {
   return lane;
 }
 
-template <int VEC, int STEP, typename I>
+template <int VEC, int STEP, bool V, typename I>
 __device__ __forceinline__ unsigned load_mask(const unsigned* mask, const Slice<I>& s) {
   unsigned bits = 0;
   if (STEP == 1) {
-    // One word holds all VEC bits (mb % VEC == 0, VEC divides 32). Bits past cnt are padding
-    // (0) or another lane's; the loaded slots there are 0 and never stored.
-    if (s.cnt > 0) bits = (__ldg(mask + s.mw) >> s.mb) & ((1u << VEC) - 1u);
+    // Vector paths and the rows maps: one word holds all VEC bits (mb % VEC == 0, VEC divides
+    // 32). The scalar rows reductions (real rows of C % VEC != 0 values) start anywhere: their
+    // cnt bits may run into the next word, which then holds an element (< numel) and exists.
+    // Bits past cnt are padding (0) or another lane's; the loaded slots there are 0 and never
+    // stored.
+    if (s.cnt > 0) {
+      if (V || s.mb + (unsigned)s.cnt <= 32u) {
+        bits = (__ldg(mask + s.mw) >> s.mb) & ((1u << VEC) - 1u);
+      } else {
+        const u64 two = (u64)__ldg(mask + s.mw) | (u64)__ldg(mask + s.mw + 1) << 32;
+        bits = (unsigned)(two >> s.mb) & ((1u << VEC) - 1u);
+      }
+    }
   } else {
     // Lane l's slots are elements e0 + l + 32k (e0: lane 0's), so with mb0 = e0 % 32 slot k of
     // lane l is bit (mb0 + l) % 32 = mb of word mw0 + k + d, d = (mb0 + l) / 32 (0 or 1; always 0
@@ -54,11 +62,12 @@ __device__ __forceinline__ unsigned load_mask(const unsigned* mask, const Slice<
   return bits;
 }
 
-// Collective. STEP == 1 (flat vector path: group = 32/VEC; rows: group = min(32/VEC, bx)):
-// the `group` aligned consecutive lanes share word mw (they are the same unit / row, so they
-// run the same slices); the group's first lane has mb == 0 and the lowest slots, so it stores
-// the word when its slice is in range. Rows need bx*VEC >= 32 or a single channel tile
-// (launch::rows_block guarantees it), else two blocks would share a word.
+// Collective. STEP == 1 (flat vector path: group = 32/VEC; rows maps: group = min(32/VEC, bx)):
+// the `group` aligned consecutive lanes share word mw (they are the same unit / super-row, so
+// they run the same slices; super-rows are whole words); the group's first lane has mb == 0 and
+// the lowest slots, so it stores the word when its slice is in range. The rows maps need
+// bx*VEC >= 32 (launch::rows_block of the super-row width guarantees it), else two blocks, or
+// two block rows, would share a word.
 // STEP == 32 (flat scalar path, the whole warp): word mw + k = slot k of lanes 0..31 (bit =
 // lane); lane k stores it when lane 0's slot k is in range (lane 0 has the most valid slots).
 template <int VEC, int STEP, typename I>
@@ -149,7 +158,7 @@ template <typename T, typename I, bool DZ> struct MaskedGrad {
   __device__ __forceinline__ MaskedGrad() : mask(nullptr), dz(nullptr) {}
   __device__ __forceinline__ bool aligned() const { return !DZ || aligned16(dz); }
   template <bool V, int STEP> __device__ __forceinline__ void load(Frag& f, const Slice<I>& s) const {
-    f.bits = load_mask<VEC, STEP>(mask, s);
+    f.bits = load_mask<VEC, STEP, V>(mask, s);
   }
   template <bool V, int STEP> __device__ __forceinline__ void grad(Frag& f, Pack<T>& dy, const Slice<I>& s) const {
     mask_pack(dy, f.bits);

@@ -9,24 +9,25 @@
 //! to the activation dtype), so ReLU's derivative at 0 is 0, as PyTorch's `threshold_backward`.
 //! `relu(NaN)` is NaN (PyTorch's; `fmaxf` would give 0) with bit 0, so its gradient is 0.
 //!
-//! Layout, a function of the descriptor alone (not of the dtype): the tensor is cut into
-//! *segments*, the contiguous runs of memory the kernels walk: the whole tensor when
-//! `inner = D*H*W > 1` (channels-first with a spatial extent: the elementwise kernels walk it as
-//! one run of 16-byte vectors that may span planes), else a row of `C` values (channels-last, and
-//! `(N, C)`). Each segment starts on a 32-bit word and takes `ceil(len / 32)` words; element `e`
-//! of segment `s` is bit `e % 32` of word `s * ceil(len / 32) + e / 32`. Padding bits are 0.
-//! [`mask_words`] is the length, [`mask_position`] the place of one element, [`pack_mask`] and
-//! [`unpack_mask`] convert from and to one `bool` per element in memory order.
+//! Layout, a function of the descriptor's element count alone (not of the dtype, the layout or
+//! the load path a kernel takes): flat, the element at memory offset `e` is bit `e % 32` of word
+//! `e / 32`, `ceil(numel / 32)` words; the padding bits of the last word are 0. Every
+//! elementwise kernel walks whole words: the channels-first ones as one run of 16-byte vectors
+//! that may span planes, the channels-last and `(N, C)` ones as super-rows of `lcm(C, 32 * VEC)`
+//! values (whole words, whatever `C` is). [`mask_words`] is the length, [`mask_position`] the
+//! place of one element, [`pack_mask`] and [`unpack_mask`] convert from and to one `bool` per
+//! element in memory order.
 //!
 //! ```
 //! use batchnorm_cuda::epilogue::{mask_position, mask_words};
 //! use batchnorm_cuda::TensorDesc;
 //!
-//! let nchw = TensorDesc::nchw(2, 3, 7, 7)?; // one segment of 294 values: 10 words
+//! let nchw = TensorDesc::nchw(2, 3, 7, 7)?; // 294 values: 10 words, 6 padding bits
 //! assert_eq!(mask_words(&nchw), 10);
 //! assert_eq!(mask_position(&nchw, 49 + 40), (2, 25)); // element 89
-//! let nhwc = TensorDesc::nhwc(2, 64, 7, 7)?; // 98 rows of 64 channels: 2 words each
-//! assert_eq!(mask_words(&nhwc), 196);
+//! let nhwc = TensorDesc::nhwc(2, 3, 7, 7)?; // 98 rows of 3 channels: 294 values, 10 words
+//! assert_eq!(mask_words(&nhwc), 10);
+//! assert_eq!(mask_position(&nhwc, 3 * 10 + 2), (1, 0)); // row 10, channel 2: element 32
 //! # Ok::<(), batchnorm_cuda::Error>(())
 //! ```
 
@@ -173,31 +174,17 @@ impl<M: Length, D: Length> EpilogueGrad<M, D> {
     }
 }
 
-/// Segment length and count of `desc`'s mask: the whole tensor when `inner > 1`, else rows of
-/// `C` values.
-fn segments(desc: &TensorDesc) -> (usize, usize) {
-    let g = desc.geometry();
-    if g.inner > 1 {
-        (desc.numel(), 1)
-    } else {
-        (g.channels, g.outer)
-    }
-}
-
-/// Number of `u32` words of the ReLU mask of a tensor described by `desc` (0 when it is empty).
+/// Number of `u32` words of the ReLU mask of a tensor described by `desc`: `ceil(numel / 32)`
+/// (0 when it is empty).
 pub fn mask_words(desc: &TensorDesc) -> usize {
-    if desc.numel() == 0 {
-        return 0;
-    }
-    let (len, count) = segments(desc);
-    count * len.div_ceil(32)
+    desc.numel().div_ceil(32)
 }
 
-/// `(word, bit)` of the element at memory offset `offset` (`< desc.numel()`) in the mask.
-pub fn mask_position(desc: &TensorDesc, offset: usize) -> (usize, u32) {
-    let (len, _) = segments(desc);
-    let (segment, e) = (offset / len, offset % len);
-    (segment * len.div_ceil(32) + e / 32, (e % 32) as u32)
+/// `(word, bit)` of the element at memory offset `offset` (`< desc.numel()`) in the mask:
+/// `(offset / 32, offset % 32)`, whatever the shape (the descriptor is taken so that callers
+/// never assume it).
+pub fn mask_position(_desc: &TensorDesc, offset: usize) -> (usize, u32) {
+    (offset / 32, (offset % 32) as u32)
 }
 
 /// The mask of one `bool` per element in memory order (`desc.numel()` of them); padding bits 0.
@@ -228,18 +215,14 @@ pub fn unpack_mask(desc: &TensorDesc, mask: &[u32]) -> Result<Vec<bool>> {
         .collect())
 }
 
-/// Whether any padding bit of `mask` (a bit past the end of its segment) is set: a mask the
-/// forward wrote never has one.
+/// Whether any padding bit of `mask` (a bit of the last word past the last element) is set: a
+/// mask the forward wrote never has one.
 pub fn has_padding_bits(desc: &TensorDesc, mask: &[u32]) -> bool {
-    let (len, _) = segments(desc);
-    let words = len.div_ceil(32);
-    let tail = len % 32; // bits used in a segment's last word (0: all 32)
+    let tail = desc.numel() % 32; // bits used in the last word (0: all 32)
     tail != 0
         && mask
-            .iter()
-            .skip(words - 1)
-            .step_by(words)
-            .any(|w| w >> tail != 0)
+            .get(mask_words(desc) - 1)
+            .is_some_and(|w| w >> tail != 0)
 }
 
 #[cfg(test)]
@@ -252,24 +235,26 @@ mod tests {
     }
 
     #[test]
-    fn words_follow_the_segments() {
-        // (N, C): rows of C.
-        assert_eq!(mask_words(&desc(&[5, 3], Layout::ChannelsFirst)), 5);
-        assert_eq!(mask_words(&desc(&[5, 33], Layout::ChannelsFirst)), 10);
-        assert_eq!(mask_words(&desc(&[7, 1], Layout::ChannelsLast)), 7);
-        // Channels-first with inner > 1: one segment of all the values.
+    fn words_are_flat_for_every_layout() {
+        // (N, C): 15 values in one word; 165 values: 5 words of 32 and 5 values in a sixth.
+        assert_eq!(mask_words(&desc(&[5, 3], Layout::ChannelsFirst)), 1);
+        assert_eq!(mask_words(&desc(&[5, 33], Layout::ChannelsFirst)), 6);
+        assert_eq!(mask_words(&desc(&[7, 1], Layout::ChannelsLast)), 1);
+        assert_eq!(mask_words(&desc(&[3, 32], Layout::ChannelsFirst)), 3);
+        // Channels-first with inner > 1: 192, 198, 294 and 6 values.
         assert_eq!(mask_words(&desc(&[2, 3, 32], Layout::ChannelsFirst)), 6);
         assert_eq!(mask_words(&desc(&[2, 3, 33], Layout::ChannelsFirst)), 7);
         assert_eq!(mask_words(&desc(&[2, 3, 7, 7], Layout::ChannelsFirst)), 10);
-        assert_eq!(mask_words(&desc(&[2, 3, 1, 1], Layout::ChannelsFirst)), 2);
-        // Channels-last rows of C.
+        assert_eq!(mask_words(&desc(&[2, 3, 1, 1], Layout::ChannelsFirst)), 1);
+        // Channels-last: 6272 values are 196 words, as the 98 rows of 64 channels (2 words each)
+        // they were before the layout became flat; 720 values: 22.5 words, so 23.
         assert_eq!(
             mask_words(&desc(&[2, 64, 7, 7], Layout::ChannelsLast)),
             98 * 2
         );
         assert_eq!(
             mask_words(&desc(&[2, 3, 4, 5, 6], Layout::ChannelsLast)),
-            240
+            23
         );
         // Empty batches have no mask.
         assert_eq!(mask_words(&desc(&[0, 3, 5], Layout::ChannelsFirst)), 0);
@@ -277,12 +262,15 @@ mod tests {
         assert_eq!(mask_words(&desc(&[0, 3], Layout::ChannelsLast)), 0);
     }
 
-    /// Every element gets its own bit, inside the mask, in its segment's words, in memory order.
+    /// Every element gets its own bit, inside the mask, in memory order with no gap (flat).
     #[test]
     fn positions_are_distinct_and_in_range() {
         for dims in [
             &[3usize, 5][..],
             &[2, 40],
+            &[7, 100],
+            &[2, 257],
+            &[4, 12, 3, 1],
             &[2, 3, 7],
             &[2, 3, 64],
             &[2, 3, 65],
@@ -300,6 +288,7 @@ mod tests {
                     assert_eq!(seen[word] >> bit & 1, 0, "{d}: {offset} shares a bit");
                     seen[word] |= 1 << bit;
                     let global = word * 32 + bit as usize;
+                    assert_eq!(global, offset, "{d}: not flat");
                     assert!(last.is_none_or(|l| global > l), "{d}: not in memory order");
                     last = Some(global);
                 }
@@ -336,42 +325,42 @@ mod tests {
     fn fused_buffers_are_checked_in_order() {
         type Forward<'a> = Epilogue<&'a [f32], &'a mut [u32]>;
         type Backward<'a> = EpilogueGrad<&'a [u32], &'a mut [f32]>;
-        let d = desc(&[6, 5], Layout::ChannelsFirst); // 6 rows of 5: 6 words
-        let (z, mut mask) = ([0.0f32; 31], [0u32; 7]);
+        let d = desc(&[13, 5], Layout::ChannelsFirst); // 65 values: 3 words
+        let (z, mut mask) = ([0.0f32; 66], [0u32; 4]);
         let ok: Forward = Epilogue::AddRelu {
-            z: &z[..30],
-            mask: Some(&mut mask[..6]),
+            z: &z[..65],
+            mask: Some(&mut mask[..3]),
         };
         assert!(ok.check(&d).is_ok());
         assert!(Forward::Relu { mask: None }.check(&d).is_ok());
         assert!(Forward::None.check(&d).is_ok());
         let short_both: Forward = Epilogue::AddRelu {
-            z: &z[..29],
-            mask: Some(&mut mask[..5]),
+            z: &z[..64],
+            mask: Some(&mut mask[..2]),
         };
         assert!(matches!(
             short_both.check(&d),
             Err(crate::Error::BufferLength {
                 what: "z",
-                needed: 30,
-                got: 29
+                needed: 65,
+                got: 64
             })
         ));
         assert!(matches!(
             Forward::Relu {
-                mask: Some(&mut mask[..5])
+                mask: Some(&mut mask[..2])
             }
             .check(&d),
             Err(crate::Error::BufferLength {
                 what: "mask",
-                needed: 6,
-                got: 5
+                needed: 3,
+                got: 2
             })
         ));
-        let (saved_mask, mut dz) = ([0u32; 6], [0.0f32; 31]);
+        let (saved_mask, mut dz) = ([0u32; 3], [0.0f32; 66]);
         let ok: Backward = EpilogueGrad::AddRelu {
             mask: &saved_mask,
-            dz: Some(&mut dz[..30]),
+            dz: Some(&mut dz[..65]),
         };
         assert!(ok.check(&d).is_ok());
         let long_dz: Backward = EpilogueGrad::AddRelu {

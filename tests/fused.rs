@@ -655,7 +655,7 @@ fn refused_calls_name_the_buffer_and_change_nothing() {
         call(&z, n, words - 1, -1.0),
         Err(Error::BufferLength {
             what: "mask",
-            needed: 1, // 30 values of one flat segment: one word
+            needed: 1, // 30 values: one word (flat)
             got: 0
         })
     ));

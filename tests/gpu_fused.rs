@@ -515,13 +515,17 @@ fn paths_agree<T: Element>(gpu: &GpuContext, desc: &TensorDesc) {
 #[ignore = "needs a CUDA device"]
 fn gpu_fused_vector_and_scalar_paths_share_the_mask() {
     let gpu = gpu();
-    // inner % 8 == 0 and C % 8 == 0: the aligned runs take the vector paths.
+    // numel % 8 == 0: the aligned runs take the vector paths (channels-last with any C: the
+    // maps walk super-rows of lcm(C, 32 * VEC) values).
     for desc in [
         TensorDesc::nchw(3, 5, 8, 8).unwrap(),
         TensorDesc::nchw(2, 3, 40, 41).unwrap(), // inner = 1640: several units and a tail
         TensorDesc::nhwc(3, 64, 5, 7).unwrap(),
-        TensorDesc::nhwc(2, 24, 3, 3).unwrap(), // f16: 3 columns, one partial mask word
+        TensorDesc::nhwc(2, 24, 3, 3).unwrap(), // 432 values: one partial super-row
         TensorDesc::new(&[33, 256], Layout::ChannelsFirst).unwrap(),
+        TensorDesc::nhwc(4, 3, 8, 9).unwrap(), // C = 3: super-rows of 384 (f32) / 768, partial last
+        TensorDesc::nhwc(2, 100, 4, 4).unwrap(), // C = 100: 3200 values, P = 3200 (f32) / 6400
+        TensorDesc::new(&[40, 257], Layout::ChannelsFirst).unwrap(), // (N, C): one partial super-row
     ] {
         paths_agree::<f32>(&gpu, &desc);
         paths_agree::<f16>(&gpu, &desc);

@@ -30,7 +30,8 @@ pub const fn vector_width(dtype: DType) -> u64 {
 pub enum Traversal {
     /// Channels-first with a spatial extent: warp units over (plane, chunk) of contiguous values.
     Planar,
-    /// Channels-last and `(N, C)`: thread columns own `VEC` channels, rows are strided.
+    /// Channels-last and `(N, C)`: thread columns own `VEC` channels, rows are strided (the
+    /// elementwise passes: super-rows of [`rows_map_width`] values).
     Rows,
 }
 
@@ -66,12 +67,25 @@ impl Launch {
     }
 }
 
-/// Block shape `(bx, by)` of the rows traversal: `bx` thread columns of `VEC` channels each
-/// (at most a warp), `by = 256 / bx` rows at a time.
-pub fn rows_block(channels: u64, vec: u64) -> (u32, u32) {
-    let columns = channels.div_ceil(vec);
+/// Block shape `(bx, by)` of the rows traversal over rows of `width` values (the channels of a
+/// real row, or a super-row of [`rows_map_width`]): `bx` thread columns of `VEC` values each (at
+/// most a warp), `by = 256 / bx` rows at a time.
+pub fn rows_block(width: u64, vec: u64) -> (u32, u32) {
+    let columns = width.div_ceil(vec);
     let bx = columns.next_power_of_two().min(32) as u32;
     (bx, BLOCK_THREADS / bx)
+}
+
+/// Values per super-row of the rows elementwise passes (`map_rows` in kernels/common.cuh, which
+/// computes the same): `lcm(C, 32 * VEC)`, so that column `j` holds channel `j % C` in every
+/// super-row (a thread's coefficients stay in registers), a super-row is whole mask words and
+/// whole 32-lane block rows of `VEC` values (no idle lanes); or `numel` rounded up to 32 when
+/// that is smaller (one partial super-row). A multiple of 32, hence of `VEC`: the 16-byte path
+/// needs only `numel % VEC == 0`. 0 for an empty tensor (nothing is launched).
+pub fn rows_map_width(channels: u64, numel: u64, vec: u64) -> u64 {
+    let unit = (32 * vec).trailing_zeros(); // 32 * VEC is a power of two
+    let lcm = channels << (unit - channels.trailing_zeros().min(unit));
+    lcm.min(numel.next_multiple_of(32))
 }
 
 /// Warp units of one plane: chunks of 32 lanes x VEC values.
@@ -202,7 +216,9 @@ pub fn reduction(g: &Geometry, dtype: DType, resident: Residency) -> Launch {
 ///
 /// Planar: a 1-D grid whose warps split the flat tensor's warp units (32 lanes x `VEC`
 /// consecutive values, spanning planes: `kernels/common.cuh`, walk_flat). Rows: grid
-/// `(channel tiles, row blocks)` with [`rows_block`].
+/// `(column tiles, row blocks)` over super-rows of [`rows_map_width`] values, with
+/// [`rows_block`] of that width (so `bx * VEC >= 32`: the lanes sharing a mask word are in one
+/// block row).
 pub fn elementwise(g: &Geometry, dtype: DType, resident: Residency) -> Launch {
     let vec = vector_width(dtype);
     let target = resident.wave();
@@ -218,9 +234,12 @@ pub fn elementwise(g: &Geometry, dtype: DType, resident: Residency) -> Launch {
             }
         }
         Traversal::Rows => {
-            let (bx, by) = rows_block(g.channels as u64, vec);
-            let tiles = (g.channels as u64).div_ceil(bx as u64 * vec);
-            let row_blocks = (g.outer as u64)
+            let numel = (g.outer * g.channels) as u64;
+            let width = rows_map_width(g.channels as u64, numel, vec).max(1);
+            let (bx, by) = rows_block(width, vec);
+            let tiles = width.div_ceil(bx as u64 * vec);
+            let super_rows = numel.div_ceil(width);
+            let row_blocks = super_rows
                 .div_ceil(by as u64)
                 .clamp(1, target.div_ceil(tiles).clamp(1, MAX_GRID_Y));
             Launch {
@@ -503,8 +522,15 @@ mod tests {
                 let l = elementwise(&g, dtype, H100);
                 check_block(&l);
                 if Traversal::of(&g) == Traversal::Rows {
+                    let numel = (g.outer * g.channels) as u64;
+                    let width = rows_map_width(g.channels as u64, numel, vector_width(dtype));
                     let per_block = l.block.0 as u64 * vector_width(dtype);
-                    assert!(l.grid.0 as u64 * per_block >= g.channels as u64);
+                    // The tiles cover a super-row and no tile is idle.
+                    assert!(l.grid.0 as u64 * per_block >= width, "{g:?} {dtype}: {l:?}");
+                    assert!(
+                        (l.grid.0 as u64 - 1) * per_block < width,
+                        "{g:?} {dtype}: {l:?}"
+                    );
                 }
             }
         }
@@ -525,6 +551,77 @@ mod tests {
         let rows = geometry(&[256, 64, 56, 56], Layout::ChannelsLast);
         let l = elementwise(&rows, DType::F16, H100);
         assert!(l.grid.0 * l.grid.1 <= wave, "{l:?}");
+    }
+
+    /// Super-rows of the rows maps: lcm(C, 32 * VEC) values, or the tensor rounded up to a word
+    /// when it is shorter (values worked out by hand).
+    #[test]
+    fn rows_map_widths() {
+        let big = 1 << 40;
+        // f32 (VEC 4: lcm with 128), f16 (VEC 8: lcm with 256).
+        for (c, f32_width, f16_width) in [
+            (1u64, 128u64, 256u64),
+            (3, 384, 768),
+            (5, 640, 1280),
+            (7, 896, 1792),
+            (12, 384, 768), // 12 = 4 * 3
+            (24, 384, 768), // 24 = 8 * 3
+            (32, 128, 256),
+            (64, 128, 256),
+            (100, 3200, 6400), // 100 = 4 * 25
+            (128, 128, 256),
+            (256, 256, 256),
+            (257, 257 * 128, 257 * 256),
+            (1024, 1024, 1024),
+            (1000, 16_000, 32_000), // 1000 = 8 * 125
+        ] {
+            assert_eq!(rows_map_width(c, big, 4), f32_width, "C = {c}");
+            assert_eq!(rows_map_width(c, big, 8), f16_width, "C = {c}");
+            for width in [f32_width, f16_width] {
+                assert_eq!(width % c, 0);
+                assert_eq!(width % 32, 0);
+            }
+        }
+        // One partial super-row: numel rounded up to 32.
+        assert_eq!(rows_map_width(257, 3 * 257, 4), 800); // 771 values
+        assert_eq!(rows_map_width(3, 6, 8), 32);
+        assert_eq!(rows_map_width(100, 6400, 8), 6400); // exactly one super-row
+        assert_eq!(rows_map_width(100, 6401, 8), 6400);
+        assert_eq!(rows_map_width(100, 6399, 8), 6400); // 6399 rounds up to 6400
+        assert_eq!(rows_map_width(3, 0, 4), 0);
+    }
+
+    /// The rows elementwise grids over super-rows, by hand: bench/PLAN.md's C = 3 and C = 100
+    /// shapes, a partial super-row, and a tensor shorter than a super-row.
+    #[test]
+    fn rows_elementwise_grids_walk_super_rows() {
+        // One wave of H100: 132 x 4 = 528 blocks.
+        // NHWC f16 256x3x224x224: P = 768, 3 tiles of 32 x 8; 38,535,168 / 768 = 50,176
+        // super-rows in 6272 row blocks of 8, capped at ceil(528 / 3) = 176.
+        let c3 = geometry(&[256, 3, 224, 224], Layout::ChannelsLast);
+        let l = elementwise(&c3, DType::F16, H100);
+        assert_eq!((l.grid, l.block), ((3, 176, 1), (32, 8, 1)));
+        // f32: P = 384, 3 tiles of 32 x 4.
+        let l = elementwise(&c3, DType::F32, H100);
+        assert_eq!((l.grid, l.block), ((3, 176, 1), (32, 8, 1)));
+        // NHWC f16 64x100x56x56: P = 6400, 25 tiles; 20,070,400 / 6400 = 3136 super-rows,
+        // 392 row blocks, capped at ceil(528 / 25) = 22.
+        let c100 = geometry(&[64, 100, 56, 56], Layout::ChannelsLast);
+        let l = elementwise(&c100, DType::F16, H100);
+        assert_eq!((l.grid, l.block), ((25, 22, 1), (32, 8, 1)));
+        // (N, C) = (10, 257) f32: 2570 values, shorter than P = 32,896: one super-row of 2592
+        // (2570 rounded up to 32), 648 columns: 21 tiles of 32, one row block.
+        let short = geometry(&[10, 257], Layout::ChannelsFirst);
+        assert_eq!(elementwise(&short, DType::F32, H100).grid, (21, 1, 1));
+        // (N, C) = (1000, 3) f16: 3000 values, P = 768: 3 full super-rows and one of 696; 3
+        // tiles, 4 super-rows in one row block of 8.
+        let partial = geometry(&[1000, 3], Layout::ChannelsFirst);
+        let l = elementwise(&partial, DType::F16, H100);
+        assert_eq!((l.grid, l.block), ((3, 1, 1), (32, 8, 1)));
+        // Tiny: 6 values, P = 32: 8 f32 columns (bx 8, by 32) or 4 f16 columns (bx 4, by 64).
+        let tiny = geometry(&[2, 3], Layout::ChannelsFirst);
+        assert_eq!(elementwise(&tiny, DType::F32, H100).block, (8, 32, 1));
+        assert_eq!(elementwise(&tiny, DType::F16, H100).block, (4, 64, 1));
     }
 
     #[test]
@@ -551,20 +648,29 @@ mod tests {
         );
     }
 
-    /// The normalize kernels write a rows mask word from the lanes of one block: they need
-    /// `bx * VEC >= 32` (a word's 32 channels inside one block) or a single channel tile
-    /// (kernels/epilogue.cuh, store_mask). The elementwise launch must keep it for every C.
+    /// The normalize kernels write a rows mask word from the lanes of one block row: they need
+    /// `bx * VEC >= 32` (a word's 32 columns inside one block row; super-rows are whole words,
+    /// kernels/epilogue.cuh, store_mask). The elementwise launch must keep it for every C and
+    /// length, full super-rows or one partial one.
     #[test]
     fn rows_launches_keep_mask_words_inside_a_block() {
         for c in (1..=300).chain([511, 512, 513, 1000, 1001, 4096, 65_537]) {
-            for dtype in DType::ALL {
-                let desc = TensorDesc::new(&[3, c], Layout::ChannelsLast).unwrap();
-                let g = desc.geometry();
-                assert_eq!(Traversal::of(&g), Traversal::Rows);
-                let l = elementwise(&g, dtype, H100);
-                let vec = vector_width(dtype);
-                let (bx, tiles) = (l.block.0 as u64, l.grid.0);
-                assert!(bx * vec >= 32 || tiles == 1, "C = {c} {dtype}: {l:?}");
+            for n in [1, 3, 1000] {
+                for dtype in DType::ALL {
+                    let desc = TensorDesc::new(&[n, c], Layout::ChannelsLast).unwrap();
+                    let g = desc.geometry();
+                    assert_eq!(Traversal::of(&g), Traversal::Rows);
+                    let l = elementwise(&g, dtype, H100);
+                    let vec = vector_width(dtype);
+                    let width = rows_map_width(c as u64, (n * c) as u64, vec);
+                    assert_eq!(width % 32, 0, "C = {c}");
+                    assert!(
+                        width.is_multiple_of(c as u64) || width >= (n * c) as u64,
+                        "C = {c}"
+                    );
+                    let bx = l.block.0 as u64;
+                    assert!(bx * vec >= 32, "C = {c} x {n} {dtype}: {l:?}");
+                }
             }
         }
     }

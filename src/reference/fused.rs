@@ -35,7 +35,7 @@
 //! fused::forward_training(request, None, 0.0)?;
 //! assert_eq!(&y[..2], [0.0, 0.0]);
 //! assert!(y[2] > 0.0 && y[3] > 0.0);
-//! assert_eq!(mask, [0b1100]); // one segment (inner > 1: the whole tensor) of four values
+//! assert_eq!(mask, [0b1100]); // four values: bits 0..4 of one word (flat: element e is bit e % 32)
 //! # Ok::<(), batchnorm_cuda::Error>(())
 //! ```
 

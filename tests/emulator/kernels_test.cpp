@@ -50,6 +50,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <numeric>
 #include <random>
 #include <set>
 #include <string>
@@ -242,8 +243,9 @@ template <class T> RefStats ref_stats(const Buf<T>& x, const Shape& s) {
   return r;
 }
 
-// Launch shapes. Planar reductions: grid (splits, gy); planar maps: grid (blocks); rows: grid
-// (ceil(C / (bx*VEC)), splits or row blocks), block (bx, 256/bx).
+// Launch shapes. Planar reductions: grid (splits, gy); planar maps: grid (blocks); rows
+// reductions: grid (ceil(C / (bx*VEC)), splits), block (bx, 256/bx); rows maps: grid
+// (ceil(P / (bx*VEC)), row blocks) over super-rows of P values (map_width).
 struct Cfg {
   bool rows;
   unsigned grid;  // planar reductions: splits; planar maps: blocks; rows: grid y (splits / row blocks)
@@ -252,6 +254,18 @@ struct Cfg {
 };
 template <class T> dim3 rows_grid(u64 C, const Cfg& cfg) {
   return dim3((unsigned)((C + (u64)cfg.bx * VEC<T> - 1) / ((u64)cfg.bx * VEC<T>)), cfg.grid);
+}
+// ABI: the rows maps walk super-rows of P = min(lcm(C, 32*VEC), numel rounded up to 32) values.
+template <class T> u64 map_width(const Shape& s) {
+  return std::min<u64>(std::lcm(s.C, (u64)(32 * VEC<T>)), (s.numel() + 31) / 32 * 32);
+}
+template <class T> dim3 map_grid(const Shape& s, const Cfg& cfg) { return rows_grid<T>(map_width<T>(s), cfg); }
+// launch::rows_block: the next power of two of the columns, at most 32.
+static unsigned bx_for(u64 width, int vec) {
+  const u64 cols = (width + vec - 1) / vec;
+  u64 b = 1;
+  while (b < cols) b <<= 1;
+  return (unsigned)std::min<u64>(b, 32);
 }
 // Semaphores of a split reduction (launch::semaphores): one per channel (planar) or channel tile
 // (rows), and one more per tile and merge group when the rows merge takes two levels.
@@ -476,7 +490,7 @@ template <class T, class I> void test_normalize(const Shape& s, const Cfg& cfg, 
                     " misalign=" + std::to_string(k.mis_x) + "/" + std::to_string(k.mis_y) + (k.inplace ? " in-place" : "") +
                     (k.stat_is_var ? " var" : " invstd") + (k.affine ? " affine" : "");
   emu::g_launch_tag = tag;
-  if (cfg.rows) launch_normalize_rows<T, I>(rows_grid<T>(s.C, cfg), dim3(cfg.bx, 256 / cfg.bx), p);
+  if (cfg.rows) launch_normalize_rows<T, I>(map_grid<T>(s, cfg), dim3(cfg.bx, 256 / cfg.bx), p);
   else launch_normalize_planar<T, I>(dim3(cfg.grid), dim3(256), p);
   tag += policies_tag();
   const Buf<T>& out = k.inplace ? x : y;
@@ -531,8 +545,12 @@ static void normalize_group() {
       Shape s;
       unsigned bx, row_blocks;
     };
-    const Q qs[] = {{{7, 3, 1}, 32, 1},  {{100, 17, 1}, 8, 3},    {{64, 32, 1}, 4, 2}, {{33, 1001, 1}, 64, 2},
-                    {{1000, 8, 1}, 1, 4}, {{5, 1, 1}, 256, 1}, {{300, 64, 1}, 16, 3}, {{9, 2048, 1}, 256, 2}};
+    // Super-rows (P = lcm(C, 32*VEC)): C % VEC != 0 takes the 16-byte path when numel % VEC == 0
+    // and aligned; partial last super-rows; numel % VEC != 0 (1665, 7710); shorter than P (7710).
+    const Q qs[] = {{{7, 3, 1}, 32, 1},    {{100, 17, 1}, 8, 3},  {{64, 32, 1}, 4, 2},   {{33, 1001, 1}, 64, 2},
+                    {{1000, 8, 1}, 1, 4},  {{5, 1, 1}, 256, 1},   {{300, 64, 1}, 16, 3}, {{9, 2048, 1}, 256, 2},
+                    {{300, 3, 1}, 32, 2},  {{333, 5, 1}, 16, 3},  {{70, 100, 1}, 32, 3}, {{30, 257, 1}, 32, 1},
+                    {{1000, 1, 1}, 32, 2}, {{300, 7, 1}, 8, 2},   {{100, 12, 1}, 32, 1}};
     for (const Q& q : qs) {
       const Cfg cfg{true, q.row_blocks, 0, q.bx};
       const int nc = q.s.C > 2 ? 2 : -1;
@@ -679,7 +697,7 @@ template <class T, class I> void test_backward_dx(const Shape& s, const Cfg& cfg
                     " misalign=" + std::to_string(k.misalign) + (k.stat_is_var ? " var" : " invstd") + (k.train ? " train" : " eval") +
                     (k.alias ? " dx=dy" : "") + (k.weight ? " weight" : "") + (k.offset ? " offset" : "");
   emu::g_launch_tag = tag;
-  if (cfg.rows) launch_backward_dx_rows<T, I>(rows_grid<T>(C, cfg), dim3(cfg.bx, 256 / cfg.bx), e);
+  if (cfg.rows) launch_backward_dx_rows<T, I>(map_grid<T>(s, cfg), dim3(cfg.bx, 256 / cfg.bx), e);
   else launch_backward_dx_planar<T, I>(dim3(cfg.grid), dim3(256), e);
   tag += policies_tag();
   const Buf<T>& out = k.alias ? dy : dx;
@@ -745,7 +763,10 @@ static void backward_group() {
     };
     const Q qs[] = {{{7, 3, 1}, 32, 1, 1},     {{100, 17, 1}, 8, 3, 2}, {{64, 32, 1}, 4, 2, 5}, {{33, 1001, 1}, 64, 2, 1},
                     {{1000, 8, 1}, 1, 4, 3},   {{5, 1, 1}, 256, 1, 1},  {{9, 2048, 1}, 256, 2, 2},
-                    {{300, 256, 1}, 32, 200, 3}, {{2000, 24, 1}, 8, 300, 2}};
+                    {{300, 256, 1}, 32, 200, 3}, {{2000, 24, 1}, 8, 300, 2},
+                    // Super-rows for dx (see normalize_group).
+                    {{300, 3, 1}, 1, 2, 2},    {{333, 5, 1}, 2, 3, 1},  {{70, 100, 1}, 32, 2, 3}, {{30, 257, 1}, 32, 1, 1},
+                    {{1000, 1, 1}, 1, 4, 2},   {{300, 7, 1}, 2, 2, 2},  {{100, 12, 1}, 4, 3, 1}};
     for (const Q& q : qs) {
       const Cfg red{true, q.splits, 0, q.bx}, map{true, q.row_blocks, 0, q.bx}, map32{true, q.row_blocks, 0, 32};
       test_backward_reduce<F, u32>(q.s, red, {.misalign = 0}, ++seed);
@@ -1362,8 +1383,7 @@ REGISTER_GROUP(sync, sync_group);
 // Fused ReLU epilogues (epilogue.cuh): bn_normalize_relu_*, bn_normalize_add_relu_*,
 // bn_backward_reduce_relu_*, bn_backward_dx_relu_*, bn_backward_dx_add_relu_*, every dtype and
 // index width, planar and rows, vector and scalar paths. The mask layout is computed here from the
-// ABI (one segment of all the values when inner > 1, else segments of C values, each padded to
-// whole words).
+// ABI (flat: element e is bit e % 32 of word e / 32, ceil(numel/32) words, for every layout).
 #ifdef EMU_GROUP_fused
 DISPATCH(normalize_relu_planar, NormalizeReluParams)
 DISPATCH(normalize_relu_rows, NormalizeReluParams)
@@ -1382,13 +1402,11 @@ DISPATCH(backward_reduce_rows, BackwardReduceParams)
 DISPATCH(backward_dx_planar, BackwardElementwiseParams)
 DISPATCH(backward_dx_rows, BackwardElementwiseParams)
 
-// The ABI's mask layout: element e of segment s is bit e % 32 of word s*ceil(len/32) + e/32.
-static u64 seg_len(const Shape& s) { return s.inner > 1 ? s.numel() : s.C; }
-static u64 mask_words(const Shape& s) { return s.numel() == 0 ? 0 : s.numel() / seg_len(s) * ((seg_len(s) + 31) / 32); }
-static void mask_pos(const Shape& s, u64 e, u64& w, unsigned& b) {
-  const u64 len = seg_len(s), seg = e / len, r = e % len;
-  w = seg * ((len + 31) / 32) + r / 32;
-  b = (unsigned)(r % 32);
+// The ABI's mask layout: element e is bit e % 32 of word e / 32, whatever the shape.
+static u64 mask_words(const Shape& s) { return (s.numel() + 31) / 32; }
+static void mask_pos(const Shape&, u64 e, u64& w, unsigned& b) {
+  w = e / 32;
+  b = (unsigned)(e % 32);
 }
 static bool mask_bit(const Shape& s, const std::vector<u32>& m, u64 e) {
   u64 w;
@@ -1422,15 +1440,17 @@ template <class T, class I> std::string fused_tag(const char* what, const Shape&
   return std::string(what) + " " + Fmt<T>::name + " " + iname<I>() + " " + shape_tag(s) + " " + cfg_tag(c) + " misalign=" + std::to_string(mis);
 }
 template <class T, class I, class P, class F1, class F2>
-void launch_map(const Cfg& cfg, u64 C, const P& p, F1 rows, F2 planar) {
-  if (cfg.rows) rows(rows_grid<T>(C, cfg), dim3(cfg.bx, 256 / cfg.bx), p);
+void launch_map(const Cfg& cfg, const Shape& s, const P& p, F1 rows, F2 planar) {
+  if (cfg.rows) rows(map_grid<T>(s, cfg), dim3(cfg.bx, 256 / cfg.bx), p);
   else planar(dim3(cfg.grid), dim3(256), p);
 }
 
 // Forward: y = relu((x - mean) * w * invstd + b [+ z]), mask bit = (y as stored) > 0.
-// alias: 0 separate y, 1 y == x (in place), 2 y == z (ADD only).
+// alias: 0 separate y, 1 y == x (in place), 2 y == z (ADD only). Returns the mask it wrote
+// (checked here against the reference), for a backward to read.
 template <class T, class I, bool ADD>
-void test_relu_forward(const Shape& s, const Cfg& cfg, size_t mis_x, size_t mis_z, bool with_mask, bool stat_is_var, int alias, unsigned seed) {
+std::vector<u32> test_relu_forward(const Shape& s, const Cfg& cfg, size_t mis_x, size_t mis_z, bool with_mask, bool stat_is_var, int alias,
+                                   unsigned seed) {
   begin_case();
   std::mt19937 rng(seed);
   const u64 n = s.numel(), C = s.C;
@@ -1470,9 +1490,9 @@ void test_relu_forward(const Shape& s, const Cfg& cfg, size_t mis_x, size_t mis_
   std::string tag = fused_tag<T, I>(ADD ? "add_relu forward" : "relu forward", s, cfg, mis_x * 10 + mis_z) + " alias=" + std::to_string(alias);
   emu::g_launch_tag = tag;
   if (ADD)
-    launch_map<T, I>(cfg, C, p, launch_normalize_add_relu_rows<T, I>, launch_normalize_add_relu_planar<T, I>);
+    launch_map<T, I>(cfg, s, p, launch_normalize_add_relu_rows<T, I>, launch_normalize_add_relu_planar<T, I>);
   else
-    launch_map<T, I>(cfg, C, p, launch_normalize_relu_rows<T, I>, launch_normalize_relu_planar<T, I>);
+    launch_map<T, I>(cfg, s, p, launch_normalize_relu_rows<T, I>, launch_normalize_relu_planar<T, I>);
   tag += policies_tag();
   CHECK(x.guards_intact() && y.guards_intact() && z.guards_intact(), "%s: write outside y", tag.c_str());
   if (alias != 1) CHECK(std::equal(x.v.begin(), x.v.end(), x0.v.begin()), "%s: x modified", tag.c_str());
@@ -1517,6 +1537,8 @@ void test_relu_forward(const Shape& s, const Cfg& cfg, size_t mis_x, size_t mis_
       ++g_fail;
     }
   }
+  mask.resize(words);
+  return mask;
 }
 
 // Backward reduce with dy_eff = bit ? dy : +0 (a NaN dy under a 0 bit is dropped).
@@ -1587,8 +1609,11 @@ template <class T, class I> void test_relu_reduce(const Shape& s, const Cfg& cfg
 }
 
 // Backward dx from dy_eff; DZ: dz = dy_eff (bits of dy, or +0). mode: 0 train (coef), 1 eval,
-// 2 dz-only pass (var_or_invstd null: dx = dy_eff). in_place: dx == dy.
-template <class T, class I, bool DZ> void test_relu_dx(const Shape& s, const Cfg& cfg, size_t mis, int mode, bool in_place, unsigned seed) {
+// 2 dz-only pass (var_or_invstd null: dx = dy_eff). in_place: dx == dy. forward_mask: a mask a
+// forward wrote (and test_relu_forward checked), else a random one.
+template <class T, class I, bool DZ>
+void test_relu_dx(const Shape& s, const Cfg& cfg, size_t mis, int mode, bool in_place, unsigned seed,
+                  const std::vector<u32>* forward_mask = nullptr) {
   begin_case();
   std::mt19937 rng(seed);
   const u64 n = s.numel(), C = s.C;
@@ -1596,10 +1621,10 @@ template <class T, class I, bool DZ> void test_relu_dx(const Shape& s, const Cfg
   Buf<T> x(n, mis, guard), dy(n, mis, guard), dx(n, mis, guard), dz(n, mis ? 0 : 1, guard);
   fill(x, rng, 1.0, 2.0);
   fill(dy, rng, 0.1, 1.0);
-  std::vector<u32> mask = random_mask(s, rng);
+  std::vector<u32> mask = forward_mask ? *forward_mask : random_mask(s, rng);
   if (n > 4) {
-    dy[2] = to_raw<T>(NAN);      // bit 0: dropped
-    dy[n - 2] = to_raw<T>(NAN);  // bit 1: propagated
+    dy[2] = to_raw<T>(NAN);      // random mask: bit 0, dropped
+    dy[n - 2] = to_raw<T>(NAN);  // random mask: bit 1, propagated
   }
   const Buf<T> dy0 = dy;
   std::vector<float> mean(C), st(C), w(C), coef(2 * C);
@@ -1624,10 +1649,11 @@ template <class T, class I, bool DZ> void test_relu_dx(const Shape& s, const Cfg
   e.stat_is_var = 0;
   e.mask = mask.data();
   e.dz = DZ ? (void*)dz.p() : nullptr;
-  std::string tag = fused_tag<T, I>(DZ ? "dx_add_relu" : "dx_relu", s, cfg, mis) + " mode=" + std::to_string(mode) + (in_place ? " in place" : "");
+  std::string tag = fused_tag<T, I>(DZ ? "dx_add_relu" : "dx_relu", s, cfg, mis) + " mode=" + std::to_string(mode) + (in_place ? " in place" : "") +
+                    (forward_mask ? " forward's mask" : "");
   emu::g_launch_tag = tag;
-  if (DZ) launch_map<T, I>(cfg, C, e, launch_backward_dx_add_relu_rows<T, I>, launch_backward_dx_add_relu_planar<T, I>);
-  else launch_map<T, I>(cfg, C, e, launch_backward_dx_relu_rows<T, I>, launch_backward_dx_relu_planar<T, I>);
+  if (DZ) launch_map<T, I>(cfg, s, e, launch_backward_dx_add_relu_rows<T, I>, launch_backward_dx_add_relu_planar<T, I>);
+  else launch_map<T, I>(cfg, s, e, launch_backward_dx_relu_rows<T, I>, launch_backward_dx_relu_planar<T, I>);
   tag += policies_tag();
   CHECK(dx.guards_intact() && dy.guards_intact() && dz.guards_intact(), "%s: write outside dx/dz", tag.c_str());
   if (!in_place) CHECK(std::equal(dy.v.begin(), dy.v.end(), dy0.v.begin()), "%s: dy modified", tag.c_str());
@@ -1665,15 +1691,19 @@ template <class T, class I, bool DZ> void test_relu_dx(const Shape& s, const Cfg
 
 // Every fused entry family on one shape and launch config (map: planar blocks or rows; red: the
 // reduce's planar (splits, gy) or rows). Misaligned pointers (mis = 1) take the scalar path.
+// The dx kernels also read the masks the forwards wrote, through the other load path (the layout
+// is a function of the shape alone): training dx after relu, eval dx after add_relu.
 template <class T, class I> void fused_all(const Shape& s, const Cfg& map, const Cfg& red, unsigned& seed) {
   for (size_t mis : {0, 1}) {
-    test_relu_forward<T, I, false>(s, map, mis, 0, true, mis == 0, mis, ++seed);
-    test_relu_forward<T, I, true>(s, map, mis, 1 - mis, true, mis == 1, mis ? 2 : 0, ++seed);
+    const std::vector<u32> relu_mask = test_relu_forward<T, I, false>(s, map, mis, 0, true, mis == 0, mis, ++seed);
+    const std::vector<u32> add_mask = test_relu_forward<T, I, true>(s, map, mis, 1 - mis, true, mis == 1, mis ? 2 : 0, ++seed);
     test_relu_reduce<T, I>(s, red, mis, mis == 1, (int)mis, ++seed);
     test_relu_dx<T, I, false>(s, map, mis, (int)(seed % 3), mis == 1, ++seed);
     test_relu_dx<T, I, true>(s, map, mis, mis ? 1 : 0, mis == 1, ++seed);
+    test_relu_dx<T, I, false>(s, map, 1 - mis, 0, mis == 0, ++seed, &relu_mask);
+    test_relu_dx<T, I, true>(s, map, 1 - mis, 1, mis == 1, ++seed, &add_mask);
     for (int mode = 0; mode < 3; ++mode)
-      test_backward_eval<T, I>(s, red, mis, mode, mode == (int)mis, mode != 1, mode == 2, ++seed);
+      test_backward_eval<T, I>(s, red, map, mis, mode, mode == (int)mis, mode != 1, mode == 2, ++seed);
   }
   test_relu_forward<T, I, true>(s, map, 0, 0, false, false, 0, ++seed);  // null mask
   test_relu_dx<T, I, false>(s, map, 0, 2, false, ++seed);                // dz-only pass
@@ -1683,8 +1713,9 @@ template <class T, class I> void fused_all(const Shape& s, const Cfg& map, const
 // (bn_backward_dx[_relu|_add_relu]_*, coef null), both checked against f64 references above.
 // dweight, dbias, dx and dz must match BIT FOR BIT (same walk and grid for the sums, DxEvalOp's
 // expression for dx). mode 0: plain; 1: relu mask; 2: add_relu mask and dz. alias: dx = dy.
+// map: the dx pass's rows block (the reduce's own may be too narrow for it, bx*VEC < 32).
 template <class T, class I>
-void test_backward_eval(const Shape& s, const Cfg& red, size_t mis, int mode, bool alias, bool stat_is_var, int accumulate,
+void test_backward_eval(const Shape& s, const Cfg& red, const Cfg& map, size_t mis, int mode, bool alias, bool stat_is_var, int accumulate,
                         unsigned seed) {
   begin_case();
   std::mt19937 rng(seed);
@@ -1757,12 +1788,13 @@ void test_backward_eval(const Shape& s, const Cfg& red, size_t mis, int mode, bo
   e.dz = mode == 2 ? (void*)dz2.p() : nullptr;
   emu::g_launch_tag = tag + " (the two passes)";
   if (red.rows) {
-    const dim3 map_rows(rows_grid<T>(C, red).x, 2);
+    const Cfg map2{true, 2, 0, map.bx};
+    const dim3 map_rows = map_grid<T>(s, map2), map_block(map.bx, 256 / map.bx);
     if (mode == 0) launch_backward_reduce_rows<T, I>(rows_grid<T>(C, red), rows_block, r);
     else launch_backward_reduce_relu_rows<T, I>(rows_grid<T>(C, red), rows_block, r);
-    if (mode == 0) launch_backward_dx_rows<T, I>(map_rows, rows_block, e);
-    else if (mode == 1) launch_backward_dx_relu_rows<T, I>(map_rows, rows_block, e);
-    else launch_backward_dx_add_relu_rows<T, I>(map_rows, rows_block, e);
+    if (mode == 0) launch_backward_dx_rows<T, I>(map_rows, map_block, e);
+    else if (mode == 1) launch_backward_dx_relu_rows<T, I>(map_rows, map_block, e);
+    else launch_backward_dx_add_relu_rows<T, I>(map_rows, map_block, e);
   } else {
     if (mode == 0) launch_backward_reduce_planar<T, I>(dim3(red.grid, red.gy), dim3(256), r);
     else launch_backward_reduce_relu_planar<T, I>(dim3(red.grid, red.gy), dim3(256), r);
@@ -1819,21 +1851,23 @@ static void fused_group() {
   int k = 0;
   for (const P& q : ps)
     for (int r = 0; r < 2; ++r) fused_combo(k++, q.s, Cfg{false, q.blocks, 0, 0}, Cfg{false, q.splits, q.gy, 0}, seed);
-  // Rows (inner == 1): C below, at and past 32, vector multiples and not; bx as
-  // launch::rows_block picks it (next power of two of ceil(C/VEC), at most 32), and wider blocks
-  // (bx*VEC >= 32 or a single channel tile, the grid contract).
-  auto bx_for = [](u64 C, int vec) {
-    u64 cols = (C + vec - 1) / vec, b = 1;
-    while (b < cols) b <<= 1;
-    return (unsigned)std::min<u64>(b, 32);
-  };
-  const Shape rs[] = {{7, 3, 1}, {60, 17, 1}, {40, 32, 1}, {9, 1001, 1}, {300, 8, 1}, {5, 1, 1},
-                      {50, 64, 1}, {3, 2048, 1}, {50, 24, 1}, {20, 33, 1}, {20, 100, 1}, {3, 65, 1}};
+  // Rows (inner == 1): C below, at and past 32, vector multiples and not; the reductions' bx as
+  // launch::rows_block picks it for C, the maps' for the super-row width (next power of two of
+  // the columns, at most 32), and wider blocks (bx*VEC >= 32: the maps' mask contract).
+  // Super-rows (P = lcm(C, 32*VEC)): C = 1, 3, 5, 7, 12, 100, 257 with full super-rows and a
+  // partial last one, numel % VEC != 0 (scalar path even when aligned: 1665, 7710, 37, 35980),
+  // a tensor shorter than one super-row (7710, 37, 6), and C % 32 == 0 shapes (P = C or a
+  // multiple).
+  const Shape rs[] = {{7, 3, 1},    {60, 17, 1},   {40, 32, 1},   {9, 1001, 1},  {300, 8, 1},   {5, 1, 1},
+                      {50, 64, 1},  {3, 2048, 1},  {50, 24, 1},   {20, 33, 1},   {20, 100, 1},  {3, 65, 1},
+                      {1000, 1, 1}, {37, 1, 1},    {300, 3, 1},   {2, 3, 1},     {333, 5, 1},   {300, 7, 1},
+                      {100, 12, 1}, {70, 100, 1},  {30, 257, 1},  {140, 257, 1}};
   for (const Shape& s : rs)
     for (unsigned g : {1u, 3u}) {
       const int vec = k % 3 == 0 ? 4 : 8;  // fused_combo(k): f32 when k % 3 == 0
-      const Cfg c{true, g, 0, bx_for(s.C, vec)};
-      fused_combo(k++, s, c, c, seed);
+      const u64 width = vec == 4 ? map_width<F>(s) : map_width<H>(s);
+      const Cfg map{true, g, 0, bx_for(width, vec)}, red{true, g, 0, bx_for(s.C, vec)};
+      fused_combo(k++, s, map, red, seed);
     }
   for (const Shape& s : {Shape{30, 33, 1}, Shape{7, 1001, 1}, Shape{4, 300, 1}}) {
     const Cfg c64{true, 2, 0, 64}, c32{true, 2, 0, 32};
