@@ -468,7 +468,7 @@ template <int UNROLL_V, bool V> __host__ __device__ constexpr int unroll_for() {
 // CH = 32*VEC. Two kinds of unit, by plane size (planar_span):
 //   chunked (inner > CH/2): unit u = (q = u / chunks, k = u % chunks) covers elements
 //     [k*CH, min((k+1)*CH, inner)) of plane q;
-//   packed (inner <= CH/2): unit u covers the G = CH / inner >= 2 whole planes [u*G,
+//   packed (inner <= CH/2, 32-bit indices): unit u covers the G = CH / inner >= 2 whole planes [u*G,
 //     min(u*G + G, outer)) of channel c, its values numbered t = 0 .. G*inner - 1 (plane
 //     u*G + t / inner, element t % inner), so small planes (7x7, 5x5, 3x3) fill the lanes
 //     instead of leaving most of a unit idle (49 halves in 256 slots: 19 %).
@@ -485,12 +485,10 @@ template <typename I> struct PlanarSpan {
   unsigned tail;    // packed: values of the channel's last unit, (outer - (units - 1)*G) * inner
 };
 
-// Packed units with 32-bit indices only (tensors below 2^31 elements). With 64-bit indices the
-// gathered slots cost registers the chunked walk does not (ptxas 13.0, sm_90: the backward
-// reduce 54 instead of 40 for 16-bit data, the one-pass eval backward 90 instead of 48), and
-// their tensors are large enough for the 16-byte path's bandwidth to hide the idle lanes less
-// often anyway; every planar reduction packs the same way, so the eval backward's sums stay the
-// reduce's bit for bit.
+// Packed units with 32-bit indices only (tensors below 2^31 elements): with 64-bit indices the
+// gathered slots cost registers the chunked walk does not (ptxas 13.0, sm_90, 16-bit data: the
+// backward reduce 54 instead of 40, the one-pass eval backward 90 instead of 48). Every planar
+// reduction packs alike, so the eval backward's sums stay the reduce's bit for bit.
 template <typename I> __host__ __device__ constexpr bool packs() { return sizeof(I) == 4; }
 
 // The units of a channels-first geometry (base is per channel: the caller sets it). The host's
@@ -843,9 +841,10 @@ __device__ __forceinline__ bool arrive_last(unsigned* sem, unsigned arrivals, in
 
 // grid (splits, min(C, 65535)), block 256: block (s, y) reduces channels c = y, y + gridDim.y, ...
 // The splits*8 warps of channel c split its units (planar_span: chunks of a plane, or G whole
-// small planes) into contiguous ranges (warp s*8 + w takes range s*8 + w); partial to partials[c][s]; the last block of channel c merges
-// partials[c][0..splits) (thread t: splits t, t+256, ... in order, then the block tree: at most
-// ceil(splits/256) dependent loads per thread, launch::merge_depth) and finalizes c.
+// small planes) into contiguous ranges (warp s*8 + w takes range s*8 + w); partial to
+// partials[c][s]; the last block of channel c merges partials[c][0..splits) (thread t: splits
+// t, t+256, ... in order, then the block tree: at most ceil(splits/256) dependent loads per
+// thread, launch::merge_depth) and finalizes c.
 template <class P, typename T, typename I, int UNROLL>
 __device__ __forceinline__ void split_reduce_planar(const typename P::Params& p) {
   typedef typename P::template State<1> S;
