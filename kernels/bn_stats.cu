@@ -3,7 +3,8 @@
 // bn_stats_planar_<dt>_<ix>  (inner > 1)   grid (splits, min(C, 65535)), block 256.
 //   Block (s, y) handles channels c = y, y + gridDim.y, ...; per channel, warp s*8 + w of the
 //   splits*8 takes the (s*8 + w)-th contiguous range of the channel's warp units (unit = 32 lanes
-//   x VEC elements of one plane).
+//   x VEC elements of one plane, or, planes of at most 16*VEC values with 32-bit indices, the
+//   32*VEC / inner whole planes that fit: common.cuh, planar_span).
 // bn_stats_rows_<dt>_<ix>    (inner == 1)  grid (ceil(C / (bx*VEC)), splits), block (bx, by).
 //   Thread column owns VEC channels, rows strided by splits*by.
 // Per thread: Welford in f32 on x - x(0, c, 0) (a per-channel pivot, see moments.cuh). Planar: each

@@ -3,7 +3,8 @@
 //   dtypes      Dtype<T>: raw 16/32-bit storage, f32 conversions; Pack<T>: one 16-byte vector.
 //   reductions  Welford<K> (one state, one Chan merge, exact when either count is 0) and Sums2<K>;
 //               warp_reduce / block_reduce (1-D block) / block_reduce_y (2-D block, over y).
-//   traversals  walk_planar (warp units over the planes of one channel: the reductions),
+//   traversals  walk_planar (warp units over the planes of one channel: the reductions; chunks
+//               of a plane, or several whole small planes per unit with gathered slots),
 //               walk_flat (the whole tensor as one run of 16-byte vectors: the elementwise passes
 //               over channels-first tensors) and walk_rows (inner == 1), each calling a functor's
 //               load() for UNROLL slices, then its consume().
@@ -74,15 +75,20 @@ template <typename T> union Pack {
 };
 
 // The slots of one thread in one unit (planar, flat) or row (rows): slot k lives at off + k*STEP
-// (STEP = 1 for vector loads and for rows, 32 for planar and flat scalar loads), slots [0, cnt)
-// are valid (always a prefix). Flat walks only: slot 0 is element i of its plane, of channel c
-// (the map steps them slot by slot: a flat slice may span planes); 0 elsewhere.
+// (STEP = 1 for vector loads and for rows, 32 for planar and flat scalar loads) or, STEP ==
+// kGather (the packed planar walk's scalar path, whose slots may lie in different planes), at
+// off + rel[k]; slots [0, cnt) are valid (always a prefix). Flat walks only: slot 0 is element i
+// of its plane, of channel c (the map steps them slot by slot: a flat slice may span planes); 0
+// elsewhere.
 // (mw, mb): where slot 0's bit lives in a ReLU mask (kernels/ABI.md, epilogue.cuh; the mask is
 // flat: element e is bit e % 32 of word e / 32, so mw = off / 32, mb = off % 32): slot k's bit
 // is bit mb + k of the 64 bits from word mw on when STEP == 1 (mb + VEC <= 32 whenever slot 0 is
 // VEC-aligned: the vector paths and the rows maps; the scalar rows reductions over C % VEC != 0
-// may straddle into word mw + 1) and (mw + k, mb) when STEP == 32. Walks always fill them; a
-// functor that reads no mask ignores them and the compiler drops them.
+// may straddle into word mw + 1), (mw + k, mb) when STEP == 32; kGather: element off + rel[k]'s
+// bit, read slot by slot. Walks always fill them (rel: the packed walk only); a functor that
+// reads no mask ignores them and the compiler drops them.
+constexpr int kMaxVec = 8;  // Vec<T>::N of 16-bit types, the most slots a thread has
+constexpr int kGather = 0;  // STEP of the gathered slots (off + rel[k])
 template <typename I> struct Slice {
   I off;
   int cnt;
@@ -90,7 +96,13 @@ template <typename I> struct Slice {
   I i;
   I mw;
   unsigned mb;
+  unsigned rel[kMaxVec];
 };
+
+// Offset of slot k of a scalar slice (STEP 32 or kGather).
+template <int STEP, typename I> __device__ __forceinline__ I slot_offset(const Slice<I>& s, int k) {
+  return STEP == kGather ? s.off + (I)s.rel[k] : s.off + (I)(k * STEP);
+}
 
 template <typename T, bool V, int STEP, typename I>
 __device__ __forceinline__ void load_slots(Pack<T>& p, const Raw<T>* src, const Slice<I>& s) {
@@ -100,7 +112,7 @@ __device__ __forceinline__ void load_slots(Pack<T>& p, const Raw<T>* src, const 
   } else {
 #pragma unroll
     for (int k = 0; k < Vec<T>::N; ++k)
-      if (k < s.cnt) p.r[k] = src[s.off + (I)(k * STEP)];
+      if (k < s.cnt) p.r[k] = src[slot_offset<STEP>(s, k)];
   }
 }
 
@@ -111,7 +123,7 @@ __device__ __forceinline__ void store_slots(Raw<T>* dst, const Pack<T>& p, const
   } else {
 #pragma unroll
     for (int k = 0; k < Vec<T>::N; ++k)
-      if (k < s.cnt) dst[s.off + (I)(k * STEP)] = p.r[k];
+      if (k < s.cnt) dst[slot_offset<STEP>(s, k)] = p.r[k];
   }
 }
 
@@ -454,17 +466,54 @@ template <int UNROLL_V, bool V> __host__ __device__ constexpr int unroll_for() {
 }
 
 // Planar (the reductions over channels-first tensors): the warp units of the planes of one
-// channel c. Unit u = (q = u / chunks, k = u % chunks) covers elements [k*CH, min((k+1)*CH,
-// inner)) of plane q, which starts at base + q*plane_stride (base = c*inner, plane_stride =
-// C*inner); CH = 32*VEC. Offsets are the elements' offsets in the tensor, which is all the ReLU
-// mask needs (for inner > 1 it is flat: element e is bit e % 32 of word e / 32).
+// channel c; plane q starts at base + q*plane_stride (base = c*inner, plane_stride = C*inner),
+// CH = 32*VEC. Two kinds of unit, by plane size (planar_span):
+//   chunked (inner > CH/2): unit u = (q = u / chunks, k = u % chunks) covers elements
+//     [k*CH, min((k+1)*CH, inner)) of plane q;
+//   packed (inner <= CH/2, 32-bit indices): unit u covers the G = CH / inner >= 2 whole planes [u*G,
+//     min(u*G + G, outer)) of channel c, its values numbered t = 0 .. G*inner - 1 (plane
+//     u*G + t / inner, element t % inner), so small planes (7x7, 5x5, 3x3) fill the lanes
+//     instead of leaving most of a unit idle (49 halves in 256 slots: 19 %).
+// All slots of a unit belong to channel c, so the functors' per-channel state is the same for
+// both. Offsets are the elements' offsets in the tensor, which is all the ReLU mask needs (for
+// inner > 1 it is flat: element e is bit e % 32 of word e / 32).
 template <typename I> struct PlanarSpan {
-  u64 units;       // planes * chunks
-  I chunks;        // units per plane, ceil(inner / CH)
-  I inner;         // elements per plane
-  I base;          // offset of plane 0
-  I plane_stride;  // offset between consecutive planes
+  u64 units;        // per channel: planes * chunks (chunked) or ceil(planes / G) (packed)
+  I chunks;         // chunked: units per plane, ceil(inner / CH)
+  I inner;          // elements per plane
+  I base;           // offset of plane 0
+  I plane_stride;   // offset between consecutive planes
+  unsigned planes;  // planes per unit: 1 (chunked) or G >= 2 (packed)
+  unsigned tail;    // packed: values of the channel's last unit, (outer - (units - 1)*G) * inner
 };
+
+// Packed units with 32-bit indices only (tensors below 2^31 elements): with 64-bit indices the
+// gathered slots cost registers the chunked walk does not (ptxas 13.0, sm_90, 16-bit data: the
+// backward reduce 54 instead of 40, the one-pass eval backward 90 instead of 48). Every planar
+// reduction packs alike, so the eval backward's sums stay the reduce's bit for bit.
+template <typename I> __host__ __device__ constexpr bool packs() { return sizeof(I) == 4; }
+
+// The units of a channels-first geometry (base is per channel: the caller sets it). The host's
+// launch::planar_units counts them the same way.
+template <typename T, typename I> __device__ __forceinline__ PlanarSpan<I> planar_span(const Geometry& g) {
+  constexpr unsigned CH = 32u * Vec<T>::N;
+  PlanarSpan<I> sp;
+  sp.inner = (I)g.inner;
+  sp.plane_stride = (I)g.channels * sp.inner;
+  sp.base = 0;
+  if (packs<I>() && g.inner <= CH / 2) {
+    sp.planes = CH / (unsigned)g.inner;
+    sp.units = udiv(g.outer + (sp.planes - 1), sp.planes);
+    sp.tail = (unsigned)(g.outer - (sp.units - 1) * sp.planes) * (unsigned)g.inner;
+    sp.chunks = 1;
+  } else {
+    sp.planes = 1;
+    sp.tail = 0;
+    sp.chunks = (sp.inner + (I)(CH - 1)) / (I)CH;
+    sp.units = g.outer * (u64)sp.chunks;
+  }
+  return sp;
+}
 
 // Warp w of W takes the contiguous units [w*per + min(w, extra), +per + (w < extra)) with
 // per = units / W, extra = units % W (balanced to one unit), walking them in order: consecutive
@@ -517,25 +566,81 @@ __device__ __forceinline__ void walk_planar_impl(F& f, const PlanarSpan<I>& sp, 
   }
 }
 
-// vec is uniform over the grid (inner % VEC and pointer alignment), so the branch never diverges.
+// Packed units (G planes each). Lane slots: vector path t = lane*VEC + [0, VEC) (inner % VEC
+// == 0: the vector lies in one plane and is 16-byte aligned); scalar path t = lane + 32*s, so
+// each load instruction of the warp reads 32 consecutive t (whole runs of planes, contiguous
+// within each), gathered slot by slot (STEP kGather). The offset of t from the unit's first
+// plane, (t / inner)*plane_stride + t % inner, is the same in every unit: a thread divides once
+// per slot here and keeps the offsets (rel) in registers; per unit only the first plane moves,
+// by G*plane_stride. Valid slots are a prefix (t grows with the slot): t < G*inner, or t < tail
+// in the channel's last unit. Slices' mask bits: vector path (mw, mb) as walk_planar_impl's;
+// gathered, element off + rel[k]'s bit (load_mask reads them slot by slot).
+template <typename T, typename I, int UNROLL_V, bool V, class F>
+__device__ __forceinline__ void walk_packed_impl(F& f, const PlanarSpan<I>& sp, I poff, u64 begin, I left) {
+  constexpr int UNROLL = unroll_for<UNROLL_V, V>();
+  constexpr int VEC = Vec<T>::N;
+  constexpr int STEP = V ? 1 : kGather;
+  constexpr int SLOTS = V ? 1 : VEC;  // offsets a lane keeps: its vector's, or each slot's
+  const unsigned lane = threadIdx.x & 31, inner = (unsigned)sp.inner, full = sp.planes * inner;
+  // 32-bit indices only (packs): a valid slot's offset is below numel < 2^31; an invalid one's
+  // may wrap (t past the channel's last plane), and it is never dereferenced.
+  const unsigned stride = (unsigned)sp.plane_stride;
+  unsigned rel[SLOTS];
+  int cnt_full = 0, cnt_tail = 0;
+#pragma unroll
+  for (int s = 0; s < SLOTS; ++s) {
+    const unsigned t = V ? lane * VEC : lane + 32u * s, q = t / inner;
+    rel[s] = q * stride + (t - q * inner);
+    cnt_full += t < full ? (V ? VEC : 1) : 0;
+    cnt_tail += t < sp.tail ? (V ? VEC : 1) : 0;
+  }
+  const unsigned ustride = sp.planes * stride;
+  I to_last = (I)(sp.units - 1 - begin);  // units before the channel's last (wraps when left == 0)
+  for (; left > 0; left -= left < (I)UNROLL ? left : (I)UNROLL) {
+    Slice<I> sl[UNROLL];
+    typename F::Frag fr[UNROLL];
+#pragma unroll
+    for (int j = 0; j < UNROLL; ++j) {
+      sl[j].off = V ? poff + (I)rel[0] : poff;  // past the end when cnt == 0: never dereferenced
+      sl[j].cnt = (I)j < left ? (to_last == 0 ? cnt_tail : cnt_full) : 0;
+      sl[j].c = 0;
+      sl[j].i = 0;
+      sl[j].mw = sl[j].off >> 5;
+      sl[j].mb = (unsigned)sl[j].off & 31u;
+#pragma unroll
+      for (int s = 0; s < SLOTS; ++s) sl[j].rel[s] = rel[s];
+      poff += (I)ustride;  // next unit
+      --to_last;
+    }
+#pragma unroll
+    for (int j = 0; j < UNROLL; ++j) f.template load<V, STEP>(fr[j], sl[j]);
+#pragma unroll
+    for (int j = 0; j < UNROLL; ++j) f.template consume<V, STEP>(fr[j], sl[j]);
+  }
+}
+
+// vec is uniform over the grid (inner % VEC and pointer alignment), and so is the kind of unit:
+// the branches never diverge.
 template <typename T, typename I, int UNROLL, class F>
 __device__ __forceinline__ void walk_planar(F& f, bool vec, const PlanarSpan<I>& sp, u64 warp, u64 warps) {
   constexpr unsigned CH = 32u * Vec<T>::N;
   const u64 per = udiv(sp.units, warps), extra = sp.units - per * warps;
   const u64 begin = warp * per + (warp < extra ? warp : extra);  // <= units: no overflow
+  const I left = (I)(per + (warp < extra ? 1 : 0));
+  // If left == 0, begin may be == units and the offsets past the end: never used.
+  if (packs<I>() && sp.planes > 1) {
+    const I poff = sp.base + (I)begin * (I)(sp.planes * (unsigned)sp.plane_stride);
+    if (vec) walk_packed_impl<T, I, UNROLL, true>(f, sp, poff, begin, left);
+    else walk_packed_impl<T, I, UNROLL, false>(f, sp, poff, begin, left);
+    return;
+  }
   PlanarCursor<I> cur;
-  cur.left = (I)(per + (warp < extra ? 1 : 0));
-  // If left == 0, begin may be == units and the cursor past the end: never used.
+  cur.left = left;
   const u64 q = udiv(begin, sp.chunks);
   cur.coff = (I)(begin - q * sp.chunks) * (I)CH;
   cur.poff = sp.base + (I)q * sp.plane_stride;
   if (vec) walk_planar_impl<T, I, UNROLL, true>(f, sp, cur);
   else walk_planar_impl<T, I, UNROLL, false>(f, sp, cur);
-}
-
-template <typename T, typename I> __device__ __forceinline__ I planar_chunks(I inner) {
-  constexpr unsigned CH = 32u * Vec<T>::N;
-  return (inner + (I)(CH - 1)) / (I)CH;
 }
 
 // Flat (the elementwise passes over channels-first tensors): the tensor as one run of n elements
@@ -753,10 +858,11 @@ __device__ __forceinline__ bool arrive_last(unsigned* sem, unsigned arrivals, in
 // One split (splits == 1): no partials, no semaphore; the block finalizes its own state.
 
 // grid (splits, min(C, 65535)), block 256: block (s, y) reduces channels c = y, y + gridDim.y, ...
-// The splits*8 warps of channel c split its outer*chunks units into contiguous ranges (warp
-// s*8 + w takes range s*8 + w); partial to partials[c][s]; the last block of channel c merges
-// partials[c][0..splits) (thread t: splits t, t+256, ... in order, then the block tree: at most
-// ceil(splits/256) dependent loads per thread, launch::merge_depth) and finalizes c.
+// The splits*8 warps of channel c split its units (planar_span: chunks of a plane, or G whole
+// small planes) into contiguous ranges (warp s*8 + w takes range s*8 + w); partial to
+// partials[c][s]; the last block of channel c merges partials[c][0..splits) (thread t: splits
+// t, t+256, ... in order, then the block tree: at most ceil(splits/256) dependent loads per
+// thread, launch::merge_depth) and finalizes c.
 template <class P, typename T, typename I, int UNROLL>
 __device__ __forceinline__ void split_reduce_planar(const typename P::Params& p) {
   typedef typename P::template State<1> S;
@@ -767,11 +873,7 @@ __device__ __forceinline__ void split_reduce_planar(const typename P::Params& p)
   const I C = (I)p.g.channels, inner = (I)p.g.inner;
   const unsigned splits = (unsigned)p.splits;
   const bool vec = inner % (I)VEC == 0 && P::vec_ok(p);
-  PlanarSpan<I> sp;
-  sp.chunks = planar_chunks<T>(inner);
-  sp.units = p.g.outer * (u64)sp.chunks;
-  sp.inner = inner;
-  sp.plane_stride = C * inner;
+  PlanarSpan<I> sp = planar_span<T, I>(p.g);
   for (u64 c = blockIdx.y; c < (u64)C; c += gridDim.y) {
     typename P::template PlanarAcc<T, I> acc(p, c);
     sp.base = (I)c * inner;

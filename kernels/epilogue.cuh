@@ -5,7 +5,8 @@
 //                 last word are 0. A function of the shape alone, independent of dtype and of
 //                 the load path (vector or scalar): a mask written through one path is read
 //                 correctly through the other. Slice::mw/mb (common.cuh) locate a slice's bits.
-//   load_mask     a slice's bits (bit k = slot k), plain loads (lanes sharing a word broadcast).
+//   load_mask     a slice's bits (bit k = slot k), plain loads (lanes sharing a word broadcast;
+//                 gathered slots of the packed planar walk: one word per slot).
 //   store_mask    a slice's bits written without atomics: lanes sharing a word OR their bits by
 //                 shuffles (STEP == 1) or ballot one word per slot (STEP == 32, flat scalar),
 //                 then exactly one lane stores each word. Every word of an element in range is
@@ -43,6 +44,16 @@ __device__ __forceinline__ unsigned load_mask(const unsigned* mask, const Slice<
         bits = (unsigned)(two >> s.mb) & ((1u << VEC) - 1u);
       }
     }
+  } else if (STEP == kGather) {
+    // Packed planar slots (common.cuh, walk_packed_impl): element e = off + rel[k] anywhere in
+    // up to VEC planes, so each slot reads its own word (the warp's 32 slots k cover a few
+    // consecutive words per plane: L1 hits after the first). Not collective.
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      if (k < s.cnt) {
+        const I e = s.off + (I)s.rel[k];
+        bits |= ((__ldg(mask + (e >> 5)) >> ((unsigned)e & 31u)) & 1u) << k;
+      }
   } else {
     // Lane l's slots are elements e0 + l + 32k (e0: lane 0's), so with mb0 = e0 % 32 slot k of
     // lane l is bit (mb0 + l) % 32 = mb of word mw0 + k + d, d = (mb0 + l) / 32 (0 or 1; always 0
@@ -72,6 +83,7 @@ __device__ __forceinline__ unsigned load_mask(const unsigned* mask, const Slice<
 // lane); lane k stores it when lane 0's slot k is in range (lane 0 has the most valid slots).
 template <int VEC, int STEP, typename I>
 __device__ __forceinline__ void store_mask(unsigned* mask, const Slice<I>& s, unsigned bits, unsigned group) {
+  static_assert(STEP != kGather, "masks are written by the maps' walks (flat, rows), never gathered");
   const unsigned lane = lane_id();
   if (STEP == 1) {
     unsigned v = bits << s.mb;

@@ -2,6 +2,7 @@
 //! residency (its blocks per SM). Call sites never compute a block size; every rule here is
 //! unit-tested on the CPU.
 
+use super::kernels::IndexWidth;
 use crate::dtype::DType;
 use crate::shape::Geometry;
 
@@ -88,9 +89,19 @@ pub fn rows_map_width(channels: u64, numel: u64, vec: u64) -> u64 {
     lcm.min(numel.next_multiple_of(32))
 }
 
-/// Warp units of one plane: chunks of 32 lanes x VEC values.
-fn units_per_plane(inner: u64, vec: u64) -> u64 {
-    inner.div_ceil(32 * vec)
+/// Warp units of one channel of a planar (channels-first) reduction, as the kernels count them
+/// (`kernels/common.cuh`, planar_span): a plane of more than half a unit (`16 * VEC` values) is
+/// cut into chunks of 32 lanes x `VEC` values; smaller planes are packed, `32 * VEC / inner`
+/// whole planes per unit, when the kernel takes 32-bit indices (its `packs`).
+fn planar_units(g: &Geometry, dtype: DType) -> u64 {
+    let (outer, inner) = (g.outer as u64, (g.inner as u64).max(1));
+    let unit = 32 * vector_width(dtype);
+    let packs = IndexWidth::for_numel(g.outer * g.channels * g.inner) == IndexWidth::I32;
+    if packs && inner <= unit / 2 {
+        outer.div_ceil(unit / inner)
+    } else {
+        outer * inner.div_ceil(unit)
+    }
 }
 
 /// How many blocks of one kernel the device runs at once: `sm_count * blocks_per_sm` is one full
@@ -187,7 +198,7 @@ pub fn reduction(g: &Geometry, dtype: DType, resident: Residency) -> Launch {
     let channels = g.channels as u64;
     match Traversal::of(g) {
         Traversal::Planar => {
-            let units = g.outer as u64 * units_per_plane(g.inner as u64, vec);
+            let units = planar_units(g, dtype);
             let splits = splits_for(channels, units, channels, resident);
             Launch {
                 grid: (splits, channels.min(MAX_GRID_Y) as u32, 1),
@@ -513,6 +524,39 @@ mod tests {
             assert_eq!(l.splits, splits, "{dims:?} {layout:?} {dtype}: {l:?}");
             assert_eq!(merge_depth(Traversal::of(&g), &l), depth, "{dims:?}: {l:?}");
         }
+    }
+
+    /// Item 2: small planes are packed into warp units (several planes of one channel per unit)
+    /// when the tensor takes 32-bit indices, so the split counts follow the kernels' units.
+    #[test]
+    fn small_planes_pack_into_warp_units() {
+        let units =
+            |dims: &[usize], dtype| planar_units(&geometry(dims, Layout::ChannelsFirst), dtype);
+        // 7x7: 256 / 49 = 5 planes per f16 unit, 128 / 49 = 2 per f32 unit.
+        assert_eq!(units(&[64, 2048, 7, 7], DType::F16), 13);
+        assert_eq!(units(&[64, 2048, 7, 7], DType::BF16), 13);
+        assert_eq!(units(&[64, 2048, 7, 7], DType::F32), 32);
+        // 3x3: 14 planes per f32 unit, 28 per f16 unit; a partial last unit.
+        assert_eq!(units(&[64, 8, 3, 3], DType::F32), 5);
+        assert_eq!(units(&[64, 8, 3, 3], DType::F16), 3);
+        // At half a unit (64 floats, 128 halves) two planes share a unit; past it, chunks.
+        assert_eq!(units(&[7, 3, 64], DType::F32), 4);
+        assert_eq!(units(&[7, 3, 65], DType::F32), 7);
+        assert_eq!(units(&[7, 3, 128], DType::F16), 4);
+        assert_eq!(units(&[7, 3, 129], DType::F16), 7);
+        // 14x14 is more than half a unit in every dtype: 2 chunks per f32 plane, 1 per f16.
+        assert_eq!(units(&[64, 256, 14, 14], DType::F32), 128);
+        assert_eq!(units(&[64, 256, 14, 14], DType::F16), 64);
+        // 64-bit indices (2^31 values or more): the kernels keep chunked units.
+        assert_eq!(units(&[4096, 10_700, 7, 7], DType::F16), 4096);
+        assert_eq!(units(&[4096, 10_600, 7, 7], DType::F16), 820);
+        // A 7x7 f32 layer with few channels gets fewer, fuller splits.
+        let l = reduction(
+            &geometry(&[256, 4, 7, 7], Layout::ChannelsFirst),
+            DType::F32,
+            H100,
+        );
+        assert_eq!(l.splits, 4, "{l:?}"); // 128 units / (8 warps x 4 units)
     }
 
     #[test]

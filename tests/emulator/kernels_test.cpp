@@ -396,13 +396,20 @@ template <class T, class I> void test_stats(const Shape& s, const Cfg& cfg, cons
 static void stats_group() {
     // Planar (inner > 1): tails (inner % 32*VEC != 0), scalar path (inner % VEC != 0 or
     // misaligned), one and many splits, more splits than units, gy < C (channel loop).
+    // Packed units (inner <= 16*VEC: G = 32*VEC / inner planes per unit): 7x7, 5x5, 3x3, 1x2
+    // and 4x4 planes (gathered scalar slots; 4x4 aligned: vectors), planes just below and at
+    // 16*VEC (63, 64 for f32; 127, 128 for 16-bit types) and just past it (65, 129: chunked),
+    // outer not a multiple of G (a partial last unit), more warps than units.
     struct P {
       Shape s;
       unsigned splits, gy;
     };
     const P ps[] = {{{2, 3, 5}, 1, 3},   {{1, 1, 2}, 3, 1},   {{3, 2, 257}, 2, 2},    {{2, 5, 1024}, 3, 2}, {{4, 3, 1000}, 5, 3},
                     {{1, 17, 33}, 1, 17}, {{5, 1, 4097}, 7, 1}, {{2, 2, 31}, 4, 1},   {{3, 4, 7}, 2, 4},    {{2, 3, 2}, 2, 3},
-                    {{1, 2, 20000}, 6, 2}, {{300, 2, 3}, 3, 2}, {{3, 2, 2000}, 600, 2}};
+                    {{1, 2, 20000}, 6, 2}, {{300, 2, 3}, 3, 2}, {{3, 2, 2000}, 600, 2},
+                    {{23, 3, 49}, 1, 3},  {{23, 3, 49}, 3, 2},  {{41, 2, 25}, 4, 2},  {{37, 2, 9}, 2, 2},   {{259, 2, 2}, 2, 2},
+                    {{19, 3, 16}, 2, 3},  {{7, 2, 63}, 2, 2},   {{7, 2, 64}, 1, 2},   {{3, 2, 65}, 2, 2},   {{5, 2, 127}, 2, 1},
+                    {{5, 2, 128}, 3, 2},  {{3, 2, 129}, 1, 2},  {{9, 2, 196}, 2, 2}};
     unsigned seed = 100;
     for (const P& q : ps) {
       const Cfg cfg{false, q.splits, q.gy, 0};
@@ -732,10 +739,15 @@ static void backward_group() {
       Shape s;
       unsigned splits, gy, blocks;
     };
+    // Packed planar units as in the stats group: 7x7, 5x5, 3x3, 1x2, 4x4 (vectors), at and
+    // around 16*VEC, partial last units, one and many splits.
     const P ps[] = {{{2, 3, 5}, 1, 3, 1},   {{3, 2, 257}, 2, 1, 3},  {{2, 5, 1024}, 3, 5, 2},
                     {{1, 17, 33}, 2, 9, 5}, {{5, 2, 4097}, 7, 2, 9}, {{2, 3, 2}, 2, 3, 2},
                     {{2, 4, 49}, 2, 4, 3},  {{3, 8, 9}, 1, 5, 2},    {{2, 8, 196}, 3, 8, 5},
-                    {{2, 4, 3}, 2, 2, 1}};
+                    {{2, 4, 3}, 2, 2, 1},   {{23, 3, 49}, 3, 2, 3},  {{23, 3, 49}, 1, 3, 2},
+                    {{41, 2, 25}, 4, 2, 2}, {{37, 2, 9}, 2, 2, 2},   {{259, 2, 2}, 3, 2, 2},
+                    {{19, 3, 16}, 2, 3, 2}, {{7, 2, 63}, 2, 2, 2},   {{7, 2, 64}, 1, 2, 2},
+                    {{5, 2, 127}, 2, 2, 2}, {{5, 2, 128}, 3, 1, 2}, {{9, 2, 196}, 2, 2, 2}};
     unsigned seed = 300;
     for (const P& q : ps) {
       const Cfg red{false, q.splits, q.gy, 0}, map{false, q.blocks, 0, 0};
@@ -1344,7 +1356,8 @@ static void sync_group() {
     Shape s;
     unsigned splits, gy;
   };
-  const P ps[] = {{{12, 3, 5}, 2, 3}, {{12, 2, 257}, 3, 2}, {{12, 5, 1000}, 4, 3}, {{12, 17, 33}, 1, 17}};
+  const P ps[] = {{{12, 3, 5}, 2, 3},  {{12, 2, 257}, 3, 2}, {{12, 5, 1000}, 4, 3}, {{12, 17, 33}, 1, 17},
+                  {{12, 3, 49}, 2, 3}, {{12, 2, 9}, 3, 2},   {{12, 2, 25}, 1, 2}};  // packed units: 7x7, 3x3, 5x5
   const std::vector<std::vector<u64>> splits = {{12}, {0, 12}, {5, 0, 7}, {0, 1, 0, 2, 0, 4, 5, 0}, {1, 11}};
   for (const P& q : ps)
     for (const auto& sz : splits) {
@@ -1844,10 +1857,15 @@ static void fused_group() {
     Shape s;
     unsigned blocks, splits, gy;
   };
+  // Packed reduce units (several planes per warp unit, gathered mask bits): 7x7, 5x5, 3x3, 1x2,
+  // 4x4 and 127 with partial last units and several splits (a multiple of 6 shapes, so the
+  // rows cases below keep their dtypes).
   const P ps[] = {{{2, 3, 5}, 1, 1, 3},  {{3, 2, 257}, 2, 2, 1}, {{2, 3, 1024}, 3, 3, 2}, {{1, 5, 33}, 4, 2, 3},
                   {{2, 2, 4097}, 7, 3, 2}, {{3, 4, 7}, 100, 2, 4}, {{2, 3, 2}, 2, 2, 3},    {{4, 3, 256}, 1, 1, 3},
                   {{2, 3, 32}, 3, 2, 3},  {{2, 2, 64}, 2, 2, 2},   {{3, 2, 40}, 5, 1, 2},    {{2, 3, 96}, 2, 3, 1},
-                  {{2, 4, 49}, 3, 2, 3},  {{3, 8, 9}, 2, 2, 5},    {{2, 4, 3}, 1, 1, 4},     {{2, 8, 196}, 5, 3, 8}};
+                  {{2, 4, 49}, 3, 2, 3},  {{3, 8, 9}, 2, 2, 5},    {{2, 4, 3}, 1, 1, 4},     {{2, 8, 196}, 5, 3, 8},
+                  {{23, 3, 49}, 3, 3, 2}, {{37, 2, 9}, 2, 2, 2},   {{41, 2, 25}, 2, 1, 2},   {{259, 2, 2}, 2, 4, 2},
+                  {{19, 3, 16}, 2, 2, 3}, {{5, 2, 127}, 2, 2, 2}};
   int k = 0;
   for (const P& q : ps)
     for (int r = 0; r < 2; ++r) fused_combo(k++, q.s, Cfg{false, q.blocks, 0, 0}, Cfg{false, q.splits, q.gy, 0}, seed);
