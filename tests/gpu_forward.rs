@@ -814,7 +814,7 @@ fn gpu_single_pass_layer_tracks_the_two_pass_layer() {
     assert!(single.single_pass_forward_fits(&desc, DType::F32).unwrap());
     let config = BatchNormConfig::new(24);
     let mut layers = [
-        gpu::BatchNorm::new(&split, config.clone()).unwrap(),
+        gpu::BatchNorm::new(&split, config).unwrap(),
         gpu::BatchNorm::new(&single, config).unwrap(),
     ];
     for step in 0..3u64 {
