@@ -286,8 +286,8 @@ pub(crate) struct SinglePass<'r, 'a, T> {
 /// (`kernels/bn_onchip.cu`): the batch statistics into `stats` and `y`, as [`batch_statistics`]
 /// then [`normalize`] would give them. `Ok(false)`, with nothing queued, when it does not apply:
 /// the context has it off, the tensor does not fit on chip, or the device refuses the
-/// cooperative grid (`CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE`); the caller then runs the two
-/// passes. One launch. The workspace holds the partials and, past the semaphores, the grid
+/// cooperative grid (`CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE`, or `CUDA_ERROR_NOT_SUPPORTED`
+/// where cooperative launches are not); the caller then runs the two passes. One launch. The workspace holds the partials and, past the semaphores, the grid
 /// barrier's word (zero between calls, as the semaphores).
 pub(crate) fn single_pass_forward<T: Element>(
     gpu: &GpuContext,
@@ -328,7 +328,14 @@ pub(crate) fn single_pass_forward<T: Element>(
         .onchip(T::DTYPE, IndexWidth::for_numel(op.desc.numel()));
     match kernel.launch(gpu.stream(), plan.launch, plan.shared_bytes, &params) {
         Ok(()) => Ok(true),
-        Err(Error::Driver(e)) if e.0 == sys::CUresult::CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE => {
+        // Refused before anything was queued: the two passes run instead.
+        Err(Error::Driver(e))
+            if matches!(
+                e.0,
+                sys::CUresult::CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE
+                    | sys::CUresult::CUDA_ERROR_NOT_SUPPORTED
+            ) =>
+        {
             Ok(false)
         }
         Err(e) => Err(e),
