@@ -74,7 +74,7 @@ GRAPH_OPS = ("bn_fwd_graph", "bn_eval_graph", "bn_bwd_graph")
 TRAIN_EVAL = ("bn_fwd", "bn_eval", "bn_bwd")
 OPS = BN_OPS + GRAPH_OPS + ("bn_fold",) + NORM_OPS
 # Passes over the tensor (minimal model, practical model), as in gpu_bench's Op::passes.
-PASSES = {"bn_fwd": (2, 3), "bn_eval": (2, 2), "bn_bwd": (3, 5), "bn_eval_bwd": (3, 4),
+PASSES = {"bn_fwd": (2, 3), "bn_fwd_single_pass": (2, 2), "bn_eval": (2, 2), "bn_bwd": (3, 5), "bn_eval_bwd": (3, 4),
           "bn_add_relu_fwd": (3, 4), "bn_add_relu_bwd": (4, 6), "bn_fold": (2, 2),
           **{op: ((3, 7) if op.endswith("_bwd") else (2, 3)) for op in NORM_OPS}}
 # Passes over the fused rows' 1-bit mask (minimal, practical), as in gpu_bench's Op::bytes.
@@ -96,6 +96,28 @@ RESNET50_CHW = [
 def plain_op(op):
     """The op a graph row replays; every other op is its own."""
     return op[: -len("_graph")] if op.endswith("_graph") else op
+
+
+def torch_op(op):
+    """What PyTorch runs for one of our rows: the single-pass forward is its training forward."""
+    return "bn_fwd" if op == "bn_fwd_single_pass" else plain_op(op)
+
+
+# Largest tensor with a single-pass row; keep in sync with gpu_bench's SINGLE_PASS_MAX_BYTES.
+SINGLE_PASS_MAX_BYTES = 13_000_000
+
+
+def with_single_pass(dims, layout, dtype, ops):
+    """ops with a bn_fwd_single_pass row after bn_fwd where gpu_bench has one (with_single_pass):
+    channels-last or (N, C), at most SINGLE_PASS_MAX_BYTES."""
+    single = (len(dims) == 2 or layout == "channels_last") and \
+        math.prod(dims) * SIZES[dtype] <= SINGLE_PASS_MAX_BYTES
+    out = []
+    for op in ops:
+        out.append(op)
+        if single and op == "bn_fwd":
+            out.append("bn_fwd_single_pass")
+    return out
 
 
 def dims_name(dims):
@@ -166,7 +188,7 @@ def default_rows(quick):
     for suite, dims, layouts, dtypes, ops in bn_cases(quick):
         for layout in layouts:
             for dtype in dtypes:
-                for op in ops:
+                for op in with_single_pass(dims, layout, dtype, ops):
                     rows.append({"name": f"{op}/{dtype}/{dims_name(dims)}/{layout}", "op": op,
                                  "suite": suite, "dtype": dtype, "layout": layout, "shape": dims})
     for kind, shape, groups in fold_cases(quick):
@@ -339,7 +361,7 @@ def bench_bn(torch, timer, row, cudnn):
     F = torch.nn.functional
     aten = torch.ops.aten
     shape, layout, op = row["shape"], row["layout"], row["op"]
-    plain = plain_op(op)
+    plain = torch_op(op)
     dtype = torch_dtype(torch, row["dtype"])
     c = shape[1]
     x = make_input(torch, shape, layout, dtype, lambda ch: (ch * 7 % 13) * 0.5 - 3.0,
@@ -738,7 +760,7 @@ def self_test(ours_path=None):
             assert row_bytes(mine) == (theirs["bytes_min"], theirs["bytes_practical"]), mine["name"]
         rows = ours["rows"]
     for k, row in enumerate(rows):
-        if row["op"] in BN_OPS + GRAPH_OPS:
+        if row["op"] in BN_OPS + GRAPH_OPS + ("bn_fwd_single_pass",):
             row["torch_cudnn"] = {"median_us": 100.0 + k}
             row["torch_cudnn_backend"] = "Cudnn" if row["dtype"] != "bf16" else "Native"
         row["torch_native"] = {"median_us": 120.0 + k}
@@ -765,12 +787,23 @@ def self_test(ours_path=None):
     assert doc["stats_pass"][0]["ours_us"] is None  # row 1 (its eval) has no time of ours
     assert doc["stats_pass"][1]["ours_us"] == -1.0 and doc["stats_pass"][1]["ours_gbs"] is None
     # Quick: issue 16's six shapes, fwd/eval/bwd each; full: every case and op of gpu_bench.
-    assert [r["name"] for r in default_rows(quick=True)][::3] == [
+    # Plus a single-pass row right after each bn_fwd row of a small enough rows tensor.
+    quick_rows = default_rows(quick=True)
+    singles = [r["name"] for r in quick_rows if r["op"] == "bn_fwd_single_pass"]
+    assert singles == ["bn_fwd_single_pass/f32/100000x32/channels_first"], singles
+    assert [r["name"] for r in quick_rows if r["op"] != "bn_fwd_single_pass"][::3] == [
         f"bn_fwd/{dtype}/{dims_name(dims)}/{layout}" for _, dims, layout, dtype in QUICK]
-    assert len(default_rows(quick=True)) == 6 * 3
+    assert len(quick_rows) == 6 * 3 + 1
     bn_full = (6 * 6 + 12 * 2 * 3 * 6 + 12 * 2 * 3 * 3 + 5 * 2 * 3 * 6 + (2 * 2 + 1) * 3 * 6
                + 2 * 3 * 3 + 3 * 6 + (1 + 2 * 2) * 3 * 6)
-    assert len(default_rows(quick=False)) == bn_full + 7 * 3 + 10 * 3 * 2
+    full_rows = default_rows(quick=False)
+    full_singles = [k for k, r in enumerate(full_rows) if r["op"] == "bn_fwd_single_pass"]
+    for k in full_singles:
+        r, before = full_rows[k], full_rows[k - 1]
+        assert before["name"] == r["name"].replace("bn_fwd_single_pass/", "bn_fwd/", 1), r["name"]
+        assert len(r["shape"]) == 2 or r["layout"] == "channels_last", r["name"]
+        assert numel(r["shape"]) * SIZES[r["dtype"]] <= SINGLE_PASS_MAX_BYTES, r["name"]
+    assert len(full_rows) == bn_full + len(full_singles) + 7 * 3 + 10 * 3 * 2
     print(md)
     print(f"self-test passed on {len(rows)} rows" + (f" of {ours_path}" if ours else "")
           + " (fake timings above; nothing was measured)")

@@ -98,6 +98,10 @@ enum Op {
     Bwd,
     /// The backward of an eval forward (running statistics are constants).
     EvalBwd,
+    /// The training forward in one pass, keeping the tensor on chip (opted in on the context:
+    /// `GpuContext::with_single_pass_forward`); rows only where it applies
+    /// ([`with_single_pass`]).
+    SinglePassFwd,
     /// `y = relu(BN(x) + z)` with its mask, and its backward (`dx`, `dz`, parameter gradients).
     AddReluFwd,
     AddReluBwd,
@@ -144,6 +148,7 @@ impl Op {
     fn name(self) -> &'static str {
         match self {
             Op::Fwd => "bn_fwd",
+            Op::SinglePassFwd => "bn_fwd_single_pass",
             Op::Eval => "bn_eval",
             Op::Bwd => "bn_bwd",
             Op::EvalBwd => "bn_eval_bwd",
@@ -196,7 +201,8 @@ impl Op {
     fn passes(self) -> (u64, u64) {
         match self.plain() {
             Op::Fwd => (2, 3),
-            Op::Eval | Op::Fold => (2, 2),
+            // x read once into shared memory, y written from it.
+            Op::Eval | Op::Fold | Op::SinglePassFwd => (2, 2),
             Op::Bwd => (3, 5),
             // Eval backward: x and dy read, dx written; ours: the reduce (x, dy), then dx (dy, dx).
             Op::EvalBwd => (3, 4),
@@ -213,6 +219,26 @@ impl Op {
             Op::Norm { backward: true, .. } => (3, 7),
         }
     }
+}
+
+/// Largest tensor the single-pass forward gets a row for: on an H100/H200 (132 SMs, 227 KB of
+/// shared memory per block) a tensor of this size fits on chip even with its channel tiles
+/// padded (bench/PLAN.md); a larger one would take the two passes.
+const SINGLE_PASS_MAX_BYTES: usize = 13_000_000;
+
+/// `case.ops` in `layout` and `dtype`, with a single-pass row after the training forward's
+/// where it applies: channels-last or `(N, C)`, at most [`SINGLE_PASS_MAX_BYTES`]
+/// (`bench/pytorch_bench.py`'s `with_single_pass` is the same rule).
+fn with_single_pass(case: &BnCase, layout: Layout, dtype: DType) -> Vec<Op> {
+    let rows = case.dims.len() == 2 || layout == Layout::ChannelsLast;
+    let bytes = case.dims.iter().product::<usize>() * dtype.size_of();
+    let single = rows && bytes <= SINGLE_PASS_MAX_BYTES;
+    case.ops
+        .iter()
+        .flat_map(|&op| {
+            std::iter::once(op).chain((single && op == Op::Fwd).then_some(Op::SinglePassFwd))
+        })
+        .collect()
 }
 
 /// One batch-norm shape of the suite, the layouts and dtypes it runs in (rank-2 shapes in one
@@ -816,8 +842,18 @@ impl<T: Element> BnBuffers<T> {
             mean: self.eval_mean.as_view(),
             var: self.eval_var.as_view(),
         };
+        let single;
+        let gpu = if op == Op::SinglePassFwd {
+            single = gpu.with_single_pass_forward(true);
+            if !single.single_pass_forward_fits(&self.desc, T::DTYPE)? {
+                return Err("the single-pass forward does not fit on this device".into());
+            }
+            &single
+        } else {
+            gpu
+        };
         match op.plain() {
-            Op::Fwd | Op::AddReluFwd => {
+            Op::Fwd | Op::AddReluFwd | Op::SinglePassFwd => {
                 let [sm, sl, si] = &mut self.saved;
                 let epilogue = match (&self.z, &mut self.mask) {
                     (Some(z), Some(mask)) if fused => functional::Epilogue::AddRelu {
@@ -984,6 +1020,7 @@ fn run_bn<T: Element>(
     let mut checks: Vec<(Op, Check)> = Vec::new();
     let order = [
         Op::Fwd,
+        Op::SinglePassFwd,
         Op::Eval,
         Op::Bwd,
         Op::EvalBwd,
@@ -1103,7 +1140,7 @@ fn check_op<T: Element>(
     let (w, b) = (Some(&r.weight[..]), Some(&r.bias[..]));
     let eval_stats = |r: &Reference<T>| (r.rm_eval.clone(), r.rv_eval.clone());
     match op {
-        Op::Fwd | Op::AddReluFwd => {
+        Op::Fwd | Op::AddReluFwd | Op::SinglePassFwd => {
             poison(&stream, &mut bufs.y)?;
             // The running statistics start from PyTorch's initial values at every check.
             stream.memcpy_htod(&vec![0.0f32; bufs.desc.channels()], &mut bufs.running_mean)?;
@@ -1116,7 +1153,7 @@ fn check_op<T: Element>(
             let running = Some(reference::RunningUpdate::pytorch(
                 &mut rm, &mut rv, MOMENTUM,
             ));
-            let saved = if op == Op::Fwd {
+            let saved = if op != Op::AddReluFwd {
                 reference::forward_training(&r.x, &subset.desc, w, b, running, EPS, &mut y_ref)?
             } else {
                 let mut mask = vec![0u32; mask_words(&subset.desc)];
@@ -1776,8 +1813,9 @@ fn run(gpu: Option<GpuContext>, args: &Args) -> BoxResult<bool> {
         for &layout in &case.layouts {
             for &dtype in &case.dtypes {
                 // Only the ops whose rows the filter keeps run.
-                let not_measured = vec![Err(NOT_MEASURED.into()); case.ops.len()];
-                let planned = bn_rows(&case, case.ops, layout, dtype, not_measured);
+                let case_ops = with_single_pass(&case, layout, dtype);
+                let not_measured = vec![Err(NOT_MEASURED.into()); case_ops.len()];
+                let planned = bn_rows(&case, &case_ops, layout, dtype, not_measured);
                 let ops: Vec<Op> = planned
                     .iter()
                     .filter(|r| wanted(&r.name))

@@ -1171,6 +1171,30 @@ __device__ __forceinline__ void map_rows(const Geometry& g, const void* in0, con
                                 (I)(blockIdx.y * blockDim.y + threadIdx.y), (I)(gridDim.y * blockDim.y));
 }
 
+// ------------------------------------------------------------------------------------------------
+// Grid-wide barrier of a cooperative launch (every block resident: cuLaunchCooperativeKernel).
+// ------------------------------------------------------------------------------------------------
+// One 32-bit word of the workspace, whose low 31 bits are 0 between barriers. Each block's
+// thread 0, after the block's barrier (its writes ordered before it) and a release fence, adds 1,
+// except block (0, 0), which adds 2^31 - (expected - 1): the arrivals of one barrier add exactly
+// 2^31, so bit 31 flips when (and only when) the last one arrives, and the low bits are 0 again,
+// ready for the next barrier or launch. The waiting threads spin on a volatile read of the word
+// with __nanosleep until bit 31 differs from what their own add saw, then fence (acquire) and
+// release their blocks. expected: the blocks of the grid (< 2^31), all of which must call it.
+__device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned expected) {
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    const bool first = blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0;
+    const unsigned add = first ? 0x80000000u - (expected - 1u) : 1u;
+    __threadfence();
+    const unsigned seen = atomicAdd(counter, add);
+    const volatile unsigned* word = counter;
+    while (((seen ^ *word) & 0x80000000u) == 0u) __nanosleep(32);
+    __threadfence();
+  }
+  __syncthreads();
+}
+
 }  // namespace bn
 
 // ------------------------------------------------------------------------------------------------

@@ -741,3 +741,130 @@ fn gpu_fold_rounds_once_past_a_half_way_point() {
     check::<f16>(&gpu);
     check::<bf16>(&gpu);
 }
+
+/// Channels-last and `(N, C)` shapes of the single-pass forward: C = 1, 8, 64, 100, rows that
+/// are not a multiple of any block's band.
+fn single_pass_shapes() -> Vec<TensorDesc> {
+    vec![
+        TensorDesc::new(&[1037, 1], Layout::ChannelsFirst).unwrap(),
+        TensorDesc::new(&[3, 8, 7, 9], Layout::ChannelsLast).unwrap(),
+        TensorDesc::new(&[501, 8], Layout::ChannelsFirst).unwrap(),
+        TensorDesc::nhwc(2, 64, 9, 11).unwrap(),
+        TensorDesc::new(&[300, 100], Layout::ChannelsFirst).unwrap(),
+        TensorDesc::nhwc(3, 100, 5, 3).unwrap(),
+    ]
+}
+
+/// The single-pass forward (opted in on the context) against the CPU reference with the
+/// two-pass path's tolerances (y, saved and running statistics), the same statistics as the
+/// two-pass path within them, and bitwise the same results on a repeat.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_single_pass_forward_matches_reference_and_split_path() {
+    let split = gpu();
+    let single = split.with_single_pass_forward(true);
+    assert!(single.single_pass_forward() && !split.single_pass_forward());
+    for (i, desc) in single_pass_shapes().iter().enumerate() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            assert!(
+                single.single_pass_forward_fits(desc, dtype).unwrap(),
+                "{desc} {dtype}: the single pass does not take it"
+            );
+            assert!(!split.single_pass_forward_fits(desc, dtype).unwrap());
+            let o = compare_any(&single, dtype, desc, 300 + i as u64, 0.3, 2.0);
+            assert_within(&format!("single pass {desc} {dtype}"), &o);
+        }
+        let x: Vec<f16> = random(40 + i as u64, desc.numel(), 5.0, 2.0);
+        let one = training_stats(&single, desc, &x);
+        let two = training_stats(&split, desc, &x);
+        let (a, r) = STATS_TOL;
+        assert!(worst_ratio(&widen_f32(&one.1), &widen_f32(&two.1), a, r) <= 1.0);
+        assert!(worst_ratio(&widen_f32(&one.2), &widen_f32(&two.2), a, r) <= 1.0);
+        let (atol, rtol) = activation_bounds(DType::F16);
+        assert!(worst_ratio(&widen(&one.0), &widen(&two.0), atol, rtol) <= 1.0);
+        let again = training_stats(&single, desc, &x);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert!(
+            bits(&again.1) == bits(&one.1)
+                && bits(&again.2) == bits(&one.2)
+                && again
+                    .0
+                    .iter()
+                    .zip(&one.0)
+                    .all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{desc}: a repeat of the single pass differs"
+        );
+    }
+    // Channels-first tensors and planar shapes never take it.
+    let planar = TensorDesc::nchw(2, 8, 5, 5).unwrap();
+    assert!(!single
+        .single_pass_forward_fits(&planar, DType::F32)
+        .unwrap());
+}
+
+/// The layer on an opted-in context: running statistics and num_batches_tracked as the two-pass
+/// layer's over several steps, and a refused call (a single value per channel) leaves the state
+/// and the counter as they were.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_single_pass_layer_tracks_the_two_pass_layer() {
+    let split = gpu();
+    let single = split.with_single_pass_forward(true);
+    let desc = TensorDesc::nhwc(4, 24, 6, 5).unwrap();
+    assert!(single.single_pass_forward_fits(&desc, DType::F32).unwrap());
+    let config = BatchNormConfig::new(24);
+    let mut layers = [
+        gpu::BatchNorm::new(&split, config).unwrap(),
+        gpu::BatchNorm::new(&single, config).unwrap(),
+    ];
+    for step in 0..3u64 {
+        let x: Vec<f32> = random(70 + step, desc.numel(), 1.0 + step as f64, 2.0);
+        let dx = upload(&split, &x);
+        let mut ys = Vec::new();
+        for layer in &mut layers {
+            let mut y = zeros::<f32>(&split, desc.numel());
+            layer
+                .forward(&desc, &dx.as_view(), &mut y.as_view_mut())
+                .unwrap();
+            ys.push(download(&split, &y));
+        }
+        let (atol, rtol) = activation_bounds(DType::F32);
+        assert!(worst_ratio(&widen(&ys[1]), &widen(&ys[0]), atol, rtol) <= 1.0);
+    }
+    let (a, r) = STATS_TOL;
+    let [two, one] = &layers;
+    assert_eq!(one.num_batches_tracked(), 3);
+    assert_eq!(one.num_batches_tracked(), two.num_batches_tracked());
+    let widen_opt = |v: Option<Vec<f32>>| widen_f32(&v.unwrap());
+    assert!(
+        worst_ratio(
+            &widen_opt(one.running_mean().unwrap()),
+            &widen_opt(two.running_mean().unwrap()),
+            a,
+            r
+        ) <= 1.0
+    );
+    assert!(
+        worst_ratio(
+            &widen_opt(one.running_var().unwrap()),
+            &widen_opt(two.running_var().unwrap()),
+            a,
+            r
+        ) <= 1.0
+    );
+    // One value per channel: refused before anything is queued.
+    let [_, one] = &mut layers;
+    let lone = TensorDesc::new(&[1, 24], Layout::ChannelsFirst).unwrap();
+    let before = one.state().unwrap();
+    let dx = upload(&split, &[1.0f32; 24]);
+    let mut y = zeros::<f32>(&split, 24);
+    let err = one
+        .forward(&lone, &dx.as_view(), &mut y.as_view_mut())
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::SingleValuePerChannel { .. }),
+        "{err:?}"
+    );
+    assert_eq!(common::state_change(&before, &one.state().unwrap()), None);
+    assert_eq!(one.num_batches_tracked(), 3);
+}

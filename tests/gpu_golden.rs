@@ -234,3 +234,31 @@ fn gpu_golden_fold() {
         with_dtype!(case.dtype(), fold(&gpu, case, checks))
     });
 }
+
+/// The golden layer cases again on a context with the single-pass forward on: the channels-last
+/// and `(N, C)` training cases that fit take it (at least one must), with the golden tolerances
+/// unchanged; the refused ones leave the layer as it was.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_golden_layer_single_pass() {
+    let gpu = gpu().with_single_pass_forward(true);
+    let cases = common::batchnorm_cases();
+    let taken = cases
+        .iter()
+        .filter(|case| {
+            case.training()
+                && case.expect_error().is_none()
+                && gpu
+                    .single_pass_forward_fits(&case.desc(), case.dtype())
+                    .unwrap()
+        })
+        .count();
+    println!(
+        "{taken} of {} golden cases take the single pass",
+        cases.len()
+    );
+    assert!(taken > 0, "no golden case takes the single pass");
+    run_all(&cases, "gpu layer, single pass", |case, checks| {
+        with_dtype!(case.dtype(), layer(&gpu, case, checks))
+    });
+}

@@ -143,6 +143,44 @@ fn captured_training_step_replays_like_direct_calls() {
     assert_eq!(direct.num_batches_tracked(), 5 + REPLAYS);
 }
 
+/// The single-pass forward (a cooperative launch) captured in a graph replays like direct calls
+/// on the same opted-in context, bit for bit: `reserve` sized the workspace for it (partials
+/// and the barrier word), and the barrier word is ready again after every replay.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn captured_single_pass_forward_replays_like_direct_calls() {
+    let gpu = capture_context().with_single_pass_forward(true);
+    let desc = TensorDesc::nhwc(4, 8, 9, 7).unwrap();
+    assert!(gpu.single_pass_forward_fits(&desc, DType::F32).unwrap());
+    let n = desc.numel();
+    let config = BatchNormConfig::new(8);
+    let (mut captured, mut direct) = (layer(&gpu, config), layer(&gpu, config));
+    let x = upload(&gpu, &random::<f32>(3, n, 0.4, 2.0));
+    let (mut ya, mut yb) = (zeros::<f32>(&gpu, n), zeros::<f32>(&gpu, n));
+    captured.reserve(&desc, DType::F32).unwrap();
+    let before = snapshot(&captured);
+    begin(&gpu);
+    captured
+        .forward(&desc, &x.as_view(), &mut ya.as_view_mut())
+        .unwrap();
+    let graph = end(&gpu);
+    // Captured, not run: the running statistics have not moved yet.
+    let captured_state = snapshot(&captured).state;
+    assert_eq!(captured_state.running_mean, before.state.running_mean);
+    assert_eq!(captured_state.running_var, before.state.running_var);
+    for _ in 0..3 {
+        graph.launch().unwrap();
+        direct
+            .forward(&desc, &x.as_view(), &mut yb.as_view_mut())
+            .unwrap();
+    }
+    let (got, want) = (snapshot(&captured), snapshot(&direct));
+    assert_eq!(got.state.running_mean, want.state.running_mean);
+    assert_eq!(got.state.running_var, want.state.running_var);
+    assert_ne!(got.state.running_mean, before.state.running_mean);
+    assert_eq!(download(&gpu, &ya), download(&gpu, &yb));
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn workspace_cannot_grow_during_a_capture() {

@@ -110,6 +110,16 @@ fn ptxas_gate_no_spills_on_sm80_and_sm90() {
                 if r.spill_stores > 0 || r.spill_loads > 0 {
                     spills.push(format!("{arch} {}", r.name));
                 }
+                // The single pass's dynamic shared memory is the device's opt-in limit less
+                // this bound on its static shared memory (ONCHIP_STATIC_SHARED, gpu/kernels.rs).
+                if r.name.starts_with("bn_onchip_") {
+                    assert!(
+                        r.shared_bytes <= 24 * 1024,
+                        "{arch} {}: {} B of static shared memory, past ONCHIP_STATIC_SHARED",
+                        r.name,
+                        r.shared_bytes
+                    );
+                }
                 kernels += 1;
             }
         }

@@ -2,8 +2,11 @@
 //! CUDA context.
 
 use super::kernels::Kernels;
+use super::ops;
 use super::ptx::{KERNELS_BUILT, MIN_DRIVER_VERSION};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::shape::TensorDesc;
 use cudarc::driver::{sys, CudaContext, CudaStream, DriverError};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
@@ -18,6 +21,7 @@ pub struct GpuContext {
     stream: Arc<CudaStream>,
     kernels: Arc<Kernels>,
     sm_count: u32,
+    single_pass_forward: bool,
 }
 
 impl GpuContext {
@@ -71,6 +75,7 @@ impl GpuContext {
             stream,
             kernels,
             sm_count,
+            single_pass_forward: false,
         })
     }
 
@@ -97,6 +102,38 @@ impl GpuContext {
             stream: self.ctx.new_stream()?,
             ..self.clone()
         })
+    }
+
+    /// The same context, with the single-pass training forward on (`true`) or off (`false`, the
+    /// default).
+    ///
+    /// When on, a training forward without an epilogue over a channels-last or `(N, C)`
+    /// tensor that fits in the SMs' shared memory together reads `x` once instead of twice: one
+    /// cooperative launch keeps it on chip while it reduces the statistics, then normalizes it
+    /// (`kernels/bn_onchip.cu`). Its results are those of the two-pass path bit for bit when
+    /// both split the rows alike, and within the same tolerances otherwise. Off by default
+    /// because it has not been timed on a GPU yet (`bench/PLAN.md`). Every other call, and a
+    /// tensor that does not fit, takes the two-pass path; so does a grid the device refuses to
+    /// run at once (`CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE`, or no cooperative launches). A workspace sized with
+    /// [`super::Workspace::reserve_for`] through this context covers both paths.
+    pub fn with_single_pass_forward(&self, on: bool) -> Self {
+        Self {
+            single_pass_forward: on,
+            ..self.clone()
+        }
+    }
+
+    /// Whether the single-pass training forward is on ([`GpuContext::with_single_pass_forward`]).
+    pub fn single_pass_forward(&self) -> bool {
+        self.single_pass_forward
+    }
+
+    /// Whether a training forward of `desc` in `dtype` without an epilogue takes the single
+    /// pass on this context: it is on, the tensor is channels-last or `(N, C)`, and it fits on
+    /// chip with every block resident (asked of the driver's occupancy; the launch may still
+    /// be refused, and then the two passes run).
+    pub fn single_pass_forward_fits(&self, desc: &TensorDesc, dtype: DType) -> Result<bool> {
+        Ok(desc.numel() > 0 && ops::on_chip_shape(self, desc, dtype)?.is_some())
     }
 
     /// The stream every call of this context is queued on.

@@ -56,7 +56,7 @@
 //! ```
 
 use super::context::GpuContext;
-use super::ops::{self, FoldBuffers, FoldStats, Gradient, Normalization, Normalize};
+use super::ops::{self, FoldBuffers, FoldStats, Gradient, Normalization, Normalize, SinglePass};
 use super::workspace::Workspace;
 use crate::dtype::Element;
 use crate::error::Result;
@@ -117,7 +117,9 @@ impl<T> Forward<'_, T> {
 ///
 /// - [`ForwardStats::Batch`] (training): batch statistics (a split Welford reduction whose last
 ///   block per channel also writes `saved` and updates `running`), then the normalize. Two
-///   launches. An empty batch (`N * spatial == 0`) writes nothing and leaves the statistics as
+///   launches; one, reading `x` once, for a channels-last or `(N, C)` tensor without an
+///   epilogue that fits on chip when the context has the single-pass forward on
+///   ([`GpuContext::with_single_pass_forward`]). An empty batch (`N * spatial == 0`) writes nothing and leaves the statistics as
 ///   they are.
 /// - [`ForwardStats::Running`] (eval): `y = (x - running_mean) * (weight / sqrt(running_var +
 ///   eps)) + bias`, one launch.
@@ -149,6 +151,17 @@ pub fn forward<T: Element>(
         return Ok(());
     }
 
+    if let (ForwardStats::Batch(batch), Epilogue::None) = (&mut stats, &epilogue) {
+        let op = SinglePass {
+            desc: &desc,
+            x: &x,
+            weight: weight.as_ref(),
+            bias: bias.as_ref(),
+        };
+        if ops::single_pass_forward(gpu, workspace, &op, batch, &mut y)? {
+            return Ok(());
+        }
+    }
     let saved;
     let stats = match &mut stats {
         ForwardStats::Batch(batch) => {

@@ -12,13 +12,14 @@ use super::params::ConvDirectParams;
 use super::params::{
     BackwardElementwiseParams, BackwardElementwiseReluParams, BackwardEvalParams,
     BackwardReduceParams, BackwardReduceReluParams, FoldParams, NormalizeParams,
-    NormalizeReluParams, StatsParams, SyncCoefficientsParams, SyncMergeParams, SyncMomentsParams,
+    NormalizeReluParams, OnchipParams, StatsParams, SyncCoefficientsParams, SyncMergeParams,
+    SyncMomentsParams,
 };
 use super::ptx::MODULES;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, PushKernelArg,
+    sys, CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use std::marker::PhantomData;
@@ -148,6 +149,15 @@ kernel_table! {
     }
 }
 
+/// Entry-point names of the single-pass forward (`kernels/bn_onchip.cu`, rows traversal only),
+/// indexed by `[dtype][width]`.
+const ONCHIP_NAMES: [[&str; 2]; 3] = kernel_table!(@dtypes "bn_onchip_rows");
+
+/// Static shared memory of `bn_onchip_rows_*` at most (ptxas: 12 KB f32, 20.5 KB f16/bf16;
+/// `tests/ptxas_gate.rs` checks it): the dynamic shared memory a block may ask for is the
+/// device's per-block opt-in limit less this.
+pub(crate) const ONCHIP_STATIC_SHARED: usize = 24 * 1024;
+
 const fn dtype_index(dtype: DType) -> usize {
     match dtype {
         DType::F32 => 0,
@@ -204,12 +214,58 @@ impl<P: DeviceRepr> Kernel<'_, P> {
     }
 }
 
+/// The single-pass forward's entry point: launched cooperatively (every block resident at once)
+/// with dynamic shared memory, which decides how many blocks an SM holds.
+pub(crate) struct OnchipKernel<'k> {
+    function: &'k CudaFunction,
+    /// Dynamic shared memory a block may ask for (the attribute set at load).
+    pub max_shared: usize,
+}
+
+impl OnchipKernel<'_> {
+    /// Blocks one SM holds with `shared_bytes` of dynamic shared memory each (the driver's
+    /// occupancy; 0 when that is more than an SM has).
+    pub(crate) fn blocks_per_sm(&self, shared_bytes: usize) -> Result<u32> {
+        Ok(self
+            .function
+            .occupancy_max_active_blocks_per_multiprocessor(BLOCK_THREADS, shared_bytes, None)?)
+    }
+
+    /// The cooperative launch (cuLaunchCooperativeKernel) with `shared_bytes` of dynamic shared
+    /// memory. A grid the device cannot hold at once is the driver's
+    /// `CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE`, returned before anything is queued.
+    pub(crate) fn launch(
+        &self,
+        stream: &CudaStream,
+        shape: Launch,
+        shared_bytes: u32,
+        params: &OnchipParams,
+    ) -> Result<()> {
+        let config = cudarc::driver::LaunchConfig {
+            shared_mem_bytes: shared_bytes,
+            ..shape.config()
+        };
+        // SAFETY: as `Kernel::launch`; besides, the grid is one the occupancy says is resident
+        // (the kernel's grid barrier needs every block running) and shared_bytes covers every
+        // thread's rows (launch::on_chip), within the attribute set at load.
+        unsafe {
+            stream
+                .launch_builder(self.function)
+                .arg(params)
+                .launch_cooperative(config)
+        }?;
+        Ok(())
+    }
+}
+
 /// Every kernel of the crate, loaded into one context.
 #[derive(Debug)]
 pub(crate) struct Kernels {
     families: Vec<[[[Loaded; 2]; 3]; 2]>,
     per_dtype: Vec<[CudaFunction; 3]>,
     single: Vec<CudaFunction>,
+    onchip: [[CudaFunction; 2]; 3],
+    onchip_max_shared: usize,
 }
 
 impl Kernels {
@@ -257,10 +313,30 @@ impl Kernels {
             .iter()
             .map(|&name| function(name))
             .collect::<Result<Vec<_>>>()?;
+        // The single pass may ask for the device's opt-in shared memory per block (past the
+        // default 48 KB), less its static shared memory.
+        let optin = ctx.attribute(
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )?;
+        let onchip_max_shared = (optin.max(0) as usize).saturating_sub(ONCHIP_STATIC_SHARED);
+        let onchip_width = |d: usize| -> Result<[CudaFunction; 2]> {
+            let load = |name| -> Result<CudaFunction> {
+                let f = function(name)?;
+                f.set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    onchip_max_shared as i32,
+                )?;
+                Ok(f)
+            };
+            Ok([load(ONCHIP_NAMES[d][0])?, load(ONCHIP_NAMES[d][1])?])
+        };
+        let onchip = [onchip_width(0)?, onchip_width(1)?, onchip_width(2)?];
         Ok(Self {
             families,
             per_dtype,
             single,
+            onchip,
+            onchip_max_shared,
         })
     }
 
@@ -323,6 +399,18 @@ impl Kernels {
         }
     }
 
+    /// The single-pass forward's entry point for a dtype and index width.
+    pub(crate) fn onchip(&self, dtype: DType, index: IndexWidth) -> OnchipKernel<'_> {
+        let index = match index {
+            IndexWidth::I32 => 0,
+            IndexWidth::I64 => 1,
+        };
+        OnchipKernel {
+            function: &self.onchip[dtype_index(dtype)][index],
+            max_shared: self.onchip_max_shared,
+        }
+    }
+
     /// Every entry-point name the crate launches.
     fn all_names() -> impl Iterator<Item = &'static str> {
         FAMILY_NAMES
@@ -330,6 +418,7 @@ impl Kernels {
             .flat_map(|f| f.iter().flatten().flatten().copied())
             .chain(PER_DTYPE_NAMES.iter().flatten().copied())
             .chain(SINGLE_NAMES.iter().copied())
+            .chain(ONCHIP_NAMES.iter().flatten().copied())
     }
 }
 

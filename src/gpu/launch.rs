@@ -262,6 +262,76 @@ pub fn elementwise(g: &Geometry, dtype: DType, resident: Residency) -> Launch {
     }
 }
 
+/// Dynamic shared memory of one slot row of the single-pass forward: each of a block's 256
+/// threads keeps a 16-byte vector (one row of its `VEC` channels) per slot.
+pub const ONCHIP_SLOT_BYTES: u64 = 16 * BLOCK_THREADS as u64;
+
+/// Most blocks per SM the device holds (sm_90, and the occupancy calculator's limit).
+const MAX_BLOCKS_PER_SM: u32 = 32;
+
+/// The single-pass forward's launch (`kernels/bn_onchip.cu`): the grid of the rows reduction
+/// ([`rows_block`], `(channel tiles, splits)`), every block of it resident at once, and the
+/// dynamic shared memory each block keeps its rows in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OnChip {
+    /// Grid, block and splits (row blocks per channel tile).
+    pub launch: Launch,
+    /// Dynamic shared memory per block: `ceil(rows / (splits * by))` slot rows.
+    pub shared_bytes: u32,
+}
+
+/// The single-pass forward of a rows tensor (channels-last, `(N, C)`), where it fits on chip:
+/// the largest grid of `(tiles, splits)` blocks that are all resident at once, each holding its
+/// rows in dynamic shared memory, or `None` (planar tensors, or a tensor larger than the SMs'
+/// shared memory together).
+///
+/// `max_shared`: the dynamic shared memory a block may ask for; `blocks_per_sm(bytes)`: how many
+/// blocks an SM holds with `bytes` each (the driver's occupancy). Tried from the most blocks per
+/// SM down: the first that holds the tensor gives the most blocks. Splits stay within the rows
+/// reduction's limits (at most one per `by` rows, [`MAX_SPLITS`], 32-bit workspace offsets).
+pub fn on_chip(
+    g: &Geometry,
+    dtype: DType,
+    sm_count: u32,
+    max_shared: u64,
+    mut blocks_per_sm: impl FnMut(u64) -> u32,
+) -> Option<OnChip> {
+    if Traversal::of(g) != Traversal::Rows {
+        return None;
+    }
+    let vec = vector_width(dtype);
+    let (channels, rows) = (g.channels as u64, g.outer as u64);
+    let (bx, by) = rows_block(channels, vec);
+    let tiles = channels.div_ceil(u64::from(bx) * vec);
+    let useful = rows
+        .div_ceil(u64::from(by))
+        .min(MAX_SPLITS as u64)
+        .min(MAX_GRID_Y)
+        .min(u32::MAX as u64 / (PARTIAL_FLOATS * channels.max(1)));
+    for per_sm in (1..=MAX_BLOCKS_PER_SM).rev() {
+        let splits = (u64::from(sm_count) * u64::from(per_sm) / tiles).min(useful);
+        if splits == 0 {
+            continue;
+        }
+        let shared = rows.div_ceil(splits * u64::from(by)) * ONCHIP_SLOT_BYTES;
+        if shared > max_shared {
+            continue;
+        }
+        let resident = u64::from(sm_count) * u64::from(blocks_per_sm(shared));
+        if tiles * splits <= resident {
+            return Some(OnChip {
+                launch: Launch {
+                    grid: (tiles as u32, splits as u32, 1),
+                    block: (bx, by, 1),
+                    splits: splits as u32,
+                },
+                shared_bytes: shared as u32,
+            });
+        }
+    }
+    None
+}
+
 /// A 1-D grid-stride launch over `n` independent elements (the fold).
 pub fn flat(n: u64, sm_count: u32) -> Launch {
     let blocks = n
@@ -666,6 +736,85 @@ mod tests {
         let tiny = geometry(&[2, 3], Layout::ChannelsFirst);
         assert_eq!(elementwise(&tiny, DType::F32, H100).block, (8, 32, 1));
         assert_eq!(elementwise(&tiny, DType::F16, H100).block, (4, 64, 1));
+    }
+
+    /// An H100/H200's occupancy with dynamic shared memory: 228 KB per SM, 1 KB reserved and
+    /// 20 KB static per block, at most 8 blocks of 256 threads (64 registers).
+    fn h100_blocks_per_sm(shared: u64) -> u32 {
+        (233_472 / (shared + 21 * 1024)).min(8) as u32
+    }
+    const H100_MAX_SHARED: u64 = 227 * 1024 - 24 * 1024;
+
+    /// The single pass takes rows tensors that fit in the SMs' shared memory, with every block
+    /// resident, every row in some block's slots, and the reduction's limits kept.
+    #[test]
+    fn on_chip_grids_fit_and_cover_the_rows() {
+        for g in sweep_shapes() {
+            for dtype in DType::ALL {
+                for sm_count in [1, 7, 132] {
+                    let plan = on_chip(&g, dtype, sm_count, H100_MAX_SHARED, h100_blocks_per_sm);
+                    if Traversal::of(&g) == Traversal::Planar {
+                        assert_eq!(plan, None);
+                        continue;
+                    }
+                    let Some(p) = plan else {
+                        // A tensor is refused only when its rows, padded to whole 16-byte
+                        // vectors of the tiles, take more than half the SMs' shared memory
+                        // (the rest is the granularity of slots and blocks per SM), or when
+                        // its channel tiles alone (one block each) are more than the SMs hold.
+                        let (bx, by) = rows_block(g.channels as u64, vector_width(dtype));
+                        let tiles =
+                            (g.channels as u64).div_ceil(u64::from(bx) * vector_width(dtype));
+                        let padded = g.outer as u64 * tiles * u64::from(bx) * 16;
+                        let one_split =
+                            (g.outer as u64).div_ceil(u64::from(by)) * ONCHIP_SLOT_BYTES;
+                        let resident =
+                            u64::from(sm_count) * u64::from(h100_blocks_per_sm(one_split));
+                        assert!(
+                            2 * padded > u64::from(sm_count) * H100_MAX_SHARED || tiles > resident,
+                            "{g:?} {dtype} on {sm_count} SMs"
+                        );
+                        continue;
+                    };
+                    let l = p.launch;
+                    check_block(&l);
+                    assert_eq!(l.grid.1, l.splits);
+                    let blocks = u64::from(l.grid.0) * u64::from(l.grid.1);
+                    let shared = u64::from(p.shared_bytes);
+                    assert!(shared <= H100_MAX_SHARED && shared % ONCHIP_SLOT_BYTES == 0);
+                    assert!(blocks <= u64::from(sm_count) * u64::from(h100_blocks_per_sm(shared)));
+                    let slots = shared / ONCHIP_SLOT_BYTES;
+                    let band = u64::from(l.splits) * u64::from(l.block.1);
+                    assert!(slots * band >= g.outer as u64, "{g:?} {dtype}: {p:?}");
+                    assert!(merge_depth(Traversal::Rows, &l) <= 32);
+                    let per_block = u64::from(l.block.0) * vector_width(dtype);
+                    assert!(u64::from(l.grid.0) * per_block >= g.channels as u64);
+                }
+            }
+        }
+    }
+
+    /// PLAN.md's single-pass shapes on an H200 (132 SMs).
+    #[test]
+    fn on_chip_plan_shapes() {
+        // (N, C) = (100000, 32) f32: 12.8 MB. bx 8, by 32, one tile. 7 or more blocks per SM
+        // ask for 4 slots (16 KB), with which an SM holds 6: 792 splits of 4 slots (128 rows).
+        let g = geometry(&[100_000, 32], Layout::ChannelsFirst);
+        let p = on_chip(&g, DType::F32, 132, H100_MAX_SHARED, h100_blocks_per_sm).unwrap();
+        assert_eq!(p.launch.grid, (1, 792, 1));
+        assert_eq!(p.shared_bytes, 4 * 4096);
+        // NHWC f16 32x256x56x56 (51 MB) does not fit in 132 x 203 KB.
+        let g = geometry(&[32, 256, 56, 56], Layout::ChannelsLast);
+        assert_eq!(
+            on_chip(&g, DType::F16, 132, H100_MAX_SHARED, h100_blocks_per_sm),
+            None
+        );
+        // NHWC f16 8x256x56x56 (12.8 MB, 25088 rows): one tile of 256 channels (bx 32, by 8),
+        // the same way 792 splits of 4 slots (32 rows).
+        let g = geometry(&[8, 256, 56, 56], Layout::ChannelsLast);
+        let p = on_chip(&g, DType::F16, 132, H100_MAX_SHARED, h100_blocks_per_sm).unwrap();
+        assert_eq!(p.launch.grid, (1, 792, 1));
+        assert_eq!(p.shared_bytes, 4 * 4096);
     }
 
     #[test]

@@ -12,7 +12,8 @@ use super::launch::{self, Traversal};
 use super::params::{
     BackwardElementwiseParams, BackwardElementwiseReluParams, BackwardEvalParams,
     BackwardReduceParams, BackwardReduceReluParams, FoldParams, NormalizeParams,
-    NormalizeReluParams, StatsParams, SyncCoefficientsParams, SyncMergeParams, SyncMomentsParams,
+    NormalizeReluParams, OnchipParams, StatsParams, SyncCoefficientsParams, SyncMergeParams,
+    SyncMomentsParams,
 };
 use super::views::{
     BackwardStats, BatchStats, Epilogue, EpilogueGrad, GradientsMut, RunningStats, RunningUpdate,
@@ -21,11 +22,12 @@ use super::views::{
 use super::workspace::{Scratch, Workspace};
 use crate::config::RunningVarUpdate;
 use crate::dtype::{DType, Element};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::fold::FoldSpec;
 use crate::shape::TensorDesc;
 use cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop,
+    sys, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
+    SyncOnDrop,
 };
 
 /// Raw device pointers for a launch's parameter struct, with the cudarc guards that order the
@@ -212,9 +214,14 @@ const WELFORD_FLOATS: usize = 3;
 const GRADIENT_FLOATS: usize = 2;
 
 /// What the largest batch-norm call on a non-empty `desc` in `dtype` asks of a workspace:
-/// `(partial floats, channels)`, as the calls below reserve it.
-/// Each reduction kernel's grid follows its own occupancy, so every one is asked.
-pub(crate) fn largest_scratch(gpu: &GpuContext, desc: &TensorDesc, dtype: DType) -> (usize, usize) {
+/// `(partial floats, semaphores)`, as the calls below reserve it.
+/// Each reduction kernel's grid follows its own occupancy, so every one is asked; with the
+/// single-pass forward on, its partials and barrier word too.
+pub(crate) fn largest_scratch(
+    gpu: &GpuContext,
+    desc: &TensorDesc,
+    dtype: DType,
+) -> Result<(usize, usize)> {
     let c = desc.channels();
     let splits = |shape: launch::Launch| shape.splits as usize;
     let stats = reduction_shape(gpu, kernels::STATS, desc, dtype);
@@ -222,12 +229,117 @@ pub(crate) fn largest_scratch(gpu: &GpuContext, desc: &TensorDesc, dtype: DType)
     let reduce = reduction_shape(gpu, kernels::BACKWARD_REDUCE, desc, dtype);
     let reduce_relu = reduction_shape(gpu, kernels::BACKWARD_REDUCE_RELU, desc, dtype);
     let eval = reduction_shape(gpu, kernels::BACKWARD_EVAL, desc, dtype);
-    let welford = splits(stats).max(splits(moments));
+    let mut welford = splits(stats).max(splits(moments));
+    let mut semaphores = c;
+    if let Some(single) = on_chip_shape(gpu, desc, dtype)? {
+        welford = welford.max(splits(single.launch));
+        semaphores = c + 1;
+    }
     let gradient = splits(reduce).max(splits(reduce_relu)).max(splits(eval));
-    (
+    Ok((
         (WELFORD_FLOATS * welford).max(GRADIENT_FLOATS * gradient) * c,
-        c,
-    )
+        semaphores,
+    ))
+}
+
+/// The single-pass forward's launch for `desc` when the context has it on and the tensor fits
+/// on chip ([`launch::on_chip`], with the driver's occupancy for its dynamic shared memory).
+pub(crate) fn on_chip_shape(
+    gpu: &GpuContext,
+    desc: &TensorDesc,
+    dtype: DType,
+) -> Result<Option<launch::OnChip>> {
+    if !gpu.single_pass_forward() {
+        return Ok(None);
+    }
+    let kernel = gpu
+        .kernels()
+        .onchip(dtype, IndexWidth::for_numel(desc.numel()));
+    let mut failed = None;
+    let plan = launch::on_chip(
+        &desc.geometry(),
+        dtype,
+        gpu.sm_count(),
+        kernel.max_shared as u64,
+        |bytes| {
+            kernel.blocks_per_sm(bytes as usize).unwrap_or_else(|e| {
+                failed.get_or_insert(e);
+                0
+            })
+        },
+    );
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(plan),
+    }
+}
+
+/// The inputs of a single-pass training forward.
+pub(crate) struct SinglePass<'r, 'a, T> {
+    pub desc: &'r TensorDesc,
+    pub x: &'r CudaView<'a, T>,
+    pub weight: Option<&'r CudaView<'a, f32>>,
+    pub bias: Option<&'r CudaView<'a, f32>>,
+}
+
+/// The training forward of a non-empty rows tensor in one pass over memory
+/// (`kernels/bn_onchip.cu`): the batch statistics into `stats` and `y`, as [`batch_statistics`]
+/// then [`normalize`] would give them. `Ok(false)`, with nothing queued, when it does not apply:
+/// the context has it off, the tensor does not fit on chip, or the device refuses the
+/// cooperative grid (`CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE`, or `CUDA_ERROR_NOT_SUPPORTED`
+/// where cooperative launches are not); the caller then runs the two passes. One launch. The workspace holds the partials and, past the semaphores, the grid
+/// barrier's word (zero between calls, as the semaphores).
+pub(crate) fn single_pass_forward<T: Element>(
+    gpu: &GpuContext,
+    workspace: &mut Workspace,
+    op: &SinglePass<'_, '_, T>,
+    stats: &mut BatchStats<'_>,
+    y: &mut CudaViewMut<'_, T>,
+) -> Result<bool> {
+    let Some(plan) = on_chip_shape(gpu, op.desc, T::DTYPE)? else {
+        return Ok(false);
+    };
+    let c = op.desc.channels();
+    let scratch =
+        workspace.reserve(gpu, WELFORD_FLOATS * c * plan.launch.splits as usize, c + 1)?;
+    let mut guards = Guards::new(gpu.stream());
+    let running = running_pointers(&mut guards, stats.running.as_mut());
+    let semaphores = guards.write(scratch.semaphores);
+    let params = OnchipParams {
+        x: guards.read(op.x),
+        y: guards.write(y),
+        weight: guards.read_opt(op.weight),
+        bias: guards.read_opt(op.bias),
+        partials: guards.write(scratch.partials),
+        barrier: semaphores + 4 * c as u64,
+        save_mean: guards.write(&mut stats.saved.mean),
+        save_mean_lo: guards.write(&mut stats.saved.mean_lo),
+        save_invstd: guards.write(&mut stats.saved.invstd),
+        running_mean: running.mean,
+        running_var: running.var,
+        g: op.desc.geometry().into(),
+        eps: stats.eps,
+        factor: running.factor,
+        unbiased: running.unbiased,
+        splits: plan.launch.splits as i32,
+    };
+    let kernel = gpu
+        .kernels()
+        .onchip(T::DTYPE, IndexWidth::for_numel(op.desc.numel()));
+    match kernel.launch(gpu.stream(), plan.launch, plan.shared_bytes, &params) {
+        Ok(()) => Ok(true),
+        // Refused before anything was queued: the two passes run instead.
+        Err(Error::Driver(e))
+            if matches!(
+                e.0,
+                sys::CUresult::CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE
+                    | sys::CUresult::CUDA_ERROR_NOT_SUPPORTED
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Batch statistics of a non-empty `x`: a split Welford reduction whose last block per channel

@@ -42,6 +42,28 @@ pub(crate) struct StatsParams {
     pub splits: i32,
 }
 
+/// `struct OnchipParams` of `kernels/bn_onchip.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct OnchipParams {
+    pub x: u64,
+    pub y: u64,
+    pub weight: u64,
+    pub bias: u64,
+    pub partials: u64,
+    pub barrier: u64,
+    pub save_mean: u64,
+    pub save_mean_lo: u64,
+    pub save_invstd: u64,
+    pub running_mean: u64,
+    pub running_var: u64,
+    pub g: GeometryParams,
+    pub eps: f32,
+    pub factor: f32,
+    pub unbiased: i32,
+    pub splits: i32,
+}
+
 /// `struct NormalizeParams` of `kernels/bn_normalize.cu`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -230,6 +252,7 @@ pub(crate) struct ConvDirectParams {
 // SAFETY: plain-old-data structs of integers and floats with the C layout the kernels declare;
 // the pointers they carry are checked by the functional layer before a launch.
 unsafe impl DeviceRepr for StatsParams {}
+unsafe impl DeviceRepr for OnchipParams {}
 unsafe impl DeviceRepr for NormalizeParams {}
 unsafe impl DeviceRepr for BackwardReduceParams {}
 unsafe impl DeviceRepr for BackwardElementwiseParams {}
@@ -255,6 +278,7 @@ mod tests {
     fn layouts_match_the_c_structs() {
         assert_eq!(size_of::<GeometryParams>(), 24);
         assert_eq!(size_of::<StatsParams>(), 8 * 8 + 24 + 16);
+        assert_eq!(size_of::<OnchipParams>(), 11 * 8 + 24 + 16);
         assert_eq!(size_of::<NormalizeParams>(), 7 * 8 + 24 + 8);
         assert_eq!(size_of::<BackwardReduceParams>(), 10 * 8 + 24 + 16);
         assert_eq!(size_of::<BackwardElementwiseParams>(), 8 * 8 + 24 + 8);

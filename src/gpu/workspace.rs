@@ -52,14 +52,15 @@ impl Workspace {
     }
 
     /// Grows the workspace to what every batch-norm call on `desc` in `dtype` needs (training
-    /// and eval forwards, backwards, the synchronized moments) and binds it to `gpu`'s stream:
-    /// call it before capturing a CUDA graph, with the largest shape.
+    /// and eval forwards, backwards, the synchronized moments, and the single-pass forward when
+    /// `gpu` has it on: [`GpuContext::with_single_pass_forward`]) and binds it to `gpu`'s
+    /// stream: call it before capturing a CUDA graph, with the largest shape.
     ///
     /// Errors: those of a call's reserve ([`Error::WorkspaceOnAnotherStream`],
     /// [`Error::WorkspaceCannotGrow`], [`Error::OutOfMemory`]).
     pub fn reserve_for(&mut self, gpu: &GpuContext, desc: &TensorDesc, dtype: DType) -> Result<()> {
-        let (partial_floats, channels) = ops::largest_scratch(gpu, desc, dtype);
-        self.reserve(gpu, partial_floats, channels).map(drop)
+        let (partial_floats, semaphores) = ops::largest_scratch(gpu, desc, dtype)?;
+        self.reserve(gpu, partial_floats, semaphores).map(drop)
     }
 
     /// The dx coefficients the latest training reduce wrote (`None` before any reserve).

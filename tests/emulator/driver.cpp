@@ -310,6 +310,7 @@ CUresult cuDeviceGetAttribute(int* value, CUdevice_attribute attribute, CUdevice
     case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Z: *value = 65535; break;
     case CU_DEVICE_ATTRIBUTE_WARP_SIZE: *value = 32; break;
     case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK: *value = (int)kDefaultSharedLimit; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: *value = 227 * 1024; break;  // sm_90's
     case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR: *value = 2048; break;
     case CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE: *value = 50 << 20; break;  // H100's
     case CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE: *value = 2619000; break;
@@ -697,12 +698,14 @@ CUresult cuFuncSetAttribute(CUfunction function, CUfunction_attribute attribute,
   return CUDA_SUCCESS;
 }
 
-// Runs one launch whose shape and parameters were checked.
-CUresult run_launch(const Function* f, dim3 grid, dim3 block, unsigned shared_bytes, const void* p) {
+// Runs one launch whose shape and parameters were checked; a cooperative one with every block
+// resident at once (emu.h, launch_cooperative).
+CUresult run_launch(const Function* f, dim3 grid, dim3 block, unsigned shared_bytes, const void* p, bool cooperative) {
   API_ENTER();
   emu::g_launch_tag = f->name;
   const int errors_before = emu::g_errors;
-  emu::launch(grid, block, shared_bytes, [&] { f->invoke(p); });
+  if (cooperative) emu::launch_cooperative(grid, block, shared_bytes, [&] { f->invoke(p); });
+  else emu::launch(grid, block, shared_bytes, [&] { f->invoke(p); });
   if (emu::g_errors != errors_before) {
     complain("%s: the emulator found %d error(s) in this launch (above)", f->name.c_str(), emu::g_errors - errors_before);
     return fault(CUDA_ERROR_LAUNCH_FAILED);
@@ -730,12 +733,14 @@ CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, CUfunction fun
   return cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(blocks, function, block_size, dynamic_shared, 0);
 }
 
-CUresult cuLaunchKernel(CUfunction function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                        unsigned shared_bytes, CUstream stream, void** params, void** extra) {
+// The checks and the queuing of cuLaunchKernel and cuLaunchCooperativeKernel.
+static CUresult launch_checked(CUfunction function, dim3 grid, dim3 block, unsigned shared_bytes, CUstream stream, void** params, void** extra,
+                bool cooperative) {
   API_ENTER();
   auto* f = reinterpret_cast<Function*>(function);
-  if (!emu::launch_shape_ok(dim3(gx, gy, gz), dim3(bx, by, bz))) {
-    complain("%s: invalid launch shape grid (%u,%u,%u) block (%u,%u,%u)", f->name.c_str(), gx, gy, gz, bx, by, bz);
+  if (!emu::launch_shape_ok(grid, block)) {
+    complain("%s: invalid launch shape grid (%u,%u,%u) block (%u,%u,%u)", f->name.c_str(), grid.x, grid.y, grid.z, block.x, block.y,
+             block.z);
     return CUDA_ERROR_INVALID_VALUE;
   }
   if (shared_bytes > f->shared_limit) {
@@ -746,16 +751,27 @@ CUresult cuLaunchKernel(CUfunction function, unsigned gx, unsigned gy, unsigned 
     complain("%s: the emulator takes the parameter struct through kernelParams[0]", f->name.c_str());
     return CUDA_ERROR_INVALID_VALUE;
   }
+  if (cooperative) {
+    // As the driver: every block must be resident at once (the occupancy below, on every SM).
+    int per_sm = 0;
+    cuOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, function, (int)(block.x * block.y * block.z), shared_bytes);
+    const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
+    if (blocks > (unsigned long long)per_sm * driver().sm_count) return CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE;
+  }
   // By value, as the driver copies kernelParams when the launch is queued.
   const auto* p = static_cast<const unsigned char*>(params[0]);
   auto copy = std::make_shared<std::vector<unsigned char>>(p, p + f->param_bytes);
-  const dim3 grid(gx, gy, gz), block(bx, by, bz);
-  return enqueue(stream, [=] { return run_launch(f, grid, block, shared_bytes, copy->data()); });
+  return enqueue(stream, [=] { return run_launch(f, grid, block, shared_bytes, copy->data(), cooperative); });
+}
+
+CUresult cuLaunchKernel(CUfunction function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                        unsigned shared_bytes, CUstream stream, void** params, void** extra) {
+  return launch_checked(function, dim3(gx, gy, gz), dim3(bx, by, bz), shared_bytes, stream, params, extra, false);
 }
 
 CUresult cuLaunchCooperativeKernel(CUfunction function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                                    unsigned shared_bytes, CUstream stream, void** params) {
-  return cuLaunchKernel(function, gx, gy, gz, bx, by, bz, shared_bytes, stream, params, nullptr);
+  return launch_checked(function, dim3(gx, gy, gz), dim3(bx, by, bz), shared_bytes, stream, params, nullptr, true);
 }
 
 // ---- errors -------------------------------------------------------------------------------------
@@ -779,6 +795,7 @@ CUresult cuGetErrorName(CUresult error, const char** name) {
     NAME(CUDA_ERROR_ILLEGAL_STATE)
     NAME(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED)
     NAME(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED)
+    NAME(CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE)
 #undef NAME
     default: *name = "CUDA_ERROR_UNKNOWN"; return CUDA_ERROR_INVALID_VALUE;
   }

@@ -11,6 +11,9 @@
 // part of a warp at a shuffle and the rest at __syncthreads, a partial mask) is reported as an
 // error, never a hang.
 //
+// Cooperative launches (launch_cooperative) run all blocks' fibers in one schedule, switching
+// blocks when one has nothing ready; __nanosleep is a spin's yield point (see there).
+//
 // Races. Between two synchronization points a fiber runs alone, so an access that lacks a barrier
 // is "won" by whichever fiber the scheduler runs first. The policies (emu::Policy) run threads
 // depth-first in ascending, descending or random order, or round-robin, and blocks in ascending,
@@ -41,6 +44,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -130,7 +134,7 @@ constexpr unsigned kMaxThreads = 1024;
 constexpr unsigned kMaxWarps = kMaxThreads / 32;
 constexpr size_t kStackBytes = 128 * 1024;
 
-enum class State : unsigned char { Ready, AtSyncthreads, AtWarp, Done };
+enum class State : unsigned char { Ready, AtSyncthreads, AtWarp, Sleeping, Done };
 enum class WarpOp : unsigned char { Shuffle, Syncwarp, Vote };
 enum class Shfl : unsigned char { Idx, Up, Down, Xor };
 
@@ -227,6 +231,9 @@ struct Scheduler {
 #endif
   uint64_t launches = 0;
   int forced_policy = -2;  // -2: not read yet; -1: cycle; else EMU_POLICY
+  // Synchronization events (barrier and collective arrivals, exits): a scheduling round in
+  // which only __nanosleep spins ran makes none, so a spin that can never end is found.
+  uint64_t progress = 0;
 };
 inline Scheduler g;
 
@@ -277,6 +284,7 @@ inline void yield() {
   g.entry(g.arg);
   g.f[g.cur].state = State::Done;
   ++g.done;
+  ++g.progress;
   yield();
   std::abort();  // a finished fiber is never resumed
 }
@@ -340,20 +348,34 @@ inline void alloc_stacks() {
 }
 
 inline void report_deadlock() {
-  unsigned at_sync = 0, exited = 0;
+  unsigned at_sync = 0, exited = 0, sleeping = 0;
   std::string warps;
   for (unsigned t = 0; t < g.nt; ++t) {
     at_sync += g.f[t].state == State::AtSyncthreads;
     exited += g.f[t].state == State::Done;
+    sleeping += g.f[t].state == State::Sleeping;
     if (g.f[t].state == State::AtWarp && warps.size() < 300)
       warps += " thread " + std::to_string(t) + " at a warp collective (mask " + std::to_string(g.lane[t].mask) + ");";
   }
-  error("block (%u,%u,%u) cannot progress: %u of %u threads at __syncthreads, %u exited;%s (a barrier not reached by every thread, or a "
-        "warp collective not reached by every lane of its mask)",
-        blockIdx.x, blockIdx.y, blockIdx.z, at_sync, g.nt, exited, warps.c_str());
+  error("block (%u,%u,%u) cannot progress: %u of %u threads at __syncthreads, %u exited, %u spinning in __nanosleep;%s (a barrier not "
+        "reached by every thread, a warp collective not reached by every lane of its mask, or a spin on another block in a "
+        "non-cooperative launch)",
+        blockIdx.x, blockIdx.y, blockIdx.z, at_sync, g.nt, exited, sleeping, warps.c_str());
 }
 
-inline void run_block(std::mt19937& rng) {
+// Fibers asleep in __nanosleep become ready again; returns how many there were.
+inline unsigned wake_sleepers() {
+  unsigned n = 0;
+  for (unsigned t = 0; t < g.nt; ++t)
+    if (g.f[t].state == State::Sleeping) {
+      make_ready(t);
+      ++n;
+    }
+  return n;
+}
+
+// A fresh block: poisoned shared memory, every thread a ready fiber in the policy's order.
+inline void start_block(std::mt19937& rng) {
   poison_shared();
   g.done = g.at_sync = 0;
   g.sync_acc[0] = g.sync_acc[1] = 0;
@@ -370,6 +392,10 @@ inline void run_block(std::mt19937& rng) {
     init_fiber(t);
     make_ready(t);
   }
+}
+
+// Runs the block's ready fibers until none is ready (all done, waiting, or asleep).
+inline void run_ready() {
   unsigned t;
   while (pick(t)) {
     g.cur = t;
@@ -379,6 +405,17 @@ inline void run_block(std::mt19937& rng) {
 #else
     emu_ctx_switch(&g.sched_sp, g.f[t].sp);
 #endif
+  }
+}
+
+inline void run_block(std::mt19937& rng) {
+  start_block(rng);
+  run_ready();
+  // A fiber spinning in __nanosleep waits for another of its block (the only ones running in a
+  // plain launch): wake the sleepers while the block progresses.
+  for (uint64_t before = g.progress - 1; g.done != g.nt && before != g.progress && wake_sleepers() > 0;) {
+    before = g.progress;
+    run_ready();
   }
   if (g.done != g.nt) report_deadlock();  // the fibers are abandoned (kernels hold no resources)
 }
@@ -401,14 +438,10 @@ inline bool launch_shape_ok(dim3 grid, dim3 block) {
          grid.z <= 65535;
 }
 
-template <class F> void launch(dim3 grid, dim3 block, size_t dyn_shared_bytes, F&& kernel) {
-  if (!launch_shape_ok(grid, block)) {
-    error("invalid launch configuration grid (%u,%u,%u) block (%u,%u,%u)", grid.x, grid.y, grid.z, block.x, block.y, block.z);
-    return;
-  }
+// The launch state every block shares; returns the blocks in the policy's order.
+template <class F> std::vector<dim3> begin_launch(dim3 grid, dim3 block, size_t dyn_shared_bytes, F& kernel, std::mt19937& rng) {
   alloc_stacks();
   g.policy = next_policy();
-  std::mt19937 rng((unsigned)(0x9e3779b9u * (g.launches + 1)));
   ++g.launches;
   g.nt = block.x * block.y * block.z;  // <= kMaxThreads
   gridDim = grid;
@@ -424,12 +457,144 @@ template <class F> void launch(dim3 grid, dim3 block, size_t dyn_shared_bytes, F
       for (unsigned x = 0; x < grid.x; ++x) order.push_back(dim3(x, y, z));
   if (g.policy == Policy::DepthFirstDescending) std::reverse(order.begin(), order.end());
   if (g.policy == Policy::DepthFirstRandom) std::shuffle(order.begin(), order.end(), rng);
-  for (const dim3& b : order) {
+  return order;
+}
+
+template <class F> void launch(dim3 grid, dim3 block, size_t dyn_shared_bytes, F&& kernel) {
+  if (!launch_shape_ok(grid, block)) {
+    error("invalid launch configuration grid (%u,%u,%u) block (%u,%u,%u)", grid.x, grid.y, grid.z, block.x, block.y, block.z);
+    return;
+  }
+  std::mt19937 rng((unsigned)(0x9e3779b9u * (g.launches + 1)));
+  for (const dim3& b : begin_launch(grid, block, dyn_shared_bytes, kernel, rng)) {
     blockIdx.x = b.x;
     blockIdx.y = b.y;
     blockIdx.z = b.z;
     run_block(rng);
   }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Cooperative launches (cuLaunchCooperativeKernel): every block of the grid is resident at once,
+// so a block may wait for the others (a grid barrier). All blocks' threads are fibers at the same
+// time: the scheduler runs one block until none of its fibers is ready (done, at a barrier, or
+// asleep in __nanosleep, the spin's yield point), then switches to the next block in the
+// policy's order, round after round. A switch saves the block's scheduler state and its shared
+// memory (static regions and the dynamic area) and restores the next one's; each block has its
+// own fiber stacks. A round in which no block made progress (only spins ran) is reported as a
+// deadlock: a grid barrier that not every block reaches.
+// ------------------------------------------------------------------------------------------------
+struct CoopBlock {
+  dim3 idx;
+  std::unique_ptr<Scheduler> sched;  // its state while another block runs
+  std::vector<unsigned char> shared;  // its static regions (the first `regions`) and dynamic area
+  size_t regions = 0;
+  bool started = false, finished = false;
+};
+
+// Fiber stacks of the blocks past the first (which uses g.stacks), kept for later launches. Guard
+// pages only below the stacks a launch uses (each splits the mapping: the kernel's map count
+// limits how many there can be, so a cooperative grid is limited to a few hundred blocks).
+struct CoopStacks {
+  unsigned char* base;
+  unsigned guarded;  // stacks [0, guarded) have their guard page
+};
+inline std::vector<CoopStacks> g_coop_stacks;
+inline unsigned char* coop_stacks(size_t i, unsigned threads) {
+  const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+  while (g_coop_stacks.size() <= i) {
+    void* m = mmap(nullptr, g.stack_stride * kMaxThreads, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) {
+      std::perror("emu: mmap of a cooperative block's fiber stacks");
+      std::exit(2);
+    }
+    g_coop_stacks.push_back({static_cast<unsigned char*>(m), 0});
+  }
+  CoopStacks& s = g_coop_stacks[i];
+  for (; s.guarded < threads; ++s.guarded)
+    if (mprotect(s.base + s.guarded * g.stack_stride, page, PROT_NONE) != 0) {
+      std::perror("emu: guard page of a cooperative block's fiber stack (too many blocks?)");
+      std::exit(2);
+    }
+  return s.base;
+}
+
+inline void save_shared(CoopBlock& b) {
+  b.shared.clear();
+  for (const Region& r : g_shared) b.shared.insert(b.shared.end(), (unsigned char*)r.p, (unsigned char*)r.p + r.n);
+  b.shared.insert(b.shared.end(), g_dyn_shared.begin(), g_dyn_shared.end());
+  b.regions = g_shared.size();
+}
+// Regions registered after the block last ran are ones it never passed: poisoned.
+inline void restore_shared(const CoopBlock& b) {
+  size_t at = 0;
+  for (size_t i = 0; i < g_shared.size(); ++i) {
+    const Region& r = g_shared[i];
+    if (i < b.regions) {
+      std::memcpy(r.p, b.shared.data() + at, r.n);
+      at += r.n;
+    } else {
+      std::memset(r.p, kPoison, r.n);
+    }
+  }
+  std::memcpy(g_dyn_shared.data(), b.shared.data() + at, g_dyn_shared.size());
+}
+
+template <class F> void launch_cooperative(dim3 grid, dim3 block, size_t dyn_shared_bytes, F&& kernel) {
+  if (!launch_shape_ok(grid, block)) {
+    error("invalid launch configuration grid (%u,%u,%u) block (%u,%u,%u)", grid.x, grid.y, grid.z, block.x, block.y, block.z);
+    return;
+  }
+  std::mt19937 rng((unsigned)(0x9e3779b9u * (g.launches + 1)));
+  const std::vector<dim3> order = begin_launch(grid, block, dyn_shared_bytes, kernel, rng);
+  unsigned char* const main_stacks = g.stacks;
+  std::vector<CoopBlock> blocks(order.size());
+  for (size_t i = 0; i < order.size(); ++i) blocks[i].idx = order[i];
+  size_t left = blocks.size();
+  for (uint64_t before = g.progress - 1; left > 0; ) {
+    if (before == g.progress) {
+      error("cooperative grid (%u,%u,%u) cannot progress: %zu of %zu blocks spin in __nanosleep and none of them advances (a grid "
+            "barrier not reached by every block?)",
+            grid.x, grid.y, grid.z, left, blocks.size());
+      break;
+    }
+    before = g.progress;
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      CoopBlock& b = blocks[i];
+      if (b.finished) continue;
+      blockIdx.x = b.idx.x;
+      blockIdx.y = b.idx.y;
+      blockIdx.z = b.idx.z;
+      if (!b.started) {
+        g.stacks = i == 0 ? main_stacks : coop_stacks(i - 1, g.nt);
+        start_block(rng);
+        b.started = true;
+      } else {
+        const uint64_t progress = g.progress;  // the launch's count, not the block's
+        g = *b.sched;
+        g.progress = progress;
+        restore_shared(b);
+        wake_sleepers();
+      }
+      run_ready();
+      // Spinners retry once before the switch, with nothing changed by the other blocks: a wait
+      // that does not loop until its condition holds goes through here.
+      if (wake_sleepers() > 0) run_ready();
+      bool asleep = false;
+      for (unsigned t = 0; t < g.nt && !asleep; ++t) asleep = g.f[t].state == State::Sleeping;
+      if (g.done == g.nt || !asleep) {
+        if (g.done != g.nt) report_deadlock();
+        b.finished = true;
+        b.sched.reset();
+        --left;
+        continue;
+      }
+      if (!b.sched) b.sched = std::make_unique<Scheduler>();
+      *b.sched = g;
+      save_shared(b);
+    }
+  }
+  g.stacks = main_stacks;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -442,6 +607,7 @@ inline int syncthreads_pred(int pred) {
   const unsigned parity = g.sync_gen & 1u;
   g.sync_acc[parity] += pred != 0;
   g.f[g.cur].state = State::AtSyncthreads;
+  ++g.progress;
   if (++g.at_sync == g.nt) {
     g.at_sync = 0;
     ++g.sync_gen;
@@ -485,6 +651,7 @@ inline uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t v, Shfl kind 
   LaneOp& me = g.lane[t];
   me = LaneOp{op, kind, mask, arg, width > 0 && width <= 32 && !(width & (width - 1)) ? width : 32, v, 0};
   g.f[g.cur].state = State::AtWarp;
+  ++g.progress;
   bool complete = true;
   for (unsigned l = 0; l < 32; ++l) {
     if (!(mask >> l & 1u)) continue;
@@ -638,6 +805,17 @@ inline unsigned emu_ptx_sreg_lanemask_eq() { return 1u << (emu::tid() % 32); }
 inline unsigned emu_ptx_sreg_lanemask_gt() { return ~emu_ptx_sreg_lanemask_le(); }
 inline unsigned emu_ptx_sreg_lanemask_ge() { return ~emu_ptx_sreg_lanemask_lt(); }
 
+// __nanosleep: the spin's yield point. The fiber sleeps until the block has nothing else to run
+// (a plain launch) or the scheduler comes back to its block (a cooperative one).
+inline void __nanosleep(unsigned) {
+  emu::g.f[emu::g.cur].state = emu::State::Sleeping;
+  emu::yield();
+}
+
 // Launch: emu_launch(grid, block, [&] { kernel(params); }), or with dynamic shared memory.
 template <class F> void emu_launch(dim3 grid, dim3 block, F&& kernel) { emu::launch(grid, block, 0, kernel); }
 template <class F> void emu_launch_shared(dim3 grid, dim3 block, size_t bytes, F&& kernel) { emu::launch(grid, block, bytes, kernel); }
+// A cooperative launch: every block resident at once (a grid barrier may wait for all).
+template <class F> void emu_launch_cooperative(dim3 grid, dim3 block, size_t bytes, F&& kernel) {
+  emu::launch_cooperative(grid, block, bytes, kernel);
+}

@@ -12,7 +12,8 @@
 //   EMU_POLICY=K           pins the schedule policy (emu::Policy) of every launch, to reproduce
 //                          a failure.
 //
-// Groups: core, stats, normalize, backward, fold, sync, fused (ReLU epilogues), conv (conv_direct).
+// Groups: core, stats, normalize, backward, fold, sync, fused (ReLU epilogues), conv (conv_direct),
+// onchip (the single-pass forward, against the split path and the reference).
 // Adding a kernel: a new `#ifdef EMU_GROUP_<name>` section that includes its .cu, declares its
 // entry families with DISPATCH, launches them with emu_launch through launch_<family>, and
 // compares with a host reference (README.md).
@@ -44,6 +45,11 @@
 #endif
 #ifdef EMU_GROUP_conv
 #include "conv_direct.cu"
+#endif
+#ifdef EMU_GROUP_onchip
+#include "bn_onchip.cu"
+#include "bn_normalize.cu"
+#include "bn_stats.cu"
 #endif
 
 #include <algorithm>
@@ -1104,9 +1110,73 @@ static void test_emulator_itself() {
   CHECK(ok, "emulator: warp collectives or __syncthreads_count computed wrong values");
 }
 
+// ---- cooperative launches and bn::grid_barrier --------------------------------------------------
+// Every block publishes a value, passes the barrier, sums all blocks' values, passes it again
+// (the counter's second use) and overwrites its value; its static and dynamic shared memory
+// must survive the switches to other blocks. SKIP: the last block leaves before the barrier.
+template <bool SKIP> void grid_kernel(unsigned* counter, u32* vals, u32* out) {
+  static u32 sm[256];
+  static emu::SharedRegion reg(sm, sizeof sm);
+  u32* dyn = static_cast<u32*>(emu::dynamic_shared());
+  const unsigned nb = gridDim.x * gridDim.y, b = blockIdx.y * gridDim.x + blockIdx.x;
+  const unsigned t = threadIdx.y * blockDim.x + threadIdx.x;
+  sm[t] = b * 1000u + t;
+  dyn[t] = b * 7u + t;
+  if (t == 0) vals[b] = b + 1u;
+  if (SKIP && b == nb - 1) return;
+  bn::grid_barrier(counter, nb);
+  u32 sum = 0;
+  for (unsigned i = 0; i < nb; ++i) sum += vals[i];
+  bn::grid_barrier(counter, nb);
+  if (t == 0) vals[b] = 0;
+  out[b * 256 + t] = sum * 4u + (sm[t] == b * 1000u + t) + (dyn[t] == b * 7u + t ? 2u : 0u);
+}
+template <class K> bool cooperative_refused(K kernel, dim3 grid, dim3 block, size_t dyn, bool cooperative = true) {
+  const int e = emu::g_errors;
+  emu::g_quiet = true;
+  if (cooperative) emu_launch_cooperative(grid, block, dyn, kernel);
+  else emu_launch_shared(grid, block, dyn, kernel);
+  emu::g_quiet = false;
+  const bool refused = emu::g_errors > e;
+  emu::g_errors = e;
+  return refused;
+}
+static void test_cooperative() {
+  begin_case();
+  emu::g_launch_tag = "emulator self-test: cooperative";
+  const dim3 grid(4, 2), block(32, 8);
+  const unsigned nb = 8;
+  for (int policy = 0; policy < (int)emu::Policy::Count; ++policy) {
+    const char* name = emu::policy_name((emu::Policy)policy);
+    for (unsigned start : {0u, 0x80000000u}) {  // the counter's bit 31 either way
+      unsigned counter = start;
+      std::vector<u32> vals(nb, 0), out(nb * 256, 0);
+      emu::g.launches = (u64)policy;
+      const int e = emu::g_errors;
+      emu_launch_cooperative(grid, block, 256 * sizeof(u32), [&] { grid_kernel<false>(&counter, vals.data(), out.data()); });
+      CHECK(emu::g_errors == e, "emulator: a cooperative grid barrier reached by every block failed (%s policy)", name);
+      bool ok = true;
+      for (unsigned i = 0; i < out.size(); ++i) ok &= out[i] == nb * (nb + 1) / 2 * 4u + 3u;
+      for (unsigned i = 0; i < nb; ++i) ok &= vals[i] == 0;
+      CHECK(ok, "emulator: cooperative blocks saw wrong values or lost their shared memory (%s policy)", name);
+      CHECK(counter == start, "emulator: grid_barrier left the counter at 0x%08x, not 0x%08x (%s policy)", counter, start, name);
+    }
+    unsigned counter = 0;
+    std::vector<u32> vals(nb, 0), out(nb * 256, 0);
+    emu::g.launches = (u64)policy;
+    CHECK(cooperative_refused([&] { grid_kernel<true>(&counter, vals.data(), out.data()); }, grid, block, 1024),
+          "emulator: a grid barrier skipped by one block was not reported (%s policy)", name);
+    counter = 0;
+    emu::g.launches = (u64)policy;
+    CHECK(cooperative_refused([&] { grid_kernel<false>(&counter, vals.data(), out.data()); }, grid, block, 1024, false),
+          "emulator: a grid barrier in a plain (non-cooperative) launch was not reported (%s policy)", name);
+  }
+}
+
 static void core_group() {
   test_emulator_itself();
   test_helpers();
+  test_cooperative();
 }
 REGISTER_GROUP(core, core_group);
 #endif  // EMU_GROUP_core
@@ -2082,3 +2152,195 @@ int main() {
   std::printf("%lld passed, %d failed\n", total_checks - g_fail, g_fail);
   return g_fail ? 1 : 0;
 }
+
+// =================================================================================================
+#ifdef EMU_GROUP_onchip
+DISPATCH(stats_rows, StatsParams)
+DISPATCH(normalize_rows, NormalizeParams)
+DISPATCH(onchip_rows, OnchipParams)
+
+// Cooperative, with the dynamic shared memory of the slots (kernels/bn_onchip.cu).
+template <class T, class I> void launch_onchip(dim3 grid, dim3 block, size_t shared, const OnchipParams& p) {
+  g_entries.insert(std::string("bn_onchip_rows_") + Fmt<T>::name + "_" + iname<I>());
+  emu_launch_cooperative(grid, block, shared, [&] { call_onchip_rows<T, I>(p); });
+}
+// launch::rows_block: bx = ceil(C / VEC) columns rounded up to a power of two, at most 32.
+template <class T> unsigned rows_bx(u64 C) {
+  const u64 cols = (C + VEC<T> - 1) / VEC<T>;
+  unsigned bx = 1;
+  while (bx < cols && bx < 32) bx *= 2;
+  return bx;
+}
+
+struct OnchipCase {
+  size_t mis_x = 0, mis_y = 0;
+  bool inplace = false, affine = true, running = true;
+  int unbiased = 1, bad_ch = -1;
+  double mu = 2.0, sigma = 1.5;
+  unsigned barrier = 0;  // the barrier word before the launch (its bit 31 is free)
+};
+
+template <class T> bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+// The single pass against the split path (bn_stats_rows + bn_normalize_rows on the same grid,
+// block and splits: bitwise equal, kernels/bn_onchip.cu) and against the f64 reference with the
+// stats and normalize groups' tolerances.
+template <class T, class I> void test_onchip(const Shape& s, unsigned splits, const OnchipCase& k, unsigned seed) {
+  begin_case();
+  std::mt19937 rng(seed);
+  const u64 C = s.C, rows = s.outer;
+  const int const_ch = C > 1 ? 1 : -1;
+  Buf<T> x(s.numel(), k.mis_x, to_raw<T>(-12345.0));
+  gen(x, s, rng, k.mu, k.sigma, const_ch, k.bad_ch);
+  const Buf<T> x0 = x;
+  Buf<T> y(s.numel(), k.mis_y, to_raw<T>(-12345.0)), y_split(s.numel(), k.mis_y, to_raw<T>(-12345.0));
+  const unsigned bx = rows_bx<T>(C), by = 256 / bx;
+  const Cfg cfg{true, splits, 0, bx};
+  const dim3 grid = rows_grid<T>(C, cfg), block(bx, by);
+  const u64 slots = (rows + (u64)splits * by - 1) / ((u64)splits * by);
+  std::vector<float> w(C), b(C), rm0(C), rv0(C);
+  for (u64 c = 0; c < C; ++c) {
+    w[c] = 0.5f + 0.1f * (float)(c % 7);
+    b[c] = -1.0f + 0.3f * (float)(c % 11);
+    rm0[c] = 0.25f * (float)c;
+    rv0[c] = 1.0f + (float)c;
+  }
+  // The split path.
+  std::vector<float> partials(C * splits * 3, NAN), mean_s(C, NAN), lo_s(C, NAN), inv_s(C, NAN), rm_s = rm0, rv_s = rv0;
+  std::vector<u32> sem(sem_count<T>(C, cfg), 0);
+  StatsParams sp{};
+  sp.x = x.p();
+  sp.partials = partials.data();
+  sp.semaphores = sem.data();
+  sp.save_mean = mean_s.data();
+  sp.save_mean_lo = lo_s.data();
+  sp.save_invstd = inv_s.data();
+  sp.running_mean = k.running ? rm_s.data() : nullptr;
+  sp.running_var = k.running ? rv_s.data() : nullptr;
+  sp.g = {s.outer, s.C, s.inner};
+  sp.eps = kEps;
+  sp.factor = 0.1f;
+  sp.unbiased = k.unbiased;
+  sp.splits = (int)splits;
+  std::string tag = std::string("onchip ") + Fmt<T>::name + " " + iname<I>() + " " + shape_tag(s) + " " + cfg_tag(cfg) +
+                    " misalign=" + std::to_string(k.mis_x) + "/" + std::to_string(k.mis_y) + (k.inplace ? " in-place" : "");
+  emu::g_launch_tag = tag + " (split path)";
+  launch_stats_rows<T, I>(grid, block, sp);
+  NormalizeParams np{};
+  np.x = x.p();
+  np.y = y_split.p();
+  np.mean = mean_s.data();
+  np.mean_lo = lo_s.data();
+  np.var_or_invstd = inv_s.data();
+  np.weight = k.affine ? w.data() : nullptr;
+  np.bias = k.affine ? b.data() : nullptr;
+  np.g = sp.g;
+  launch_normalize_rows<T, I>(grid, block, np);
+  // The single pass.
+  std::vector<float> partials2(C * splits * 3, NAN), mean(C, NAN), lo(C, NAN), inv(C, NAN), rm = rm0, rv = rv0;
+  unsigned barrier = k.barrier;
+  OnchipParams p{};
+  p.x = x.p();
+  p.y = k.inplace ? (void*)x.p() : (void*)y.p();
+  p.weight = np.weight;
+  p.bias = np.bias;
+  p.partials = partials2.data();
+  p.barrier = &barrier;
+  p.save_mean = mean.data();
+  p.save_mean_lo = lo.data();
+  p.save_invstd = inv.data();
+  p.running_mean = k.running ? rm.data() : nullptr;
+  p.running_var = k.running ? rv.data() : nullptr;
+  p.g = sp.g;
+  p.eps = kEps;
+  p.factor = 0.1f;
+  p.unbiased = k.unbiased;
+  p.splits = (int)splits;
+  emu::g_launch_tag = tag;
+  const int errors = emu::g_errors;
+  launch_onchip<T, I>(grid, block, slots * 4096, p);
+  tag += policies_tag();
+  CHECK(emu::g_errors == errors, "%s: the emulator reported errors", tag.c_str());
+  const Buf<T>& out = k.inplace ? x : y;
+  CHECK(out.guards_intact(), "%s: write outside the output tensor", tag.c_str());
+  if (!k.inplace) CHECK(std::equal(x.v.begin(), x.v.end(), x0.v.begin()), "%s: the input was modified", tag.c_str());
+  CHECK((barrier & 0x7fffffffu) == 0, "%s: the barrier word is 0x%08x after the launch", tag.c_str(), barrier);
+  CHECK(splits > 1 || barrier == k.barrier, "%s: one split touched the barrier word", tag.c_str());
+  // Bitwise the split path's statistics, running update and y.
+  CHECK(same_bits(mean, mean_s) && same_bits(lo, lo_s) && same_bits(inv, inv_s), "%s: statistics differ from the split path's bits",
+        tag.c_str());
+  CHECK(same_bits(rm, rm_s) && same_bits(rv, rv_s), "%s: running statistics differ from the split path's bits", tag.c_str());
+  CHECK(std::memcmp(out.v.data() + out.off, y_split.v.data() + y_split.off, s.numel() * sizeof(Raw<T>)) == 0,
+        "%s: y differs from the split path's bits", tag.c_str());
+  // The reference.
+  const RefStats ref = ref_stats(x0, s);
+  const double m = (double)s.m();
+  const double var_tol = k.mu > 100 ? 2e-6 : 1e-5;
+  int bad = 0;
+  for (u64 c = 0; c < C; ++c) {
+    if ((int)c == k.bad_ch) {
+      CHECK(std::isnan(mean[c]) || std::isnan(inv[c]), "%s: channel %llu holds a NaN but its statistics are %g %g", tag.c_str(), c,
+            mean[c], inv[c]);
+      continue;
+    }
+    const double sd = std::sqrt(ref.var[c]);
+    const double pair = (double)mean[c] + (double)lo[c];
+    CHECK(mean[c] == (float)pair, "%s: mean[%llu] %.9g is not the rounding of mean + mean_lo", tag.c_str(), c, mean[c]);
+    CHECK(std::fabs(pair - ref.mean[c]) <= 1e-5 * sd + 1e-30, "%s: mean + mean_lo [%llu] %.12g, reference %.12g", tag.c_str(), c, pair,
+          ref.mean[c]);
+    const double inv_ref = 1.0 / std::sqrt(ref.var[c] + (double)kEps);
+    CHECK(std::fabs(inv[c] - inv_ref) <= var_tol * inv_ref, "%s: invstd[%llu] %.9g, reference %.9g", tag.c_str(), c, inv[c], inv_ref);
+    if (k.running) {
+      const double batch_var = k.unbiased ? ref.var[c] * m / (m - 1) : ref.var[c];
+      const double rm_ref = 0.1 * ref.mean[c] + 0.9 * rm0[c], rv_ref = 0.1 * batch_var + 0.9 * rv0[c];
+      CHECK(std::fabs(rm[c] - rm_ref) <= 2e-6 * (std::fabs(rm_ref) + sd) + 1e-7, "%s: running_mean[%llu] %.9g, reference %.9g",
+            tag.c_str(), c, rm[c], rm_ref);
+      CHECK(std::fabs(rv[c] - rv_ref) <= var_tol * rv_ref + 1e-7, "%s: running_var[%llu] %.9g, reference %.9g", tag.c_str(), c, rv[c],
+            rv_ref);
+    } else {
+      CHECK(rm[c] == rm0[c] && rv[c] == rv0[c], "%s: running statistics written without being given", tag.c_str());
+    }
+    // y: the normalize group's bound around the reference statistics, widened by their own
+    // (the stats group's: mean to 1e-5 sd, invstd to var_tol relative).
+    const double a = (k.affine ? (double)w[c] : 1.0) * inv_ref, bb = k.affine ? (double)b[c] : 0.0;
+    for (u64 r = 0; r < rows; ++r) {
+      const u64 e = s.idx(r, c, 0);
+      const double d = x0.at(e) - ref.mean[c], want = d * a + bb, got = out.at(e);
+      const bool ok = (int)c == const_ch ? got == round_to<T>(bb)
+                                         : std::fabs(got - want) <= 8 * kU32 * (std::fabs(d * a) + std::fabs(bb)) + ulp_of<T>(want) +
+                                                                       var_tol * std::fabs(d * a) + 1e-5 * sd * std::fabs(a);
+      ++g_checks;
+      if (!ok && bad++ < 3) CHECK(false, "%s: y[%llu] (row %llu, c %llu) = %.8g, reference %.8g", tag.c_str(), e, r, c, got, want);
+    }
+  }
+}
+
+static void onchip_group() {
+  // C = 1, 8, 64, 100 (a masked scalar tail for every dtype), 256 with two merge levels; rows
+  // not a multiple of the blocks' band (splits * by); one split (no barrier) and several.
+  struct Q {
+    Shape s;
+    unsigned splits;
+  };
+  const Q qs[] = {{{37, 1, 1}, 1},   {{300, 1, 1}, 3},   {{1003, 8, 1}, 2}, {{50, 8, 1}, 1},   {{129, 64, 1}, 3},
+                  {{70, 64, 1}, 4},  {{201, 100, 1}, 3}, {{9, 100, 1}, 1},  {{33, 3, 1}, 5}};
+  unsigned seed = 900;
+  for (const Q& q : qs) {
+    const int nc = q.s.C > 2 ? 2 : -1;
+    test_onchip<F, u32>(q.s, q.splits, {.bad_ch = nc}, ++seed);
+    test_onchip<F, u64>(q.s, q.splits, {.mis_x = 1, .mis_y = 1, .barrier = 0x80000000u}, ++seed);
+    test_onchip<H, u32>(q.s, q.splits, {.inplace = true, .running = false}, ++seed);
+    test_onchip<H, u64>(q.s, q.splits, {.mis_x = 1, .affine = false, .bad_ch = nc}, ++seed);
+    test_onchip<B, u32>(q.s, q.splits, {.mis_y = 1, .unbiased = 0}, ++seed);
+    test_onchip<B, u64>(q.s, q.splits, {.inplace = true}, ++seed);
+    test_onchip<F, u32>(q.s, q.splits, {.mu = 1000, .sigma = 0.1}, ++seed);  // large mean, small spread
+  }
+  // Two merge levels (splits > kMergeRun * by): f16 C = 256 and f32 C = 128 are one tile of bx 32,
+  // by 8 (run 64).
+  test_onchip<H, u32>({700, 256, 1}, 70, {}, ++seed);
+  test_onchip<F, u64>({600, 128, 1}, 66, {.barrier = 0x80000000u}, ++seed);
+}
+REGISTER_GROUP(onchip, onchip_group);
+#endif  // EMU_GROUP_onchip
