@@ -114,8 +114,9 @@ impl GpuContext {
     /// both split the rows alike, and within the same tolerances otherwise. Off by default
     /// because it has not been timed on a GPU yet (`bench/PLAN.md`). Every other call, and a
     /// tensor that does not fit, takes the two-pass path; so does a grid the device refuses to
-    /// run at once (`CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE`, or no cooperative launches). A workspace sized with
-    /// [`super::Workspace::reserve_for`] through this context covers both paths.
+    /// run at once (`CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE`, or no cooperative launches). A
+    /// workspace sized with [`super::Workspace::reserve_for`] through this context covers both
+    /// paths.
     pub fn with_single_pass_forward(&self, on: bool) -> Self {
         Self {
             single_pass_forward: on,

@@ -119,8 +119,8 @@ impl<T> Forward<'_, T> {
 ///   block per channel also writes `saved` and updates `running`), then the normalize. Two
 ///   launches; one, reading `x` once, for a channels-last or `(N, C)` tensor without an
 ///   epilogue that fits on chip when the context has the single-pass forward on
-///   ([`GpuContext::with_single_pass_forward`]). An empty batch (`N * spatial == 0`) writes nothing and leaves the statistics as
-///   they are.
+///   ([`GpuContext::with_single_pass_forward`]). An empty batch (`N * spatial == 0`) writes
+///   nothing and leaves the statistics as they are.
 /// - [`ForwardStats::Running`] (eval): `y = (x - running_mean) * (weight / sqrt(running_var +
 ///   eps)) + bias`, one launch.
 ///

@@ -287,8 +287,9 @@ pub(crate) struct SinglePass<'r, 'a, T> {
 /// then [`normalize`] would give them. `Ok(false)`, with nothing queued, when it does not apply:
 /// the context has it off, the tensor does not fit on chip, or the device refuses the
 /// cooperative grid (`CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE`, or `CUDA_ERROR_NOT_SUPPORTED`
-/// where cooperative launches are not); the caller then runs the two passes. One launch. The workspace holds the partials and, past the semaphores, the grid
-/// barrier's word (zero between calls, as the semaphores).
+/// where cooperative launches are not); the caller then runs the two passes. One launch. The
+/// workspace holds the partials and, past the semaphores, the grid barrier's word (zero between
+/// calls, as the semaphores).
 pub(crate) fn single_pass_forward<T: Element>(
     gpu: &GpuContext,
     workspace: &mut Workspace,
