@@ -7,8 +7,9 @@
 #     bash .gpu-run/run.sh sanitize
 # With the project's device tool: run(command="bash .gpu-run/run.sh verify", carry=[".gpu-run"],
 # timeout_s=540); results land in $OUT, and scripts/record-gpu-run.py records them.
-# Every binary embeds the PTX (~12 MB), so the staged files (~190 MB) are
-# packed into one xz archive (~6 MB; what a device call carries is capped at 64 MiB), which
+# Every binary embeds the PTX (~12 MB; the candle ones also candle's kernels), so the staged files
+# (~840 MB) are packed into one xz archive (~29 MB; what a device call carries is capped at
+# 64 MiB; building it takes ~25 minutes on 2 cores), which
 # .gpu-run/run.sh unpacks with Python's lzma (no xz binary needed there) before running.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
