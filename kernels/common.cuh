@@ -648,26 +648,15 @@ __device__ __forceinline__ void walk_planar(F& f, bool vec, const PlanarSpan<I>&
 // a lane's vector, may span planes (7x7, 14x14, 3x3 planes get whole 16-byte vectors and full
 // lanes). Every slot has its own place (i, c): its offset in its plane and its channel. The walk
 // and the maps step places by 1 (the next slot of a vector), 32 (the next slot of the scalar
-// path) or CH (the next unit) without dividing: a step of d = q*inner + r elements is (r, q % C),
-// computed once per thread.
+// path) or CH (the next unit) without dividing: a step of d = q*inner + r elements is the place
+// of element d, (r, q % C), computed once per thread.
 template <typename I> struct FlatPos {
   I i;         // offset in the plane, < inner
   unsigned c;  // channel, < C
 };
-template <typename I> struct FlatStep {
-  I r;          // d % inner
-  unsigned qc;  // (d / inner) % C
-};
 template <typename I> struct FlatGeom {
   I inner;
   unsigned C;
-  __device__ __forceinline__ FlatStep<I> step(u64 d) const {
-    const u64 q = udiv(d, inner);
-    FlatStep<I> s;
-    s.r = (I)(d - q * inner);
-    s.qc = (unsigned)umod(q, C);
-    return s;
-  }
   __device__ __forceinline__ FlatPos<I> at(u64 e) const {
     const u64 q = udiv(e, inner);
     FlatPos<I> p;
@@ -675,11 +664,11 @@ template <typename I> struct FlatGeom {
     p.c = (unsigned)umod(q, C);
     return p;
   }
-  // p + s: i + r < 2*inner carries at most one plane; c + qc + carry <= 2C - 1, written so that
-  // nothing wraps in 32 bits.
-  __device__ __forceinline__ void advance(FlatPos<I>& p, const FlatStep<I>& s) const {
-    p.i += s.r;
-    unsigned dq = s.qc;
+  // p + the step s = at(d): i + s.i < 2*inner carries at most one plane; c + s.c + carry <= 2C - 1,
+  // written so that nothing wraps in 32 bits.
+  __device__ __forceinline__ void advance(FlatPos<I>& p, const FlatPos<I>& s) const {
+    p.i += s.i;
+    unsigned dq = s.c;
     if (p.i >= inner) {
       p.i -= inner;
       ++dq;  // <= C
@@ -703,7 +692,7 @@ __device__ __forceinline__ void walk_flat_impl(F& f, const FlatGeom<I>& fg, I n,
   constexpr int VEC = Vec<T>::N;
   constexpr int STEP = V ? 1 : 32;
   constexpr unsigned CH = 32u * VEC;
-  const FlatStep<I> unit = fg.step(CH);
+  const FlatPos<I> unit = fg.at(CH);
   for (; left > 0; left -= left < (I)UNROLL ? left : (I)UNROLL) {
     Slice<I> sl[UNROLL];
     typename F::Frag fr[UNROLL];
@@ -1047,7 +1036,7 @@ template <typename T, typename I, int NIN, class Op, class Epi = NoEpilogue<T, I
   Op op;
   Epi epi;
   FlatGeom<I> fg;
-  FlatStep<I> slot1, slot32;  // steps between slots: STEP == 1, STEP == 32
+  FlatPos<I> slot1, slot32;  // steps between slots: STEP == 1, STEP == 32
   unsigned cc;                // channel of cf (~0u: none yet)
   typename Op::Coef cf;
   // Slot k's coefficients, for k = 0, 1, ... in order: recomputed only when the channel changes.
@@ -1133,8 +1122,8 @@ __device__ __forceinline__ void map_flat(const Geometry& g, const void* in0, con
   f.epi = epi;
   f.fg.inner = (I)g.inner;
   f.fg.C = (unsigned)g.channels;
-  f.slot1 = f.fg.step(1);
-  f.slot32 = f.fg.step(32);
+  f.slot1 = f.fg.at(1);
+  f.slot32 = f.fg.at(32);
   f.cc = ~0u;
   f.cf = typename Op::Coef{};
   const bool vec = n % (I)VEC == 0 && aligned16(in0) && (NIN == 1 || aligned16(in1)) && aligned16(out) &&
