@@ -95,10 +95,11 @@ template <class A, class B> struct Pick<false, A, B> {
   typedef B type;
 };
 
-// The sums of one planar slice of channel `mean`'s values: its valid slots [0, cnt) by a fixed
+// The sums of one planar slice of one channel's values: its valid slots [0, cnt) by a fixed
 // pairwise tree, then added to the thread's state.
 template <typename T>
-__device__ __forceinline__ void add_slice(Sums2<1>& st, const Pack<T>& x, const Pack<T>& dy, float mean, int cnt) {
+__device__ __forceinline__ void add_sums(Sums2<1>& st, const Pack<T>& x, const Pack<T>& dy, const float (&mean)[1],
+                                         int cnt) {
   constexpr int VEC = Vec<T>::N;
   float xv[VEC], g[VEC], gx[VEC];
   unpack(x, xv);
@@ -106,7 +107,7 @@ __device__ __forceinline__ void add_slice(Sums2<1>& st, const Pack<T>& x, const 
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
     g[k] = k < cnt ? g[k] : 0.f;  // masked slots: explicit 0 (also for a non-finite mean)
-    gx[k] = k < cnt ? g[k] * (xv[k] - mean) : 0.f;
+    gx[k] = k < cnt ? g[k] * (xv[k] - mean[0]) : 0.f;
   }
   st.a(0) += tree_sum(g);
   st.b(0) += tree_sum(gx);
@@ -115,8 +116,8 @@ __device__ __forceinline__ void add_slice(Sums2<1>& st, const Pack<T>& x, const 
 // The sums of one row of a rows column (VEC channels). Masked channels read x = dy = 0 and mean
 // 0: they add zeros, and are never written.
 template <typename T>
-__device__ __forceinline__ void add_row(Sums2<Vec<T>::N>& st, const Pack<T>& x, const Pack<T>& dy,
-                                        const float (&mean)[Vec<T>::N]) {
+__device__ __forceinline__ void add_sums(Sums2<Vec<T>::N>& st, const Pack<T>& x, const Pack<T>& dy,
+                                         const float (&mean)[Vec<T>::N], int) {
   constexpr int VEC = Vec<T>::N;
   float xv[VEC], g[VEC];
   unpack(x, xv);
@@ -128,66 +129,67 @@ __device__ __forceinline__ void add_row(Sums2<Vec<T>::N>& st, const Pack<T>& x, 
   }
 }
 
+// The accumulator of every backward reduction (split_reduce_planar / _rows): (sum dy_eff,
+// sum dy_eff*(x - mean)) over K = 1 channel (planar) or a rows column's K = VEC channels (masked
+// ones read mean 0). Out: what a kernel does with each slice besides the sums (the mask that
+// turns dy into dy_eff, and the one-pass eval backward's dx and dz), with its per-channel state
+// for the same K channels.
+template <typename T, typename I, int K, class Out> struct XDyAcc {
+  struct Frag {
+    Pack<T> x, dy;
+    unsigned bits;
+  };
+  const Raw<T>* x;
+  const Raw<T>* dy;
+  Out out;
+  float mean[K];
+  Sums2<K> st;
+  template <class P>
+  __device__ __forceinline__ XDyAcc(const P& p, u64 c)
+      : x(static_cast<const Raw<T>*>(p.x)), dy(static_cast<const Raw<T>*>(p.dy)), out(p, c, 1),
+        st(Sums2<K>::empty()) {
+    mean[0] = p.mean[c];
+  }
+  template <class P>
+  __device__ __forceinline__ XDyAcc(const P& p, const RowsColumn& rc)
+      : x(static_cast<const Raw<T>*>(p.x)), dy(static_cast<const Raw<T>*>(p.dy)), out(p, rc.c0, rc.cnt),
+        st(Sums2<K>::empty()) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) mean[k] = k < rc.cnt ? p.mean[rc.c0 + k] : 0.f;
+  }
+  template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
+    load_slots<T, V, STEP>(fr.x, x, s);
+    load_slots<T, V, STEP>(fr.dy, dy, s);
+    fr.bits = out.template load_bits<V, STEP>(s);
+  }
+  template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
+    if (s.cnt <= 0) return;
+    out.apply_mask(fr.dy, fr.bits);
+    add_sums(st, fr.x, fr.dy, mean, s.cnt);
+    out.template store<V, STEP>(fr.dy, s);
+  }
+};
+
+// The reduce's slices: dy_eff = mask bit ? dy : 0 (MASK, the relu kernels), nothing written.
+template <typename T, typename I, bool MASK> struct ReduceOut {
+  const unsigned* mask;
+  template <class P> __device__ __forceinline__ ReduceOut(const P& p, u64, int) : mask(mask_of(p)) {}
+  template <bool V, int STEP> __device__ __forceinline__ unsigned load_bits(const Slice<I>& s) const {
+    return MASK ? load_mask<Vec<T>::N, STEP, V>(mask, s) : 0u;
+  }
+  __device__ __forceinline__ void apply_mask(Pack<T>& dy, unsigned bits) const {
+    if (MASK) mask_pack(dy, bits);
+  }
+  template <bool V, int STEP> __device__ __forceinline__ void store(const Pack<T>&, const Slice<I>&) const {}
+};
+
 // MASK: sums of dy_eff = mask bit ? dy : 0 (the relu kernels).
 template <bool MASK> struct BackwardReduceT {
   typedef typename Pick<MASK, BackwardReduceReluParams, BackwardReduceParams>::type Params;
   static constexpr int PF = 2;  // (sum dy, sum dy*(x - mean))
   template <int K> using State = Sums2<K>;
-
-  template <typename T, typename I> struct PlanarAcc {
-    static constexpr int VEC = Vec<T>::N;
-    struct Frag {
-      Pack<T> x, dy;
-      unsigned bits;
-    };
-    const Raw<T>* x;
-    const Raw<T>* dy;
-    const unsigned* mask;
-    float mean;
-    Sums2<1> st;
-    __device__ __forceinline__ PlanarAcc(const Params& p, u64 c)
-        : x(static_cast<const Raw<T>*>(p.x)), dy(static_cast<const Raw<T>*>(p.dy)), mask(mask_of(p)),
-          mean(p.mean[c]), st(Sums2<1>::empty()) {}
-    template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
-      load_slots<T, V, STEP>(fr.x, x, s);
-      load_slots<T, V, STEP>(fr.dy, dy, s);
-      if (MASK) fr.bits = load_mask<VEC, STEP, V>(mask, s);
-    }
-    template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
-      if (s.cnt <= 0) return;
-      if (MASK) mask_pack(fr.dy, fr.bits);
-      add_slice(st, fr.x, fr.dy, mean, s.cnt);
-    }
-  };
-
-  template <typename T, typename I> struct RowsAcc {
-    static constexpr int VEC = Vec<T>::N;
-    struct Frag {
-      Pack<T> x, dy;
-      unsigned bits;
-    };
-    const Raw<T>* x;
-    const Raw<T>* dy;
-    const unsigned* mask;
-    float mean[VEC];
-    Sums2<VEC> st;
-    __device__ __forceinline__ RowsAcc(const Params& p, const RowsColumn& rc)
-        : x(static_cast<const Raw<T>*>(p.x)), dy(static_cast<const Raw<T>*>(p.dy)), mask(mask_of(p)),
-          st(Sums2<VEC>::empty()) {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) mean[k] = k < rc.cnt ? p.mean[rc.c0 + k] : 0.f;
-    }
-    template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
-      load_slots<T, V, STEP>(fr.x, x, s);
-      load_slots<T, V, STEP>(fr.dy, dy, s);
-      if (MASK) fr.bits = load_mask<VEC, STEP, V>(mask, s);
-    }
-    template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
-      if (s.cnt <= 0) return;
-      if (MASK) mask_pack(fr.dy, fr.bits);
-      add_row(st, fr.x, fr.dy, mean);
-    }
-  };
+  template <typename T, typename I> using PlanarAcc = XDyAcc<T, I, 1, ReduceOut<T, I, MASK>>;
+  template <typename T, typename I> using RowsAcc = XDyAcc<T, I, Vec<T>::N, ReduceOut<T, I, MASK>>;
 
   static __device__ __forceinline__ bool vec_ok(const Params& p) { return aligned16(p.x) && aligned16(p.dy); }
 
@@ -228,100 +230,45 @@ template <typename T, typename I> __host__ __device__ constexpr int eval_planar_
   return sizeof(T) == 2 && sizeof(I) == 8 ? 1 : 2;
 }
 
+// The eval backward's slices: dy_eff (mask) first, then (after the sums) dz and
+// dx = dy_eff * scale of each of the K channels (planar: one for every slot).
+template <typename T, typename I, int K> struct EvalOut {
+  static constexpr int VEC = Vec<T>::N;
+  Raw<T>* dx;
+  Raw<T>* dz;
+  const unsigned* mask;
+  float scale[K];
+  __device__ __forceinline__ EvalOut(const BackwardEvalParams& p, u64 c0, int cnt)
+      : dx(static_cast<Raw<T>*>(p.dx)), dz(static_cast<Raw<T>*>(p.dz)), mask(p.mask) {
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      scale[k] = k < cnt ? load_or(p.weight, c0 + k, 1.0f) * invstd_of(p.var_or_invstd, c0 + k, p.stat_is_var, p.eps)
+                         : 0.f;
+  }
+  template <bool V, int STEP> __device__ __forceinline__ unsigned load_bits(const Slice<I>& s) const {
+    return mask ? load_mask<VEC, STEP, V>(mask, s) : 0u;  // mask: uniform, so load_mask stays collective
+  }
+  __device__ __forceinline__ void apply_mask(Pack<T>& dy, unsigned bits) const {
+    if (mask) mask_pack(dy, bits);
+  }
+  template <bool V, int STEP> __device__ __forceinline__ void store(const Pack<T>& dy, const Slice<I>& s) const {
+    if (dz) store_slots<T, V, STEP>(dz, dy, s);
+    float g[VEC];
+    unpack(dy, g);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) g[k] = g[k] * scale[K == 1 ? 0 : k];
+    Pack<T> o;
+    pack(o, g);
+    store_slots<T, V, STEP>(dx, o, s);
+  }
+};
+
 struct BackwardEval {
   typedef BackwardEvalParams Params;
   static constexpr int PF = BackwardReduce::PF;
   template <int K> using State = Sums2<K>;
-
-  // A slice's outputs: dy_eff (mask) first, then (after the sums) dz and dx = dy_eff * scale(k).
-  template <typename T, typename I> struct Outputs {
-    static constexpr int VEC = Vec<T>::N;
-    Raw<T>* dx;
-    Raw<T>* dz;
-    const unsigned* mask;
-    __device__ __forceinline__ explicit Outputs(const Params& p)
-        : dx(static_cast<Raw<T>*>(p.dx)), dz(static_cast<Raw<T>*>(p.dz)), mask(p.mask) {}
-    template <bool V, int STEP> __device__ __forceinline__ unsigned load_bits(const Slice<I>& s) const {
-      return mask ? load_mask<VEC, STEP, V>(mask, s) : 0u;  // mask: uniform, so load_mask stays collective
-    }
-    __device__ __forceinline__ void apply_mask(Pack<T>& dy, unsigned bits) const {
-      if (mask) mask_pack(dy, bits);
-    }
-    template <bool V, int STEP, class Scale>
-    __device__ __forceinline__ void store(const Pack<T>& dy, const Slice<I>& s, Scale scale) const {
-      if (dz) store_slots<T, V, STEP>(dz, dy, s);
-      float g[VEC];
-      unpack(dy, g);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) g[k] = g[k] * scale(k);
-      Pack<T> o;
-      pack(o, g);
-      store_slots<T, V, STEP>(dx, o, s);
-    }
-  };
-  static __device__ __forceinline__ float scale_of(const Params& p, u64 c) {
-    return load_or(p.weight, c, 1.0f) * invstd_of(p.var_or_invstd, c, p.stat_is_var, p.eps);
-  }
-
-  template <typename T, typename I> struct PlanarAcc {
-    struct Frag {
-      Pack<T> x, dy;
-      unsigned bits;
-    };
-    const Raw<T>* x;
-    const Raw<T>* dy;
-    Outputs<T, I> out;
-    float mean, scale;
-    Sums2<1> st;
-    __device__ __forceinline__ PlanarAcc(const Params& p, u64 c)
-        : x(static_cast<const Raw<T>*>(p.x)), dy(static_cast<const Raw<T>*>(p.dy)), out(p), mean(p.mean[c]),
-          scale(scale_of(p, c)), st(Sums2<1>::empty()) {}
-    template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
-      load_slots<T, V, STEP>(fr.x, x, s);
-      load_slots<T, V, STEP>(fr.dy, dy, s);
-      fr.bits = out.template load_bits<V, STEP>(s);
-    }
-    template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
-      if (s.cnt <= 0) return;
-      out.apply_mask(fr.dy, fr.bits);
-      add_slice(st, fr.x, fr.dy, mean, s.cnt);
-      const float k = scale;
-      out.template store<V, STEP>(fr.dy, s, [k](int) { return k; });
-    }
-  };
-
-  template <typename T, typename I> struct RowsAcc {
-    static constexpr int VEC = Vec<T>::N;
-    struct Frag {
-      Pack<T> x, dy;
-      unsigned bits;
-    };
-    const Raw<T>* x;
-    const Raw<T>* dy;
-    Outputs<T, I> out;
-    float mean[VEC], scale[VEC];
-    Sums2<VEC> st;
-    __device__ __forceinline__ RowsAcc(const Params& p, const RowsColumn& rc)
-        : x(static_cast<const Raw<T>*>(p.x)), dy(static_cast<const Raw<T>*>(p.dy)), out(p),
-          st(Sums2<VEC>::empty()) {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        mean[k] = k < rc.cnt ? p.mean[rc.c0 + k] : 0.f;
-        scale[k] = k < rc.cnt ? scale_of(p, rc.c0 + k) : 0.f;
-      }
-    }
-    template <bool V, int STEP> __device__ __forceinline__ void load(Frag& fr, const Slice<I>& s) const {
-      load_slots<T, V, STEP>(fr.x, x, s);
-      load_slots<T, V, STEP>(fr.dy, dy, s);
-      fr.bits = out.template load_bits<V, STEP>(s);
-    }
-    template <bool V, int STEP> __device__ __forceinline__ void consume(Frag& fr, const Slice<I>& s) {
-      if (s.cnt <= 0) return;
-      out.apply_mask(fr.dy, fr.bits);
-      add_row(st, fr.x, fr.dy, mean);
-      out.template store<V, STEP>(fr.dy, s, [this](int k) { return scale[k]; });
-    }
-  };
+  template <typename T, typename I> using PlanarAcc = XDyAcc<T, I, 1, EvalOut<T, I, 1>>;
+  template <typename T, typename I> using RowsAcc = XDyAcc<T, I, Vec<T>::N, EvalOut<T, I, Vec<T>::N>>;
 
   static __device__ __forceinline__ bool vec_ok(const Params& p) {
     return aligned16(p.x) && aligned16(p.dy) && aligned16(p.dx) && (p.dz == nullptr || aligned16(p.dz));
