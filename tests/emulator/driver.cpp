@@ -5,7 +5,8 @@
 //
 // EMU_DEVICE_COUNT devices (default 1; NCCL tests give each rank its own), each
 // "batchnorm-cuda emulated device (CPU)", compute capability 9.0, 132 SMs (EMU_SM_COUNT changes
-// it), sharing EMU_DEVICE_MEMORY_MB of memory (default 4096). Device memory is host memory: a
+// it), sharing EMU_DEVICE_MEMORY_MB of memory (default 4096); EMU_COOPERATIVE=too-large or
+// =unsupported refuses every cooperative launch. Device memory is host memory: a
 // device pointer is the host address. Every call runs to completion before it returns, which is
 // one legal order of a CUDA stream program (streams and events then only need bookkeeping), and
 // kernels run on the fiber emulator of emu.h with its exact barriers and schedule policies.
@@ -37,6 +38,9 @@
 #include <cuda.h>
 
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <memory>
@@ -105,6 +109,10 @@ struct Driver {
   unsigned sm_count = 132;
   int device_count = 1;
   bool guard_pages = false;
+  // EMU_COOPERATIVE: "too-large" refuses every cooperative launch as a grid the device cannot
+  // hold; "unsupported" as a device without them (attribute 0, CUDA_ERROR_NOT_SUPPORTED).
+  CUresult cooperative_refusal = CUDA_SUCCESS;
+  unsigned long long cooperative_refused = 0;
   std::map<CUdeviceptr, Allocation> allocations;  // by device pointer
   std::set<CUevent> events;
   std::set<CUstream> streams;
@@ -257,6 +265,15 @@ CUresult cuInit(unsigned int) {
     d.sm_count = (unsigned)env_size("EMU_SM_COUNT", 132);
     d.guard_pages = env_size("EMU_GUARD_PAGES", 0) != 0;
     d.device_count = (int)std::min<size_t>(std::max<size_t>(env_size("EMU_DEVICE_COUNT", 1), 1), kMaxDevices);
+    if (const char* mode = std::getenv("EMU_COOPERATIVE"); mode && *mode) {
+      if (std::strcmp(mode, "too-large") == 0) d.cooperative_refusal = CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE;
+      else if (std::strcmp(mode, "unsupported") == 0) d.cooperative_refusal = CUDA_ERROR_NOT_SUPPORTED;
+      else complain("EMU_COOPERATIVE=%s: expected too-large or unsupported", mode);
+      // What the refusals were, for the script that asked for them (scripts/emulated-gpu.sh).
+      std::atexit([] {
+        std::fprintf(stderr, "emulated driver: %llu cooperative launches refused\n", driver().cooperative_refused);
+      });
+    }
     for (int k = 0; k < kMaxDevices; ++k) d.primary[k].device = k;
   }
   return CUDA_SUCCESS;
@@ -317,8 +334,8 @@ CUresult cuDeviceGetAttribute(int* value, CUdevice_attribute attribute, CUdevice
     case CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH: *value = 5120; break;
     case CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED:
     case CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING:
-    case CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH:
     case CU_DEVICE_ATTRIBUTE_CONCURRENT_KERNELS: *value = 1; break;
+    case CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH: *value = driver().cooperative_refusal != CUDA_ERROR_NOT_SUPPORTED; break;
     default:
       complain("cuDeviceGetAttribute(%d) is not emulated", (int)attribute);
       return CUDA_ERROR_NOT_SUPPORTED;
@@ -757,6 +774,10 @@ static CUresult launch_checked(CUfunction function, dim3 grid, dim3 block, unsig
     cuOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, function, (int)(block.x * block.y * block.z), shared_bytes);
     const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
     if (blocks > (unsigned long long)per_sm * driver().sm_count) return CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE;
+    if (driver().cooperative_refusal != CUDA_SUCCESS) {
+      ++driver().cooperative_refused;
+      return driver().cooperative_refusal;
+    }
   }
   // By value, as the driver copies kernelParams when the launch is queued.
   const auto* p = static_cast<const unsigned char*>(params[0]);
