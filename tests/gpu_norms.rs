@@ -10,7 +10,10 @@ use batchnorm_cuda::gpu::norms::{
     self, row_plan, Backward, DeviceNormStats, Forward, NormLayer, NormWorkspace, Norms, Residual,
     RowPlan, Statistics, StatsSource,
 };
-use batchnorm_cuda::norms::{InstanceNormConfig, NormConfig, NormDesc, NormEpilogue, NormStats};
+use batchnorm_cuda::norms::{
+    InstanceNormConfig, LayerNormConfig, NormConfig, NormDesc, NormEpilogue, NormStats,
+    RmsNormConfig,
+};
 use batchnorm_cuda::reference::norms as cpu;
 use batchnorm_cuda::{DType, Element, Error, Layout, TensorDesc};
 use common::gpu::{download, gpu, random, random_f32, upload, zeros};
@@ -709,4 +712,158 @@ fn norms_gpu_keeps_nan_in_its_row_and_constant_rows_exact() {
             assert_close(&format!("{what} dx"), &pick(&got.dx), &pick(&want.dx), act);
         }
     }
+}
+
+/// The GPU layer's fused residual add against the CPU layer's: `sum` bit for bit, `y`, the row
+/// statistics, the running update, and the backward from `sum` within the golden tolerances, in
+/// every dtype; a residual of the wrong length is refused with the state untouched.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn norms_gpu_layer_residual_matches_the_cpu_layer() {
+    fn check<T: Element>(norms: &Norms, dtype: DType) {
+        let ctx = norms.context();
+        let tracked = NormConfig::Instance(InstanceNormConfig {
+            affine: true,
+            track_running_stats: true,
+            ..InstanceNormConfig::new(4)
+        });
+        for (config, dims) in [
+            (NormConfig::Rms(RmsNormConfig::new(&[96])), vec![7, 96]),
+            (
+                NormConfig::Layer(LayerNormConfig::new(&[40])),
+                vec![2, 3, 40],
+            ),
+            (tracked, vec![3, 4, 6, 5]),
+        ] {
+            let what = |q: &str| format!("{config:?} {dtype} {q}");
+            let n: usize = dims.iter().product();
+            let x: Vec<T> = random(21, n, 0.5, 2.0);
+            let r: Vec<T> = random(22, n, -0.25, 1.0);
+            let dy: Vec<T> = random(23, n, 0.0, 1.0);
+            let mut cpu_layer = cpu::NormLayer::new(config.clone()).unwrap();
+            let mut host_sum = vec![T::default(); n];
+            let host_residual = cpu::Residual {
+                residual: &r,
+                sum: &mut host_sum,
+            };
+            let (want_y, want_cache) = cpu_layer
+                .forward_residual(&x, host_residual, &dims, Layout::ChannelsFirst)
+                .unwrap();
+            let want_dx = cpu_layer.backward(&want_cache, &host_sum, &dy).unwrap();
+
+            let mut layer = NormLayer::new(norms, config.clone()).unwrap();
+            let (xd, rd, dyd) = (upload(ctx, &x), upload(ctx, &r), upload(ctx, &dy));
+            let (mut sum, mut y, mut dx) = (zeros::<T>(ctx, n), zeros::<T>(ctx, n), zeros(ctx, n));
+            let residual = Residual {
+                residual: rd.as_view(),
+                sum: sum.as_view_mut(),
+            };
+            let cache = layer
+                .forward_residual(
+                    &xd.as_view(),
+                    residual,
+                    &dims,
+                    Layout::ChannelsFirst,
+                    &mut y.as_view_mut(),
+                )
+                .unwrap();
+            assert_eq!(
+                widen(&download(ctx, &sum)),
+                widen(&host_sum),
+                "{}",
+                what("sum")
+            );
+            let got_stats = layer.saved_stats(&cache).unwrap();
+            let tol = |q: &str| tolerance_for(q, dtype);
+            assert_close(
+                &what("y"),
+                &widen(&download(ctx, &y)),
+                &widen(&want_y),
+                tol("y"),
+            );
+            let want_stats = want_cache.stats().expect("training: batch statistics");
+            assert_close(
+                &what("rstd"),
+                &widen_f32(&got_stats.rstd),
+                &widen_f32(&want_stats.rstd),
+                tol("save_rstd"),
+            );
+            let (got_state, want_state) = (layer.state().unwrap(), cpu_layer.state().clone());
+            for (q, got, want) in [
+                (
+                    "running_mean",
+                    &got_state.running_mean,
+                    &want_state.running_mean,
+                ),
+                (
+                    "running_var",
+                    &got_state.running_var,
+                    &want_state.running_var,
+                ),
+            ] {
+                assert_eq!(got.is_some(), want.is_some(), "{}", what(q));
+                if let (Some(got), Some(want)) = (got, want) {
+                    assert_close(&what(q), &widen_f32(got), &widen_f32(want), tol(q));
+                }
+            }
+            layer
+                .backward(
+                    &cache,
+                    &sum.as_view(),
+                    &dyd.as_view(),
+                    &mut dx.as_view_mut(),
+                )
+                .unwrap();
+            assert_close(
+                &what("dx"),
+                &widen(&download(ctx, &dx)),
+                &widen(&want_dx),
+                tol("dx"),
+            );
+            let grad = download(ctx, layer.grad_weight().expect("affine"));
+            let want_grad = cpu_layer.grad_weight().expect("affine");
+            assert_close(
+                &what("dweight"),
+                &widen_f32(&grad),
+                &widen_f32(want_grad),
+                tol("dweight"),
+            );
+
+            let before = layer.state().unwrap();
+            let short = zeros::<T>(ctx, n - 1);
+            let residual = Residual {
+                residual: short.as_view(),
+                sum: sum.as_view_mut(),
+            };
+            let refused = layer.forward_residual(
+                &xd.as_view(),
+                residual,
+                &dims,
+                Layout::ChannelsFirst,
+                &mut y.as_view_mut(),
+            );
+            assert!(
+                matches!(
+                    refused,
+                    Err(Error::BufferLength {
+                        what: "residual",
+                        ..
+                    })
+                ),
+                "{}: {refused:?}",
+                what("short residual")
+            );
+            assert_eq!(common::state_change(&before, &layer.state().unwrap()), None);
+            assert_eq!(
+                widen(&download(ctx, &sum)),
+                widen(&host_sum),
+                "{}",
+                what("sum kept")
+            );
+        }
+    }
+    let norms = Norms::new(&gpu()).unwrap();
+    check::<f32>(&norms, DType::F32);
+    check::<half::f16>(&norms, DType::F16);
+    check::<half::bf16>(&norms, DType::BF16);
 }

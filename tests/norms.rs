@@ -428,3 +428,67 @@ fn norms_reference_residual_add_is_add_then_normalize() {
     norms::forward(&desc, Forward::new(&added, 1e-6, &mut y2)).unwrap();
     assert_eq!(y, y2);
 }
+
+/// The layer's fused residual add is the layer's forward of the added sum: the same `y`, row
+/// statistics, running update and (with the sum as input) backward, bit for bit; a residual of
+/// the wrong length is refused with the state untouched.
+#[test]
+fn norms_reference_layer_residual_is_add_then_forward() {
+    let tracked = NormConfig::Instance(InstanceNormConfig {
+        affine: true,
+        track_running_stats: true,
+        ..InstanceNormConfig::new(4)
+    });
+    for (config, dims) in [
+        (NormConfig::Layer(LayerNormConfig::new(&[48])), vec![5, 48]),
+        (tracked, vec![3, 4, 6, 5]),
+    ] {
+        let n: usize = dims.iter().product();
+        let x: Vec<half::f16> = common::gpu::random(11, n, 0.5, 2.0);
+        let r: Vec<half::f16> = common::gpu::random(12, n, -0.25, 1.0);
+        let dy: Vec<half::f16> = common::gpu::random(13, n, 0.0, 1.0);
+        let mut fused = NormLayer::new(config.clone()).unwrap();
+        let mut plain = fused.clone();
+        let mut sum = vec![half::f16::ZERO; n];
+        let residual = Residual {
+            residual: &r,
+            sum: &mut sum,
+        };
+        let (y, cache) = fused
+            .forward_residual(&x, residual, &dims, Layout::ChannelsFirst)
+            .unwrap();
+        let added: Vec<half::f16> = x.iter().zip(&r).map(|(a, b)| *a + *b).collect();
+        assert_eq!(sum, added, "{config:?}: sum");
+        let (y2, cache2) = plain.forward(&added, &dims, Layout::ChannelsFirst).unwrap();
+        assert_eq!(y, y2, "{config:?}: y");
+        assert_eq!(fused.state(), plain.state(), "{config:?}: state");
+        let dx = fused.backward(&cache, &sum, &dy).unwrap();
+        let dx2 = plain.backward(&cache2, &added, &dy).unwrap();
+        assert_eq!(dx, dx2, "{config:?}: dx");
+        assert_eq!(
+            fused.grad_weight(),
+            plain.grad_weight(),
+            "{config:?}: dweight"
+        );
+
+        let before = fused.state().clone();
+        let short = vec![half::f16::ZERO; n - 1];
+        let residual = Residual {
+            residual: &short,
+            sum: &mut sum,
+        };
+        assert!(matches!(
+            fused.forward_residual(&x, residual, &dims, Layout::ChannelsFirst),
+            Err(Error::BufferLength {
+                what: "residual",
+                ..
+            })
+        ));
+        assert_eq!(
+            fused.state(),
+            &before,
+            "{config:?}: a refused call changed the state"
+        );
+        assert_eq!(sum, added, "{config:?}: a refused call wrote the sum");
+    }
+}

@@ -3,8 +3,8 @@
 //! graph needs buffers that stay put: see [`NormLayer`]).
 
 use super::{
-    backward, forward, Backward, DeviceNormStats, Forward, NormWorkspace, Norms, Statistics,
-    StatsSource,
+    backward, forward, Backward, DeviceNormStats, Forward, NormWorkspace, Norms, Residual,
+    Statistics, StatsSource,
 };
 use crate::dtype::Element;
 use crate::error::Result;
@@ -227,6 +227,51 @@ impl NormLayer {
         layout: Layout,
         y: &mut CudaViewMut<'_, T>,
     ) -> Result<NormCache> {
+        self.run_forward(x, None, dims, layout, y)
+    }
+
+    /// The pre-norm transformer's fused step: writes `sum = x + residual` (rounded to `T`, as
+    /// PyTorch adds) and normalizes `sum` into `y`, in one pass over `x` and `residual`.
+    ///
+    /// The backward of this forward takes `sum` as its `x`. Its `dx` is the gradient of `sum`
+    /// through the normalization; the gradient of `x` and of `residual` is that plus whatever
+    /// `sum` receives downstream (as the next block's residual).
+    ///
+    /// ```no_run
+    /// # use batchnorm_cuda::{gpu::{self, norms::{NormLayer, Norms, Residual}}, norms::{NormConfig, RmsNormConfig}, Layout};
+    /// # fn main() -> batchnorm_cuda::Result<()> {
+    /// let norms = Norms::new(&gpu::GpuContext::new(0)?)?;
+    /// let mut rms = NormLayer::new(&norms, NormConfig::Rms(RmsNormConfig::new(&[4096])))?;
+    /// let stream = norms.context().stream();
+    /// let (x, r) = (stream.alloc_zeros::<f32>(8 * 4096)?, stream.alloc_zeros::<f32>(8 * 4096)?);
+    /// let (mut sum, mut y) = (stream.alloc_zeros::<f32>(8 * 4096)?, stream.alloc_zeros::<f32>(8 * 4096)?);
+    /// let residual = Residual { residual: r.as_view(), sum: sum.as_view_mut() };
+    /// let cache = rms.forward_residual(&x.as_view(), residual, &[8, 4096], Layout::ChannelsFirst, &mut y.as_view_mut())?;
+    /// # let _ = cache;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// Errors: those of [`NormLayer::forward`]; `residual` and `sum` are checked as `x` is.
+    pub fn forward_residual<T: Element>(
+        &mut self,
+        x: &CudaView<'_, T>,
+        residual: Residual<'_, T>,
+        dims: &[usize],
+        layout: Layout,
+        y: &mut CudaViewMut<'_, T>,
+    ) -> Result<NormCache> {
+        self.run_forward(x, Some(residual), dims, layout, y)
+    }
+
+    fn run_forward<T: Element>(
+        &mut self,
+        x: &CudaView<'_, T>,
+        residual: Option<Residual<'_, T>>,
+        dims: &[usize],
+        layout: Layout,
+        y: &mut CudaViewMut<'_, T>,
+    ) -> Result<NormCache> {
         let desc = self.config.describe(dims, layout)?;
         self.saved_for(desc.rows())?;
         let stats = self.saved.as_mut().expect("sized above");
@@ -250,6 +295,7 @@ impl NormLayer {
             _ => (Statistics::Batch, StatsSource::Batch),
         };
         let call = Forward {
+            residual,
             weight: self.weight.as_ref().map(CudaSlice::as_view),
             bias: self.bias.as_ref().map(CudaSlice::as_view),
             statistics,
@@ -270,7 +316,8 @@ impl NormLayer {
     }
 
     /// The backward of the forward that returned `cache`: writes `dx` and adds the parameter
-    /// gradients into [`NormLayer::grad_weight`] and [`NormLayer::grad_bias`].
+    /// gradients into [`NormLayer::grad_weight`] and [`NormLayer::grad_bias`]. `x` is the
+    /// forward's input: its `sum` after [`NormLayer::forward_residual`].
     ///
     /// Errors: those of [`super::backward`].
     pub fn backward<T: Element>(

@@ -1,7 +1,7 @@
 //! The stateful layer over [`super::forward`] and [`super::backward`]: any of the four
 //! normalizations, its parameters, tracked statistics and accumulated gradients.
 
-use super::{backward, forward, Backward, Forward, RunningStats, Statistics, UsedStats};
+use super::{backward, forward, Backward, Forward, Residual, RunningStats, Statistics, UsedStats};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::norms::{NormConfig, NormDesc, NormEpilogue, NormStats};
@@ -132,6 +132,32 @@ impl NormLayer {
         dims: &[usize],
         layout: Layout,
     ) -> Result<(Vec<T>, NormCache)> {
+        self.run_forward(x, None, dims, layout)
+    }
+
+    /// The pre-norm transformer's fused step: writes `sum = x + residual` (rounded to `T`, as
+    /// PyTorch adds) and returns the normalization of `sum`. The backward of this forward takes
+    /// `sum` as its `x`; the gradient of `x` and of `residual` is its `dx` plus whatever `sum`
+    /// receives downstream.
+    ///
+    /// Errors: those of [`NormLayer::forward`]; `residual` and `sum` are checked as `x` is.
+    pub fn forward_residual<T: Element>(
+        &mut self,
+        x: &[T],
+        residual: Residual<'_, T>,
+        dims: &[usize],
+        layout: Layout,
+    ) -> Result<(Vec<T>, NormCache)> {
+        self.run_forward(x, Some(residual), dims, layout)
+    }
+
+    fn run_forward<T: Element>(
+        &mut self,
+        x: &[T],
+        residual: Option<Residual<'_, T>>,
+        dims: &[usize],
+        layout: Layout,
+    ) -> Result<(Vec<T>, NormCache)> {
         let desc = self.config.describe(dims, layout)?;
         let eps = self.config.eps(T::DTYPE);
         let mut y = vec![T::default(); x.len()];
@@ -152,6 +178,7 @@ impl NormLayer {
             _ => Statistics::Batch,
         };
         let call = Forward {
+            residual,
             weight: weight.as_deref(),
             bias: bias.as_deref(),
             statistics,
@@ -163,7 +190,8 @@ impl NormLayer {
     }
 
     /// The backward of the forward that returned `cache`: returns `dx` and adds the parameter
-    /// gradients into [`NormLayer::grad_weight`] and [`NormLayer::grad_bias`].
+    /// gradients into [`NormLayer::grad_weight`] and [`NormLayer::grad_bias`]. `x` is the
+    /// forward's input: its `sum` after [`NormLayer::forward_residual`].
     ///
     /// Errors: those of [`super::backward`]; [`Error::MissingSavedStats`] when the cache's
     /// running statistics are no longer the layer's (the layer was switched to a mode or a
