@@ -13,10 +13,17 @@
 // norm_dx_split_<dt>        grid (rows, splits), block 256: each block merges its row's partials
 //   in a fixed order (threads: splits t, t + 256, ..., then the block tree), then writes dx
 //   over its chunk.
-// norm_param_grads_<dt>     grid (ceil(C / 32)), block (32, 8): thread column tx owns channel
-//   blockIdx.x * 32 + tx (adjacent channels: coalesced for layer norm), the 8 rows of threads
-//   stride over its N * S values; the 8 partial sums are added in order. dweight / dbias are
-//   written (=) or accumulated (+=), each nullable.
+// norm_param_grads_<dt>     dweight[c] and dbias[c] over channel c's N * S values m = n*S + sp,
+//   cut into grid.y = splits ranges (enough blocks to fill the GPU: the host's param plan).
+//   Planes (channels-first with S > 1: group, instance norm): grid (C, splits), block 256,
+//   block (c, s) walks range s of channel c along its planes (coalesced), block tree.
+//   Otherwise (layer / RMS norm, channels-last): grid (ceil(C / 32), splits), block (32, 8),
+//   thread column tx owns channel blockIdx.x * 32 + tx (adjacent channels: coalesced), its 8
+//   rows of threads stride over range s, their sums added in order.
+//   One split: dweight / dbias written (=) or accumulated (+=), each nullable; else the sums go
+//   to partials[(c * splits + s) * 2] and
+// norm_param_grads_merge    grid (ceil(C / 256)), block 256: thread c adds its partials in split
+//   order, then writes dweight / dbias as above.
 #include "norm_rows.cuh"
 
 struct NormBackwardParams {
@@ -55,15 +62,22 @@ struct Terms {
   float xhat, dz, g;
 };
 
-template <typename T>
-__device__ __forceinline__ Terms terms(const NormBackwardParams& p, u64 i, u64 c, const RowStats& st) {
+// From the values x and dy, the channel's weight w and bias b (read by the epilogue only).
+__device__ __forceinline__ Terms terms_of(const NormBackwardParams& p, float x, float dy, float w, float b,
+                                          const RowStats& st) {
   Terms t;
-  t.xhat = xhat(Dtype<T>::to_f(static_cast<const Raw<T>*>(p.x)[i]), st);
-  const float w = load_or(p.weight, c, 1.f);
-  t.dz = Dtype<T>::to_f(static_cast<const Raw<T>*>(p.dy)[i]);
-  if (p.epilogue != kNone) t.dz *= epilogue_slope(p.epilogue, fmaf(t.xhat, w, load_or(p.bias, c, 0.f)));
+  t.xhat = xhat(x, st);
+  t.dz = dy;
+  if (p.epilogue != kNone) t.dz *= epilogue_slope(p.epilogue, fmaf(t.xhat, w, b));
   t.g = t.dz * w;
   return t;
+}
+
+template <typename T>
+__device__ __forceinline__ Terms terms(const NormBackwardParams& p, u64 i, u64 c, const RowStats& st) {
+  const float b = p.epilogue != kNone ? load_or(p.bias, c, 0.f) : 0.f;
+  return terms_of(p, Dtype<T>::to_f(static_cast<const Raw<T>*>(p.x)[i]),
+                  Dtype<T>::to_f(static_cast<const Raw<T>*>(p.dy)[i]), load_or(p.weight, c, 1.f), b, st);
 }
 
 // This thread's sums of g and g * xhat over [e0, e1) of a row.
@@ -152,41 +166,114 @@ template <typename T> __device__ __forceinline__ void dx_split(const NormBackwar
   dx_range<T>(p, row, e0, e1, saved(p, row), bc[0], bc[1]);
 }
 
+// Whether the parameter gradients walk planes (channel values contiguous along S) or columns.
+__device__ __forceinline__ bool param_planes(const NormShape& s) { return contiguous(s) && s.spatial > 1; }
+
+// One thread's sums of dz * xhat and dz over channel c's values m = first, first + step, ... < m1,
+// in that order: groups of U whose loads are all issued before any is used, then the rest one
+// by one. Value m = (n, sp) is at n * S*C + sp * stride + base (carried, not divided).
+template <typename T>
+__device__ __forceinline__ Sums2<1> channel_sums(const NormBackwardParams& p, u64 c, u64 first, u64 step, u64 m1) {
+  constexpr int U = 4;
+  const NormShape& s = p.shape;
+  const u64 S = s.spatial, C = s.channels, g = udiv(c, cpg(s));
+  const u64 stride = contiguous(s) ? 1 : C, base = contiguous(s) ? c * S : c;
+  const Raw<T>* x = static_cast<const Raw<T>*>(p.x);
+  const Raw<T>* dy = static_cast<const Raw<T>*>(p.dy);
+  const float w = load_or(p.weight, c, 1.f), b = load_or(p.bias, c, 0.f);
+  u64 n = udiv(first, S), sp = first - n * S;
+  const u64 step_n = udiv(step, S), step_sp = step - step_n * S;
+  // The next value's offset and row; moves (n, sp) on by step.
+  auto next = [&](u64& row) {
+    const u64 i = n * (S * C) + sp * stride + base;
+    row = n * s.groups + g;
+    sp += step_sp;
+    const bool carry = sp >= S;
+    sp -= carry ? S : 0;
+    n += step_n + (carry ? 1 : 0);
+    return i;
+  };
+  Sums2<1> acc = Sums2<1>::empty();
+  auto add = [&](Raw<T> xr, Raw<T> dyr, u64 row) {
+    const Terms t = terms_of(p, Dtype<T>::to_f(xr), Dtype<T>::to_f(dyr), w, b, saved(p, row));
+    acc.a(0) = fmaf(t.dz, t.xhat, acc.a(0));
+    acc.b(0) += t.dz;
+  };
+  u64 m = first;
+  for (; m + (U - 1) * step < m1; m += U * step) {
+    Raw<T> xr[U], dyr[U];
+    u64 row[U];
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      const u64 i = next(row[j]);
+      xr[j] = x[i];
+      dyr[j] = dy[i];
+    }
+#pragma unroll
+    for (int j = 0; j < U; ++j) add(xr[j], dyr[j], row[j]);
+  }
+  for (; m < m1; m += step) {
+    u64 row;
+    const u64 i = next(row);
+    add(x[i], dy[i], row);
+  }
+  return acc;
+}
+
+__device__ __forceinline__ void write_param_grads(const NormBackwardParams& p, u64 c, float dw, float db) {
+  if (p.dweight) p.dweight[c] = p.accumulate ? p.dweight[c] + dw : dw;
+  if (p.dbias) p.dbias[c] = p.accumulate ? p.dbias[c] + db : db;
+}
+
+// Channel c's sums over this block's range: the result with one split, else its partial.
+__device__ __forceinline__ void finish_param_grads(const NormBackwardParams& p, u64 c, const Sums2<1>& t) {
+  if (p.splits == 1) {
+    write_param_grads(p, c, t.a(0), t.b(0));
+  } else {
+    float* out = p.partials + (c * (u64)p.splits + blockIdx.y) * 2;
+    out[0] = t.a(0);
+    out[1] = t.b(0);
+  }
+}
+
 template <typename T> __device__ __forceinline__ void param_grads(const NormBackwardParams& p) {
+  const NormShape& s = p.shape;
+  u64 m0, m1;
+  split_range(s.batch * s.spatial, blockIdx.y, p.splits, m0, m1);
+  if (param_planes(s)) {
+    __shared__ float red[Sums2<1>::NF * kWarps];
+    const u64 c = blockIdx.x;
+    const Sums2<1> t = block_reduce(channel_sums<T>(p, c, m0 + threadIdx.x, kThreads, m1), red);
+    if (threadIdx.x == 0) finish_param_grads(p, c, t);
+    return;
+  }
   constexpr int kCols = 32, kLanes = 8;
   __shared__ float red[2][kLanes][kCols];
-  const NormShape& s = p.shape;
-  const u64 c = (u64)blockIdx.x * kCols + threadIdx.x, S = s.spatial, C = s.channels;
-  float dw = 0.f, db = 0.f;
-  if (c < C) {
-    const u64 k = cpg(s), g = udiv(c, k), count = s.batch * S;
-    // Value m = (n, sp) of channel c, m = ty, ty + 8, ...: n and sp carried, not divided.
-    u64 n = udiv(threadIdx.y, S), sp = threadIdx.y - n * S;
-    const u64 step_n = udiv(kLanes, S), step_sp = kLanes - step_n * S;
-    for (u64 m = threadIdx.y; m < count; m += kLanes) {
-      const u64 i = contiguous(s) ? (n * C + c) * S + sp : (n * S + sp) * C + c;
-      const Terms t = terms<T>(p, i, c, saved(p, n * s.groups + g));
-      dw = fmaf(t.dz, t.xhat, dw);
-      db += t.dz;
-      n += step_n;
-      sp += step_sp;
-      if (sp >= S) {
-        sp -= S;
-        ++n;
-      }
-    }
-  }
-  red[0][threadIdx.y][threadIdx.x] = dw;
-  red[1][threadIdx.y][threadIdx.x] = db;
+  const u64 c = (u64)blockIdx.x * kCols + threadIdx.x;
+  Sums2<1> t = Sums2<1>::empty();
+  if (c < s.channels) t = channel_sums<T>(p, c, m0 + threadIdx.y, kLanes, m1);
+  red[0][threadIdx.y][threadIdx.x] = t.a(0);
+  red[1][threadIdx.y][threadIdx.x] = t.b(0);
   __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
+  if (threadIdx.y == 0 && c < s.channels) {
     for (int l = 1; l < kLanes; ++l) {
-      dw += red[0][l][threadIdx.x];
-      db += red[1][l][threadIdx.x];
+      t.a(0) += red[0][l][threadIdx.x];
+      t.b(0) += red[1][l][threadIdx.x];
     }
-    if (p.dweight) p.dweight[c] = p.accumulate ? p.dweight[c] + dw : dw;
-    if (p.dbias) p.dbias[c] = p.accumulate ? p.dbias[c] + db : db;
+    finish_param_grads(p, c, t);
   }
+}
+
+__device__ __forceinline__ void param_grads_merge(const NormBackwardParams& p) {
+  const u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= p.shape.channels) return;
+  const float* in = p.partials + c * (u64)p.splits * 2;
+  float dw = 0.f, db = 0.f;
+  for (int k = 0; k < p.splits; ++k) {
+    dw += in[2 * k];
+    db += in[2 * k + 1];
+  }
+  write_param_grads(p, c, dw, db);
 }
 
 }  // namespace norm
@@ -199,3 +286,4 @@ template <typename T> __device__ __forceinline__ void param_grads(const NormBack
   BN_KERNEL(norm_param_grads_##dt, NormBackwardParams, bn::norm::param_grads<T>)
 
 NORM_FOR_EACH_TYPE(NORM_BACKWARD_ENTRIES)
+BN_KERNEL(norm_param_grads_merge, NormBackwardParams, bn::norm::param_grads_merge)

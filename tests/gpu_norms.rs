@@ -329,7 +329,8 @@ fn norms_gpu_layer_state_is_untouched_on_failure() {
     assert_eq!(layer.saved_stats(&fresh).unwrap().rstd.len(), 6);
 }
 
-/// Both row plans on the emulated or real GPU's SM count: some shapes split their rows.
+/// Both row plans on the emulated or real GPU's SM count: some shapes split their rows, and some
+/// split their channels' values for the parameter gradients.
 fn shapes(sm_count: u32) -> Vec<NormDesc> {
     let t = |dims: &[usize], layout| TensorDesc::new(dims, layout).unwrap();
     let descs = vec![
@@ -339,6 +340,9 @@ fn shapes(sm_count: u32) -> Vec<NormDesc> {
         NormDesc::group(&t(&[1, 6, 60, 60], Layout::ChannelsLast), 2).unwrap(),
         NormDesc::instance(&t(&[2, 5, 33], Layout::ChannelsLast)),
         NormDesc::layer(&[9, 1000], &[1000]).unwrap(),
+        // Enough rows for the parameter gradients to split them (3 ranges on 132 SMs; the
+        // group norms above split theirs too: 5 ranges over planes, 15 over columns).
+        NormDesc::layer(&[600, 96], &[96]).unwrap(),
         // Longer than the 4096 values a block keeps in registers: read twice.
         NormDesc::layer(&[3, 5000], &[5000]).unwrap(),
         NormDesc::layer(&[2, 3, 4, 50], &[3, 4, 50]).unwrap(),

@@ -89,12 +89,53 @@ impl Grid {
     pub(crate) fn flat(items: u64) -> Self {
         Self::blocks(items.div_ceil(u64::from(BLOCK)) as u32)
     }
+}
 
-    /// `norm_param_grads`: 32 channels per block of (32, 8).
-    pub(crate) fn param_columns(channels: u64) -> Self {
+/// Most splits of a channel's values in `norm_param_grads` (its merge adds them one by one).
+const MAX_PARAM_SPLITS: u64 = 256;
+/// Values per block of `norm_param_grads` at least: 32 per thread row of a (32, 8) block over
+/// columns, 8 per thread of a block over planes.
+const PARAM_COLUMN_VALUES: u64 = 8 * 32;
+const PARAM_PLANE_VALUES: u64 = 256 * 8;
+
+/// How `norm_param_grads` covers each channel's `values` = N * S values: over planes (a block
+/// per channel, channels-first with S > 1) or over columns (32 channels per block), each
+/// channel's values cut into `splits` ranges so that the blocks fill the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ParamPlan {
+    pub grid: Grid,
+    /// Ranges per channel; more than one needs `norm_param_grads_merge` and `2 * C * splits`
+    /// floats of partials.
+    pub splits: u32,
+}
+
+impl ParamPlan {
+    pub(crate) fn new(channels: u64, values: u64, planes: bool, sm_count: u32) -> Self {
+        let target = u64::from(sm_count) * BLOCKS_PER_SM;
+        let (tiles, per_block, block) = if planes {
+            (channels, PARAM_PLANE_VALUES, (BLOCK, 1, 1))
+        } else {
+            (channels.div_ceil(32), PARAM_COLUMN_VALUES, (32, 8, 1))
+        };
+        let splits = target
+            .div_ceil(tiles.max(1))
+            .min(values.div_ceil(per_block))
+            .clamp(1, MAX_PARAM_SPLITS);
         Self {
-            grid: (channels.div_ceil(32) as u32, 1, 1),
-            block: (32, 8, 1),
+            grid: Grid {
+                grid: (tiles as u32, splits as u32, 1),
+                block,
+            },
+            splits: splits as u32,
+        }
+    }
+
+    /// Floats of partials.
+    pub(crate) fn scratch(&self, channels: usize) -> usize {
+        if self.splits > 1 {
+            2 * channels * self.splits as usize
+        } else {
+            0
         }
     }
 }
@@ -223,13 +264,14 @@ pub(crate) struct NormKernels {
     pub backward_split: PerDtype<BackwardParams>,
     pub dx_split: PerDtype<BackwardParams>,
     pub param_grads: PerDtype<BackwardParams>,
+    pub param_grads_merge: Kernel<BackwardParams>,
 }
 
 /// The modules that hold the normalization kernels.
 const MODULE_NAMES: [&str; 2] = ["norm_forward", "norm_backward"];
 
 /// Every entry point [`NormKernels`] loads, for the registry check.
-pub(crate) const ENTRY_POINTS: [&str; 23] = [
+pub(crate) const ENTRY_POINTS: [&str; 24] = [
     "norm_forward_row_f32",
     "norm_forward_row_f16",
     "norm_forward_row_bf16",
@@ -253,6 +295,7 @@ pub(crate) const ENTRY_POINTS: [&str; 23] = [
     "norm_param_grads_f32",
     "norm_param_grads_f16",
     "norm_param_grads_bf16",
+    "norm_param_grads_merge",
 ];
 
 impl NormKernels {
@@ -296,6 +339,7 @@ impl NormKernels {
             backward_split: family(&one, 14)?,
             dx_split: family(&one, 17)?,
             param_grads: family(&one, 20)?,
+            param_grads_merge: typed(one(ENTRY_POINTS[23])?),
         })
     }
 }
@@ -311,6 +355,41 @@ mod tests {
         assert_eq!(std::mem::size_of::<ForwardParams>(), 88 + 40 + 16);
         assert_eq!(std::mem::size_of::<BackwardParams>(), 88 + 40 + 16);
         assert_eq!(std::mem::size_of::<RunningParams>(), 48 + 40 + 8);
+    }
+
+    #[test]
+    fn param_plans_fill_the_gpu_with_enough_values_per_block() {
+        const H100: u32 = 132;
+        // LayerNorm backward on (8192, 4096): 128 column tiles, 9 ranges of ~911 rows.
+        let plan = ParamPlan::new(4096, 8192, false, H100);
+        assert_eq!(plan.splits, 9);
+        assert_eq!(plan.grid.grid, (128, 9, 1));
+        assert_eq!(plan.grid.block, (32, 8, 1));
+        assert_eq!(plan.scratch(4096), 2 * 4096 * 9);
+        // GroupNorm(32, 320) on 2 x 320 x 64 x 64, channels-first: a block per channel and
+        // range of 2048 values.
+        let plan = ParamPlan::new(320, 2 * 64 * 64, true, H100);
+        assert_eq!(
+            (plan.grid.grid, plan.grid.block),
+            ((320, 4, 1), (BLOCK, 1, 1))
+        );
+        // Few values: one range, no merge, no scratch.
+        let plan = ParamPlan::new(1000, 9, false, H100);
+        assert_eq!((plan.splits, plan.scratch(1000)), (1, 0));
+        for channels in [1u64, 3, 64, 4096, 100_000] {
+            for values in [0u64, 1, 100, 5000, 1 << 20] {
+                for planes in [false, true] {
+                    let plan = ParamPlan::new(channels, values, planes, H100);
+                    let per_block = if planes {
+                        PARAM_PLANE_VALUES
+                    } else {
+                        PARAM_COLUMN_VALUES
+                    };
+                    assert!((1..=MAX_PARAM_SPLITS as u32).contains(&plan.splits));
+                    assert!(plan.splits == 1 || values / u64::from(plan.splits) >= per_block / 2);
+                }
+            }
+        }
     }
 
     #[test]

@@ -42,7 +42,9 @@ use crate::norms::{
 };
 use crate::validate::buffer;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
-use kernels::{BackwardParams, ForwardParams, Grid, NormKernels, RunningParams, ShapeParams};
+use kernels::{
+    BackwardParams, ForwardParams, Grid, NormKernels, ParamPlan, RunningParams, ShapeParams,
+};
 use std::sync::Arc;
 
 /// A [`GpuContext`] with the normalization kernels loaded (once; clones share them).
@@ -312,7 +314,9 @@ impl NormWorkspace {
     /// CUDA graph, with the largest shape the graph (and later calls) will run.
     pub fn reserve_for(&mut self, gpu: &GpuContext, desc: &NormDesc) -> Result<()> {
         let plan = row_plan(desc.rows(), desc.row_len(), gpu.sm_count());
-        let largest = forward_scratch(desc, plan, true).max(backward_scratch(desc, plan, false));
+        let params = param_plan(desc, gpu.sm_count());
+        let largest =
+            forward_scratch(desc, plan, true).max(backward_scratch(desc, plan, false, params));
         self.reserve(gpu, largest).map(drop)
     }
 
@@ -344,13 +348,21 @@ fn backward_plan(desc: &NormDesc, plan: RowPlan, constant: bool) -> RowPlan {
     }
 }
 
-/// Floats of backward scratch: 2 partials per row and split.
-fn backward_scratch(desc: &NormDesc, plan: RowPlan, constant: bool) -> usize {
+/// Floats of backward scratch: 2 partials per row and split for `dx`, then (after the `dx`
+/// launches have read them) 2 per channel and range for the parameter gradients.
+fn backward_scratch(desc: &NormDesc, plan: RowPlan, constant: bool, params: ParamPlan) -> usize {
     let splits = match backward_plan(desc, plan, constant) {
         RowPlan::Split { splits } => splits as usize,
         RowPlan::PerRow { .. } => 1,
     };
-    desc.rows() * splits * 2
+    (desc.rows() * splits * 2).max(params.scratch(desc.channels()))
+}
+
+/// The parameter gradients' plan for `desc`.
+fn param_plan(desc: &NormDesc, sm_count: u32) -> ParamPlan {
+    let planes = desc.layout() == crate::Layout::ChannelsFirst && desc.spatial() > 1;
+    let values = (desc.batch() * desc.spatial()) as u64;
+    ParamPlan::new(desc.channels() as u64, values, planes, sm_count)
 }
 
 /// Rows longer than this do not fit the kernels' f32 counts.
@@ -614,7 +626,11 @@ pub fn backward<T: Element>(
         RowPlan::Split { splits } => splits,
         RowPlan::PerRow { .. } => 1,
     };
-    let scratch = workspace.reserve(gpu, backward_scratch(desc, batch_plan, constant))?;
+    let params_plan = param_plan(desc, gpu.sm_count());
+    let scratch = workspace.reserve(
+        gpu,
+        backward_scratch(desc, batch_plan, constant, params_plan),
+    )?;
 
     let mut guards = Guards::new(stream);
     let partials = guards.write(scratch);
@@ -654,11 +670,16 @@ pub fn backward<T: Element>(
             }
         }
         if params.dweight != 0 || params.dbias != 0 {
-            k.param_grads[T::INDEX].launch(
-                stream,
-                Grid::param_columns(desc.channels() as u64),
-                &params,
-            )?;
+            // The same scratch as dx's partials, which the launches above have read (stream order).
+            let params = BackwardParams {
+                splits: params_plan.splits as i32,
+                ..params
+            };
+            k.param_grads[T::INDEX].launch(stream, params_plan.grid, &params)?;
+            if params_plan.splits > 1 {
+                let grid = Grid::flat(desc.channels() as u64);
+                k.param_grads_merge.launch(stream, grid, &params)?;
+            }
         }
     }
     Ok(())
