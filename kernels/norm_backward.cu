@@ -73,37 +73,59 @@ __device__ __forceinline__ Terms terms_of(const NormBackwardParams& p, float x, 
   return t;
 }
 
-template <typename T>
-__device__ __forceinline__ Terms terms(const NormBackwardParams& p, u64 i, u64 c, const RowStats& st) {
-  const float b = p.epilogue != kNone ? load_or(p.bias, c, 0.f) : 0.f;
-  return terms_of(p, Dtype<T>::to_f(static_cast<const Raw<T>*>(p.x)[i]),
-                  Dtype<T>::to_f(static_cast<const Raw<T>*>(p.dy)[i]), load_or(p.weight, c, 1.f), b, st);
-}
+// The loads of walk_grouped's slots (raw x and dy), and their terms when used.
+template <typename T> struct XDyLoads {
+  const NormBackwardParams& p;
+  RowStats st;
+  Raw<T> xr[kInFlight], dyr[kInFlight];
+  __device__ __forceinline__ XDyLoads(const NormBackwardParams& p_, const RowStats& st_) : p(p_), st(st_) {}
+  __device__ __forceinline__ void load(int j, u64 i) {
+    xr[j] = static_cast<const Raw<T>*>(p.x)[i];
+    dyr[j] = static_cast<const Raw<T>*>(p.dy)[i];
+  }
+  __device__ __forceinline__ Terms terms(int j, u64 c) const {
+    const float b = p.epilogue != kNone ? load_or(p.bias, c, 0.f) : 0.f;
+    return terms_of(p, Dtype<T>::to_f(xr[j]), Dtype<T>::to_f(dyr[j]), load_or(p.weight, c, 1.f), b, st);
+  }
+};
 
 // This thread's sums of g and g * xhat over [e0, e1) of a row.
-template <typename T>
-__device__ __forceinline__ Sums2<1> row_sums(const NormBackwardParams& p, u64 row, u64 e0, u64 e1,
-                                             const RowStats& st) {
-  Sums2<1> acc = Sums2<1>::empty();
-  RowWalk w = walk(p.shape, row, e0 + threadIdx.x, blockDim.x);
-  for (u64 e = e0 + threadIdx.x; e < e1; e += blockDim.x, w.advance()) {
-    const Terms t = terms<T>(p, w.addr(), w.channel(), st);
+template <typename T> struct RowSums : XDyLoads<T> {
+  Sums2<1> acc;
+  __device__ __forceinline__ RowSums(const NormBackwardParams& p, const RowStats& st)
+      : XDyLoads<T>(p, st), acc(Sums2<1>::empty()) {}
+  __device__ __forceinline__ void use(int j, u64, u64 c) {
+    const Terms t = this->terms(j, c);
     acc.a(0) += t.g;
     acc.b(0) = fmaf(t.g, t.xhat, acc.b(0));
   }
-  return acc;
+};
+
+template <typename T>
+__device__ __forceinline__ Sums2<1> row_sums(const NormBackwardParams& p, u64 row, u64 e0, u64 e1,
+                                             const RowStats& st) {
+  RowSums<T> f(p, st);
+  walk_grouped(p.shape, row, e0 + threadIdx.x, blockDim.x, e1, f);
+  return f.acc;
 }
 
 // dx over [e0, e1) of a row: rstd * (g - mean_g - xhat * mean_gx).
+template <typename T> struct RowDx : XDyLoads<T> {
+  float mean_g, mean_gx;
+  __device__ __forceinline__ RowDx(const NormBackwardParams& p, const RowStats& st, float mean_g_, float mean_gx_)
+      : XDyLoads<T>(p, st), mean_g(mean_g_), mean_gx(mean_gx_) {}
+  __device__ __forceinline__ void use(int j, u64 i, u64 c) {
+    const Terms t = this->terms(j, c);
+    const float dx = this->st.rstd * ((t.g - mean_g) - t.xhat * mean_gx);
+    static_cast<Raw<T>*>(this->p.dx)[i] = Dtype<T>::from_f(dx);
+  }
+};
+
 template <typename T>
 __device__ __forceinline__ void dx_range(const NormBackwardParams& p, u64 row, u64 e0, u64 e1, const RowStats& st,
                                          float mean_g, float mean_gx) {
-  RowWalk w = walk(p.shape, row, e0 + threadIdx.x, blockDim.x);
-  for (u64 e = e0 + threadIdx.x; e < e1; e += blockDim.x, w.advance()) {
-    const u64 i = w.addr();
-    const Terms t = terms<T>(p, i, w.channel(), st);
-    static_cast<Raw<T>*>(p.dx)[i] = Dtype<T>::from_f(st.rstd * ((t.g - mean_g) - t.xhat * mean_gx));
-  }
+  RowDx<T> f(p, st, mean_g, mean_gx);
+  walk_grouped(p.shape, row, e0 + threadIdx.x, blockDim.x, e1, f);
 }
 
 // The row means of g (0 for RMS norm) and g * xhat from the row's sums.

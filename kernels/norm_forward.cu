@@ -78,14 +78,18 @@ __device__ __forceinline__ void store(const NormForwardParams& p, u64 i, u64 c, 
 }
 
 // y (and the residual sum) over elements [e0, e1) of a row.
+template <typename T> struct Apply : HLoads<T> {
+  const NormForwardParams& p;
+  RowStats st;
+  __device__ __forceinline__ Apply(const NormForwardParams& p_, const RowStats& st_)
+      : HLoads<T>(p_.x, p_.residual), p(p_), st(st_) {}
+  __device__ __forceinline__ void use(int j, u64 i, u64 c) { store<T>(p, i, c, this->h(j), st); }
+};
+
 template <typename T> __device__ __forceinline__ void apply(const NormForwardParams& p, u64 row, u64 e0, u64 e1,
                                                              const RowStats& st) {
-  const u64 step = blockDim.x;
-  RowWalk w = walk(p.shape, row, e0 + threadIdx.x, step);
-  for (u64 e = e0 + threadIdx.x; e < e1; e += step, w.advance()) {
-    const u64 i = w.addr();
-    store<T>(p, i, w.channel(), load_h<T>(p.x, p.residual, i), st);
-  }
+  Apply<T> f(p, st);
+  walk_grouped(p.shape, row, e0 + threadIdx.x, blockDim.x, e1, f);
 }
 
 __device__ __forceinline__ void park(float* bc, const RowStats& st) {
@@ -106,7 +110,6 @@ __device__ __forceinline__ RowStats unpark(const float* bc) {
 // Values each thread keeps in registers when the whole row fits the block (rows up to 4096):
 // the statistics pass loads the row once and the normalize pass reuses it.
 constexpr int kHeld = 16;
-
 template <typename T> __device__ __forceinline__ void forward_row(const NormForwardParams& p) {
   __shared__ float red[Welford<1>::NF * kWarps];
   __shared__ float bc[3];
@@ -121,18 +124,25 @@ template <typename T> __device__ __forceinline__ void forward_row(const NormForw
     float h[kHeld];
     Welford<1> s = Welford<1>::empty();
     if (held) {
-      // Element threadIdx.x + k * 256 of the row in h[k].
+      // Element threadIdx.x + k * 256 of the row in h[k], k < cnt: every load issued before any
+      // is used, then the thread's state of its cnt values at once (vec_welford).
+      HLoads<T, kHeld> in(p.x, p.residual);
       RowWalk w = walk(p.shape, row, threadIdx.x, kThreads);
+      int cnt = 0;
 #pragma unroll
       for (int k = 0; k < kHeld; ++k) {
-        const u64 e = threadIdx.x + (u64)k * kThreads;
-        h[k] = e < len ? load_h<T>(p.x, p.residual, w.addr()) : 0.f;
-        if (e < len) {
-          const float v[1] = {p.shape.centered ? h[k] - pivot : h[k] * h[k]};
-          s = Welford<1>::merge(s, Welford<1>::sample(v));
-        }
+        const bool valid = threadIdx.x + (u64)k * kThreads < len;
+        if (valid) in.load(k, w.addr());
+        cnt += valid ? 1 : 0;
         w.advance();
       }
+      float v[kHeld];
+#pragma unroll
+      for (int k = 0; k < kHeld; ++k) {
+        h[k] = k < cnt ? in.h(k) : 0.f;
+        v[k] = p.shape.centered ? h[k] - pivot : h[k] * h[k];
+      }
+      if (cnt > 0) s = vec_welford(v, cnt);
     } else {
       s = row_moments<T>(p.shape, p.x, p.residual, row, 0, len, pivot);
     }

@@ -44,13 +44,11 @@ struct RowWalk {
   bool chan_from_a;
   __device__ __forceinline__ u64 addr() const { return base + a * stride_a + b; }
   __device__ __forceinline__ u64 channel() const { return chan0 + (chan_from_a ? a : b); }
-  __device__ __forceinline__ void advance() {
-    a += step_a;
+  __device__ __forceinline__ void advance() {  // selects, not a branch: loads may move across it
     b += step_b;
-    if (b >= len_b) {
-      b -= len_b;
-      ++a;
-    }
+    const bool carry = b >= len_b;
+    b -= carry ? len_b : 0;
+    a += step_a + (carry ? 1 : 0);
   }
 };
 
@@ -77,13 +75,51 @@ __device__ __forceinline__ RowWalk walk(const NormShape& s, u64 row, u64 e, u64 
   return w;
 }
 
-// h = x, or x + residual rounded to T.
-template <typename T>
-__device__ __forceinline__ float load_h(const void* x, const void* residual, u64 i) {
-  const float v = Dtype<T>::to_f(static_cast<const Raw<T>*>(x)[i]);
-  if (!residual) return v;
-  return Dtype<T>::to_f(Dtype<T>::from_f(v + Dtype<T>::to_f(static_cast<const Raw<T>*>(residual)[i])));
+// Values of a row in flight per thread: the walks below load U values before they use any.
+constexpr int kInFlight = 4;
+
+// Calls f(i, c) on this thread's elements e = first, first + step, ... < e1 of a row, in order
+// (i its offset, c its channel), in groups of kInFlight: load(j, i) for the whole group, then
+// use(j, i, c) for each. The caller's functor keeps the loaded values in slot j.
+template <class F>
+__device__ __forceinline__ void walk_grouped(const NormShape& s, u64 row, u64 first, u64 step, u64 e1, F& f) {
+  RowWalk w = walk(s, row, first, step);
+  u64 e = first;
+  for (; e + (kInFlight - 1) * step < e1; e += kInFlight * step) {
+    u64 i[kInFlight], c[kInFlight];
+#pragma unroll
+    for (int j = 0; j < kInFlight; ++j) {
+      i[j] = w.addr();
+      c[j] = w.channel();
+      f.load(j, i[j]);
+      w.advance();
+    }
+#pragma unroll
+    for (int j = 0; j < kInFlight; ++j) f.use(j, i[j], c[j]);
+  }
+  for (; e < e1; e += step, w.advance()) {
+    f.load(0, w.addr());
+    f.use(0, w.addr(), w.channel());
+  }
 }
+
+// The loads of h (walk_grouped's N = kInFlight slots, or a block's held row): raw x [and
+// residual] per slot, combined when used.
+template <typename T, int N = kInFlight> struct HLoads {
+  const Raw<T>* x;
+  const Raw<T>* residual;  // nullable
+  Raw<T> xr[N], rr[N];
+  __device__ __forceinline__ HLoads(const void* x_, const void* residual_)
+      : x(static_cast<const Raw<T>*>(x_)), residual(static_cast<const Raw<T>*>(residual_)) {}
+  __device__ __forceinline__ void load(int j, u64 i) {
+    xr[j] = x[i];
+    rr[j] = residual ? residual[i] : Raw<T>(0);
+  }
+  __device__ __forceinline__ float h(int j) const {
+    const float v = Dtype<T>::to_f(xr[j]);
+    return residual ? Dtype<T>::to_f(Dtype<T>::from_f(v + Dtype<T>::to_f(rr[j]))) : v;
+  }
+};
 
 // A row's statistics: mean = hi + lo (0 for RMS norm), rstd, and the biased variance (mean
 // square for RMS norm).
@@ -129,23 +165,31 @@ __device__ __forceinline__ RowStats finalize(const Welford<1>& w, float pivot, f
 template <typename T>
 __device__ __forceinline__ float row_pivot(const NormShape& s, const void* x, const void* residual, u64 row) {
   if (row_len(s) == 0 || !s.centered) return 0.f;
-  return load_h<T>(x, residual, walk(s, row, 0, 1).addr());
+  HLoads<T, 1> first(x, residual);
+  first.load(0, walk(s, row, 0, 1).addr());
+  return first.h(0);
 }
 
 // This thread's Welford state over elements [e0, e1) of a row (stride blockDim.x).
+template <typename T> struct RowMoments : HLoads<T> {
+  Welford<1> acc;
+  float pivot;
+  int centered;
+  __device__ __forceinline__ RowMoments(const void* x, const void* residual, float pivot_, int centered_)
+      : HLoads<T>(x, residual), acc(Welford<1>::empty()), pivot(pivot_), centered(centered_) {}
+  __device__ __forceinline__ void use(int j, u64, u64) {
+    const float h = this->h(j);
+    const float v[1] = {centered ? h - pivot : h * h};
+    acc = Welford<1>::merge(acc, Welford<1>::sample(v));
+  }
+};
+
 template <typename T>
 __device__ __forceinline__ Welford<1> row_moments(const NormShape& s, const void* x, const void* residual, u64 row,
                                                   u64 e0, u64 e1, float pivot) {
-  Welford<1> acc = Welford<1>::empty();
-  const u64 step = blockDim.x * blockDim.y;
-  const u64 t = threadIdx.y * blockDim.x + threadIdx.x;
-  RowWalk w = walk(s, row, e0 + t, step);
-  for (u64 e = e0 + t; e < e1; e += step, w.advance()) {
-    const float h = load_h<T>(x, residual, w.addr());
-    const float v[1] = {s.centered ? h - pivot : h * h};
-    acc = Welford<1>::merge(acc, Welford<1>::sample(v));
-  }
-  return acc;
+  RowMoments<T> m(x, residual, pivot, s.centered);
+  walk_grouped(s, row, e0 + threadIdx.x, blockDim.x, e1, m);
+  return m.acc;
 }
 
 // [e0, e1) of split `split` of `splits` over a row of `len` values.
