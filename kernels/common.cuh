@@ -137,6 +137,15 @@ template <typename T> __device__ __forceinline__ void pack(Pack<T>& p, const flo
   for (int k = 0; k < Vec<T>::N; ++k) p.r[k] = Dtype<T>::from_f(v[k]);
 }
 
+// v rounded to T and stored as one 16-byte vector at dst (16-byte aligned). __stcg is one
+// st.global.cg.v4 whatever NVVM infers about dst (a plain store of a Pack<T> may be split into
+// 4-byte pieces where it cannot prove the alignment); .cg: the output is not read again here.
+template <typename T> __device__ __forceinline__ void store_vector(Raw<T>* dst, const float (&v)[Vec<T>::N]) {
+  Pack<T> p;
+  pack(p, v);
+  __stcg(reinterpret_cast<uint4*>(dst), p.u);
+}
+
 // Unsigned 64-bit a / b (b > 0) without div.u64, which ptxas turns into a subroutine call whose
 // register saves show up as spills: div.u32 when both fit in 32 bits (always, in practice), else
 // restoring binary long division. Only used a few times per thread, before the main loop.

@@ -871,3 +871,77 @@ fn norms_gpu_layer_residual_matches_the_cpu_layer() {
     check::<half::f16>(&norms, DType::F16);
     check::<half::bf16>(&norms, DType::BF16);
 }
+
+/// The held row's 16-byte path needs every buffer 16-byte aligned: a view that starts one
+/// element into its allocation (x, residual, y or sum, one at a time) sends the call to the
+/// per-value path, which gives what the reference gives, as the aligned call does.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn norms_gpu_forward_takes_any_alignment() {
+    fn check<T: Element>(norms: &Norms, dtype: DType) {
+        let ctx = norms.context();
+        let desc = NormDesc::layer(&[6, 1024], &[1024]).unwrap();
+        let n = desc.numel();
+        let x: Vec<T> = random(31, n, 0.5, 2.0);
+        let r: Vec<T> = random(32, n, 0.0, 1.0);
+        let w = random_f32(33, 1024, -1.5, 1.5);
+        let b = random_f32(34, 1024, -0.5, 0.5);
+        let sum: Vec<T> = x
+            .iter()
+            .zip(&r)
+            .map(|(a, b)| T::from_f64(a.to_f64() + b.to_f64()))
+            .collect();
+        let want = |input: &[T]| {
+            let mut y = vec![T::default(); n];
+            let call = cpu::Forward {
+                weight: Some(&w),
+                bias: Some(&b),
+                ..cpu::Forward::new(input, 1e-5, &mut y)
+            };
+            cpu::forward(&desc, call).unwrap();
+            widen(&y)
+        };
+        let (wd, bd) = (upload(ctx, &w), upload(ctx, &b));
+        // Offsets of x, residual, y and sum; a residual add when it has one of its own.
+        let cases: [([usize; 4], bool); 7] = [
+            ([0, 0, 0, 0], false),
+            ([0, 0, 0, 0], true),
+            ([1, 0, 0, 0], false),
+            ([0, 0, 1, 0], false),
+            ([0, 1, 0, 0], true),
+            ([0, 0, 0, 1], true),
+            ([1, 1, 1, 1], true),
+        ];
+        for ([xo, ro, yo, so], residual) in cases {
+            let what = format!("{dtype} offsets x {xo} residual {ro} y {yo} sum {so}");
+            let padded = |v: &[T], offset: usize| {
+                let mut p = vec![T::default(); offset];
+                p.extend_from_slice(v);
+                upload(ctx, &p)
+            };
+            let (xd, rd) = (padded(&x, xo), padded(&r, ro));
+            let (mut yd, mut sd) = (zeros::<T>(ctx, n + yo), zeros::<T>(ctx, n + so));
+            let mut stats = DeviceNormStats::new(ctx, desc.rows()).unwrap();
+            let call = Forward {
+                residual: residual.then(|| Residual {
+                    residual: rd.slice(ro..),
+                    sum: sd.slice_mut(so..),
+                }),
+                weight: Some(wd.as_view()),
+                bias: Some(bd.as_view()),
+                ..Forward::new(xd.slice(xo..), 1e-5, yd.slice_mut(yo..), stats.as_mut())
+            };
+            norms::forward(norms, &mut NormWorkspace::new(), &desc, call).unwrap();
+            let expect = want(if residual { &sum } else { &x });
+            let got = widen(&download(ctx, &yd)[yo..]);
+            assert_close(&what, &got, &expect, tolerance_for("y", dtype));
+            if residual {
+                assert_eq!(widen(&download(ctx, &sd)[so..]), widen(&sum), "{what} sum");
+            }
+        }
+    }
+    let norms = Norms::new(&gpu()).unwrap();
+    check::<f32>(&norms, DType::F32);
+    check::<half::f16>(&norms, DType::F16);
+    check::<half::bf16>(&norms, DType::BF16);
+}

@@ -494,6 +494,12 @@ fn translate(file: &str, src: &str) -> Result<String, String> {
                         i = end;
                         copied = end;
                     }
+                    // Checked: a cast pointer must be aligned for its type (emu.h).
+                    "reinterpret_cast" => {
+                        out.push_str(&src[copied..start]);
+                        out.push_str("emu_reinterpret_cast");
+                        copied = i;
+                    }
                     "__shared__" => {
                         let (end, replacement, drop_extern) =
                             translate_shared(src, copied, start, i)

@@ -728,6 +728,20 @@ template <class T> inline T atomicMax(T* p, T v) { const T o = *p; *p = o < v ? 
 template <class T> inline T atomicMin(T* p, T v) { const T o = *p; *p = v < o ? v : o; return o; }
 template <class T> inline T atomicCAS(T* p, T cmp, T v) { const T o = *p; if (o == cmp) *p = v; return o; }
 inline unsigned atomicInc(unsigned* p, unsigned lim) { const unsigned o = *p; *p = o >= lim ? 0 : o + 1; return o; }
+// The kernels' reinterpret_cast (tests/kernel_emulator.rs rewrites the keyword to this): a
+// pointer to an object type must be aligned for it, as a GPU's 16-byte loads and stores require
+// (a misaligned one faults there, "misaligned address"; x86 would just do it).
+template <class To, class From> inline To emu_reinterpret_cast(From from) {
+  if constexpr (std::is_pointer_v<To> && std::is_pointer_v<From>) {
+    using Pointee = std::remove_cv_t<std::remove_pointer_t<To>>;
+    if constexpr (!std::is_void_v<Pointee>) {
+      if (reinterpret_cast<std::uintptr_t>(from) % alignof(Pointee) != 0)
+        emu::error("misaligned address: %p as a pointer to a %zu-byte aligned type", (const void*)from,
+                   alignof(Pointee));
+    }
+  }
+  return reinterpret_cast<To>(from);
+}
 template <class T> inline T __ldg(const T* p) { return *p; }
 template <class T> inline T __ldcg(const T* p) { return *p; }
 template <class T> inline T __ldca(const T* p) { return *p; }
