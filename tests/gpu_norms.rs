@@ -24,6 +24,16 @@ use common::{
     assert_close, run_all, tolerance_for, widen, widen_f32, with_dtype, Case, Checks, Stored,
 };
 
+/// Runs a test's `check::<T>(&norms, dtype)` in f32, f16 and bf16 on one context.
+macro_rules! in_every_dtype {
+    ($check:ident) => {{
+        let norms = Norms::new(&gpu()).unwrap();
+        $check::<f32>(&norms, DType::F32);
+        $check::<half::f16>(&norms, DType::F16);
+        $check::<half::bf16>(&norms, DType::BF16);
+    }};
+}
+
 /// What one forward and backward on the device produced, in f64.
 struct Outputs {
     y: Vec<f64>,
@@ -420,10 +430,7 @@ fn norms_gpu_matches_the_reference() {
             }
         }
     }
-    let norms = Norms::new(&gpu()).unwrap();
-    check::<f32>(&norms, DType::F32);
-    check::<half::f16>(&norms, DType::F16);
-    check::<half::bf16>(&norms, DType::BF16);
+    in_every_dtype!(check);
 }
 
 /// One row long enough for more than 256 splits (each thread of a merging block takes two or
@@ -866,10 +873,7 @@ fn norms_gpu_layer_residual_matches_the_cpu_layer() {
             );
         }
     }
-    let norms = Norms::new(&gpu()).unwrap();
-    check::<f32>(&norms, DType::F32);
-    check::<half::f16>(&norms, DType::F16);
-    check::<half::bf16>(&norms, DType::BF16);
+    in_every_dtype!(check);
 }
 
 /// The held row's 16-byte path needs every buffer 16-byte aligned: a view that starts one
@@ -940,8 +944,5 @@ fn norms_gpu_forward_takes_any_alignment() {
             }
         }
     }
-    let norms = Norms::new(&gpu()).unwrap();
-    check::<f32>(&norms, DType::F32);
-    check::<half::f16>(&norms, DType::F16);
-    check::<half::bf16>(&norms, DType::BF16);
+    in_every_dtype!(check);
 }
