@@ -192,11 +192,11 @@ template <typename T> __device__ __forceinline__ void dx_split(const NormBackwar
 __device__ __forceinline__ bool param_planes(const NormShape& s) { return contiguous(s) && s.spatial > 1; }
 
 // One thread's sums of dz * xhat and dz over channel c's values m = first, first + step, ... < m1,
-// in that order: groups of U whose loads are all issued before any is used, then the rest one
-// by one. Value m = (n, sp) is at n * S*C + sp * stride + base (carried, not divided).
+// in that order: groups of kInFlight whose loads are all issued before any is used, then the
+// rest one by one. Value m = (n, sp) is at n * S*C + sp * stride + base (carried, not divided).
 template <typename T>
 __device__ __forceinline__ Sums2<1> channel_sums(const NormBackwardParams& p, u64 c, u64 first, u64 step, u64 m1) {
-  constexpr int U = 4;
+  constexpr int U = kInFlight;
   const NormShape& s = p.shape;
   const u64 S = s.spatial, C = s.channels, g = udiv(c, cpg(s));
   const u64 stride = contiguous(s) ? 1 : C, base = contiguous(s) ? c * S : c;

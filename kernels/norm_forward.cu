@@ -134,7 +134,7 @@ __device__ __forceinline__ void held_row(const NormForwardParams& p, u64 row, u6
   if (V) {
     const u64 base = row * len;
     const Raw<T>* x = static_cast<const Raw<T>*>(p.x) + base;
-    const Raw<T>* r = static_cast<const Raw<T>*>(p.residual) + base;
+    const Raw<T>* r = p.residual ? static_cast<const Raw<T>*>(p.residual) + base : nullptr;
     Pack<T> xp[NV], rp[NV];
 #pragma unroll
     for (int j = 0; j < NV; ++j) {

@@ -75,7 +75,7 @@ __device__ __forceinline__ RowWalk walk(const NormShape& s, u64 row, u64 e, u64 
   return w;
 }
 
-// Values of a row in flight per thread: the walks below load U values before they use any.
+// Values in flight per thread: the walks below load kInFlight values before they use any.
 constexpr int kInFlight = 4;
 
 // Calls f(i, c) on this thread's elements e = first, first + step, ... < e1 of a row, in order

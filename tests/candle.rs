@@ -530,6 +530,26 @@ fn a_small_network_learns() -> Result<()> {
     let conv = candle_nn::conv2d(1, 4, 3, Default::default(), vb.pp("conv"))?;
     let bn = BatchNorm::new(Dims::Two, BatchNormConfig::new(4), vb.pp("bn"))?;
     let linear = candle_nn::linear(4, 2, vb.pp("fc"))?;
+    // candle's CPU initializers draw from an unseeded generator, so the loss fell below half in
+    // about 24 runs of 25 (one CI run failed at 0.55): the conv and linear parameters are drawn
+    // again from a seeded one (uniform in +-1/sqrt(fan_in), as candle's default), so every run
+    // is the same run (this seed: the loss falls to 0.22 of the first).
+    {
+        let data = varmap.data().lock().unwrap();
+        let mut names: Vec<&String> = data.keys().filter(|k| !k.starts_with("bn.")).collect();
+        names.sort();
+        let mut init = StdRng::seed_from_u64(12);
+        for name in names {
+            let var = &data[name];
+            let shape = var.shape().clone();
+            let fan_in = shape.elem_count() / shape.dims()[0];
+            let bound = (1.0 / (fan_in as f32).sqrt()).min(1.0);
+            let values: Vec<f32> = (0..shape.elem_count())
+                .map(|_| init.random_range(-bound..bound))
+                .collect();
+            var.set(&Tensor::from_vec(values, shape, dev)?)?;
+        }
+    }
     let mut sgd = candle_nn::SGD::new(varmap.all_vars(), 0.1)?;
     let loss_of = || -> Result<Tensor> {
         let h = bn.forward_t(&x.apply(&conv)?, true)?.relu()?;
