@@ -107,6 +107,20 @@ __device__ __forceinline__ RowStats unpark(const float* bc) {
   return st;
 }
 
+// The row's statistics from every thread's state s: reduced over the block, written by thread 0
+// and handed to every thread through bc.
+__device__ __forceinline__ RowStats row_stats(const NormForwardParams& p, u64 row, const Welford<1>& s, float pivot,
+                                              float* red, float* bc) {
+  const Welford<1> t = block_reduce(s, red);
+  if (threadIdx.x == 0) {
+    const RowStats st = finalize(t, pivot, p.eps, p.shape.centered);
+    store_stats(p, row, st);
+    park(bc, st);
+  }
+  __syncthreads();
+  return unpark(bc);
+}
+
 // Values each thread keeps in registers when the whole row fits the block (rows up to 4096):
 // the statistics pass loads the row once and the normalize pass reuses it.
 constexpr int kHeld = 16;
@@ -171,15 +185,7 @@ __device__ __forceinline__ void held_row(const NormForwardParams& p, u64 row, u6
   float v[kHeld];
 #pragma unroll
   for (int k = 0; k < kHeld; ++k) v[k] = sh.centered ? h[k] - pivot : h[k] * h[k];
-  Welford<1> s = cnt > 0 ? vec_welford(v, cnt) : Welford<1>::empty();
-  s = block_reduce(s, red);
-  if (threadIdx.x == 0) {
-    const RowStats st = finalize(s, pivot, p.eps, sh.centered);
-    store_stats(p, row, st);
-    park(bc, st);
-  }
-  __syncthreads();
-  const RowStats st = unpark(bc);
+  const RowStats st = row_stats(p, row, cnt > 0 ? vec_welford(v, cnt) : Welford<1>::empty(), pivot, red, bc);
   if (V) {
     const u64 base = row * len, chan0 = (row - udiv(row, sh.groups) * sh.groups) * cpg(sh);
 #pragma unroll
@@ -223,14 +229,8 @@ template <typename T> __device__ __forceinline__ void forward_row(const NormForw
       held_row<T, false>(p, row, len, red, bc);
     } else {
       const float pivot = row_pivot<T>(p.shape, p.x, p.residual, row);
-      Welford<1> s = block_reduce(row_moments<T>(p.shape, p.x, p.residual, row, 0, len, pivot), red);
-      if (threadIdx.x == 0) {
-        const RowStats st = finalize(s, pivot, p.eps, p.shape.centered);
-        store_stats(p, row, st);
-        park(bc, st);
-      }
-      __syncthreads();
-      apply<T>(p, row, 0, len, unpark(bc));
+      const Welford<1> s = row_moments<T>(p.shape, p.x, p.residual, row, 0, len, pivot);
+      apply<T>(p, row, 0, len, row_stats(p, row, s, pivot, red, bc));
     }
     __syncthreads();  // red and bc are reused by the next row
   }

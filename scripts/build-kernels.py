@@ -12,6 +12,7 @@ import concurrent.futures
 import ctypes
 import lzma
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -64,6 +65,9 @@ class Nvrtc:
         text = ptx.value.decode()
         # NVRTC writes absolute paths into the line info: make them independent of the checkout.
         text = text.replace(f'"{include}/', '"cuda-include/').replace(f'"{ROOT}/', '"')
+        # It numbers call sequences in comments from a counter shared by every compile of the
+        # process (whose order the pool does not fix): drop the numbers.
+        text = re.sub(r"// callseq \d+", "// callseq", text)
         return text
 
 
