@@ -141,7 +141,7 @@ __device__ __forceinline__ float epilogue_slope(int kind, float z) {
 }
 
 // The statistics from a row's merged Welford state (of h - pivot, or of h^2).
-__device__ __noinline__ RowStats finalize(const Welford<1>& w, float pivot, float eps, int centered) {
+static __device__ __noinline__ RowStats finalize(const Welford<1>& w, float pivot, float eps, int centered) {
   RowStats st;
   st.hi = 0.f;
   st.lo = 0.f;
