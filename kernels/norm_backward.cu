@@ -7,7 +7,9 @@
 //   dweight[c] = sum(dz * xhat), dbias[c] = sum(dz) over the values of channel c.
 //
 // norm_backward_row_<dt>    grid (min(rows, 2^31 - 1)), block 256: one block per row, ONE launch:
-//   the two row sums (block reduction), then dx over the row.
+//   the two row sums (block reduction), then dx over the row. A row of up to 4096 values is read
+//   once and kept in registers (16 x and 16 dy values per thread, 16-byte loads where the row
+//   allows); a longer one is read again for dx.
 // norm_backward_split_<dt>  grid (rows, splits), block 256: partial sums of a chunk to
 //   partials[(r * splits + s) * 2].
 // norm_dx_split_<dt>        grid (rows, splits), block 256: each block merges its row's partials
@@ -135,21 +137,61 @@ __device__ __forceinline__ void row_means(const NormBackwardParams& p, const Sum
   bc[1] = s.b(0) / len;
 }
 
+// One row held in registers (len <= 256 * kHeld): x and dy loaded once, the row sums and dx
+// formed from the registers. V: 16-byte loads and stores (held_vec_shape, aligned buffers).
+template <typename T, bool V>
+__device__ __forceinline__ void held_backward_row(const NormBackwardParams& p, u64 row, u64 len, float* red,
+                                                  float* bc) {
+  const NormShape& sh = p.shape;
+  const RowStats st = saved(p, row);
+  float xh[kHeld], g[kHeld];  // x and dy as loaded, then xhat and g
+  const int cnt = load_held<T, V>(sh, row, len, p.x, p.dy, xh, g);
+  Sums2<1> s = Sums2<1>::empty();
+  for_held<T, V>(sh, row, cnt, [&](int k, u64 c) {
+    const float b = p.epilogue != kNone ? load_or(p.bias, c, 0.f) : 0.f;
+    const Terms t = terms_of(p, xh[k], g[k], load_or(p.weight, c, 1.f), b, st);
+    xh[k] = t.xhat;
+    g[k] = t.g;
+    s.a(0) += t.g;
+    s.b(0) = fmaf(t.g, t.xhat, s.b(0));
+  });
+  float mean_g = 0.f, mean_gx = 0.f;
+  if (!p.constant_stats) {
+    s = block_reduce(s, red);
+    if (threadIdx.x == 0) row_means(p, s, bc);
+    __syncthreads();
+    mean_g = bc[0];
+    mean_gx = bc[1];
+  }
+  float dx[kHeld];
+#pragma unroll
+  for (int k = 0; k < kHeld; ++k) dx[k] = st.rstd * ((g[k] - mean_g) - xh[k] * mean_gx);
+  store_held<T, V>(sh, row, len, cnt, p.dx, dx);
+}
+
 template <typename T> __device__ __forceinline__ void backward_row(const NormBackwardParams& p) {
   __shared__ float red[Sums2<1>::NF * kWarps];
   __shared__ float bc[2];
   const u64 n_rows = rows(p.shape), len = row_len(p.shape);
+  const bool held = len <= (u64)kThreads * kHeld;  // uniform over the grid
+  const bool vec = held && held_vec_shape<T>(p.shape, len) && aligned16(p.x) && aligned16(p.dy) && aligned16(p.dx);
   for (u64 row = blockIdx.x; row < n_rows; row += gridDim.x) {
-    const RowStats st = saved(p, row);
-    if (p.constant_stats) {
-      dx_range<T>(p, row, 0, len, st, 0.f, 0.f);
-      continue;
+    if (vec) {
+      held_backward_row<T, true>(p, row, len, red, bc);
+    } else if (held) {
+      held_backward_row<T, false>(p, row, len, red, bc);
+    } else {
+      const RowStats st = saved(p, row);
+      float mean_g = 0.f, mean_gx = 0.f;
+      if (!p.constant_stats) {
+        const Sums2<1> s = block_reduce(row_sums<T>(p, row, 0, len, st), red);
+        if (threadIdx.x == 0) row_means(p, s, bc);
+        __syncthreads();
+        mean_g = bc[0];
+        mean_gx = bc[1];
+      }
+      dx_range<T>(p, row, 0, len, st, mean_g, mean_gx);
     }
-    Sums2<1> s = row_sums<T>(p, row, 0, len, st);
-    s = block_reduce(s, red);
-    if (threadIdx.x == 0) row_means(p, s, bc);
-    __syncthreads();
-    dx_range<T>(p, row, 0, len, st, bc[0], bc[1]);
     __syncthreads();  // red and bc are reused by the next row
   }
 }

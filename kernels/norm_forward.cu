@@ -121,97 +121,34 @@ __device__ __forceinline__ RowStats row_stats(const NormForwardParams& p, u64 ro
   return unpark(bc);
 }
 
-// Values each thread keeps in registers when the whole row fits the block (rows up to 4096):
-// the statistics pass loads the row once and the normalize pass reuses it.
-constexpr int kHeld = 16;
-// The held row's 16-byte path: a contiguous row (channels-first, or S == 1) of a multiple of
-// VEC values, whose vectors lie in one channel (S % VEC == 0) or span VEC adjacent ones
-// (S == 1: layer and RMS norm), with 16-byte aligned buffers. Uniform over the grid.
+// The held row's 16-byte path also needs every buffer 16-byte aligned. Uniform over the grid.
 template <typename T> __device__ __forceinline__ bool held_vec_ok(const NormForwardParams& p, u64 len) {
-  constexpr u64 VEC = Vec<T>::N;
-  const NormShape& s = p.shape;
-  return contiguous(s) && len % VEC == 0 && (s.spatial == 1 || s.spatial % VEC == 0) && aligned16(p.x) &&
-         aligned16(p.y) && (p.residual == nullptr || (aligned16(p.residual) && aligned16(p.sum)));
+  return held_vec_shape<T>(p.shape, len) && aligned16(p.x) && aligned16(p.y) &&
+         (p.residual == nullptr || (aligned16(p.residual) && aligned16(p.sum)));
 }
 
-// One row held in registers (len <= 256 * kHeld): loaded whole before any value is used, its
-// statistics formed from the thread's values at once (vec_welford), then normalized from the
-// registers. V (held_vec_ok): thread t holds vectors t, t + 256, ... of VEC values (16-byte loads
-// and stores); else values t, t + 256, ...
+// One row held in registers (len <= 256 * kHeld): loaded whole, its statistics formed from the
+// thread's values at once (vec_welford), then normalized from the registers.
 template <typename T, bool V>
 __device__ __forceinline__ void held_row(const NormForwardParams& p, u64 row, u64 len, float* red, float* bc) {
-  constexpr int VEC = Vec<T>::N, NV = kHeld / VEC;
   const NormShape& sh = p.shape;
   const float pivot = row_pivot<T>(sh, p.x, p.residual, row);
-  float h[kHeld];
-  int cnt = 0;  // valid values: a prefix of h
-  if (V) {
-    const u64 base = row * len;
-    const Raw<T>* x = static_cast<const Raw<T>*>(p.x) + base;
-    const Raw<T>* r = p.residual ? static_cast<const Raw<T>*>(p.residual) + base : nullptr;
-    Pack<T> xp[NV], rp[NV];
-#pragma unroll
-    for (int j = 0; j < NV; ++j) {
-      const u64 e = (threadIdx.x + (u64)j * kThreads) * VEC;
-      xp[j].u = rp[j].u = make_uint4(0u, 0u, 0u, 0u);
-      if (e < len) {
-        xp[j].u = *reinterpret_cast<const uint4*>(x + e);
-        if (p.residual) rp[j].u = *reinterpret_cast<const uint4*>(r + e);
-        cnt += VEC;
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < NV; ++j) {
-      float xv[VEC], rv[VEC];
-      unpack(xp[j], xv);
-      unpack(rp[j], rv);
-#pragma unroll
-      for (int q = 0; q < VEC; ++q)
-        h[j * VEC + q] = p.residual ? Dtype<T>::to_f(Dtype<T>::from_f(xv[q] + rv[q])) : xv[q];
-    }
-  } else {
-    HLoads<T, kHeld> in(p.x, p.residual);
-    RowWalk w = walk(sh, row, threadIdx.x, kThreads);
-#pragma unroll
-    for (int k = 0; k < kHeld; ++k) {
-      const bool valid = threadIdx.x + (u64)k * kThreads < len;
-      if (valid) in.load(k, w.addr());
-      cnt += valid ? 1 : 0;
-      w.advance();
-    }
-#pragma unroll
-    for (int k = 0; k < kHeld; ++k) h[k] = k < cnt ? in.h(k) : 0.f;
-  }
+  float h[kHeld], r[kHeld];
+  const int cnt = load_held<T, V>(sh, row, len, p.x, p.residual, h, r);
   float v[kHeld];
 #pragma unroll
-  for (int k = 0; k < kHeld; ++k) v[k] = sh.centered ? h[k] - pivot : h[k] * h[k];
-  const RowStats st = row_stats(p, row, cnt > 0 ? vec_welford(v, cnt) : Welford<1>::empty(), pivot, red, bc);
-  if (V) {
-    const u64 base = row * len, chan0 = (row - udiv(row, sh.groups) * sh.groups) * cpg(sh);
-#pragma unroll
-    for (int j = 0; j < NV; ++j) {
-      const u64 e = (threadIdx.x + (u64)j * kThreads) * VEC;
-      if (j * VEC >= cnt) break;
-      const u64 c0 = sh.spatial == 1 ? chan0 + e : chan0 + udiv(e, sh.spatial);
-      float yv[VEC], hv[VEC];
-#pragma unroll
-      for (int q = 0; q < VEC; ++q) {
-        const u64 c = sh.spatial == 1 ? c0 + q : c0;
-        hv[q] = h[j * VEC + q];
-        const float z = fmaf(xhat(hv[q], st), load_or(p.weight, c, 1.f), load_or(p.bias, c, 0.f));
-        yv[q] = epilogue(p.epilogue, z);
-      }
-      store_vector<T>(static_cast<Raw<T>*>(p.y) + base + e, yv);
-      if (p.sum) store_vector<T>(static_cast<Raw<T>*>(p.sum) + base + e, hv);
-    }
-  } else {
-    RowWalk w = walk(sh, row, threadIdx.x, kThreads);
-#pragma unroll
-    for (int k = 0; k < kHeld; ++k) {
-      if (k < cnt) store<T>(p, w.addr(), w.channel(), h[k], st);
-      w.advance();
-    }
+  for (int k = 0; k < kHeld; ++k) {
+    if (p.residual) h[k] = Dtype<T>::to_f(Dtype<T>::from_f(h[k] + r[k]));  // x + residual, rounded to T
+    v[k] = sh.centered ? h[k] - pivot : h[k] * h[k];
   }
+  const RowStats st = row_stats(p, row, cnt > 0 ? vec_welford(v, cnt) : Welford<1>::empty(), pivot, red, bc);
+  float y[kHeld] = {};
+  for_held<T, V>(sh, row, cnt, [&](int k, u64 c) {
+    const float z = fmaf(xhat(h[k], st), load_or(p.weight, c, 1.f), load_or(p.bias, c, 0.f));
+    y[k] = epilogue(p.epilogue, z);
+  });
+  store_held<T, V>(sh, row, len, cnt, p.y, y);
+  if (p.sum) store_held<T, V>(sh, row, len, cnt, p.sum, h);
 }
 
 template <typename T> __device__ __forceinline__ void forward_row(const NormForwardParams& p) {

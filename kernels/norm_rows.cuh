@@ -192,6 +192,131 @@ __device__ __forceinline__ Welford<1> row_moments(const NormShape& s, const void
   return m.acc;
 }
 
+// Values each thread keeps in registers when a whole row fits the block (rows up to 256 * kHeld
+// = 4096 values: transformer layer and RMS norm): the row is loaded once, all of it before any
+// value is used, and the last pass works from the registers.
+constexpr int kHeld = 16;
+
+// A thread's SLOTS of a held row. V (16-byte path): slots j*VEC .. j*VEC + VEC - 1 are vector j,
+// the VEC values from element held_vector<T>(j) on; else slot k is element threadIdx.x + k*256.
+// The valid slots are a prefix [0, cnt).
+template <typename T> __device__ __forceinline__ u64 held_vector(int j) {
+  return (threadIdx.x + (u64)j * kThreads) * Vec<T>::N;
+}
+
+// Whether a held row can take the 16-byte path: a contiguous row (channels-first, or S == 1) of
+// a multiple of VEC values whose vectors lie in one channel (S % VEC == 0) or span VEC adjacent
+// ones (S == 1: layer and RMS norm). The caller checks its buffers' alignment. Uniform.
+template <typename T> __device__ __forceinline__ bool held_vec_shape(const NormShape& s, u64 len) {
+  constexpr u64 VEC = Vec<T>::N;
+  return contiguous(s) && len % VEC == 0 && (s.spatial == 1 || s.spatial % VEC == 0);
+}
+
+// This thread's slots of a held row of a and b (nullable: read as 0), as floats, every load
+// issued before any value is converted; returns cnt (the invalid slots are 0).
+template <typename T, bool V>
+__device__ __forceinline__ int load_held(const NormShape& s, u64 row, u64 len, const void* a_, const void* b_,
+                                         float (&a)[kHeld], float (&b)[kHeld]) {
+  constexpr int VEC = Vec<T>::N, NV = kHeld / VEC;
+  const Raw<T>* pa = static_cast<const Raw<T>*>(a_);
+  const Raw<T>* pb = static_cast<const Raw<T>*>(b_);
+  int cnt = 0;
+  if (V) {
+    Pack<T> ap[NV], bp[NV];
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const u64 e = held_vector<T>(j);
+      ap[j].u = bp[j].u = make_uint4(0u, 0u, 0u, 0u);
+      if (e < len) {
+        ap[j].u = *reinterpret_cast<const uint4*>(pa + row * len + e);
+        if (pb) bp[j].u = *reinterpret_cast<const uint4*>(pb + row * len + e);
+        cnt += VEC;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      float av[VEC], bv[VEC];
+      unpack(ap[j], av);
+      unpack(bp[j], bv);
+#pragma unroll
+      for (int q = 0; q < VEC; ++q) {
+        a[j * VEC + q] = av[q];
+        b[j * VEC + q] = bv[q];
+      }
+    }
+  } else {
+    Raw<T> ar[kHeld], br[kHeld];
+    RowWalk w = walk(s, row, threadIdx.x, kThreads);
+#pragma unroll
+    for (int k = 0; k < kHeld; ++k) {
+      ar[k] = br[k] = Raw<T>(0);
+      const bool valid = threadIdx.x + (u64)k * kThreads < len;
+      if (valid) {
+        ar[k] = pa[w.addr()];
+        if (pb) br[k] = pb[w.addr()];
+      }
+      cnt += valid ? 1 : 0;
+      w.advance();
+    }
+#pragma unroll
+    for (int k = 0; k < kHeld; ++k) {
+      a[k] = Dtype<T>::to_f(ar[k]);
+      b[k] = Dtype<T>::to_f(br[k]);
+    }
+  }
+  return cnt;
+}
+
+// Calls f(k, c) for this thread's valid slots k of a held row, in order (c: slot k's channel).
+template <typename T, bool V, class F>
+__device__ __forceinline__ void for_held(const NormShape& s, u64 row, int cnt, F&& f) {
+  constexpr int VEC = Vec<T>::N, NV = kHeld / VEC;
+  if (V) {
+    const u64 chan0 = (row - udiv(row, s.groups) * s.groups) * cpg(s);
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      if (j * VEC >= cnt) break;
+      const u64 e = held_vector<T>(j);
+      // S == 1: the vector spans VEC channels; else it lies in one (S % VEC == 0).
+      const u64 c0 = s.spatial == 1 ? chan0 + e : chan0 + udiv(e, s.spatial);
+#pragma unroll
+      for (int q = 0; q < VEC; ++q) f(j * VEC + q, s.spatial == 1 ? c0 + q : c0);
+    }
+  } else {
+    RowWalk w = walk(s, row, threadIdx.x, kThreads);
+#pragma unroll
+    for (int k = 0; k < kHeld; ++k) {
+      if (k < cnt) f(k, w.channel());
+      w.advance();
+    }
+  }
+}
+
+// Stores this thread's valid slots v of a held row to out, rounded to T (V: 16-byte stores).
+template <typename T, bool V>
+__device__ __forceinline__ void store_held(const NormShape& s, u64 row, u64 len, int cnt, void* out_,
+                                           const float (&v)[kHeld]) {
+  constexpr int VEC = Vec<T>::N, NV = kHeld / VEC;
+  Raw<T>* out = static_cast<Raw<T>*>(out_);
+  if (V) {
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      if (j * VEC >= cnt) break;
+      float pv[VEC];
+#pragma unroll
+      for (int q = 0; q < VEC; ++q) pv[q] = v[j * VEC + q];
+      store_vector<T>(out + row * len + held_vector<T>(j), pv);
+    }
+  } else {
+    RowWalk w = walk(s, row, threadIdx.x, kThreads);
+#pragma unroll
+    for (int k = 0; k < kHeld; ++k) {
+      if (k < cnt) out[w.addr()] = Dtype<T>::from_f(v[k]);
+      w.advance();
+    }
+  }
+}
+
 // [e0, e1) of split `split` of `splits` over a row of `len` values.
 __device__ __forceinline__ void split_range(u64 len, u64 split, u64 splits, u64& e0, u64& e1) {
   const u64 chunk = udiv(len + splits - 1, splits);

@@ -10,6 +10,7 @@ use batchnorm_cuda::gpu::norms::{
     self, row_plan, Backward, DeviceNormStats, Forward, NormLayer, NormWorkspace, Norms, Residual,
     RowPlan, Statistics, StatsSource,
 };
+use batchnorm_cuda::gpu::GpuContext;
 use batchnorm_cuda::norms::{
     InstanceNormConfig, LayerNormConfig, NormConfig, NormDesc, NormEpilogue, NormStats,
     RmsNormConfig,
@@ -23,6 +24,7 @@ use common::norms::{
 use common::{
     assert_close, run_all, tolerance_for, widen, widen_f32, with_dtype, Case, Checks, Stored,
 };
+use cudarc::driver::CudaSlice;
 
 /// Runs a test's `check::<T>(&norms, dtype)` in f32, f16 and bf16 on one context.
 macro_rules! in_every_dtype {
@@ -348,6 +350,8 @@ fn shapes(sm_count: u32) -> Vec<NormDesc> {
         NormDesc::group(&t(&[3, 12, 7, 5], Layout::ChannelsLast), 3).unwrap(),
         NormDesc::group(&t(&[1, 4, 96, 100], Layout::ChannelsFirst), 2).unwrap(),
         NormDesc::group(&t(&[1, 6, 60, 60], Layout::ChannelsLast), 2).unwrap(),
+        // A held row of whole planes (S % VEC == 0): the 16-byte path, a channel per vector.
+        NormDesc::group(&t(&[2, 8, 4, 16], Layout::ChannelsFirst), 2).unwrap(),
         NormDesc::instance(&t(&[2, 5, 33], Layout::ChannelsLast)),
         NormDesc::layer(&[9, 1000], &[1000]).unwrap(),
         // Enough rows for the parameter gradients to split them (3 ranges on 132 SMs; the
@@ -876,6 +880,14 @@ fn norms_gpu_layer_residual_matches_the_cpu_layer() {
     in_every_dtype!(check);
 }
 
+/// `v` uploaded `offset` elements into its allocation (a view of it from `offset` on starts
+/// misaligned for any offset that is not a multiple of 16 bytes).
+fn padded<T: Element>(ctx: &GpuContext, v: &[T], offset: usize) -> CudaSlice<T> {
+    let mut p = vec![T::default(); offset];
+    p.extend_from_slice(v);
+    upload(ctx, &p)
+}
+
 /// The held row's 16-byte path needs every buffer 16-byte aligned: a view that starts one
 /// element into its allocation (x, residual, y or sum, one at a time) sends the call to the
 /// per-value path, which gives what the reference gives, as the aligned call does.
@@ -918,12 +930,7 @@ fn norms_gpu_forward_takes_any_alignment() {
         ];
         for ([xo, ro, yo, so], residual) in cases {
             let what = format!("{dtype} offsets x {xo} residual {ro} y {yo} sum {so}");
-            let padded = |v: &[T], offset: usize| {
-                let mut p = vec![T::default(); offset];
-                p.extend_from_slice(v);
-                upload(ctx, &p)
-            };
-            let (xd, rd) = (padded(&x, xo), padded(&r, ro));
+            let (xd, rd) = (padded(ctx, &x, xo), padded(ctx, &r, ro));
             let (mut yd, mut sd) = (zeros::<T>(ctx, n + yo), zeros::<T>(ctx, n + so));
             let mut stats = DeviceNormStats::new(ctx, desc.rows()).unwrap();
             let call = Forward {
@@ -942,6 +949,61 @@ fn norms_gpu_forward_takes_any_alignment() {
             if residual {
                 assert_eq!(widen(&download(ctx, &sd)[so..]), widen(&sum), "{what} sum");
             }
+        }
+    }
+    in_every_dtype!(check);
+}
+
+/// The backward's 16-byte path needs x, dy and dx 16-byte aligned: a view that starts one
+/// element into its allocation (each of them, then all three) takes the per-value path, which
+/// gives what the reference gives, as the aligned call does.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn norms_gpu_backward_takes_any_alignment() {
+    fn check<T: Element>(norms: &Norms, dtype: DType) {
+        let ctx = norms.context();
+        let desc = NormDesc::layer(&[6, 1024], &[1024]).unwrap();
+        let n = desc.numel();
+        let x: Vec<T> = random(41, n, 0.5, 2.0);
+        let dy: Vec<T> = random(42, n, 0.0, 1.0);
+        let w = random_f32(43, 1024, -1.5, 1.5);
+        let b = random_f32(44, 1024, -0.5, 0.5);
+        let want = reference(&desc, &x, &dy, &w, &b, NormEpilogue::None);
+        let (wd, bd) = (upload(ctx, &w), upload(ctx, &b));
+        let mut stats = DeviceNormStats::new(ctx, desc.rows()).unwrap();
+        let mut y = zeros::<T>(ctx, n);
+        let xd = upload(ctx, &x);
+        let call = Forward {
+            weight: Some(wd.as_view()),
+            bias: Some(bd.as_view()),
+            ..Forward::new(xd.as_view(), 1e-5, y.as_view_mut(), stats.as_mut())
+        };
+        norms::forward(norms, &mut NormWorkspace::new(), &desc, call).unwrap();
+        // Offsets of x, dy and dx.
+        for [xo, yo, dxo] in [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]] {
+            let what = format!("{dtype} offsets x {xo} dy {yo} dx {dxo}");
+            let (xd, dyd) = (padded(ctx, &x, xo), padded(ctx, &dy, yo));
+            let mut dxd = zeros::<T>(ctx, n + dxo);
+            let (mut dw, mut db) = (zeros::<f32>(ctx, 1024), zeros::<f32>(ctx, 1024));
+            let call = Backward {
+                x: xd.slice(xo..),
+                dy: dyd.slice(yo..),
+                weight: Some(wd.as_view()),
+                bias: Some(bd.as_view()),
+                stats: stats.as_view(),
+                source: StatsSource::Batch,
+                epilogue: NormEpilogue::None,
+                dx: Some(dxd.slice_mut(dxo..)),
+                dweight: Some(dw.as_view_mut()),
+                dbias: Some(db.as_view_mut()),
+                accumulate: false,
+            };
+            norms::backward(norms, &mut NormWorkspace::new(), &desc, call).unwrap();
+            let got = widen(&download(ctx, &dxd)[dxo..]);
+            assert_close(&what, &got, &want.dx, tolerance_for("y", dtype));
+            let pg = tolerance_for("dweight", dtype);
+            assert_close(&what, &widen_f32(&download(ctx, &dw)), &want.dweight, pg);
+            assert_close(&what, &widen_f32(&download(ctx, &db)), &want.dbias, pg);
         }
     }
     in_every_dtype!(check);
