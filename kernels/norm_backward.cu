@@ -130,11 +130,24 @@ __device__ __forceinline__ void dx_range(const NormBackwardParams& p, u64 row, u
   walk_grouped(p.shape, row, e0 + threadIdx.x, blockDim.x, e1, f);
 }
 
-// The row means of g (0 for RMS norm) and g * xhat from the row's sums.
-__device__ __forceinline__ void row_means(const NormBackwardParams& p, const Sums2<1>& s, float* bc) {
-  const float len = (float)row_len(p.shape);
-  bc[0] = p.shape.centered ? s.a(0) / len : 0.f;
-  bc[1] = s.b(0) / len;
+// The row means of g (0 for RMS norm) and g * xhat.
+struct RowMeans {
+  float g, gx;
+};
+
+// The row means from every thread's sums s: reduced over the block, formed by thread 0 and
+// handed to every thread through bc. Zero with constant_stats (dx = g * rstd: nothing reduced).
+__device__ __forceinline__ RowMeans block_row_means(const NormBackwardParams& p, const Sums2<1>& s, float* red,
+                                                    float* bc) {
+  if (p.constant_stats) return RowMeans{0.f, 0.f};
+  const Sums2<1> t = block_reduce(s, red);
+  if (threadIdx.x == 0) {
+    const float len = (float)row_len(p.shape);
+    bc[0] = p.shape.centered ? t.a(0) / len : 0.f;
+    bc[1] = t.b(0) / len;
+  }
+  __syncthreads();
+  return RowMeans{bc[0], bc[1]};
 }
 
 // One row held in registers (len <= 256 * kHeld): x and dy loaded once, the row sums and dx
@@ -155,17 +168,10 @@ __device__ __forceinline__ void held_backward_row(const NormBackwardParams& p, u
     s.a(0) += t.g;
     s.b(0) = fmaf(t.g, t.xhat, s.b(0));
   });
-  float mean_g = 0.f, mean_gx = 0.f;
-  if (!p.constant_stats) {
-    s = block_reduce(s, red);
-    if (threadIdx.x == 0) row_means(p, s, bc);
-    __syncthreads();
-    mean_g = bc[0];
-    mean_gx = bc[1];
-  }
+  const RowMeans m = block_row_means(p, s, red, bc);
   float dx[kHeld];
 #pragma unroll
-  for (int k = 0; k < kHeld; ++k) dx[k] = st.rstd * ((g[k] - mean_g) - xh[k] * mean_gx);
+  for (int k = 0; k < kHeld; ++k) dx[k] = st.rstd * ((g[k] - m.g) - xh[k] * m.gx);
   store_held<T, V>(sh, row, len, cnt, p.dx, dx);
 }
 
@@ -182,15 +188,9 @@ template <typename T> __device__ __forceinline__ void backward_row(const NormBac
       held_backward_row<T, false>(p, row, len, red, bc);
     } else {
       const RowStats st = saved(p, row);
-      float mean_g = 0.f, mean_gx = 0.f;
-      if (!p.constant_stats) {
-        const Sums2<1> s = block_reduce(row_sums<T>(p, row, 0, len, st), red);
-        if (threadIdx.x == 0) row_means(p, s, bc);
-        __syncthreads();
-        mean_g = bc[0];
-        mean_gx = bc[1];
-      }
-      dx_range<T>(p, row, 0, len, st, mean_g, mean_gx);
+      const Sums2<1> s = p.constant_stats ? Sums2<1>::empty() : row_sums<T>(p, row, 0, len, st);
+      const RowMeans m = block_row_means(p, s, red, bc);
+      dx_range<T>(p, row, 0, len, st, m.g, m.gx);
     }
     __syncthreads();  // red and bc are reused by the next row
   }
@@ -222,12 +222,10 @@ template <typename T> __device__ __forceinline__ void dx_split(const NormBackwar
     s.a(0) += in[k * Sums2<1>::NF];
     s.b(0) += in[k * Sums2<1>::NF + 1];
   }
-  s = block_reduce(s, red);
-  if (threadIdx.x == 0) row_means(p, s, bc);
-  __syncthreads();
+  const RowMeans m = block_row_means(p, s, red, bc);
   u64 e0, e1;
   split_range(row_len(p.shape), split, p.splits, e0, e1);
-  dx_range<T>(p, row, e0, e1, saved(p, row), bc[0], bc[1]);
+  dx_range<T>(p, row, e0, e1, saved(p, row), m.g, m.gx);
 }
 
 // Whether the parameter gradients walk planes (channel values contiguous along S) or columns.
